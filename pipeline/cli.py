@@ -1,0 +1,121 @@
+"""The `dpo` command line.
+
+    dpo prepare -c run.yaml [--set tokenize.max_length=512 ...]
+    dpo demo [--storage DIR]
+
+Progress and summaries go to stderr; the last line of stdout is the stage's output directory,
+so scripts can do `out=$(dpo prepare -c run.yaml | tail -n 1)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, config_from_dict, load_config
+from .data import DataError
+from .models import ModelError
+from .prepare import REJECT_REASONS, PrepareError, PrepareResult, prepare
+
+# Errors a user can fix; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, ModelError, PrepareError)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set tokenize.max_length=512 (repeatable)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpo", description="DPO in auditable stages: prepare, score, train, audit."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="validate and tokenize preference data into Parquet")
+    _add_config_args(p)
+    d = sub.add_parser("demo", help="run the pipeline on the built-in demo (offline, CPU)")
+    d.add_argument("--storage", default="storage", help="artifact root (default: ./storage)")
+    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def summarize_prepare(result: PrepareResult) -> str:
+    m = result.manifest
+    c, t = m["counts"], m["tokens"]
+    lines = [
+        f"prepare: {'up to date' if result.skipped else 'done'}: {result.output_dir}",
+        f"  format {m['format']}; {c['rows_read']} rows read = {c['kept']} kept "
+        f"({c['train']} train, {c['eval']} eval) + {c['rejected']} rejected",
+    ]
+    for reason, count in c["rejected_by_reason"].items():
+        lines.append(f"    {count:>7}  {reason}: {REJECT_REASONS.get(reason, '')}")
+    lines.append(
+        f"  tokens: prompt {t['prompt']}, chosen {t['chosen']}, rejected {t['rejected']}; "
+        f"longest sequence {t['max_sequence']}"
+    )
+    cut = c["prompt_truncated"], c["chosen_truncated"], c["rejected_truncated"]
+    if any(cut):
+        lines.append(f"  truncated: {cut[0]} prompts, {cut[1]} chosen, {cut[2]} rejected")
+    if c["chat_boundary_retokenized"]:
+        lines.append(
+            f"  {c['chat_boundary_retokenized']} chat rows tokenize differently across the "
+            "prompt/response boundary; the separate tokenization (as in generation) is kept"
+        )
+    if c["rejected"]:
+        lines.append(f"  rejected rows and reasons: {result.output_dir / 'rejects.parquet'}")
+    return "\n".join(lines)
+
+
+def cmd_prepare(args) -> Path:
+    cfg = load_config(args.config, args.overrides)
+    result = prepare(cfg, show_progress=not args.no_progress)
+    print(summarize_prepare(result), file=sys.stderr)
+    return result.output_dir
+
+
+def cmd_demo(args) -> Path:
+    from .assets import build_demo_assets
+
+    storage = Path(args.storage).resolve()
+    assets = build_demo_assets(storage / "demo")
+    print(f"demo assets: model {assets['model']}, data {assets['data']}", file=sys.stderr)
+    cfg = config_from_dict(
+        {
+            "storage": str(storage),
+            "data": {"path": str(assets["data"]), "eval_fraction": 0.1},
+            "model": {"path": str(assets["model"])},
+            "tokenize": {"max_length": 128, "max_prompt_length": 64},
+        }
+    )
+    result = prepare(cfg, show_progress=not args.no_progress)
+    print(summarize_prepare(result), file=sys.stderr)
+    return result.output_dir
+
+
+COMMANDS = {"prepare": cmd_prepare, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+    try:
+        output_dir = COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    print(output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

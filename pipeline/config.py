@@ -1,0 +1,239 @@
+"""One typed configuration for the whole pipeline.
+
+Loaded from YAML, then overridden from the command line with ``--set section.key=value``.
+Every default lives here, once. Unknown keys and values of the wrong type or out of range are
+errors that name the key (``ConfigError``); nothing is silently ignored.
+
+    cfg = load_config("run.yaml", overrides=["tokenize.max_length=512"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+REQUIRED: Any = dataclasses.MISSING
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and says what to fix."""
+
+
+@dataclass
+class DataConfig:
+    path: str = REQUIRED
+    """Preference data: .jsonl, .jsonl.gz, .parquet, or a `datasets` save_to_disk folder."""
+    format: Literal["auto", "standard", "conversational", "implicit"] = "auto"
+    eval_fraction: float = 0.05
+    """Share of examples (chosen deterministically by id) that goes to the eval split."""
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    implicit_prompt_marker: str = "\n\nAssistant:"
+    """Implicit-prompt text data: the prompt ends after the last marker the two texts share."""
+    max_reject_fraction: float = 0.5
+    """Fail the stage when more than this share of the rows read is rejected."""
+
+    def validate(self) -> None:
+        _check_range("data.eval_fraction", self.eval_fraction, 0.0, 1.0, hi_open=True)
+        _check_range("data.max_reject_fraction", self.max_reject_fraction, 0.0, 1.0)
+        for name in ("prompt_column", "chosen_column", "rejected_column"):
+            if not getattr(self, name):
+                raise ConfigError(f"data.{name}: must be a non-empty column name")
+
+
+@dataclass
+class ModelConfig:
+    path: str = REQUIRED
+    """Local folder of a Hugging Face causal LM (the reference model; its tokenizer is used)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    """Run code shipped with the model folder. Off unless you trust its author."""
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class TokenizeConfig:
+    max_length: int = 1024
+    """Upper bound on prompt + the longer response, in tokens."""
+    max_prompt_length: Optional[int] = 512
+    """Prompts are cut to this many tokens (null: only max_length bounds them)."""
+    prompt_truncation: Literal["keep_end", "keep_start"] = "keep_end"
+    """keep_end cuts tokens from the prompt's start (the end is next to the response)."""
+    add_eos: bool = True
+    """Append the tokenizer's EOS to plain-text responses (chat templates end turns themselves)."""
+    min_response_tokens: int = 1
+    """A row whose prompt leaves fewer response tokens than this is rejected as too long."""
+    batch_rows: int = 1024
+    """Rows handed to the fast tokenizer per call."""
+
+    def validate(self) -> None:
+        _check_range("tokenize.max_length", self.max_length, 2, None)
+        _check_range("tokenize.min_response_tokens", self.min_response_tokens, 1, None)
+        _check_range("tokenize.batch_rows", self.batch_rows, 1, None)
+        if self.max_prompt_length is not None:
+            _check_range("tokenize.max_prompt_length", self.max_prompt_length, 1, None)
+            if self.max_prompt_length + self.min_response_tokens > self.max_length:
+                raise ConfigError(
+                    f"tokenize.max_prompt_length ({self.max_prompt_length}) leaves no room for a "
+                    f"response within tokenize.max_length ({self.max_length}): make it at most "
+                    f"{self.max_length - self.min_response_tokens}"
+                )
+
+
+@dataclass
+class Config:
+    data: DataConfig
+    model: ModelConfig
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    storage: str = "storage"
+    """Artifact root: datasets/, refscores/, runs/ live below it."""
+
+    def validate(self) -> None:
+        if not self.storage:
+            raise ConfigError("storage: must be a directory path")
+        for section in (self.data, self.model, self.tokenize):
+            section.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_range(key, value, lo, hi, hi_open=False):
+    if lo is not None and value < lo:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {lo}")
+    if hi is not None and (value >= hi if hi_open else value > hi):
+        bound = f"below {hi}" if hi_open else f"at most {hi}"
+        raise ConfigError(f"{key}: {value!r} must be {bound}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building typed dataclasses from plain dicts, with errors that name the key.
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(key, tp, value)
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this module
+
+
+def _build(prefix: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        known = ", ".join(sorted(fields))
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known keys here: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in raw:
+            kwargs[name] = _coerce(key, raw[name], hints[name])
+        elif f.default is REQUIRED and f.default_factory is dataclasses.MISSING:
+            if dataclasses.is_dataclass(hints[name]):
+                kwargs[name] = _build(key, hints[name], {})
+            else:
+                raise ConfigError(f"{key} is required: set it in the YAML file or with --set {key}=...")
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set tokenize.max_length=512")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty key")
+    # YAML scalar syntax: 512 -> int, 0.1 -> float, true -> bool, null -> None, else a string.
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, (dict, list)):
+        value = text
+    return key.split("."), value
+
+
+def config_from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
+    raw = _deep_copy(raw or {})
+    for item in overrides or []:
+        parts, value = _parse_override(item)
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    cfg = _build("", Config, raw)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+        base = path.parent
+        # Relative paths in a config file are relative to the file, not to the current directory.
+        for section, key in (("data", "path"), ("model", "path")):
+            value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                raw[section][key] = str((base / value).resolve())
+        if isinstance(raw.get("storage"), str) and not Path(raw["storage"]).is_absolute():
+            raw["storage"] = str((base / raw["storage"]).resolve())
+    return config_from_dict(raw, overrides)
+
+
+def _deep_copy(raw):
+    if isinstance(raw, dict):
+        return {k: _deep_copy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(v) for v in raw]
+    return raw

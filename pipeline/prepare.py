@@ -1,0 +1,612 @@
+"""The prepare stage: preference data in, validated token ids out.
+
+    result = prepare(load_config("run.yaml"))
+    result.output_dir  # <storage>/datasets/<fingerprint>/ with examples.parquet, rejects.parquet,
+                       # manifest.json
+
+Token ids are decided here, once; scoring and training read them and never re-tokenize.
+
+The prompt/response boundary (also written into every manifest under "contract"):
+- plain text (standard and implicit-prompt text): the prompt is tokenized with the tokenizer's
+  special tokens (e.g. BOS), each response without them, and EOS is appended to responses
+  (``tokenize.add_eos``). Prompt and response are tokenized separately, so the prompt ends exactly
+  where the response begins, as it does when the model generates after the prompt.
+- chat (conversational and implicit-prompt conversations): the prompt is the chat template
+  rendered with the generation prompt; the response is the text the template adds after it when
+  the assistant turn is rendered. If the rendered conversation does not start with the rendered
+  prompt (templates that render earlier turns differently once an answer follows), the row is
+  rejected with reason ``chat_template_prefix_mismatch``: scoring such a response after a prompt
+  the model would never have seen measures the wrong thing. If the text is a prefix but the joint
+  tokenization merges tokens across the boundary, the separate tokenization is kept (it is what
+  generation produces) and the row is counted under ``chat_boundary_retokenized``. The template's
+  own end-of-turn token ends the response; trailing whitespace after a final EOS is dropped and no
+  second EOS is appended.
+- truncation: the prompt is capped at ``max_prompt_length`` tokens (keep_end cuts its start but
+  keeps a leading BOS; keep_start cuts its end), then each response is cut at its end so that
+  prompt + response <= ``max_length``. A row whose prompt leaves fewer than
+  ``min_response_tokens`` is rejected as ``too_long``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__
+from .config import Config
+from .data import RawRow, check_input, input_kind, input_sha256, read_rows
+from .models import ModelError, load_tokenizer, tokenizer_fingerprint
+from .store import (
+    atomic_path,
+    fingerprint,
+    is_complete,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+    write_parquet,
+)
+
+log = logging.getLogger("dpo.prepare")
+
+SCHEMA_VERSION = 1
+ID_HEX_CHARS = 16  # 64-bit content ids: collisions are negligible below ~1e8 examples
+# Row groups of 1024 examples (a few MB of token ids) let training and scoring read in chunks
+# without loading the whole file; larger groups would not compress better.
+ROW_GROUP_ROWS = 1024
+
+EXAMPLES_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("split", pa.string()),
+        ("source_row", pa.int64()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("chosen_ids", pa.list_(pa.int32())),
+        ("rejected_ids", pa.list_(pa.int32())),
+        ("prompt_tokens", pa.int32()),
+        ("chosen_tokens", pa.int32()),
+        ("rejected_tokens", pa.int32()),
+        ("prompt_truncated", pa.bool_()),
+        ("chosen_truncated", pa.bool_()),
+        ("rejected_truncated", pa.bool_()),
+    ]
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("source_row", pa.int64()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("raw", pa.string()),
+    ]
+)
+
+# Every reason a row can be rejected for; README documents them.
+REJECT_REASONS = {
+    "malformed_json": "the line is not valid JSON (or not UTF-8)",
+    "not_an_object": "the line is valid JSON but not an object",
+    "missing_field": "a required column is absent or null",
+    "empty_field": "a prompt or response is empty or only whitespace",
+    "wrong_type": "a field has the wrong type for the data format (e.g. a number, not text)",
+    "chosen_equals_rejected": "the two responses are identical",
+    "duplicate": "an exact copy (same prompt, chosen, rejected) of an earlier row",
+    "no_shared_prompt": "implicit prompt: the two texts share no prompt ending in the marker",
+    "prompts_differ": "implicit conversations: the turns before the final answer differ",
+    "chat_template_prefix_mismatch": "the chat template renders the prompt differently once an answer follows",
+    "too_long": "the prompt leaves no room for a response within tokenize.max_length",
+}
+
+
+class PrepareError(RuntimeError):
+    """The stage cannot produce a dataset; the message says what to fix."""
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in REJECT_REASONS, reason
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class PrepareResult:
+    output_dir: Path
+    manifest: dict
+    skipped: bool
+
+
+# --- fingerprint -------------------------------------------------------------------------------
+
+
+def dataset_fingerprint_inputs(cfg: Config, tokenizer) -> dict:
+    """Everything that determines the bytes of the prepared dataset (and nothing else)."""
+    data, tok = cfg.data, cfg.tokenize
+    return {
+        "kind": "dataset",
+        "schema_version": SCHEMA_VERSION,
+        "data_sha256": input_sha256(data.path),
+        "data_settings": {
+            "format": data.format,
+            "eval_fraction": data.eval_fraction,
+            "columns": [data.prompt_column, data.chosen_column, data.rejected_column],
+            "implicit_prompt_marker": data.implicit_prompt_marker,
+        },
+        "tokenizer": tokenizer_fingerprint(cfg.model, tokenizer),
+        "tokenize_settings": {
+            "max_length": tok.max_length,
+            "max_prompt_length": tok.max_prompt_length,
+            "prompt_truncation": tok.prompt_truncation,
+            "add_eos": tok.add_eos,
+            "min_response_tokens": tok.min_response_tokens,
+        },
+    }
+
+
+def dataset_dir(storage: str | Path, fp: str) -> Path:
+    return Path(storage) / "datasets" / fp
+
+
+# --- validation and normalization of one record --------------------------------------------------
+
+
+def _text(record: dict, column: str) -> str:
+    if column not in record or record[column] is None:
+        raise _Reject("missing_field", f"no {column!r}")
+    value = record[column]
+    if not isinstance(value, str):
+        raise _Reject("wrong_type", f"{column!r} is a {type(value).__name__}, expected text")
+    if not value.strip():
+        raise _Reject("empty_field", f"{column!r} is empty")
+    return value
+
+
+def _messages(record: dict, column: str, response: bool) -> list[dict]:
+    if column not in record or record[column] is None:
+        raise _Reject("missing_field", f"no {column!r}")
+    value = record[column]
+    if response and isinstance(value, str):
+        value = [{"role": "assistant", "content": value}]
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise _Reject("wrong_type", f"{column!r} is a {type(value).__name__}, expected messages")
+    if not value:
+        raise _Reject("empty_field", f"{column!r} has no messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise _Reject("wrong_type", f"{column}[{i}] is not a {{role, content}} message")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise _Reject("wrong_type", f"{column}[{i}] needs string role and content")
+        messages.append({"role": role, "content": content})
+    if response and not any(m["content"].strip() for m in messages):
+        raise _Reject("empty_field", f"{column!r} has no content")
+    if not response and not any(m["content"].strip() for m in messages):
+        raise _Reject("empty_field", f"{column!r} has no content")
+    return messages
+
+
+def _split_implicit_text(chosen: str, rejected: str, marker: str) -> tuple[str, str, str]:
+    common = os.path.commonprefix([chosen, rejected])
+    cut = common.rfind(marker)
+    if cut < 0:
+        raise _Reject("no_shared_prompt", f"no shared prefix ending in {marker!r}")
+    end = cut + len(marker)
+    prompt, chosen_response, rejected_response = chosen[:end], chosen[end:], rejected[end:]
+    for name, response in (("chosen", chosen_response), ("rejected", rejected_response)):
+        if not response.strip():
+            raise _Reject("empty_field", f"{name} response after the prompt is empty")
+    return prompt, chosen_response, rejected_response
+
+
+def _split_implicit_chat(chosen: list[dict], rejected: list[dict]):
+    for name, conv in (("chosen", chosen), ("rejected", rejected)):
+        if conv[-1]["role"] != "assistant":
+            raise _Reject("wrong_type", f"{name} does not end with an assistant message")
+        if len(conv) < 2:
+            raise _Reject("empty_field", f"{name} has no prompt before the final answer")
+    if chosen[:-1] != rejected[:-1]:
+        raise _Reject("prompts_differ", "the turns before the final answer differ")
+    return chosen[:-1], chosen[-1:], rejected[-1:]
+
+
+def normalize(record: dict, fmt: str, cfg: Config) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected): strings for text formats, message lists for chat formats."""
+    d = cfg.data
+    if fmt == "standard":
+        prompt = _text(record, d.prompt_column)
+        chosen, rejected = _text(record, d.chosen_column), _text(record, d.rejected_column)
+    elif fmt == "conversational":
+        prompt = _messages(record, d.prompt_column, response=False)
+        chosen = _messages(record, d.chosen_column, response=True)
+        rejected = _messages(record, d.rejected_column, response=True)
+    elif fmt == "implicit":
+        raw_chosen = record.get(d.chosen_column)
+        if isinstance(raw_chosen, list):
+            prompt, chosen, rejected = _split_implicit_chat(
+                _messages(record, d.chosen_column, response=True),
+                _messages(record, d.rejected_column, response=True),
+            )
+        else:
+            prompt, chosen, rejected = _split_implicit_text(
+                _text(record, d.chosen_column),
+                _text(record, d.rejected_column),
+                d.implicit_prompt_marker,
+            )
+    else:  # pragma: no cover - detect_format never returns anything else
+        raise ValueError(fmt)
+    if chosen == rejected:
+        raise _Reject("chosen_equals_rejected", "")
+    return prompt, chosen, rejected
+
+
+def detect_format(records: Iterable[dict], cfg: Config) -> str:
+    """standard | conversational | implicit, by majority over the sample's parseable records."""
+    d = cfg.data
+    votes: Counter = Counter()
+    for record in records:
+        prompt = record.get(d.prompt_column)
+        if isinstance(prompt, str):
+            votes["standard"] += 1
+        elif isinstance(prompt, list):
+            votes["conversational"] += 1
+        elif prompt is None and d.chosen_column in record and d.rejected_column in record:
+            votes["implicit"] += 1
+    if not votes:
+        raise PrepareError(
+            f"cannot tell the data format: no record has a {d.prompt_column!r} column, nor "
+            f"{d.chosen_column!r} and {d.rejected_column!r} columns. Set data.prompt_column / "
+            "data.chosen_column / data.rejected_column to your column names, or data.format"
+        )
+    return votes.most_common(1)[0][0]
+
+
+def example_id(prompt, chosen, rejected) -> str:
+    return fingerprint({"prompt": prompt, "chosen": chosen, "rejected": rejected})[:ID_HEX_CHARS]
+
+
+def split_of(example_id_hex: str, eval_fraction: float) -> str:
+    """Deterministic split from the id alone: its value as a fraction of the 64-bit range."""
+    return "eval" if int(example_id_hex, 16) / 16**ID_HEX_CHARS < eval_fraction else "train"
+
+
+# --- tokenization ----------------------------------------------------------------------------
+
+
+class _Tokenizer:
+    """The fast tokenizer's batch API plus the rendering rules documented in the module."""
+
+    def __init__(self, tokenizer, cfg: Config, chat: bool):
+        self.tok = tokenizer
+        self.cfg = cfg.tokenize
+        self.chat = chat
+        self.eos_id = tokenizer.eos_token_id
+        self.bos_id = tokenizer.bos_token_id
+        if chat and not getattr(tokenizer, "chat_template", None):
+            raise ModelError(
+                f"the tokenizer in {cfg.model.path} has no chat template, but the data is in "
+                "chat format: use a model with a chat template, or give the data as plain text "
+                "(data.format=standard with string prompt/chosen/rejected)"
+            )
+        if not chat and self.cfg.add_eos and self.eos_id is None:
+            raise ModelError(
+                f"the tokenizer in {cfg.model.path} has no EOS token, so none can be appended: "
+                "set tokenize.add_eos=false or add an eos_token to tokenizer_config.json"
+            )
+
+    def encode(self, texts: list[str], special: bool) -> list[list[int]]:
+        if not texts:
+            return []
+        out = self.tok(
+            texts,
+            add_special_tokens=special,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )
+        return out["input_ids"]
+
+    def render(self, prompt, chosen, rejected) -> tuple[str, str, str]:
+        """Text of prompt and both responses; raises _Reject for templates that do not prefix."""
+        if not self.chat:
+            return prompt, chosen, rejected
+        prompt_text = self.tok.apply_chat_template(
+            prompt, tokenize=False, add_generation_prompt=True
+        )
+        responses = []
+        for response in (chosen, rejected):
+            full = self.tok.apply_chat_template(prompt + response, tokenize=False)
+            if not full.startswith(prompt_text):
+                raise _Reject(
+                    "chat_template_prefix_mismatch",
+                    "rendered conversation does not start with the rendered prompt",
+                )
+            text = full[len(prompt_text) :]
+            eos = self.tok.eos_token
+            if eos and text.rstrip().endswith(eos):
+                text = text.rstrip()
+            responses.append(text)
+        return prompt_text, responses[0], responses[1]
+
+    def tokenize(self, prompts, chosens, rejecteds) -> tuple[list, list, list, int]:
+        """Token ids of prompts and responses; last value counts chat boundary re-tokenizations."""
+        prompt_ids = self.encode(prompts, special=not self.chat)
+        chosen_ids = self.encode(chosens, special=False)
+        rejected_ids = self.encode(rejecteds, special=False)
+        if not self.chat and self.cfg.add_eos:
+            for ids in itertools.chain(chosen_ids, rejected_ids):
+                ids.append(self.eos_id)
+        retokenized = 0
+        if self.chat:
+            # The issue's check: are the prompt ids a prefix of the whole conversation's ids?
+            joint = self.encode([p + c for p, c in zip(prompts, chosens)], special=False)
+            for p_ids, c_ids, j_ids in zip(prompt_ids, chosen_ids, joint):
+                if j_ids != p_ids + c_ids:
+                    retokenized += 1
+        return prompt_ids, chosen_ids, rejected_ids, retokenized
+
+    def truncate(self, prompt_ids, chosen_ids, rejected_ids):
+        """Apply the truncation rules; returns ids and flags, or raises _Reject('too_long')."""
+        cfg = self.cfg
+        prompt_cut = False
+        limit = cfg.max_prompt_length
+        if limit is not None and len(prompt_ids) > limit:
+            prompt_cut = True
+            if cfg.prompt_truncation == "keep_start":
+                prompt_ids = prompt_ids[:limit]
+            elif self.bos_id is not None and prompt_ids[0] == self.bos_id:
+                prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - limit + 1 :]
+            else:
+                prompt_ids = prompt_ids[len(prompt_ids) - limit :]
+        budget = cfg.max_length - len(prompt_ids)
+        if budget < cfg.min_response_tokens:
+            raise _Reject(
+                "too_long",
+                f"prompt has {len(prompt_ids)} tokens; tokenize.max_length is {cfg.max_length}",
+            )
+        chosen_cut, rejected_cut = len(chosen_ids) > budget, len(rejected_ids) > budget
+        return (
+            prompt_ids,
+            chosen_ids[:budget],
+            rejected_ids[:budget],
+            prompt_cut,
+            chosen_cut,
+            rejected_cut,
+        )
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def _chunks(rows: Iterator[RawRow], size: int) -> Iterator[list[RawRow]]:
+    while chunk := list(itertools.islice(rows, size)):
+        yield chunk
+
+
+def _progress(total: int | None, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        unit="rows",
+        desc="prepare",
+        file=sys.stderr,
+        disable=not enabled,
+        dynamic_ncols=True,
+    )
+
+
+def _count_rows(path: Path) -> int | None:
+    if input_kind(path) == "parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    return None
+
+
+def prepare(cfg: Config, show_progress: bool = True) -> PrepareResult:
+    """Run the prepare stage (or find its complete output) and return where the dataset lives."""
+    data_path = check_input(cfg.data.path)
+    tokenizer = load_tokenizer(cfg.model)
+    inputs = dataset_fingerprint_inputs(cfg, tokenizer)
+    fp = fingerprint(inputs)
+    out_dir = dataset_dir(cfg.storage, fp)
+    if is_complete(out_dir):
+        log.info("prepare: up to date, %s", out_dir)
+        return PrepareResult(out_dir, read_manifest(out_dir), skipped=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    rows = read_rows(data_path)
+    sample = list(itertools.islice(rows, 256))
+    fmt = cfg.data.format
+    if fmt == "auto":
+        fmt = detect_format((r.record for r in sample if r.record is not None), cfg)
+    chat = fmt == "conversational" or (
+        fmt == "implicit"
+        and any(
+            isinstance(r.record.get(cfg.data.chosen_column), list)
+            for r in sample
+            if r.record is not None
+        )
+    )
+    log.info("prepare: %s, format %s%s", data_path, fmt, " (chat template)" if chat else "")
+    tok = _Tokenizer(tokenizer, cfg, chat)
+
+    rejects: dict[str, list] = {name: [] for name in REJECTS_SCHEMA.names}
+    seen: dict[str, int] = {}
+    stats: Counter = Counter()
+    rows_read = 0
+
+    def reject(row: RawRow, reason: str, detail: str) -> None:
+        rejects["source_row"].append(row.source_row)
+        rejects["reason"].append(reason)
+        rejects["detail"].append(detail)
+        rejects["raw"].append(row.raw)
+
+    examples_path = out_dir / "examples.parquet"
+    with (
+        atomic_path(examples_path) as tmp,
+        pq.ParquetWriter(tmp, EXAMPLES_SCHEMA, compression="zstd") as writer,
+        _progress(_count_rows(data_path), show_progress) as bar,
+    ):
+        pending = EXAMPLES_SCHEMA.empty_table()
+        for chunk in _chunks(itertools.chain(sample, rows), cfg.tokenize.batch_rows):
+            rows_read += len(chunk)
+            batch = _process_chunk(chunk, fmt, cfg, tok, seen, stats, reject)
+            if batch is not None:
+                pending = pa.concat_tables([pending, pa.Table.from_batches([batch])])
+            # Fixed-size row groups, so the file's bytes do not depend on tokenize.batch_rows.
+            while pending.num_rows >= ROW_GROUP_ROWS:
+                writer.write_table(pending.slice(0, ROW_GROUP_ROWS))
+                pending = pending.slice(ROW_GROUP_ROWS)
+            bar.update(len(chunk))
+        if pending.num_rows:
+            writer.write_table(pending)
+
+    kept = stats["kept"]
+    rejected = len(rejects["reason"])
+    if kept + rejected != rows_read:  # an internal invariant; never expected to fire
+        raise PrepareError(f"accounting error: {kept} kept + {rejected} rejected != {rows_read} read")
+    rejects_path = out_dir / "rejects.parquet"
+    rejects_sha = write_parquet(
+        pa.table(rejects, schema=REJECTS_SCHEMA), rejects_path, row_group_size=65536
+    )
+    by_reason = dict(sorted(Counter(rejects["reason"]).items()))
+    if rows_read == 0:
+        raise PrepareError(f"{data_path} has no rows: nothing to prepare")
+    if rejected / rows_read > cfg.data.max_reject_fraction:
+        raise PrepareError(
+            f"{rejected} of {rows_read} rows rejected ({rejected / rows_read:.0%}), more than "
+            f"data.max_reject_fraction={cfg.data.max_reject_fraction}: {by_reason}. The rejected "
+            f"rows with reasons are in {rejects_path}. Fix the data or the column/format settings "
+            "(data.format, data.*_column), or raise data.max_reject_fraction"
+        )
+
+    manifest = {
+        "kind": "dataset",
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": fp,
+        "inputs": inputs,
+        "source": {"path": str(data_path)},
+        "format": fmt,
+        "chat_template_applied": chat,
+        "counts": {
+            "rows_read": rows_read,
+            "kept": kept,
+            "rejected": rejected,
+            "rejected_by_reason": by_reason,
+            "train": stats["train"],
+            "eval": stats["eval"],
+            "prompt_truncated": stats["prompt_truncated"],
+            "chosen_truncated": stats["chosen_truncated"],
+            "rejected_truncated": stats["rejected_truncated"],
+            "chat_boundary_retokenized": stats["retokenized"],
+        },
+        "tokens": {
+            "prompt": stats["prompt_tokens"],
+            "chosen": stats["chosen_tokens"],
+            "rejected": stats["rejected_tokens"],
+            "max_sequence": stats["max_sequence"],
+        },
+        "contract": {
+            "boundary": "prompt and responses tokenized separately; sequence = prompt_ids + response_ids",
+            "prompt_special_tokens": not chat,
+            "response_eos_appended": (not chat) and cfg.tokenize.add_eos,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "vocab_size": len(tokenizer),
+            "truncation": {
+                "max_length": cfg.tokenize.max_length,
+                "max_prompt_length": cfg.tokenize.max_prompt_length,
+                "prompt_truncation": cfg.tokenize.prompt_truncation,
+                "responses": "cut at the end",
+            },
+        },
+        "files": {
+            "examples.parquet": {"sha256": sha256_file(examples_path, use_cache=False), "rows": kept},
+            "rejects.parquet": {"sha256": rejects_sha, "rows": rejected},
+        },
+        "versions": _versions(),
+        "seconds": round(time.perf_counter() - started, 3),
+        "complete": True,
+    }
+    write_manifest(out_dir, manifest)
+    return PrepareResult(out_dir, manifest, skipped=False)
+
+
+def _process_chunk(chunk, fmt, cfg, tok: _Tokenizer, seen, stats, reject) -> pa.RecordBatch | None:
+    candidates = []  # (row, id, prompt_text, chosen_text, rejected_text)
+    for row in chunk:
+        if row.error:
+            reject(row, row.error, row.detail)
+            continue
+        try:
+            prompt, chosen, rejected = normalize(row.record, fmt, cfg)
+            ex_id = example_id(prompt, chosen, rejected)
+            if ex_id in seen:
+                raise _Reject("duplicate", f"same as source row {seen[ex_id]}")
+            texts = tok.render(prompt, chosen, rejected)
+        except _Reject as exc:
+            reject(row, exc.reason, exc.detail)
+            continue
+        seen[ex_id] = row.source_row
+        candidates.append((row, ex_id, *texts))
+    if not candidates:
+        return None
+    rows, ids, prompts, chosens, rejecteds = (list(col) for col in zip(*candidates))
+    prompt_ids, chosen_ids, rejected_ids, retokenized = tok.tokenize(prompts, chosens, rejecteds)
+    stats["retokenized"] += retokenized
+
+    columns: dict[str, list] = {name: [] for name in EXAMPLES_SCHEMA.names}
+    for i, row in enumerate(rows):
+        try:
+            p, c, r, p_cut, c_cut, r_cut = tok.truncate(prompt_ids[i], chosen_ids[i], rejected_ids[i])
+        except _Reject as exc:
+            reject(row, exc.reason, exc.detail)
+            continue
+        split = split_of(ids[i], cfg.data.eval_fraction)
+        values = (
+            ids[i], split, row.source_row, prompts[i], chosens[i], rejecteds[i], p, c, r,
+            len(p), len(c), len(r), p_cut, c_cut, r_cut,
+        )  # fmt: skip
+        for name, value in zip(EXAMPLES_SCHEMA.names, values):
+            columns[name].append(value)
+        stats["kept"] += 1
+        stats[split] += 1
+        stats["prompt_truncated"] += p_cut
+        stats["chosen_truncated"] += c_cut
+        stats["rejected_truncated"] += r_cut
+        stats["prompt_tokens"] += len(p)
+        stats["chosen_tokens"] += len(c)
+        stats["rejected_tokens"] += len(r)
+        stats["max_sequence"] = max(stats["max_sequence"], len(p) + max(len(c), len(r)))
+    if not columns["id"]:
+        return None
+    return pa.RecordBatch.from_pydict(columns, schema=EXAMPLES_SCHEMA)
+
+
+def _versions() -> dict:
+    import tokenizers
+    import transformers
+
+    return {
+        "dpo_pipeline": __version__,
+        "python": sys.version.split()[0],
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "pyarrow": pa.__version__,
+    }

@@ -1,0 +1,161 @@
+"""Content-addressed artifact store: fingerprints, file hashes, atomic writes, manifests.
+
+Every stage writes into ``<storage>/<kind>/<fingerprint>/``. The fingerprint is a sha256 of
+everything that determines the bytes of the output; a ``manifest.json`` written last (with
+``"complete": true``) marks the directory as finished. Files are always written under a
+temporary name (``.tmp-*``, which no reader's glob matches) and renamed into place, so a killed
+run never leaves a half-written file under a real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+_HASH_BLOCK = 1 << 20
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the same object always gives the same text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 (hex) of the canonical JSON of ``obj``."""
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
+
+
+# --- file hashing, cached by (path, size, mtime) so multi-GB files are hashed once -------------
+
+_cache_lock = threading.Lock()
+
+
+def _hash_cache_path() -> Path:
+    root = os.environ.get("DPO_HASH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dpo-pipeline"
+    )
+    return Path(root) / "file-hashes.json"
+
+
+def sha256_file(path: str | Path, use_cache: bool = True) -> str:
+    """sha256 of a file's bytes. Cached by absolute path, size and mtime_ns.
+
+    A file rewritten in place with the same size and mtime would defeat the cache; editors and
+    `save_pretrained` both change mtime, and the cache can be switched off with use_cache=False.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = _hash_cache_path()
+    cache: dict = {}
+    if use_cache:
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        if key in cache:
+            return cache[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_HASH_BLOCK):
+            digest.update(block)
+    value = digest.hexdigest()
+    if use_cache:
+        with _cache_lock:
+            try:
+                cache = json.loads(cache_file.read_text())
+            except (OSError, ValueError):
+                cache = {}
+            cache = {k: v for k, v in cache.items() if not k.startswith(f"{path}|")}
+            cache[key] = value
+            try:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(cache_file, json.dumps(cache, indent=0))
+            except OSError:
+                pass  # a read-only home only costs a re-hash next time
+    return value
+
+
+# --- atomic writes -----------------------------------------------------------------------------
+
+
+def _tmp_path(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed to ``path``."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    try:
+        yield tmp
+        _replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def write_parquet(
+    table: pa.Table, path: str | Path, row_group_size: int, metadata: dict | None = None
+) -> str:
+    """Write ``table`` atomically as zstd Parquet; return the file's sha256.
+
+    ``metadata`` (string keys and values) goes into the file-level key/value metadata.
+    """
+    path = Path(path)
+    if metadata:
+        merged = dict(table.schema.metadata or {})
+        merged.update({k.encode(): v.encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(merged)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
+        digest = sha256_file(tmp, use_cache=False)
+    return digest
+
+
+# --- manifests ---------------------------------------------------------------------------------
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    """The manifest of an output directory, or None when there is none (or it is unreadable)."""
+    try:
+        return json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(directory: str | Path) -> bool:
+    manifest = read_manifest(directory)
+    return bool(manifest and manifest.get("complete") is True)
+
+
+def write_manifest(directory: str | Path, manifest: dict) -> None:
+    """Write the manifest last: its presence with complete=true is the completion flag."""
+    atomic_write_json(Path(directory) / MANIFEST, manifest)
