@@ -188,12 +188,12 @@ def smollm2_folder(cache_dir: str | Path | None = None, with_model: bool = True)
         from transformers import AutoConfig, AutoModelForCausalLM
 
         loaded = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
         config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())
         model.save_pretrained(folder, safe_serialization=True)
         atomic_write_json(folder / "conversion.json", {"source": str(gguf), "dtype": "float32"})

@@ -1,0 +1,66 @@
+"""Shared fixtures: the tiny demo model (built once per session) and helpers to write inputs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.assets import build_demo_assets
+from pipeline.config import config_from_dict
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+HH_TEST = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_hash_cache(tmp_path_factory):
+    # Keep the file-hash cache of the test run out of the user's home.
+    os.environ["DPO_HASH_CACHE"] = str(tmp_path_factory.mktemp("hash-cache"))
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory) -> dict:
+    return build_demo_assets(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_assets):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(demo_assets["model"]))
+
+
+@pytest.fixture
+def make_config(tmp_path, demo_assets):
+    """make_config(data_path, **section overrides) -> Config on the demo tokenizer."""
+
+    def make(data_path, model_path=None, **sections):
+        raw = {
+            "storage": str(tmp_path / "storage"),
+            "data": {"path": str(data_path)},
+            "model": {"path": str(model_path or demo_assets["model"])},
+        }
+        for section, values in sections.items():
+            raw.setdefault(section, {}).update(values)
+        return config_from_dict(raw)
+
+    return make
+
+
+def write_jsonl(path: Path, rows: list, gz: bool = False) -> Path:
+    """rows: dicts (dumped as JSON) or str (written verbatim as a line)."""
+    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def requires_hh():
+    return pytest.mark.skipif(not HH_TEST.is_file(), reason=f"{HH_TEST} not present")
