@@ -1,0 +1,53 @@
+"""The `dpo` command line: stdout's last line is the output directory; errors say what to fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.cli import main
+from pipeline.store import is_complete
+
+from .test_prepare import standard_rows
+from .conftest import write_jsonl
+
+DPO = str(Path(sys.executable).parent / "dpo")
+
+
+def run(*args, cwd=None):
+    return subprocess.run([DPO, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_prepare_command(tmp_path, demo_assets):
+    write_jsonl(tmp_path / "d.jsonl", standard_rows(10) + ["{broken"])
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"storage: out\ndata:\n  path: d.jsonl\nmodel:\n  path: {demo_assets['model']}\n"
+    )
+    first = run("prepare", "-c", str(config), "--set", "tokenize.max_length=256", "--set", "tokenize.max_prompt_length=128", "--no-progress")
+    assert first.returncode == 0, first.stderr
+    out_dir = Path(first.stdout.strip().splitlines()[-1])
+    assert out_dir.parent == tmp_path / "out" / "datasets" and is_complete(out_dir)
+    assert "11 rows read = 10 kept" in first.stderr and "malformed_json" in first.stderr
+    again = run("prepare", "-c", str(config), "--set", "tokenize.max_length=256",
+                "--set", "tokenize.max_prompt_length=128")
+    assert again.stdout.strip().splitlines()[-1] == str(out_dir)
+    assert "up to date" in again.stderr
+
+
+def test_errors_exit_nonzero_with_a_fix(tmp_path, demo_assets):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  path: {tmp_path / 'missing.jsonl'}\nmodel:\n  path: {demo_assets['model']}\n")
+    bad_key = run("prepare", "-c", str(config), "--set", "tokenize.max_lenght=5")
+    assert bad_key.returncode == 2 and bad_key.stdout == ""
+    assert "unknown key tokenize.max_lenght" in bad_key.stderr
+    missing = run("prepare", "-c", str(config))
+    assert missing.returncode == 1 and "set data.path" in missing.stderr
+
+
+def test_demo_runs_offline_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--storage", str(tmp_path), "--no-progress"]) == 0
+    out_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert is_complete(out_dir)
+    assert out_dir.parent == tmp_path / "datasets"
