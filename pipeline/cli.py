@@ -1,6 +1,7 @@
 """The `dpo` command line.
 
     dpo prepare -c run.yaml [--set tokenize.max_length=512 ...]
+    dpo score -c run.yaml [--set score.backend=transformers ...]
     dpo demo [--storage DIR]
 
 Progress and summaries go to stderr; the last line of stdout is the stage's output directory,
@@ -18,9 +19,10 @@ from .config import ConfigError, config_from_dict, load_config
 from .data import DataError
 from .models import ModelError
 from .prepare import REJECT_REASONS, PrepareError, PrepareResult, prepare
+from .score import ScoreError, ScoreResult, score
 
 # Errors a user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, ModelError, PrepareError)
+USER_ERRORS = (ConfigError, DataError, ModelError, PrepareError, ScoreError)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="validate and tokenize preference data into Parquet")
     _add_config_args(p)
+    s = sub.add_parser("score", help="cache reference log-probs of the prepared dataset")
+    _add_config_args(s)
     d = sub.add_parser("demo", help="run the pipeline on the built-in demo (offline, CPU)")
     d.add_argument("--storage", default="storage", help="artifact root (default: ./storage)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -76,6 +80,30 @@ def summarize_prepare(result: PrepareResult) -> str:
     return "\n".join(lines)
 
 
+def summarize_score(result: ScoreResult) -> str:
+    m, st = result.manifest, result.stats
+    inputs = m["inputs"]
+    lines = [
+        f"score: {'up to date' if result.skipped else 'done'}: {result.output_dir}",
+        f"  {m['rows']} examples, {len(m['shards'])} shards; backend {inputs['backend']}, "
+        f"dtype {inputs['dtype']}; response tokens: chosen {m['tokens']['chosen']}, "
+        f"rejected {m['tokens']['rejected']}",
+    ]
+    if not result.skipped and st["rows_scored"]:
+        lines.append(
+            f"  this run scored {st['rows_scored']} rows ({st['sequence_tokens']} tokens through "
+            f"the model) in {st['seconds']:.1f} s, {st['tokens_per_s']:,.0f} tok/s on {st.get('device')}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_score(args) -> Path:
+    cfg = load_config(args.config, args.overrides)
+    result = score(cfg, show_progress=not args.no_progress)
+    print(summarize_score(result), file=sys.stderr)
+    return result.output_dir
+
+
 def cmd_prepare(args) -> Path:
     cfg = load_config(args.config, args.overrides)
     result = prepare(cfg, show_progress=not args.no_progress)
@@ -99,10 +127,12 @@ def cmd_demo(args) -> Path:
     )
     result = prepare(cfg, show_progress=not args.no_progress)
     print(summarize_prepare(result), file=sys.stderr)
-    return result.output_dir
+    scored = score(cfg, show_progress=not args.no_progress)
+    print(summarize_score(scored), file=sys.stderr)
+    return scored.output_dir
 
 
-COMMANDS = {"prepare": cmd_prepare, "demo": cmd_demo}
+COMMANDS = {"prepare": cmd_prepare, "score": cmd_score, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

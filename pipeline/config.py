@@ -90,17 +90,45 @@ class TokenizeConfig:
 
 
 @dataclass
+class ScoreConfig:
+    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    """auto: vllm when it imports and a CUDA GPU is present, else transformers."""
+    tokens_per_batch: int = 16384
+    """transformers backend: padded tokens per forward pass (batch rows x longest sequence)."""
+    store_token_logps: bool = True
+    """Also store per-token log-probs (list<float32>) for auditing and length-normalized losses."""
+    shard_rows: int = 4096
+    """Examples per Parquet shard: the unit of resumption after a crash."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """transformers backend: auto picks cuda when available."""
+    tensor_parallel_size: int = 1
+    """vllm backend: GPUs to shard the model across."""
+    gpu_memory_utilization: float = 0.85
+    """vllm backend: share of GPU memory vLLM may take."""
+    max_num_batched_tokens: int = 16384
+    """vllm backend: tokens per engine step."""
+
+    def validate(self) -> None:
+        _check_range("score.tokens_per_batch", self.tokens_per_batch, 1, None)
+        _check_range("score.shard_rows", self.shard_rows, 1, None)
+        _check_range("score.tensor_parallel_size", self.tensor_parallel_size, 1, None)
+        _check_range("score.gpu_memory_utilization", self.gpu_memory_utilization, 0.05, 1.0)
+        _check_range("score.max_num_batched_tokens", self.max_num_batched_tokens, 1, None)
+
+
+@dataclass
 class Config:
     data: DataConfig
     model: ModelConfig
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     storage: str = "storage"
     """Artifact root: datasets/, refscores/, runs/ live below it."""
 
     def validate(self) -> None:
         if not self.storage:
             raise ConfigError("storage: must be a directory path")
-        for section in (self.data, self.model, self.tokenize):
+        for section in (self.data, self.model, self.tokenize, self.score):
             section.validate()
 
     def to_dict(self) -> dict:

@@ -73,3 +73,65 @@ def tokenizer_fingerprint(model: ModelConfig, tokenizer) -> dict:
         },
         "vocab_size": len(tokenizer),
     }
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def model_fingerprint(model: ModelConfig) -> dict:
+    """Content of the model: config.json and every safetensors weight file, by sha256.
+
+    Hashes are cached by path/size/mtime (see store.sha256_file), so a multi-GB model is
+    hashed once, not on every run.
+    """
+    path = check_model_path(model)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} has no config.json: it is not a Hugging Face model folder")
+    weights = sorted({p for pattern in WEIGHT_PATTERNS for p in path.glob(pattern)})
+    if not any(p.suffix == ".safetensors" for p in weights):
+        raise ModelError(
+            f"{path} has no .safetensors weights. Only safetensors are loaded (pickle-based .bin "
+            "files can run code): convert with model.save_pretrained(dir, safe_serialization=True)"
+        )
+    return {
+        "config_sha256": sha256_file(path / "config.json"),
+        "weights": {p.name: sha256_file(p) for p in weights},
+    }
+
+
+def check_causal_lm(model: ModelConfig):
+    """The model's config, after checking that transformers has a causal-LM class for it."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = check_model_path(model)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=model.trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"cannot read the model config in {path}: {exc}") from exc
+    remote = bool(getattr(config, "auto_map", {}).get("AutoModelForCausalLM"))
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not (
+        remote and model.trust_remote_code
+    ):
+        raise ModelError(
+            f"{path} holds a {config.model_type!r} model, which is not a causal language model "
+            "(no AutoModelForCausalLM class): point model.path at a decoder-only LM"
+        )
+    return config
+
+
+def load_causal_lm(model: ModelConfig, device: str = "cpu"):
+    """The causal LM of ``model.path`` from safetensors, in ``model.dtype``, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_causal_lm(model)
+    path = check_model_path(model)
+    lm = AutoModelForCausalLM.from_pretrained(
+        str(path),
+        dtype=getattr(torch, _DTYPES[model.dtype]),
+        use_safetensors=True,
+        trust_remote_code=model.trust_remote_code,
+    )
+    return lm.to(device).eval()

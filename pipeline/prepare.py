@@ -611,3 +611,16 @@ def _versions() -> dict:
         "tokenizers": tokenizers.__version__,
         "pyarrow": pa.__version__,
     }
+
+
+def locate_dataset(cfg: Config) -> Path:
+    """The complete prepared dataset for ``cfg`` (found by fingerprint), or a clear error."""
+    check_input(cfg.data.path)
+    tokenizer = load_tokenizer(cfg.model)
+    out_dir = dataset_dir(cfg.storage, fingerprint(dataset_fingerprint_inputs(cfg, tokenizer)))
+    if not is_complete(out_dir):
+        raise PrepareError(
+            f"no prepared dataset for this configuration ({out_dir} is missing or incomplete): "
+            "run `dpo prepare -c CONFIG` with the same config first"
+        )
+    return out_dir

@@ -1,0 +1,159 @@
+"""Per-token log-probs of response tokens: the ONE implementation, used by scoring and training.
+
+A response token y_j (0-based) of a sequence ``prompt + response`` with prompt length P sits at
+position P + j and is predicted from the hidden state at position P + j - 1. So:
+
+    log pi(y | x) = sum_j log_softmax(lm_head(h[P + j - 1]))[y_j]
+
+Only the hidden states at response positions go through the LM head, and the log-softmax runs
+in float32 on those rows alone, in chunks: the float32 logits of the whole batch,
+[batch, seq, vocab], are never materialized (for a 49k vocabulary and 8k tokens that alone
+would be 1.6 GB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Rows of the LM head's output turned into float32 log-probs at once: bounds the float32
+# temporaries to LOGSOFTMAX_CHUNK x vocab (e.g. 2048 x 49152 x 4 B = 400 MB).
+LOGSOFTMAX_CHUNK = 2048
+
+
+@dataclass
+class PackedBatch:
+    """Right-padded sequences plus where their response tokens are.
+
+    input_ids, attention_mask: [B, T]
+    rows, cols: [N] position (batch row, time step) of the hidden state predicting each
+        response token, in sequence order, sequence after sequence.
+    targets: [N] the response token ids.
+    lengths: [S] response tokens per sequence (S == B); sum(lengths) == N.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    targets: torch.Tensor
+    lengths: list[int]
+
+    def to(self, device) -> "PackedBatch":
+        return PackedBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.rows.to(device),
+            self.cols.to(device),
+            self.targets.to(device),
+            self.lengths,
+        )
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> PackedBatch:
+    """Build a right-padded batch of ``prompt + response`` sequences.
+
+    Right padding keeps position ids 0..len-1 for real tokens, so results do not depend on how
+    much padding a batch carries (only on floating-point summation order).
+    """
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError("pack needs as many prompts as responses, at least one")
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    rows, cols, targets, lengths = [], [], [], []
+    for b, (prompt, response, seq) in enumerate(zip(prompts, responses, seqs)):
+        if not prompt:
+            raise ValueError("every sequence needs at least one prompt token to condition on")
+        input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[b, : len(seq)] = 1
+        rows.append(torch.full((len(response),), b, dtype=torch.long))
+        cols.append(torch.arange(len(prompt) - 1, len(seq) - 1, dtype=torch.long))
+        targets.append(torch.tensor(response, dtype=torch.long))
+        lengths.append(len(response))
+    return PackedBatch(
+        input_ids, attention_mask, torch.cat(rows), torch.cat(cols), torch.cat(targets), lengths
+    )
+
+
+def token_logps(
+    hidden: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    targets: torch.Tensor,
+    lm_head,
+    logit_transform=None,
+) -> torch.Tensor:
+    """log p(target | context) at the given positions, in float32.
+
+    hidden: [B, T, H] last hidden states (any dtype); rows, cols, targets: [N];
+    lm_head: maps [n, H] -> [n, V]; logit_transform: optional function applied to those logits
+    (e.g. a model's final soft-capping). Returns [N] float32. Differentiable.
+    """
+    selected = hidden[rows, cols]  # [N, H]
+    out = []
+    for start in range(0, selected.shape[0], LOGSOFTMAX_CHUNK):
+        logits = lm_head(selected[start : start + LOGSOFTMAX_CHUNK])
+        if logit_transform is not None:
+            logits = logit_transform(logits)
+        logps = torch.log_softmax(logits.float(), dim=-1)  # [n, V] float32
+        chunk_targets = targets[start : start + LOGSOFTMAX_CHUNK].unsqueeze(-1)
+        out.append(logps.gather(-1, chunk_targets).squeeze(-1))
+    if not out:
+        return hidden.new_zeros((0,), dtype=torch.float32)
+    return torch.cat(out)
+
+
+def _logit_transform(model):
+    """The model's own post-processing of logits, when it has one we know."""
+    config = model.config
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(model, "logit_scale", None)
+    if softcap:
+        return lambda logits: torch.tanh(logits / softcap) * softcap
+    if isinstance(scale, (int, float)) and scale != 1:
+        return lambda logits: logits * scale
+    return None
+
+
+def response_logps(model, batch: PackedBatch) -> torch.Tensor:
+    """[N] float32 per-token log-probs of the batch's response tokens under ``model``."""
+    decoder = model.get_decoder()
+    hidden = decoder(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).last_hidden_state
+    return token_logps(
+        hidden,
+        batch.rows,
+        batch.cols,
+        batch.targets,
+        model.get_output_embeddings(),
+        _logit_transform(model),
+    )
+
+
+def check_head_path(model, token_ids: list[int]) -> float:
+    """Compare ``response_logps`` with the model's own full forward on one short sequence.
+
+    Catches architectures whose logits get post-processing this module does not know about.
+    Returns the max |difference| (nats); the caller decides what is too much.
+    """
+    ids = token_ids[:16]
+    if len(ids) < 2:
+        raise ValueError("need at least two tokens")
+    batch = pack([ids[:1]], [ids[1:]], pad_id=0)
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    with torch.inference_mode():
+        ours = response_logps(model, batch)
+        logits = model(input_ids=batch.input_ids, use_cache=False).logits[0, :-1].float()
+        reference = torch.log_softmax(logits, dim=-1).gather(
+            -1, batch.input_ids[0, 1:].unsqueeze(-1)
+        ).squeeze(-1)
+    return float((ours - reference).abs().max())
+
+
+def split_by_lengths(values: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(values, lengths))
