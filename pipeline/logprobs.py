@@ -26,11 +26,13 @@ LOGSOFTMAX_CHUNK = 2048
 class PackedBatch:
     """Right-padded sequences plus where their response tokens are.
 
-    input_ids, attention_mask: [B, T]
+    input_ids: [B, T]
+    attention_mask: [B, T] padding mask, or [B, 1, T, T] bool (True = may attend) for
+        prefix-shared rows, which also carry position_ids [B, T].
     rows, cols: [N] position (batch row, time step) of the hidden state predicting each
-        response token, in sequence order, sequence after sequence.
+        response token, in response order, response after response.
     targets: [N] the response token ids.
-    lengths: [S] response tokens per sequence (S == B); sum(lengths) == N.
+    lengths: [S] tokens per response; sum(lengths) == N.
     """
 
     input_ids: torch.Tensor
@@ -39,6 +41,7 @@ class PackedBatch:
     cols: torch.Tensor
     targets: torch.Tensor
     lengths: list[int]
+    position_ids: torch.Tensor | None = None
 
     def to(self, device) -> "PackedBatch":
         return PackedBatch(
@@ -48,6 +51,7 @@ class PackedBatch:
             self.cols.to(device),
             self.targets.to(device),
             self.lengths,
+            None if self.position_ids is None else self.position_ids.to(device),
         )
 
 
@@ -75,6 +79,53 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> P
         lengths.append(len(response))
     return PackedBatch(
         input_ids, attention_mask, torch.cat(rows), torch.cat(cols), torch.cat(targets), lengths
+    )
+
+
+def pack_shared(
+    prompts: list[list[int]], chosens: list[list[int]], rejecteds: list[list[int]], pad_id: int
+) -> PackedBatch:
+    """One row per example, ``prompt + chosen + rejected``, the prompt computed once for both.
+
+    The rejected tokens get the positions they would have right after the prompt
+    (P .. P+Rr-1) and an attention mask that hides the chosen tokens from them, so every
+    response sees exactly ``prompt + its own earlier tokens``, as in two separate sequences,
+    while the prompt's work is done once. Lengths come in pairs: chosen_b, rejected_b, ...
+    """
+    if not (len(prompts) == len(chosens) == len(rejecteds)) or not prompts:
+        raise ValueError("pack_shared needs equally many prompts, chosen and rejected, at least one")
+    totals = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosens, rejecteds)]
+    width = max(totals)
+    batch = len(prompts)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((batch, width), dtype=torch.long)
+    # Padding rows attend to themselves only: a query with nothing to attend to gives NaN.
+    mask = torch.eye(width, dtype=torch.bool).repeat(batch, 1, 1, 1)  # [B, 1, T, T]
+    rows, cols, targets, lengths = [], [], [], []
+    for b, (prompt, chosen, rejected) in enumerate(zip(prompts, chosens, rejecteds)):
+        if not prompt:
+            raise ValueError("every sequence needs at least one prompt token to condition on")
+        P, C, R, T = len(prompt), len(chosen), len(rejected), totals[b]
+        input_ids[b, :T] = torch.tensor(prompt + chosen + rejected, dtype=torch.long)
+        position_ids[b, :T] = torch.cat(
+            [torch.arange(P + C), torch.arange(P, P + R)]
+        )
+        index = torch.arange(T)
+        causal = index[:, None] >= index[None, :]
+        is_chosen = (index >= P) & (index < P + C)
+        is_rejected = index >= P + C
+        mask[b, 0, :T, :T] = causal & ~(is_rejected[:, None] & is_chosen[None, :])
+        # Response token j is predicted by the hidden state just before it in its own stream:
+        # the last prompt token for j == 0.
+        chosen_cols = torch.cat([torch.tensor([P - 1]), torch.arange(P, P + C - 1)])
+        rejected_cols = torch.cat([torch.tensor([P - 1]), torch.arange(P + C, P + C + R - 1)])
+        for response, response_cols in ((chosen, chosen_cols[:C]), (rejected, rejected_cols[:R])):
+            rows.append(torch.full((len(response),), b, dtype=torch.long))
+            cols.append(response_cols)
+            targets.append(torch.tensor(response, dtype=torch.long))
+            lengths.append(len(response))
+    return PackedBatch(
+        input_ids, mask, torch.cat(rows), torch.cat(cols), torch.cat(targets), lengths, position_ids
     )
 
 
@@ -118,11 +169,32 @@ def _logit_transform(model):
     return None
 
 
+def _attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
+    if mask.ndim == 2:
+        return mask
+    # A custom 4D mask goes to the attention kernel as is: bool (True = attend) for SDPA and
+    # flex, additive float for eager attention.
+    if model.config._attn_implementation == "eager":
+        dtype = model.get_output_embeddings().weight.dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
+    return mask
+
+
+def supports_shared_prefix(model) -> bool:
+    """Whether the model's attention takes a custom 4D mask (flash-attention kernels do not)."""
+    return model.config._attn_implementation in ("sdpa", "eager", "flex_attention")
+
+
 def response_logps(model, batch: PackedBatch) -> torch.Tensor:
     """[N] float32 per-token log-probs of the batch's response tokens under ``model``."""
     decoder = model.get_decoder()
     hidden = decoder(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        input_ids=batch.input_ids,
+        attention_mask=_attention_mask(model, batch.attention_mask),
+        position_ids=batch.position_ids,
+        use_cache=False,
     ).last_hidden_state
     return token_logps(
         hidden,

@@ -102,6 +102,11 @@ class VllmScorer:
             out[j] = entry[token].logprob
         return out
 
+    def score_pairs(self, prompts, chosens, rejecteds, progress=None):
+        """(chosen, rejected) per-token log-prob arrays for each example, in input order."""
+        values = self.score(prompts + prompts, chosens + rejecteds, progress)
+        return values[: len(prompts)], values[len(prompts) :]
+
     def score(
         self,
         prompts: list[list[int]],

@@ -50,4 +50,5 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys):
     assert main(["demo", "--storage", str(tmp_path), "--no-progress"]) == 0
     out_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert is_complete(out_dir)
-    assert out_dir.parent == tmp_path / "datasets"
+    assert out_dir.parent == tmp_path / "refscores"  # the last stage so far
+    assert len(list((tmp_path / "datasets").iterdir())) == 1

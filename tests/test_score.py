@@ -68,9 +68,12 @@ def float64_reference(model_dir, prompt_ids, response_ids) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("prefix_sharing", [True, False])
 @pytest.mark.parametrize("tokens_per_batch", [40, 300, 100000])
-def test_sums_match_float64_per_example(scored_setup, demo_assets, tokens_per_batch):
-    cfg, prepared = scored_setup(score={"tokens_per_batch": tokens_per_batch, "shard_rows": 16})
+def test_sums_match_float64_per_example(scored_setup, demo_assets, tokens_per_batch, prefix_sharing):
+    cfg, prepared = scored_setup(
+        score={"tokens_per_batch": tokens_per_batch, "shard_rows": 16, "prefix_sharing": prefix_sharing}
+    )
     result = score(cfg, show_progress=False)
     examples = pq.read_table(prepared.output_dir / "examples.parquet").to_pylist()
     scores = read_scores(result)
@@ -96,6 +99,18 @@ def test_batches_are_sorted_and_within_budget(scored_setup):
     assert flat == sorted(lengths, reverse=True)
     for group in groups:
         assert len(group) == 1 or lengths[group[0]] * len(group) <= 64
+
+
+def test_shared_prefix_packing_layout():
+    batch = logprobs.pack_shared([[1, 2, 3]], [[4, 5]], [[6, 7, 8]], pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]
+    assert batch.lengths == [2, 3]
+    # chosen 4, 5 predicted from 3, 4; rejected 6, 7, 8 from 3 (last prompt token), 6, 7
+    assert batch.cols.tolist() == [2, 3, 2, 5, 6]
+    mask = batch.attention_mask[0, 0]
+    assert mask[5].tolist() == [True, True, True, False, False, True, False, False]  # 6 skips 4, 5
+    assert mask[4].tolist() == [True] * 5 + [False] * 3
 
 
 def test_token_logps_only_at_response_positions(monkeypatch):
@@ -164,9 +179,10 @@ def test_resume_after_crash_is_byte_identical(scored_setup, monkeypatch, tmp_pat
         partial = json.loads((reference.output_dir / "manifest.json").read_text())
         assert partial["complete"] is False and len(partial["shards"]) == crash_after - 1
         scored = []
+        real_pairs = TransformersScorer.score_pairs
         monkeypatch.setattr(
-            TransformersScorer, "score",
-            lambda self, p, r, progress=None, _real=TransformersScorer.score: scored.append(len(p)) or _real(self, p, r, progress),
+            TransformersScorer, "score_pairs",
+            lambda self, p, c, r, progress=None: scored.append(len(p)) or real_pairs(self, p, c, r, progress),
         )  # fmt: skip
         resumed = score(cfg, show_progress=False)
         monkeypatch.undo()
