@@ -52,3 +52,20 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys):
     assert is_complete(out_dir)
     assert out_dir.parent == tmp_path / "refscores"  # the last stage so far
     assert len(list((tmp_path / "datasets").iterdir())) == 1
+
+
+def test_score_command(tmp_path, demo_assets):
+    write_jsonl(tmp_path / "d.jsonl", standard_rows(6))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  path: d.jsonl\nmodel:\n  path: {demo_assets['model']}\nstorage: out\n")
+    missing = run("score", "-c", str(config))
+    assert missing.returncode == 1 and "run `dpo prepare" in missing.stderr
+    assert run("prepare", "-c", str(config)).returncode == 0
+    scored = run("score", "-c", str(config), "--set", "score.shard_rows=4")
+    assert scored.returncode == 0, scored.stderr
+    out_dir = Path(scored.stdout.strip().splitlines()[-1])
+    assert out_dir.parent == tmp_path / "out" / "refscores" and is_complete(out_dir)
+    assert sorted(p.name for p in out_dir.glob("part-*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
+    assert "backend transformers" in scored.stderr
+    bad = run("score", "-c", str(config), "--set", "score.backend=tpu")
+    assert bad.returncode == 2 and "score.backend" in bad.stderr

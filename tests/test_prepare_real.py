@@ -129,3 +129,44 @@ def test_conversational_smollm2_chat_template(tmp_path, make_config, smollm2_dir
     # SmolLM2's template adds its default system turn when the conversation has none.
     assert "You are a helpful AI assistant named SmolLM" in examples[0]["prompt"]
     assert "You are a helpful AI assistant named SmolLM" not in examples[-1]["prompt"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_model_dir():
+    from pipeline.assets import AssetError, smollm2_folder
+
+    try:
+        return smollm2_folder(with_model=True)
+    except AssetError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.slow
+@requires_hh()
+def test_score_smollm2_hh_rows_against_float64(tmp_path, make_config, smollm2_model_dir):
+    """The real model on real rows: cached sums equal a float64 per-example forward pass."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.score import score
+
+    lines = gzip.open(HH_TEST, "rt", encoding="utf-8").readlines()[:4]
+    data = tmp_path / "hh4.jsonl"
+    data.write_text("".join(lines))
+    cfg = make_config(data, model_path=smollm2_model_dir,
+                      tokenize={"max_length": 96, "max_prompt_length": 64})  # fmt: skip
+    prepared = prepare(cfg, show_progress=False)
+    result = score(cfg, show_progress=False)
+    examples = pq.read_table(prepared.output_dir / "examples.parquet").to_pylist()
+    scores = pq.read_table(result.output_dir / "part-00000.parquet").to_pylist()
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_model_dir), dtype=torch.float64).eval()
+    with torch.no_grad():
+        for ex, sc in zip(examples, scores):
+            for side in ("chosen", "rejected"):
+                ids = ex["prompt_ids"] + ex[f"{side}_ids"]
+                logps = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+                P = len(ex["prompt_ids"])
+                ref = sum(float(logps[P + j - 1, t]) for j, t in enumerate(ex[f"{side}_ids"]))
+                assert abs(sc[f"{side}_logp"] - ref) < 1e-3, (side, sc[f"{side}_logp"], ref)
+                assert np.isfinite(sc[f"{side}_logp"]) and sc[f"{side}_logp"] < 0
