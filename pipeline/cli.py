@@ -2,6 +2,7 @@
 
     dpo prepare -c run.yaml [--set tokenize.max_length=512 ...]
     dpo score -c run.yaml [--set score.backend=transformers ...]
+    dpo train -c run.yaml [--resume] [--set train.max_steps=100 ...]
     dpo demo [--storage DIR]
 
 Progress and summaries go to stderr; the last line of stdout is the stage's output directory,
@@ -20,9 +21,10 @@ from .data import DataError
 from .models import ModelError
 from .prepare import REJECT_REASONS, PrepareError, PrepareResult, prepare
 from .score import ScoreError, ScoreResult, score
+from .train import TrainError, TrainResult, train
 
 # Errors a user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, ModelError, PrepareError, ScoreError)
+USER_ERRORS = (ConfigError, DataError, ModelError, PrepareError, ScoreError, TrainError)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     s = sub.add_parser("score", help="cache reference log-probs of the prepared dataset")
     _add_config_args(s)
+    t = sub.add_parser("train", help="DPO training on the prepared data and cached reference scores")
+    _add_config_args(t)
+    t.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     d = sub.add_parser("demo", help="run the pipeline on the built-in demo (offline, CPU)")
     d.add_argument("--storage", default="storage", help="artifact root (default: ./storage)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -104,6 +109,28 @@ def cmd_score(args) -> Path:
     return result.output_dir
 
 
+def summarize_train(result: TrainResult) -> str:
+    s = result.summary
+    lines = [f"train: {'up to date' if result.skipped else 'done'}: {result.run_dir}",
+             f"  {s['steps']} steps on {s['train_examples']} train pairs; weights in {s['final_dir']}"]  # fmt: skip
+    first, last = s.get("first_eval"), s.get("final_eval")
+    if last:
+        before = f"{first['eval/rewards/accuracies']:.3f} -> " if first else ""
+        lines.append(
+            f"  eval ({s['eval_examples']} pairs): reward accuracy {before}"
+            f"{last['eval/rewards/accuracies']:.3f}, margin {last['eval/rewards/margins']:.3f}, "
+            f"loss {last['eval/loss']:.4f}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> Path:
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume, show_progress=not args.no_progress)
+    print(summarize_train(result), file=sys.stderr)
+    return result.run_dir
+
+
 def cmd_prepare(args) -> Path:
     cfg = load_config(args.config, args.overrides)
     result = prepare(cfg, show_progress=not args.no_progress)
@@ -123,16 +150,23 @@ def cmd_demo(args) -> Path:
             "data": {"path": str(assets["data"]), "eval_fraction": 0.1},
             "model": {"path": str(assets["model"])},
             "tokenize": {"max_length": 128, "max_prompt_length": 64},
+            "train": DEMO_TRAIN,
         }
     )
     result = prepare(cfg, show_progress=not args.no_progress)
     print(summarize_prepare(result), file=sys.stderr)
     scored = score(cfg, show_progress=not args.no_progress)
     print(summarize_score(scored), file=sys.stderr)
-    return scored.output_dir
+    trained = train(cfg, resume=True, show_progress=not args.no_progress)
+    print(summarize_train(trained), file=sys.stderr)
+    return trained.run_dir
 
 
-COMMANDS = {"prepare": cmd_prepare, "score": cmd_score, "demo": cmd_demo}
+# The tiny demo model learns its rule in seconds with a large learning rate.
+DEMO_TRAIN = {"lr": 3e-3, "beta": 0.1, "batch_size": 16, "max_steps": 60, "warmup_steps": 5,
+              "eval_every": 20, "save_every": 20, "run_name": "demo"}  # fmt: skip
+
+COMMANDS = {"prepare": cmd_prepare, "score": cmd_score, "train": cmd_train, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

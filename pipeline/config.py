@@ -122,18 +122,84 @@ class ScoreConfig:
 
 
 @dataclass
+class TrainConfig:
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    """sigmoid: cDPO label smoothing; robust: the assumed label-flip rate (< 0.5)."""
+    sft_weight: float = 0.0
+    """Weight of an added SFT term: length-normalized NLL of the chosen response."""
+    lr: float = 1e-6
+    batch_size: int = 8
+    """Preference pairs per optimizer step (split into grad_accum micro-batches)."""
+    grad_accum: int = 1
+    max_steps: Optional[int] = None
+    """Optimizer steps; null: train.epochs over the train split."""
+    epochs: float = 1.0
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup, to zero at the last step."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping; the norm is still reported)."""
+    eval_every: int = 50
+    """Eval-split metrics every this many steps (0: only at the start and the end)."""
+    save_every: int = 100
+    """Checkpoint every this many steps (0: none besides final/)."""
+    keep_checkpoints: int = 2
+    seed: int = 0
+    run_name: Optional[str] = None
+    """Folder under <storage>/runs/; null: named after a fingerprint of the run's inputs."""
+    init_from: Optional[str] = None
+    """Policy weights to start from; null: model.path (the reference model itself)."""
+    ref_cache: Optional[str] = None
+    """A refscores directory to use; null: the cache `dpo score` made for this config."""
+    gradient_checkpointing: bool = False
+    step0_check: Literal["error", "warn", "off"] = "error"
+    """Policy starting from the reference: compare step-0 log-probs with the cache."""
+    step0_tolerance: Optional[float] = None
+    """Max per-token |diff| (nats) of that check; null: by dtype and backend (README)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self) -> None:
+        _check_range("train.beta", self.beta, 1e-12, None)
+        _check_range("train.lr", self.lr, 0.0, None)
+        _check_range("train.label_smoothing", self.label_smoothing, 0.0, 0.5, hi_open=True)
+        _check_range("train.sft_weight", self.sft_weight, 0.0, None)
+        _check_range("train.batch_size", self.batch_size, 1, None)
+        _check_range("train.grad_accum", self.grad_accum, 1, None)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum "
+                f"({self.grad_accum}): each micro-batch holds batch_size / grad_accum pairs"
+            )
+        if self.max_steps is not None:
+            _check_range("train.max_steps", self.max_steps, 1, None)
+        _check_range("train.epochs", self.epochs, 1e-9, None)
+        _check_range("train.warmup_steps", self.warmup_steps, 0, None)
+        _check_range("train.weight_decay", self.weight_decay, 0.0, None)
+        _check_range("train.max_grad_norm", self.max_grad_norm, 0.0, None)
+        _check_range("train.eval_every", self.eval_every, 0, None)
+        _check_range("train.save_every", self.save_every, 0, None)
+        _check_range("train.keep_checkpoints", self.keep_checkpoints, 1, None)
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):
+            raise ConfigError(f"train.run_name: {self.run_name!r} must be a plain folder name")
+
+
+@dataclass
 class Config:
     data: DataConfig
     model: ModelConfig
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     storage: str = "storage"
     """Artifact root: datasets/, refscores/, runs/ live below it."""
 
     def validate(self) -> None:
         if not self.storage:
             raise ConfigError("storage: must be a directory path")
-        for section in (self.data, self.model, self.tokenize, self.score):
+        for section in (self.data, self.model, self.tokenize, self.score, self.train):
             section.validate()
 
     def to_dict(self) -> dict:
@@ -255,7 +321,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {path}: top level must be a mapping of sections")
         base = path.parent
         # Relative paths in a config file are relative to the file, not to the current directory.
-        for section, key in (("data", "path"), ("model", "path")):
+        for section, key in (("data", "path"), ("model", "path"), ("train", "init_from"), ("train", "ref_cache")):
             value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
             if isinstance(value, str) and value and not Path(value).is_absolute():
                 raw[section][key] = str((base / value).resolve())

@@ -229,3 +229,30 @@ def check_head_path(model, token_ids: list[int]) -> float:
 
 def split_by_lengths(values: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
     return list(torch.split(values, lengths))
+
+
+def sequence_sums(values: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """[S] float32 sums of consecutive runs of ``values`` ([N]) of the given lengths."""
+    index = torch.repeat_interleave(
+        torch.arange(len(lengths), device=values.device),
+        torch.tensor(lengths, device=values.device),
+    )
+    return torch.zeros(len(lengths), dtype=values.dtype, device=values.device).index_add(
+        0, index, values
+    )
+
+
+def pair_logps(model, prompts, chosens, rejecteds, shared: bool = True, device="cpu"):
+    """Sequence log-probs of both responses of each pair in ONE forward pass.
+
+    shared: one row per pair (prompt computed once, see pack_shared); else the chosen and the
+    rejected sequences as rows of the same batch. Returns (chosen [B], rejected [B]) float32
+    sums, differentiable.
+    """
+    if shared:
+        batch = pack_shared(prompts, chosens, rejecteds, pad_id=0).to(device)
+        sums = sequence_sums(response_logps(model, batch), batch.lengths)
+        return sums[0::2], sums[1::2]
+    batch = pack(prompts + prompts, chosens + rejecteds, pad_id=0).to(device)
+    sums = sequence_sums(response_logps(model, batch), batch.lengths)
+    return sums[: len(prompts)], sums[len(prompts) :]
