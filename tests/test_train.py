@@ -1,0 +1,315 @@
+"""The train stage: losses, the seed's gradient, learning, resume, the cache contract."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import config_from_dict
+from pipeline.logprobs import pair_logps
+from pipeline.losses import LOSSES, hinge_loss, ipo_loss, robust_loss, sigmoid_loss
+from pipeline.prepare import prepare
+from pipeline.score import score
+from pipeline.train import TrainError, lr_factor, train
+
+DEMO_TRAIN = {"lr": 3e-3, "beta": 0.1, "batch_size": 16, "max_steps": 40, "warmup_steps": 5,
+              "eval_every": 20, "save_every": 0}  # fmt: skip
+
+
+def t(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+# --- losses --------------------------------------------------------------------------------------
+
+
+def test_losses_hand_computed():
+    """One pair: policy_chosen -1, policy_rejected -2, ref_chosen -1.5, ref_rejected -1.5.
+
+    h = (-1 - -1.5) - (-2 - -1.5) = 0.5 + 0.5 = 1.
+    sigmoid, beta 0.5: -log sigma(0.5) = log(1 + e^-0.5) = 0.474077...
+    cDPO eps 0.1: 0.9 * 0.474077 + 0.1 * -log sigma(-0.5) = 0.9 * 0.474077 + 0.1 * 0.974077
+        = 0.524077
+    ipo, beta 0.25: (1 - 1 / 0.5)^2 = 1
+    hinge, beta 0.5: max(0, 1 - 0.5) = 0.5
+    robust, beta 0.5, eps 0.1: (0.9 * 0.474077 - 0.1 * 0.974077) / 0.8 = 0.411577
+    """
+    args = (t(-1.0), t(-2.0), t(-1.5), t(-1.5))
+    a, b = math.log1p(math.exp(-0.5)), math.log1p(math.exp(0.5))
+    assert sigmoid_loss(*args, 0.5).item() == pytest.approx(a, abs=1e-12)
+    assert a == pytest.approx(0.474077, abs=1e-6)
+    assert sigmoid_loss(*args, 0.5, 0.1).item() == pytest.approx(0.9 * a + 0.1 * b, abs=1e-12)
+    assert ipo_loss(*args, 0.25).item() == pytest.approx(1.0, abs=1e-12)
+    assert hinge_loss(*args, 0.5).item() == pytest.approx(0.5, abs=1e-12)
+    assert robust_loss(*args, 0.5, 0.1).item() == pytest.approx((0.9 * a - 0.1 * b) / 0.8, abs=1e-12)
+    assert robust_loss(*args, 0.5, 0.0).item() == pytest.approx(a, abs=1e-12)  # eps 0 is DPO
+
+
+def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
+    logps = t(-3.0, -7.5, -0.2)
+    others = t(-4.0, -1.0, -9.0)
+    loss = LOSSES["sigmoid"].fn(logps, others, logps, others, 0.1)
+    assert torch.allclose(loss, torch.full_like(loss, math.log(2)))
+    assert torch.equal(0.1 * (logps - logps), torch.zeros(3, dtype=torch.float64))
+    assert ipo_loss(logps, others, logps, others, 0.1).allclose(torch.full((3,), 25.0, dtype=torch.float64))
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 4, 10, "cosine") == 0.25 and lr_factor(3, 4, 10, "cosine") == 1.0
+    assert lr_factor(4, 4, 10, "cosine") == 1.0 and lr_factor(10, 4, 10, "cosine") == pytest.approx(0.0)
+    assert lr_factor(7, 4, 10, "linear") == pytest.approx(0.5)
+    assert lr_factor(9, 0, 10, "constant") == 1.0
+
+
+# --- the seed's gradient -------------------------------------------------------------------------
+
+
+def test_autograd_matches_the_seed_gradient_formula(demo_assets):
+    """grad L = -beta * sigma(r_l - r_w) * (grad log pi(y_w) - grad log pi(y_l)), per pair, averaged.
+
+    Left: our pipeline (one shared-prefix forward, sigmoid loss, autograd). Right: each
+    sequence's log-prob separately in float64 (full logits), its gradient by its own backward
+    pass, combined with the seed's weights.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"]), dtype=torch.float32)
+    pairs = [([5, 9, 13, 2], [40, 41, 42], [50, 51]), ([7, 8], [60, 61, 62, 63], [70])]
+    ref_chosen, ref_rejected = t(-20.0, -30.0), t(-15.0, -6.0)
+    beta = 0.5
+
+    model.zero_grad()
+    chosen, rejected = pair_logps(model, *map(list, zip(*pairs)), shared=True)
+    loss = sigmoid_loss(chosen.double(), rejected.double(), ref_chosen, ref_rejected, beta).mean()
+    loss.backward()
+    ours = {n: p.grad.double().clone() for n, p in model.named_parameters()}
+
+    model64 = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"]), dtype=torch.float64)
+
+    def logp_and_grad(prompt, response):
+        model64.zero_grad()
+        logps = torch.log_softmax(model64(torch.tensor([prompt + response])).logits[0], -1)
+        value = sum(logps[len(prompt) + j - 1, tok] for j, tok in enumerate(response))
+        value.backward()
+        return value.detach(), {n: p.grad.clone() for n, p in model64.named_parameters()}
+
+    expected = {n: torch.zeros_like(g) for n, g in ours.items()}
+    for (prompt, y_w, y_l), r_cw, r_cl in zip(pairs, ref_chosen, ref_rejected):
+        logp_w, grad_w = logp_and_grad(prompt, y_w)
+        logp_l, grad_l = logp_and_grad(prompt, y_l)
+        reward_w, reward_l = beta * (logp_w - r_cw), beta * (logp_l - r_cl)
+        weight = -beta * torch.sigmoid(reward_l - reward_w) / len(pairs)
+        for name in expected:
+            expected[name] += weight * (grad_w[name] - grad_l[name])
+    for name, grad in ours.items():
+        assert torch.allclose(grad, expected[name], rtol=1e-3, atol=1e-6), name
+    assert max(g.abs().max() for g in expected.values()) > 1e-3  # the check is not vacuous
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def demo_config(tmp_path, demo_assets):
+    def make(**train_overrides):
+        cfg = config_from_dict({
+            "storage": str(tmp_path / "storage"),
+            "data": {"path": str(demo_assets["data"]), "eval_fraction": 0.1},
+            "model": {"path": str(demo_assets["model"])},
+            "tokenize": {"max_length": 128, "max_prompt_length": 64},
+            "train": {**DEMO_TRAIN, **train_overrides},
+        })  # fmt: skip
+        prepare(cfg, show_progress=False)
+        score(cfg, show_progress=False)
+        return cfg
+
+    return make
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_learns_the_demo_rule_with_one_model(demo_config, monkeypatch):
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    constructed = []
+    real_init = PreTrainedModel.__init__
+
+    def counting_init(self, *args, **kwargs):
+        constructed.append(type(self).__name__)
+        real_init(self, *args, **kwargs)
+
+    cfg = demo_config()
+    monkeypatch.setattr(PreTrainedModel, "__init__", counting_init)
+    result = train(cfg, show_progress=False)
+    monkeypatch.setattr(PreTrainedModel, "__init__", real_init)
+    # The policy and the decoder stack inside it: no reference model, no second copy.
+    assert constructed == ["LlamaForCausalLM", "LlamaModel"]
+
+    rows = metrics(result.run_dir)
+    first_step = next(r for r in rows if r["step"] == 1 and "loss" in r)
+    assert first_step["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
+    assert abs(first_step["rewards/margins"]) < 1e-5
+    step0 = next(r for r in rows if "step0/max_mean_token_diff" in r)
+    assert step0["step0/max_mean_token_diff"] < 1e-4
+    final = result.summary["final_eval"]
+    assert final["eval/rewards/accuracies"] > 0.75  # chance is 0.5
+    assert final["eval/loss"] < math.log(2) - 0.2
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens/s"):  # fmt: skip
+        assert key in first_step
+    reloaded = AutoModelForCausalLM.from_pretrained(result.summary["final_dir"])
+    initial = AutoModelForCausalLM.from_pretrained(cfg.model.path)
+    assert reloaded.config.vocab_size == initial.config.vocab_size
+    assert not torch.equal(reloaded.lm_head.weight, initial.lm_head.weight)  # it trained
+    again = train(cfg, show_progress=False)
+    assert again.skipped and again.run_dir == result.run_dir
+
+
+def test_grad_accum_equals_one_big_batch(demo_config):
+    big = train(demo_config(max_steps=3, run_name="big", batch_size=8, grad_accum=1, eval_every=0), show_progress=False)
+    small = train(demo_config(max_steps=3, run_name="small", batch_size=8, grad_accum=4, eval_every=0), show_progress=False)
+    a = [r for r in metrics(big.run_dir) if "grad_norm" in r]
+    b = [r for r in metrics(small.run_dir) if "grad_norm" in r]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
+def _without_timing(rows):
+    return [{k: v for k, v in r.items() if k not in ("tokens/s", "seconds")} for r in rows]
+
+
+def test_resume_after_crash_is_bit_identical(demo_config, monkeypatch):
+    import pipeline.train as train_module
+
+    cfg = demo_config(max_steps=12, save_every=4, eval_every=5, run_name="whole")
+    whole = train(cfg, show_progress=False)
+    expected_weights = (whole.run_dir / "final" / "model.safetensors").read_bytes()
+
+    cfg = demo_config(max_steps=12, save_every=4, eval_every=5, run_name="crashed")
+    real_append = train_module._append
+
+    def crash_at_step_10(path, record):
+        real_append(path, record)
+        if record.get("step") == 10 and "grad_norm" in record:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(train_module, "_append", crash_at_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, show_progress=False)
+    monkeypatch.setattr(train_module, "_append", real_append)
+    with pytest.raises(TrainError, match="--resume"):
+        train(cfg, show_progress=False)
+    resumed = train(cfg, resume=True, show_progress=False)
+    assert (resumed.run_dir / "final" / "model.safetensors").read_bytes() == expected_weights
+    assert _without_timing(metrics(resumed.run_dir)) == _without_timing(metrics(whole.run_dir))
+
+
+def test_kill_9_then_resume_is_bit_identical(tmp_path, demo_assets):
+    dpo = str(Path(sys.executable).parent / "dpo")
+
+    def config(name):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps({
+            "storage": str(tmp_path / name),
+            "data": {"path": str(demo_assets["data"])},
+            "model": {"path": str(demo_assets["model"])},
+            "tokenize": {"max_length": 128, "max_prompt_length": 64},
+            "train": {**DEMO_TRAIN, "max_steps": 150, "save_every": 10, "eval_every": 50, "run_name": "r"},
+        }))  # fmt: skip
+        return str(path)
+
+    env = {**os.environ, "DPO_HASH_CACHE": str(tmp_path / "hashes")}
+    for name in ("a", "b"):
+        for stage in ("prepare", "score"):
+            subprocess.run([dpo, stage, "-c", config(name), "--no-progress"], check=True, capture_output=True, env=env)
+    subprocess.run([dpo, "train", "-c", config("a"), "--no-progress"], check=True, capture_output=True, env=env)
+
+    proc = subprocess.Popen([dpo, "train", "-c", config("b"), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
+    checkpoint = tmp_path / "b" / "runs" / "r" / "checkpoints" / "step-000020"
+    deadline = time.time() + 180
+    while time.time() < deadline and not checkpoint.exists():
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "runs" / "r" / "final").exists(), "finished before the kill"
+    done = subprocess.run([dpo, "train", "-c", config("b"), "--resume", "--no-progress"],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stderr
+    run_a, run_b = tmp_path / "a" / "runs" / "r", tmp_path / "b" / "runs" / "r"
+    assert (run_a / "final" / "model.safetensors").read_bytes() == (run_b / "final" / "model.safetensors").read_bytes()
+    assert _without_timing(metrics(run_a)) == _without_timing(metrics(run_b))
+
+
+# --- the contract between dataset and cache --------------------------------------------------------
+
+
+def _copy_cache(cfg, tmp_path, edit) -> Path:
+    """A copy of the config's cache with its shard rewritten by ``edit(table) -> table``."""
+    source = next(Path(cfg.storage, "refscores").iterdir())
+    target = tmp_path / "edited-cache"
+    shutil.copytree(source, target)
+    shard = target / "part-00000.parquet"
+    pq.write_table(edit(pq.read_table(shard)), shard)
+    return target
+
+
+def test_contract_mismatches_are_refused(demo_config, tmp_path, demo_assets):
+    cfg = demo_config(max_steps=2)
+
+    def refuse(cache, match):
+        cfg.train.ref_cache = str(cache)
+        with pytest.raises(TrainError, match=match):
+            train(cfg, show_progress=False)
+
+    refuse(_copy_cache(cfg, tmp_path, lambda tb: tb.slice(1)), "1 examples have no reference score")
+    shutil.rmtree(tmp_path / "edited-cache")
+
+    def more_tokens(tb):
+        counts = tb.column("chosen_tokens").to_pylist()
+        counts[3] += 1
+        return tb.set_column(tb.schema.get_field_index("chosen_tokens"), "chosen_tokens", [counts])
+
+    refuse(_copy_cache(cfg, tmp_path, more_tokens), "different chosen token count")
+    shutil.rmtree(tmp_path / "edited-cache")
+
+    def shifted(tb):
+        column = pc.add(tb.column("chosen_logp"), 5.0)
+        return tb.set_column(tb.schema.get_field_index("chosen_logp"), "chosen_logp", column)
+
+    stale = _copy_cache(cfg, tmp_path, shifted)
+    refuse(stale, "step-0 check")
+    cfg.train.step0_check = "warn"
+    cfg.train.run_name = "warned"
+    assert train(cfg, show_progress=False).summary["complete"]  # warn-only goes on
+    cfg.train.step0_check = "error"
+
+    # A cache of another dataset.
+    other = config_from_dict({
+        "storage": str(tmp_path / "other"),
+        "data": {"path": str(demo_assets["data"]), "eval_fraction": 0.5},
+        "model": {"path": str(demo_assets["model"])},
+        "tokenize": {"max_length": 128, "max_prompt_length": 64},
+    })  # fmt: skip
+    prepare(other, show_progress=False)
+    other_cache = score(other, show_progress=False).output_dir
+    refuse(other_cache, "was scored on dataset")
+    manifest = json.loads((other_cache / "manifest.json").read_text())
+    (other_cache / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    refuse(other_cache, "incomplete")
