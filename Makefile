@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench-prepare bench-score clean-venv
+.PHONY: demo test test-slow bench-prepare bench-score bench-train clean-venv
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test-slow: $(STAMP)
 
 bench-prepare: $(STAMP)
 	$(VENV)/bin/python bench/prepare_bench.py
+
+bench-train: $(STAMP)
+	$(VENV)/bin/python bench/train_bench.py
 
 bench-score: $(STAMP)
 	$(VENV)/bin/python bench/score_bench.py
