@@ -12,6 +12,7 @@ so scripts can do `out=$(dpo prepare -c run.yaml | tail -n 1)`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -22,6 +23,8 @@ from .models import ModelError
 from .prepare import REJECT_REASONS, PrepareError, PrepareResult, prepare
 from .score import ScoreError, ScoreResult, score
 from .train import TrainError, TrainResult, train
+
+STAGES = ("prepare", "score", "train")
 
 # Errors a user can fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ConfigError, DataError, ModelError, PrepareError, ScoreError, TrainError)
@@ -49,9 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     s = sub.add_parser("score", help="cache reference log-probs of the prepared dataset")
     _add_config_args(s)
+    s.add_argument("--stats-json", help=argparse.SUPPRESS)  # for the flow's child process
     t = sub.add_parser("train", help="DPO training on the prepared data and cached reference scores")
     _add_config_args(t)
     t.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    r = sub.add_parser("run", help="the whole pipeline as a Prefect flow; up-to-date stages skipped")
+    _add_config_args(r)
+    r.add_argument("--only", choices=STAGES, action="append", help="run only this stage (repeatable)")
+    r.add_argument("--from", dest="from_stage", choices=STAGES, help="run this stage and the ones after it")
+    r.add_argument("--force", choices=STAGES, action="append", default=[],
+                   help="rerun this stage from scratch, and the stages after it (repeatable)")  # fmt: skip
+    sv = sub.add_parser("serve", help="serve the pipeline as a scheduled Prefect deployment")
+    _add_config_args(sv)
+    sv.add_argument("--cron", required=True, help='schedule, e.g. "0 3 * * *" (03:00 every day)')
+    sv.add_argument("--name", default="dpo-pipeline", help="deployment name (default: dpo-pipeline)")
+    st = sub.add_parser("status", help="which stage outputs exist for this config")
+    _add_config_args(st)
     d = sub.add_parser("demo", help="run the pipeline on the built-in demo (offline, CPU)")
     d.add_argument("--storage", default="storage", help="artifact root (default: ./storage)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -106,7 +122,58 @@ def cmd_score(args) -> Path:
     cfg = load_config(args.config, args.overrides)
     result = score(cfg, show_progress=not args.no_progress)
     print(summarize_score(result), file=sys.stderr)
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(result.stats))
     return result.output_dir
+
+
+def cmd_run(args) -> Path:
+    from flows.pipeline import dpo_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    stages = list(args.only or STAGES)
+    if args.from_stage:
+        stages = [s for s in stages if STAGES.index(s) >= STAGES.index(args.from_stage)]
+    result = dpo_pipeline(config=cfg.to_dict(), stages=stages, force=args.force)
+    for stage, output in result["outputs"].items():
+        state = "ran" if result["ran"][stage] else "up to date"
+        print(f"{stage}: {state}: {output}", file=sys.stderr)
+    return Path(result["outputs"][stages[-1]])
+
+
+def cmd_serve(args) -> Path:
+    from prefect.settings import PREFECT_API_URL
+
+    cfg = load_config(args.config, args.overrides)
+    if not PREFECT_API_URL.value():
+        raise PrepareError(
+            "scheduling needs a running Prefect server, and only the ephemeral API is available. "
+            "Start one with `prefect server start --host 127.0.0.1` (in another terminal), then "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api` and run `dpo serve` again"
+        )
+    from flows.pipeline import dpo_pipeline
+
+    print(f"serving deployment {args.name} on {PREFECT_API_URL.value()} with cron {args.cron!r}; "
+          "Ctrl-C stops it", file=sys.stderr)  # fmt: skip
+    dpo_pipeline.serve(name=args.name, cron=args.cron, parameters={"config": cfg.to_dict()},
+                       print_starting_message=False)  # fmt: skip
+    return Path(cfg.storage)
+
+
+def cmd_status(args) -> Path:
+    from flows.pipeline import plan, stage_complete
+
+    cfg = load_config(args.config, args.overrides)
+    planned = plan(cfg)
+    for stage in STAGES:
+        directory = planned[stage]
+        if directory is None or not directory.exists():
+            state, size = "missing", 0
+        else:
+            state = "complete" if stage_complete(stage, directory) else "incomplete"
+            size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        print(f"{stage:<8} {state:<10} {size / 1e6:>10.1f} MB  {directory}")
+    return Path(cfg.storage)
 
 
 def summarize_train(result: TrainResult) -> str:
@@ -153,20 +220,23 @@ def cmd_demo(args) -> Path:
             "train": DEMO_TRAIN,
         }
     )
-    result = prepare(cfg, show_progress=not args.no_progress)
-    print(summarize_prepare(result), file=sys.stderr)
-    scored = score(cfg, show_progress=not args.no_progress)
-    print(summarize_score(scored), file=sys.stderr)
-    trained = train(cfg, resume=True, show_progress=not args.no_progress)
-    print(summarize_train(trained), file=sys.stderr)
-    return trained.run_dir
+    from flows.pipeline import dpo_pipeline
+
+    result = dpo_pipeline(config=cfg.to_dict())
+    for stage, output in result["outputs"].items():
+        print(f"{stage}: {'ran' if result['ran'][stage] else 'up to date'}: {output}", file=sys.stderr)
+    run_dir = Path(result["outputs"]["train"])
+    print(summarize_train(TrainResult(run_dir, json.loads((run_dir / "run.json").read_text()), False)),
+          file=sys.stderr)  # fmt: skip
+    return run_dir
 
 
 # The tiny demo model learns its rule in seconds with a large learning rate.
 DEMO_TRAIN = {"lr": 3e-3, "beta": 0.1, "batch_size": 16, "max_steps": 60, "warmup_steps": 5,
               "eval_every": 20, "save_every": 20, "run_name": "demo"}  # fmt: skip
 
-COMMANDS = {"prepare": cmd_prepare, "score": cmd_score, "train": cmd_train, "demo": cmd_demo}
+COMMANDS = {"prepare": cmd_prepare, "score": cmd_score, "train": cmd_train, "run": cmd_run,
+            "serve": cmd_serve, "status": cmd_status, "demo": cmd_demo}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

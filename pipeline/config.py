@@ -304,7 +304,17 @@ def config_from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
         node[parts[-1]] = value
     cfg = _build("", Config, raw)
     cfg.validate()
+    # Absolute paths, so a config handed to another process (a flow's child, a deployment) means
+    # the same files wherever it runs from.
+    cfg.storage = str(Path(cfg.storage).resolve())
+    for section, key in PATH_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if value:
+            setattr(getattr(cfg, section), key, str(Path(value).resolve()))
     return cfg
+
+
+PATH_KEYS = (("data", "path"), ("model", "path"), ("train", "init_from"), ("train", "ref_cache"))
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -321,7 +331,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {path}: top level must be a mapping of sections")
         base = path.parent
         # Relative paths in a config file are relative to the file, not to the current directory.
-        for section, key in (("data", "path"), ("model", "path"), ("train", "init_from"), ("train", "ref_cache")):
+        for section, key in PATH_KEYS:
             value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
             if isinstance(value, str) and value and not Path(value).is_absolute():
                 raw[section][key] = str((base / value).resolve())

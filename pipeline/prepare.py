@@ -613,11 +613,16 @@ def _versions() -> dict:
     }
 
 
-def locate_dataset(cfg: Config) -> Path:
-    """The complete prepared dataset for ``cfg`` (found by fingerprint), or a clear error."""
+def plan_dataset_dir(cfg: Config) -> Path:
+    """Where the prepare stage puts (or put) the dataset for ``cfg``; nothing is read or written."""
     check_input(cfg.data.path)
     tokenizer = load_tokenizer(cfg.model)
-    out_dir = dataset_dir(cfg.storage, fingerprint(dataset_fingerprint_inputs(cfg, tokenizer)))
+    return dataset_dir(cfg.storage, fingerprint(dataset_fingerprint_inputs(cfg, tokenizer)))
+
+
+def locate_dataset(cfg: Config) -> Path:
+    """The complete prepared dataset for ``cfg`` (found by fingerprint), or a clear error."""
+    out_dir = plan_dataset_dir(cfg)
     if not is_complete(out_dir):
         raise PrepareError(
             f"no prepared dataset for this configuration ({out_dir} is missing or incomplete): "

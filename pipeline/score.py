@@ -238,6 +238,12 @@ def score_fingerprint_inputs(cfg: Config, dataset_fp: str, backend: str) -> dict
     }
 
 
+def plan_refscores_dir(cfg: Config, dataset_fp: str) -> Path:
+    """Where the score stage puts (or put) the cache for ``cfg``; nothing is read or written."""
+    backend = resolve_backend(cfg.score.backend)
+    return Path(cfg.storage) / "refscores" / fingerprint(score_fingerprint_inputs(cfg, dataset_fp, backend))
+
+
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 

@@ -42,7 +42,7 @@ from .logprobs import pair_logps, supports_shared_prefix
 from .losses import LOSSES, rewards
 from .models import load_causal_lm, load_tokenizer, model_fingerprint
 from .prepare import locate_dataset
-from .score import score_fingerprint_inputs, resolve_backend
+from .score import plan_refscores_dir
 from .store import atomic_write_json, atomic_write_text, fingerprint, read_manifest
 
 log = logging.getLogger("dpo.train")
@@ -91,8 +91,7 @@ def locate_ref_cache(cfg: Config, dataset_fp: str) -> Path:
         if not (path / "manifest.json").is_file():
             raise TrainError(f"train.ref_cache {path} has no manifest.json: it is not a score cache")
         return path
-    backend = resolve_backend(cfg.score.backend)
-    expected = Path(cfg.storage) / "refscores" / fingerprint(score_fingerprint_inputs(cfg, dataset_fp, backend))
+    expected = plan_refscores_dir(cfg, dataset_fp)
     if expected.is_dir():
         return expected
     # Scored elsewhere (e.g. with vLLM on a GPU machine): any complete cache of this dataset.
@@ -326,6 +325,24 @@ def run_fingerprint_inputs(cfg: Config, dataset_fp: str, cache_fp: str, init_fp:
             "dtype": cfg.model.dtype, "train": train}  # fmt: skip
 
 
+def _init_model(cfg: Config) -> ModelConfig:
+    return ModelConfig(path=cfg.train.init_from or cfg.model.path, dtype="float32",
+                       trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
+
+
+def run_identity(cfg: Config, dataset_fp: str, cache_fp: str, init_fp: dict) -> tuple[str, Path]:
+    """(run fingerprint, run directory)."""
+    run_fp = fingerprint(run_fingerprint_inputs(cfg, dataset_fp, cache_fp, init_fp))
+    return run_fp, Path(cfg.storage) / "runs" / (cfg.train.run_name or f"dpo-{run_fp[:12]}")
+
+
+def plan_run_dir(cfg: Config, dataset_fp: str, cache_dir: Path) -> Path:
+    """Where the train stage puts (or put) the run for ``cfg`` and this reference cache."""
+    manifest = read_manifest(cache_dir)
+    cache_fp = manifest["fingerprint"] if manifest else cache_dir.name
+    return run_identity(cfg, dataset_fp, cache_fp, model_fingerprint(_init_model(cfg)))[1]
+
+
 def _device(cfg: Config) -> str:
     device = cfg.train.device
     if device == "auto":
@@ -346,11 +363,9 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> Trai
     splits, cache = load_split_data(dataset_dir, cache_dir)
     if not len(splits["train"]):
         raise TrainError(f"the dataset {dataset_dir} has no train examples")
-    init_cfg = ModelConfig(path=t.init_from or cfg.model.path, dtype="float32",
-                           trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
+    init_cfg = _init_model(cfg)
     init_fp = model_fingerprint(init_cfg)
-    run_fp = fingerprint(run_fingerprint_inputs(cfg, dataset_fp, cache["fingerprint"], init_fp))
-    run_dir = Path(cfg.storage) / "runs" / (t.run_name or f"dpo-{run_fp[:12]}")
+    run_fp, run_dir = run_identity(cfg, dataset_fp, cache["fingerprint"], init_fp)
     previous = read_manifest_run(run_dir)
     if previous and previous.get("complete"):
         if previous["fingerprint"] != run_fp:

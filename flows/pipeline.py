@@ -1,0 +1,188 @@
+"""Prefect flows: one per stage and `dpo_pipeline`, which chains them.
+
+    from flows.pipeline import dpo_pipeline
+    dpo_pipeline(config=cfg.to_dict())                       # prepare -> score -> train
+    dpo_pipeline(config=..., stages=["score"], force=["score"])
+
+The flows only wrap `pipeline/` functions (which never import Prefect). A stage is skipped when
+its content-addressed output is complete (its manifest says so), decided before its task runs:
+the flow logs "up to date" with the directory. ``force`` reruns a stage from scratch, and every
+stage after it, since they consume its output. The score stage runs in a child process, so a
+GPU's memory (vLLM keeps it until its process ends) is free again before training, and retries
+cheaply: it resumes from its finished shards.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Quiet and offline by default; the user's own settings win. A fresh PREFECT_HOME's ephemeral
+# server was seen to need more than the default 20 s to start on a 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from pipeline.config import Config, config_from_dict  # noqa: E402
+from pipeline.prepare import plan_dataset_dir, prepare  # noqa: E402
+from pipeline.score import plan_refscores_dir  # noqa: E402
+from pipeline.store import is_complete, read_manifest  # noqa: E402
+from pipeline.train import plan_run_dir, read_manifest_run, train  # noqa: E402
+
+STAGES = ("prepare", "score", "train")
+
+
+# --- where each stage's output is, and whether it is complete -----------------------------------
+
+
+def plan(cfg: Config) -> dict[str, Path | None]:
+    """The output directory of every stage for this config (None where not yet knowable)."""
+    dataset_dir = plan_dataset_dir(cfg)
+    refscores_dir = plan_refscores_dir(cfg, dataset_dir.name)
+    cache_dir = Path(cfg.train.ref_cache) if cfg.train.ref_cache else refscores_dir
+    return {
+        "prepare": dataset_dir,
+        "score": refscores_dir,
+        "train": plan_run_dir(cfg, dataset_dir.name, cache_dir),
+    }
+
+
+def stage_complete(stage: str, directory: Path | None) -> bool:
+    if directory is None:
+        return False
+    if stage == "train":
+        run = read_manifest_run(directory)
+        return bool(run and run.get("complete"))
+    return is_complete(directory)
+
+
+# --- tasks: thin wrappers around pipeline/ --------------------------------------------------------
+
+
+@task(name="prepare", cache_policy=NO_CACHE)
+def prepare_task(config: dict) -> dict:
+    result = prepare(config_from_dict(config), show_progress=False)
+    counts = result.manifest["counts"]
+    rows = [{"outcome": "kept", "reason": "", "rows": counts["kept"]}] + [
+        {"outcome": "rejected", "reason": reason, "rows": n}
+        for reason, n in counts["rejected_by_reason"].items()
+    ]
+    create_table_artifact(rows, key="dpo-prepare", description=f"rows kept and rejected: {result.output_dir}")
+    return {"output_dir": str(result.output_dir), "counts": counts}
+
+
+def run_score_child(config: dict) -> tuple[str, dict]:
+    """`dpo score` in a child process; returns (output dir, run stats)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path, stats_path = Path(tmp) / "config.yaml", Path(tmp) / "stats.json"
+        config_path.write_text(yaml.safe_dump(config))
+        command = [sys.executable, "-m", "pipeline.cli", "score", "-c", str(config_path),
+                   "--no-progress", "--stats-json", str(stats_path)]  # fmt: skip
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"dpo score failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        stats = json.loads(stats_path.read_text())
+    return done.stdout.strip().splitlines()[-1], stats
+
+
+@task(name="score", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def score_task(config: dict) -> dict:
+    logger = get_run_logger()
+    output_dir, stats = run_score_child(config)
+    manifest = read_manifest(output_dir)
+    logger.info("score: %s (%s rows, %s)", output_dir, manifest["rows"], stats.get("backend"))
+    create_table_artifact(
+        [{
+            "backend": manifest["inputs"]["backend"],
+            "dtype": manifest["inputs"]["dtype"],
+            "rows": manifest["rows"],
+            "response tokens": manifest["tokens"]["chosen"] + manifest["tokens"]["rejected"],
+            "tokens scored this run": stats.get("sequence_tokens", 0),
+            "tokens/s": round(stats.get("tokens_per_s", 0.0), 1),
+            "seconds": round(stats.get("seconds", 0.0), 2),
+        }],
+        key="dpo-score",
+        description=f"reference scores: {output_dir}",
+    )  # fmt: skip
+    return {"output_dir": output_dir, "stats": stats}
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(config: dict) -> dict:
+    result = train(config_from_dict(config), resume=True, show_progress=False)
+    summary = result.summary
+    rows = []
+    for name in ("first_eval", "final_eval"):
+        if summary.get(name):
+            rows.append({"when": name, **{k.replace("eval/", ""): round(v, 5) for k, v in summary[name].items()}})
+    create_table_artifact(rows, key="dpo-train", description=f"eval metrics: {result.run_dir}")
+    return {"output_dir": str(result.run_dir), "summary": summary}
+
+
+TASKS = {"prepare": prepare_task, "score": score_task, "train": train_task}
+
+
+# --- flows ---------------------------------------------------------------------------------------
+
+
+def _stages_to_run(stages: list[str] | None) -> list[str]:
+    stages = list(stages or STAGES)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}: choose from {', '.join(STAGES)}")
+    return [s for s in STAGES if s in stages]
+
+
+@flow(name="dpo-pipeline", log_prints=True)
+def dpo_pipeline(config: dict, stages: list[str] | None = None, force: list[str] | None = None) -> dict:
+    """prepare -> score -> train for one configuration; up-to-date stages are skipped."""
+    logger = get_run_logger()
+    cfg = config_from_dict(config)
+    config = cfg.to_dict()  # resolved: absolute paths, every default filled in
+    force = _stages_to_run(force) if force else []
+    first_forced = min((STAGES.index(s) for s in force), default=len(STAGES))
+    outputs: dict[str, str] = {}
+    ran: dict[str, bool] = {}
+    planned = plan(cfg)  # fingerprints come from the inputs, so they are known before any work
+    for stage in _stages_to_run(stages):
+        directory = planned[stage]
+        forced = STAGES.index(stage) >= first_forced
+        if not forced and stage_complete(stage, directory):
+            logger.info("%s: up to date, %s", stage, directory)
+            outputs[stage], ran[stage] = str(directory), False
+            continue
+        if forced and directory is not None and directory.exists():
+            logger.info("%s: forced, removing %s", stage, directory)
+            shutil.rmtree(directory)
+        outputs[stage] = TASKS[stage](config)["output_dir"]
+        ran[stage] = True
+    lines = ["# dpo-pipeline", "", "| stage | ran | output |", "|---|---|---|"]
+    lines += [f"| {s} | {'yes' if ran[s] else 'no, up to date'} | `{outputs[s]}` |" for s in outputs]
+    create_markdown_artifact("\n".join(lines), key="dpo-pipeline", description="stage outputs")
+    return {"outputs": outputs, "ran": ran}
+
+
+@flow(name="dpo-prepare")
+def prepare_flow(config: dict, force: bool = False) -> dict:
+    return dpo_pipeline(config, stages=["prepare"], force=["prepare"] if force else None)
+
+
+@flow(name="dpo-score")
+def score_flow(config: dict, force: bool = False) -> dict:
+    return dpo_pipeline(config, stages=["score"], force=["score"] if force else None)
+
+
+@flow(name="dpo-train")
+def train_flow(config: dict, force: bool = False) -> dict:
+    return dpo_pipeline(config, stages=["train"], force=["train"] if force else None)

@@ -1,0 +1,175 @@
+"""Prefect orchestration: the full flow, skipping up-to-date stages, forcing, artifacts, serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import flows.pipeline as pipeline_flows
+from pipeline.config import config_from_dict
+
+DPO = str(Path(sys.executable).parent / "dpo")
+TRAIN = {"lr": 3e-3, "batch_size": 16, "max_steps": 20, "eval_every": 10, "save_every": 0, "run_name": "flow"}
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def demo_config(tmp_path, demo_assets) -> dict:
+    return config_from_dict({
+        "storage": str(tmp_path / "storage"),
+        "data": {"path": str(demo_assets["data"]), "eval_fraction": 0.1},
+        "model": {"path": str(demo_assets["model"])},
+        "tokenize": {"max_length": 128, "max_prompt_length": 64},
+        "train": TRAIN,
+    }).to_dict()  # fmt: skip
+
+
+def mtimes(directory: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
+
+
+def test_flow_end_to_end_skips_and_forces(prefect_harness, tmp_path, demo_assets, monkeypatch):
+    from prefect.artifacts import Artifact
+
+    config = demo_config(tmp_path, demo_assets)
+    first = pipeline_flows.dpo_pipeline(config=config)
+    assert first["ran"] == {"prepare": True, "score": True, "train": True}
+    outputs = {k: Path(v) for k, v in first["outputs"].items()}
+    run = json.loads((outputs["train"] / "run.json").read_text())
+    assert run["complete"] and run["final_eval"]["eval/rewards/accuracies"] > 0.6
+    for key in ("dpo-prepare", "dpo-score", "dpo-train", "dpo-pipeline"):
+        assert Artifact.get(key) is not None, key
+    assert "kept" in Artifact.get("dpo-prepare").data
+
+    # Second run: prepare and score must not execute at all.
+    calls = []
+    monkeypatch.setattr(pipeline_flows, "prepare", lambda *a, **k: calls.append("prepare"))
+    monkeypatch.setattr(pipeline_flows, "run_score_child", lambda *a, **k: calls.append("score"))
+    monkeypatch.setattr(pipeline_flows, "train", lambda *a, **k: calls.append("train"))
+    before = {stage: mtimes(path) for stage, path in outputs.items()}
+    second = pipeline_flows.dpo_pipeline(config=config)
+    assert second["ran"] == {"prepare": False, "score": False, "train": False}
+    assert calls == []
+    assert {stage: mtimes(path) for stage, path in outputs.items()} == before
+    monkeypatch.undo()
+
+    # Forcing score reruns score and what consumes it (train), not prepare.
+    score_calls = []
+    real_child = pipeline_flows.run_score_child
+    monkeypatch.setattr(pipeline_flows, "run_score_child", lambda c: score_calls.append(1) or real_child(c))
+    forced = pipeline_flows.dpo_pipeline(config=config, force=["score"])
+    assert forced["ran"] == {"prepare": False, "score": True, "train": True}
+    assert score_calls == [1]
+    assert mtimes(outputs["prepare"]) == before["prepare"]
+    assert forced["outputs"] == first["outputs"]  # same inputs, same directories
+
+    only = pipeline_flows.dpo_pipeline(config=config, stages=["score"])
+    assert only["ran"] == {"score": False}
+
+
+def test_status_command(tmp_path, demo_assets):
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(demo_config(tmp_path, demo_assets)))
+    subprocess.run([DPO, "prepare", "-c", str(config), "--no-progress"], check=True, capture_output=True)
+    out = subprocess.run([DPO, "status", "-c", str(config)], check=True, capture_output=True, text=True).stdout
+    lines = {line.split()[0]: line.split()[1] for line in out.strip().splitlines()[:3]}
+    assert lines == {"prepare": "complete", "score": "missing", "train": "missing"}
+
+
+def test_serve_without_a_server_says_what_to_do(tmp_path, demo_assets):
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(demo_config(tmp_path, demo_assets)))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "home")
+    done = subprocess.run([DPO, "serve", "-c", str(config), "--cron", "0 3 * * *"],
+                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert done.returncode == 1
+    assert "prefect server start --host 127.0.0.1" in done.stderr and "PREFECT_API_URL" in done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, seconds: float, what: str):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_serve_against_a_real_server(tmp_path, demo_assets):
+    """`prefect server start` on a free port of 127.0.0.1, `dpo serve` with a cron schedule; the
+    deployment exists with that schedule and a manual run of it completes."""
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}  # fmt: skip
+    prefect = str(Path(sys.executable).parent / "prefect")
+    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
+    served = None
+    try:
+        _wait(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, 180, "the server")
+        config = tmp_path / "run.yaml"
+        config.write_text(json.dumps(demo_config(tmp_path, demo_assets)))
+        served = subprocess.Popen([DPO, "serve", "-c", str(config), "--cron", "0 3 * * *"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
+        check = f"""
+import asyncio, json
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+
+async def main():
+    async with get_client() as client:
+        d = await client.read_deployment_by_name("dpo-pipeline/dpo-pipeline")
+        crons = [s.schedule.cron for s in d.schedules]
+    run = await run_deployment("dpo-pipeline/dpo-pipeline", timeout=600)
+    print(json.dumps({{"crons": crons, "state": run.state.type.value}}))
+
+asyncio.run(main())
+"""
+        def deployment_ready():
+            out = subprocess.run([sys.executable, "-c", "from prefect.client.orchestration import get_client\n"
+                                  "with get_client(sync_client=True) as c: c.read_deployment_by_name('dpo-pipeline/dpo-pipeline')"],
+                                 capture_output=True, env=env, timeout=60)  # fmt: skip
+            return out.returncode == 0
+
+        _wait(deployment_ready, 180, "the deployment")
+        done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=900)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["crons"] == ["0 3 * * *"]
+        assert result["state"] == "COMPLETED"
+        assert (tmp_path / "storage" / "runs" / "flow" / "run.json").exists()
+    finally:
+        for proc in (served, server):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
