@@ -242,6 +242,7 @@ COMMANDS = {"prepare": cmd_prepare, "score": cmd_score, "train": cmd_train, "run
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's API calls, one line each
     try:
         output_dir = COMMANDS[args.command](args)
     except USER_ERRORS as exc:
