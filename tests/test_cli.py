@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.cli import main
 from pipeline.store import is_complete
 
 from .test_prepare import standard_rows
@@ -46,12 +47,18 @@ def test_errors_exit_nonzero_with_a_fix(tmp_path, demo_assets):
     assert missing.returncode == 1 and "set data.path" in missing.stderr
 
 
-def test_demo_runs_offline_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--storage", str(tmp_path), "--no-progress"]) == 0
-    out_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
-    assert is_complete(out_dir)
-    assert out_dir.parent == tmp_path / "refscores"  # the last stage so far
-    assert len(list((tmp_path / "datasets").iterdir())) == 1
+def test_demo_runs_offline_end_to_end(tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run([DPO, "demo", "--storage", str(tmp_path), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = Path(done.stdout.strip().splitlines()[-1])
+    assert run_dir == tmp_path / "runs" / "demo"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["final_eval"]["eval/rewards/accuracies"] > 0.75 > run["first_eval"]["eval/rewards/accuracies"]
+    assert "reward accuracy" in done.stderr
+    assert len(list((tmp_path / "datasets").iterdir())) == 1 and len(list((tmp_path / "refscores").iterdir())) == 1
 
 
 def test_score_command(tmp_path, demo_assets):
