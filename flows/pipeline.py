@@ -1,4 +1,4 @@
-"""Prefect flows: one per stage and `dpo_pipeline`, which chains them.
+"""Prefect flows: one per stage (prepare, score, audit, train) and `dpo_pipeline`, which chains them.
 
     from flows.pipeline import dpo_pipeline
     dpo_pipeline(config=cfg.to_dict())                       # prepare -> score -> train
@@ -34,13 +34,14 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from pipeline import STAGES  # noqa: E402
+from pipeline.audit import audit, read_saved_report, save_report  # noqa: E402
 from pipeline.config import Config, config_from_dict  # noqa: E402
 from pipeline.prepare import plan_dataset_dir, prepare  # noqa: E402
 from pipeline.score import plan_refscores_dir  # noqa: E402
 from pipeline.store import is_complete, read_manifest  # noqa: E402
 from pipeline.train import plan_run_dir, read_manifest_run, train  # noqa: E402
 
-STAGES = ("prepare", "score", "train")
 
 
 # --- where each stage's output is, and whether it is complete -----------------------------------
@@ -54,6 +55,7 @@ def plan(cfg: Config) -> dict[str, Path | None]:
     return {
         "prepare": dataset_dir,
         "score": refscores_dir,
+        "audit": cache_dir,  # the audit writes audit.json / audit.html into the cache it checks
         "train": plan_run_dir(cfg, dataset_dir.name, cache_dir),
     }
 
@@ -64,6 +66,9 @@ def stage_complete(stage: str, directory: Path | None) -> bool:
     if stage == "train":
         run = read_manifest_run(directory)
         return bool(run and run.get("complete"))
+    if stage == "audit":
+        saved = read_saved_report(directory)
+        return bool(saved and saved.get("passed"))
     return is_complete(directory)
 
 
@@ -118,6 +123,35 @@ def score_task(config: dict) -> dict:
     return {"output_dir": output_dir, "stats": stats}
 
 
+class AuditFailed(RuntimeError):
+    pass
+
+
+@task(name="audit", cache_policy=NO_CACHE)
+def audit_task(config: dict, cache_dir: str) -> dict:
+    """Integrity and statistics always, a re-score sample of audit.rescore_rows rows."""
+    cfg = config_from_dict(config)
+    report = audit(cache_dir, cfg, rescore_rows=cfg.audit.rescore_rows, seed=cfg.audit.seed,
+                   tolerance=cfg.audit.tolerance)  # fmt: skip
+    html_path = save_report(report)
+    lines = [f"# Audit of `{cache_dir}`", "", f"**{'passed' if report.passed else 'FAILED'}**", "",
+             "| check | result | detail |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {f.check} | {'ok' if f.ok else 'FAIL'} | {f.message} |" for f in report.findings]
+    lines += ["", f"HTML report: `{html_path}`"]
+    create_markdown_artifact("\n".join(lines), key="dpo-audit", description="reference cache audit")
+    if report.stats:
+        st = report.stats
+        create_table_artifact(
+            [{"quantity": name, **{k: round(v, 4) for k, v in d.items() if k != "count"}}
+             for name, d in (("token log-prob", st.get("token_logp", {})), ("margin", st["margin"]),
+                             ("chosen log-prob", st["sequence_logp"]["chosen"]))],
+            key="dpo-audit-stats", description="reference score statistics",
+        )  # fmt: skip
+    if not report.passed:
+        raise AuditFailed("; ".join(f.message for f in report.findings if not f.ok))
+    return {"output_dir": cache_dir, "passed": report.passed}
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(config: dict) -> dict:
     result = train(config_from_dict(config), resume=True, show_progress=False)
@@ -130,7 +164,7 @@ def train_task(config: dict) -> dict:
     return {"output_dir": str(result.run_dir), "summary": summary}
 
 
-TASKS = {"prepare": prepare_task, "score": score_task, "train": train_task}
+TASKS = {"prepare": prepare_task, "score": score_task, "audit": audit_task, "train": train_task}
 
 
 # --- flows ---------------------------------------------------------------------------------------
@@ -146,7 +180,7 @@ def _stages_to_run(stages: list[str] | None) -> list[str]:
 
 @flow(name="dpo-pipeline", log_prints=True)
 def dpo_pipeline(config: dict, stages: list[str] | None = None, force: list[str] | None = None) -> dict:
-    """prepare -> score -> train for one configuration; up-to-date stages are skipped."""
+    """prepare -> score -> audit -> train for one configuration; up-to-date stages are skipped."""
     logger = get_run_logger()
     cfg = config_from_dict(config)
     config = cfg.to_dict()  # resolved: absolute paths, every default filled in
@@ -162,10 +196,16 @@ def dpo_pipeline(config: dict, stages: list[str] | None = None, force: list[str]
             logger.info("%s: up to date, %s", stage, directory)
             outputs[stage], ran[stage] = str(directory), False
             continue
-        if forced and directory is not None and directory.exists():
+        if forced and stage == "audit":
+            for name in ("audit.json", "audit.html"):
+                (directory / name).unlink(missing_ok=True)
+        elif forced and directory is not None and directory.exists():
             logger.info("%s: forced, removing %s", stage, directory)
             shutil.rmtree(directory)
-        outputs[stage] = TASKS[stage](config)["output_dir"]
+        if stage == "audit":  # stops the flow before training when the cache fails it
+            outputs[stage] = audit_task(config, str(directory))["output_dir"]
+        else:
+            outputs[stage] = TASKS[stage](config)["output_dir"]
         ran[stage] = True
     lines = ["# dpo-pipeline", "", "| stage | ran | output |", "|---|---|---|"]
     lines += [f"| {s} | {'yes' if ran[s] else 'no, up to date'} | `{outputs[s]}` |" for s in outputs]
@@ -181,6 +221,11 @@ def prepare_flow(config: dict, force: bool = False) -> dict:
 @flow(name="dpo-score")
 def score_flow(config: dict, force: bool = False) -> dict:
     return dpo_pipeline(config, stages=["score"], force=["score"] if force else None)
+
+
+@flow(name="dpo-audit")
+def audit_flow(config: dict, force: bool = False) -> dict:
+    return dpo_pipeline(config, stages=["audit"], force=["audit"] if force else None)
 
 
 @flow(name="dpo-train")

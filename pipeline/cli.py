@@ -24,10 +24,14 @@ from .prepare import REJECT_REASONS, PrepareError, PrepareResult, prepare
 from .score import ScoreError, ScoreResult, score
 from .train import TrainError, TrainResult, train
 
-STAGES = ("prepare", "score", "train")
+from . import STAGES
+
+class AuditFailed(RuntimeError):
+    """The audit found problems (they were printed); the exit code says so."""
+
 
 # Errors a user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, ModelError, PrepareError, ScoreError, TrainError)
+USER_ERRORS = (ConfigError, DataError, ModelError, PrepareError, ScoreError, TrainError, AuditFailed)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--name", default="dpo-pipeline", help="deployment name (default: dpo-pipeline)")
     st = sub.add_parser("status", help="which stage outputs exist for this config")
     _add_config_args(st)
+    a = sub.add_parser(
+        "audit",
+        help="verify a reference cache: integrity, staleness, statistics, re-score drift",
+        description="dpo audit -c CONFIG | dpo audit PATH | dpo audit diff A B | dpo audit show ID -c CONFIG",
+    )
+    a.add_argument("target", nargs="*", help="a cache directory; or: diff A B; or: show ID")
+    a.add_argument("-c", "--config", help="YAML configuration (finds the cache, enables staleness checks)")
+    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    a.add_argument("--rescore", type=int, default=0, metavar="K", help="re-score K seeded rows with transformers")
+    a.add_argument("--seed", type=int, default=0, help="seed of the re-score sample")
+    a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="re-score in this dtype")
+    a.add_argument("--tolerance", type=float, help="max per-token |diff| of the re-score (nats)")
+    a.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    a.add_argument("--cache", help="show: the cache directory (default: from -c)")
     d = sub.add_parser("demo", help="run the pipeline on the built-in demo (offline, CPU)")
     d.add_argument("--storage", default="storage", help="artifact root (default: ./storage)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -160,6 +178,104 @@ def cmd_serve(args) -> Path:
     return Path(cfg.storage)
 
 
+def _cache_from(args):
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    if cfg is None:
+        raise ConfigError("give a cache directory or -c CONFIG")
+    from .prepare import plan_dataset_dir
+    from .train import locate_ref_cache
+
+    return cfg, locate_ref_cache(cfg, plan_dataset_dir(cfg).name)
+
+
+def cmd_audit(args) -> Path:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import audit as audit_mod
+
+    console = Console(stderr=True)
+    target = list(args.target)
+    if target[:1] == ["diff"]:
+        if len(target) != 3:
+            raise ConfigError("usage: dpo audit diff CACHE_A CACHE_B")
+        result = audit_mod.diff_caches(target[1], target[2])
+        table = Table(title=f"{Path(target[1]).name[:12]} vs {Path(target[2]).name[:12]} ({result['rows']} rows)")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in result.items():
+            if not isinstance(value, (list, dict)):
+                table.add_row(key, f"{value:.3g}" if isinstance(value, float) else str(value))
+        console.print(table)
+        if args.json:
+            print(json.dumps(result, default=str))
+        return None if args.json else Path(target[1])
+    if target[:1] == ["show"]:
+        if len(target) != 2:
+            raise ConfigError("usage: dpo audit show ID -c CONFIG (or --cache DIR)")
+        cache = Path(args.cache) if args.cache else _cache_from(args)[1]
+        from transformers import AutoTokenizer
+
+        manifest = audit_mod.read_manifest(cache)
+        tokenizer = AutoTokenizer.from_pretrained(manifest["model_path"])
+        shown = audit_mod.example_tokens(cache, target[1], tokenizer)
+        if args.json:
+            print(json.dumps(shown))
+            return None
+        console.print(f"[bold]{shown['id']}[/bold] prompt:\n{shown['prompt'][-500:]}", highlight=False, markup=False)
+        for side in ("chosen", "rejected"):
+            tokens = shown[side]["tokens"]
+            values = sorted(t["logp"] for t in tokens if t["logp"] is not None)
+            low = values[max(0, len(values) // 10 - 1)] if values else None
+            console.print(f"\n[bold]{side}[/bold]: log pi_ref = {shown[side]['logp']:.3f} over {len(tokens)} tokens")
+            table = Table(show_header=True)
+            for column in ("#", "token", "id", "log-prob"):
+                table.add_column(column)
+            for i, t in enumerate(tokens):
+                style = "bold red" if low is not None and t["logp"] is not None and t["logp"] <= low else None
+                table.add_row(str(i), repr(t["token"]), str(t["id"]),
+                              "" if t["logp"] is None else f"{t['logp']:.3f}", style=style)  # fmt: skip
+            console.print(table)
+        return cache
+    if len(target) > 1:
+        raise ConfigError("usage: dpo audit [CACHE_DIR] [-c CONFIG] [--rescore K]")
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    cache = Path(target[0]) if target else _cache_from(args)[1]
+    if args.rescore and cfg is None:
+        raise ConfigError("--rescore needs -c CONFIG (the model to re-score with)")
+    report = audit_mod.audit(cache, cfg, rescore_rows=args.rescore, seed=args.seed, dtype=args.dtype,
+                             tolerance=args.tolerance)  # fmt: skip
+    html_path = audit_mod.save_report(report) if (cache / "manifest.json").is_file() else None
+    table = Table(title=f"audit of {cache}")
+    for column in ("check", "result", "detail"):
+        table.add_column(column)
+    for f in report.findings:
+        table.add_row(f.check, "[green]ok[/green]" if f.ok else "[red]FAIL[/red]", f.message)
+    console.print(table)
+    st = report.stats
+    if st:
+        summary = Table(title="statistics")
+        summary.add_column("quantity")
+        for column in ("mean", "p01", "p50", "p99", "min", "max"):
+            summary.add_column(column, justify="right")
+        rows = [("chosen log-prob", st["sequence_logp"]["chosen"]), ("rejected log-prob", st["sequence_logp"]["rejected"]),
+                ("margin", st["margin"]), ("chosen tokens", st["lengths"]["chosen"])]  # fmt: skip
+        if "token_logp" in st:
+            rows.insert(0, ("per-token log-prob", st["token_logp"]))
+        for name, d in rows:
+            summary.add_row(name, *(f"{d.get(k, float('nan')):.3f}" for k in ("mean", "p01", "p50", "p99", "min", "max")))
+        console.print(summary)
+        console.print(f"reference already prefers the chosen response in {st['reference_prefers_chosen']:.1%} of pairs")
+    if html_path:
+        console.print(f"report: {html_path}")
+    if args.json:  # stdout is then the JSON document alone
+        print(json.dumps(report.to_dict(), default=str))
+    if not report.passed:
+        failed = [f.message for f in report.findings if not f.ok]
+        raise AuditFailed(f"audit failed ({len(failed)} problems): " + "; ".join(failed))
+    return None if args.json else cache
+
+
 def cmd_status(args) -> Path:
     from flows.pipeline import plan, stage_complete
 
@@ -236,7 +352,7 @@ DEMO_TRAIN = {"lr": 3e-3, "beta": 0.1, "batch_size": 16, "max_steps": 60, "warmu
               "eval_every": 20, "save_every": 20, "run_name": "demo"}  # fmt: skip
 
 COMMANDS = {"prepare": cmd_prepare, "score": cmd_score, "train": cmd_train, "run": cmd_run,
-            "serve": cmd_serve, "status": cmd_status, "demo": cmd_demo}  # fmt: skip
+            "serve": cmd_serve, "status": cmd_status, "audit": cmd_audit, "demo": cmd_demo}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
-    print(output_dir)
+    if output_dir is not None:
+        print(output_dir)
     return 0
 
 

@@ -187,19 +187,34 @@ class TrainConfig:
 
 
 @dataclass
+class AuditConfig:
+    rescore_rows: int = 4
+    """Rows re-scored with the transformers backend when the flow audits a new cache (0: none)."""
+    tolerance: Optional[float] = None
+    """Max per-token |diff| (nats) of the re-score check; null: by dtype and backend (README)."""
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check_range("audit.rescore_rows", self.rescore_rows, 0, None)
+        if self.tolerance is not None:
+            _check_range("audit.tolerance", self.tolerance, 0.0, None)
+
+
+@dataclass
 class Config:
     data: DataConfig
     model: ModelConfig
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     storage: str = "storage"
     """Artifact root: datasets/, refscores/, runs/ live below it."""
 
     def validate(self) -> None:
         if not self.storage:
             raise ConfigError("storage: must be a directory path")
-        for section in (self.data, self.model, self.tokenize, self.score, self.train):
+        for section in (self.data, self.model, self.tokenize, self.score, self.train, self.audit):
             section.validate()
 
     def to_dict(self) -> dict:

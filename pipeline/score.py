@@ -41,10 +41,26 @@ log = logging.getLogger("dpo.score")
 
 SCHEMA_VERSION = 1
 SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
+# Files the audit writes beside the shards; they are not part of the cache.
+REPORT_FILES = ("audit.html", "audit.json")
 META = "dpo_pipeline."
 # score.tokens_per_batch when unset: small batches stay in the CPU's caches (bench/score_bench.py
 # measured 2048 fastest of 2048/4096/8192 on 2 cores); a GPU wants large ones.
 DEFAULT_TOKENS_PER_BATCH = {"cpu": 2048, "cuda": 32768}
+# Agreement to expect between two computations of the same log-probs (max per-token |diff|,
+# nats), used by the step-0 check and the audit's re-score: float32 transformers runs agree to
+# ~1e-6 (batch shapes and kernels differ); vLLM's kernels differ more; in bfloat16 vLLM and
+# transformers were seen to differ by up to ~0.3 nats/token.
+LOGPROB_TOLERANCE = {("float32", "transformers"): 1e-3, ("float32", "vllm"): 1e-2}
+LOGPROB_TOLERANCE_HALF = 0.35
+
+
+def logprob_tolerance(dtypes: tuple[str, ...], backend: str) -> float:
+    if any(d != "float32" for d in dtypes):
+        return LOGPROB_TOLERANCE_HALF
+    return LOGPROB_TOLERANCE[("float32", backend)]
+
+
 # Tolerance of the LM-head self-check (our hidden-state path vs the model's own logits), by dtype.
 HEAD_CHECK_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1}
 
@@ -159,14 +175,19 @@ class TransformersScorer:
             groups.append(current)
         return groups
 
-    def score_pairs(self, prompts, chosens, rejecteds, progress=None):
-        """(chosen, rejected) per-token log-prob arrays for each example, in input order."""
+    def score_pairs(self, prompts, chosens, rejecteds, progress=None, rows=None):
+        """(chosen, rejected) per-token log-prob arrays for each example, in input order.
+
+        rows: only compute the batches that hold these examples (None elsewhere in the output);
+        the batches are the ones a full call makes, so the values are bit-identical to it.
+        """
         if self.prefix_sharing:
-            return self._score_shared(prompts, chosens, rejecteds, progress)
-        values = self.score(prompts + prompts, chosens + rejecteds, progress)
+            return self._score_shared(prompts, chosens, rejecteds, progress, rows)
+        only = None if rows is None else set(rows) | {i + len(prompts) for i in rows}
+        values = self.score(prompts + prompts, chosens + rejecteds, progress, only)
         return values[: len(prompts)], values[len(prompts) :]
 
-    def _score_shared(self, prompts, chosens, rejecteds, progress=None):
+    def _score_shared(self, prompts, chosens, rejecteds, progress=None, rows=None):
         import torch
 
         from .logprobs import pack_shared, response_logps
@@ -176,6 +197,8 @@ class TransformersScorer:
         rejected_out: list = [None] * len(prompts)
         with torch.inference_mode():
             for group in self.batches(lengths):
+                if rows is not None and not set(group) & set(rows):
+                    continue
                 batch = pack_shared([prompts[i] for i in group], [chosens[i] for i in group],
                                     [rejecteds[i] for i in group], pad_id=0)  # fmt: skip
                 values = response_logps(self.model, batch.to(self.device)).cpu().numpy()
@@ -195,8 +218,12 @@ class TransformersScorer:
         prompts: list[list[int]],
         responses: list[list[int]],
         progress: Callable[[int, int, int], None] | None = None,
+        only: set[int] | None = None,
     ) -> list[np.ndarray]:
-        """Per-token log-probs (float32 arrays) of each response after its prompt, in input order."""
+        """Per-token log-probs (float32 arrays) of each response after its prompt, in input order.
+
+        only: compute just the batches holding these sequences (None elsewhere in the output).
+        """
         import torch
 
         from .logprobs import pack, response_logps
@@ -205,6 +232,8 @@ class TransformersScorer:
         out: list[np.ndarray | None] = [None] * len(prompts)
         with torch.inference_mode():
             for group in self.batches(lengths):
+                if only is not None and not set(group) & only:
+                    continue
                 batch = pack([prompts[i] for i in group], [responses[i] for i in group], pad_id=0)
                 values = response_logps(self.model, batch.to(self.device)).cpu().numpy()
                 for i, chunk in zip(group, np.split(values, np.cumsum(batch.lengths)[:-1])):
@@ -278,7 +307,7 @@ def _verify_existing(
         if name.startswith(".tmp-"):
             path.unlink()  # our own leftover from a killed write; never a valid file
             continue
-        if name == "manifest.json":
+        if name == "manifest.json" or name in REPORT_FILES:
             continue
         match = SHARD_RE.match(name)
         if not match or int(match.group(1)) >= n_shards:

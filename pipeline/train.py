@@ -42,16 +42,11 @@ from .logprobs import pair_logps, supports_shared_prefix
 from .losses import LOSSES, rewards
 from .models import load_causal_lm, load_tokenizer, model_fingerprint
 from .prepare import locate_dataset
-from .score import plan_refscores_dir
+from .score import logprob_tolerance, plan_refscores_dir
 from .store import atomic_write_json, atomic_write_text, fingerprint, read_manifest
 
 log = logging.getLogger("dpo.train")
 
-# Step-0 tolerance (max per-token |diff|, nats) when unset: float32 on both sides agrees to ~1e-6
-# (differences come from batch shapes and kernels); vLLM's kernels differ more; in bfloat16
-# vLLM and transformers were seen to differ by up to ~0.3 nats/token.
-STEP0_TOLERANCE = {("float32", "transformers"): 1e-3, ("float32", "vllm"): 1e-2}
-STEP0_TOLERANCE_HALF = 0.35
 TIMING_METRICS = ("tokens/s", "seconds")  # differ between runs; everything else is reproducible
 
 
@@ -282,9 +277,8 @@ def step0_check(trainer: _Trainer, cfg: Config, cache: dict, cache_dir: Path) ->
     """Compare the policy's log-probs on the first batch with the cache (policy == reference)."""
     split = trainer.splits["train"]
     index = batch_indices(0, cfg.train.batch_size, len(split), cfg.train.seed)[: trainer.micro]
-    half = cfg.model.dtype != "float32" or cache["inputs"]["dtype"] != "float32"
-    tolerance = cfg.train.step0_tolerance or (
-        STEP0_TOLERANCE_HALF if half else STEP0_TOLERANCE[("float32", cache["inputs"]["backend"])]
+    tolerance = cfg.train.step0_tolerance or logprob_tolerance(
+        (cfg.model.dtype, cache["inputs"]["dtype"]), cache["inputs"]["backend"]
     )
     trainer.policy.eval()
     with torch.no_grad():

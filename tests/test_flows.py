@@ -48,11 +48,11 @@ def test_flow_end_to_end_skips_and_forces(prefect_harness, tmp_path, demo_assets
 
     config = demo_config(tmp_path, demo_assets)
     first = pipeline_flows.dpo_pipeline(config=config)
-    assert first["ran"] == {"prepare": True, "score": True, "train": True}
+    assert first["ran"] == {"prepare": True, "score": True, "audit": True, "train": True}
     outputs = {k: Path(v) for k, v in first["outputs"].items()}
     run = json.loads((outputs["train"] / "run.json").read_text())
     assert run["complete"] and run["final_eval"]["eval/rewards/accuracies"] > 0.6
-    for key in ("dpo-prepare", "dpo-score", "dpo-train", "dpo-pipeline"):
+    for key in ("dpo-prepare", "dpo-score", "dpo-audit", "dpo-audit-stats", "dpo-train", "dpo-pipeline"):
         assert Artifact.get(key) is not None, key
     assert "kept" in Artifact.get("dpo-prepare").data
 
@@ -63,7 +63,7 @@ def test_flow_end_to_end_skips_and_forces(prefect_harness, tmp_path, demo_assets
     monkeypatch.setattr(pipeline_flows, "train", lambda *a, **k: calls.append("train"))
     before = {stage: mtimes(path) for stage, path in outputs.items()}
     second = pipeline_flows.dpo_pipeline(config=config)
-    assert second["ran"] == {"prepare": False, "score": False, "train": False}
+    assert second["ran"] == {"prepare": False, "score": False, "audit": False, "train": False}
     assert calls == []
     assert {stage: mtimes(path) for stage, path in outputs.items()} == before
     monkeypatch.undo()
@@ -73,7 +73,7 @@ def test_flow_end_to_end_skips_and_forces(prefect_harness, tmp_path, demo_assets
     real_child = pipeline_flows.run_score_child
     monkeypatch.setattr(pipeline_flows, "run_score_child", lambda c: score_calls.append(1) or real_child(c))
     forced = pipeline_flows.dpo_pipeline(config=config, force=["score"])
-    assert forced["ran"] == {"prepare": False, "score": True, "train": True}
+    assert forced["ran"] == {"prepare": False, "score": True, "audit": True, "train": True}
     assert score_calls == [1]
     assert mtimes(outputs["prepare"]) == before["prepare"]
     assert forced["outputs"] == first["outputs"]  # same inputs, same directories
@@ -87,8 +87,8 @@ def test_status_command(tmp_path, demo_assets):
     config.write_text(json.dumps(demo_config(tmp_path, demo_assets)))
     subprocess.run([DPO, "prepare", "-c", str(config), "--no-progress"], check=True, capture_output=True)
     out = subprocess.run([DPO, "status", "-c", str(config)], check=True, capture_output=True, text=True).stdout
-    lines = {line.split()[0]: line.split()[1] for line in out.strip().splitlines()[:3]}
-    assert lines == {"prepare": "complete", "score": "missing", "train": "missing"}
+    lines = {line.split()[0]: line.split()[1] for line in out.strip().splitlines()[:4]}
+    assert lines == {"prepare": "complete", "score": "missing", "audit": "missing", "train": "missing"}
 
 
 def test_serve_without_a_server_says_what_to_do(tmp_path, demo_assets):

@@ -1,0 +1,180 @@
+"""The audit: every kind of damage is detected with the right message; a clean cache passes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.audit import audit, diff_caches, example_tokens
+from pipeline.config import config_from_dict
+from pipeline.prepare import prepare
+from pipeline.score import score
+
+DPO = str(Path(sys.executable).parent / "dpo")
+
+
+@pytest.fixture
+def scored(tmp_path, demo_assets):
+    """A config with its own copy of the demo model (so it can be damaged), prepared and scored."""
+    model = tmp_path / "model"
+    shutil.copytree(demo_assets["model"], model)
+    raw = {
+        "storage": str(tmp_path / "storage"),
+        "data": {"path": str(demo_assets["data"])},
+        "model": {"path": str(model)},
+        "tokenize": {"max_length": 128, "max_prompt_length": 64},
+        "score": {"shard_rows": 200},
+    }
+    cfg = config_from_dict(raw)
+    prepare(cfg, show_progress=False)
+    cache = score(cfg, show_progress=False).output_dir
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(json.dumps(raw))
+    return cfg, cache, config_file
+
+
+def failures(report) -> list[str]:
+    return [f.message for f in report.findings if not f.ok]
+
+
+def test_clean_cache_passes_with_zero_rescore_diff(scored):
+    cfg, cache, _ = scored
+    report = audit(cache, cfg, rescore_rows=6)
+    assert report.passed, failures(report)
+    assert report.rescore["token_max"] == 0.0 and report.rescore["seq_max"] == 0.0
+    st = report.stats
+    assert st["rows"] == 600 and st["nonfinite_values"] == 0
+    assert 0.0 <= st["reference_prefers_chosen"] <= 1.0
+    assert st["max_token_sum_vs_sequence_diff"] < 1e-4
+    assert len(st["lowest_token_logps"]) == 10
+    lowest = st["lowest_token_logps"][0]["logp"]
+    assert lowest == pytest.approx(st["token_logp"]["min"], abs=1e-6)
+    # Another dtype drifts, but stays within the bfloat16 tolerance.
+    half = audit(cache, cfg, rescore_rows=3, dtype="bfloat16")
+    assert half.passed and 0 < half.rescore["token_max"] < 0.35
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate", "part-00001.parquet: sha256 differs|part-00001.parquet is not readable"),
+        ("flip", "part-00001.parquet: sha256 differs"),
+        ("extra", "foreign file notes.txt"),
+        ("delete", "shard part-00002.parquet is missing"),
+        ("temp", "temporary file .tmp-part-00000.parquet.x"),
+    ],
+)
+def test_integrity_damage_is_detected(scored, damage, message):
+    cfg, cache, config_file = scored
+    if damage == "truncate":
+        shard = cache / "part-00001.parquet"
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "flip":
+        shard = cache / "part-00001.parquet"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    elif damage == "extra":
+        (cache / "notes.txt").write_text("hi")
+    elif damage == "delete":
+        (cache / "part-00002.parquet").unlink()
+    elif damage == "temp":
+        (cache / ".tmp-part-00000.parquet.x").write_bytes(b"")
+    report = audit(cache, cfg)
+    assert not report.passed
+    assert any(__import__("re").search(message, m) for m in failures(report)), failures(report)
+    done = subprocess.run([DPO, "audit", str(cache)], capture_output=True, text=True)
+    assert done.returncode == 1 and "audit failed" in done.stderr
+
+
+def test_nan_in_a_copy_is_detected(scored, tmp_path):
+    cfg, cache, _ = scored
+    copy = tmp_path / "storage" / "refscores" / ("f" * 64)
+    shutil.copytree(cache, copy)
+    shard = copy / "part-00000.parquet"
+    table = pq.read_table(shard)
+    values = table.column("chosen_logp").to_pylist()
+    values[5] = float("nan")
+    table = table.set_column(table.schema.get_field_index("chosen_logp"), "chosen_logp", [values])
+    pq.write_table(table, shard)
+    report = audit(copy, cfg)
+    messages = failures(report)
+    assert any("NaN or infinite" in m for m in messages), messages
+    assert any("sha256 differs" in m for m in messages)
+
+
+def test_staleness_is_detected(scored):
+    cfg, cache, config_file = scored
+    assert audit(cache, cfg).passed
+    weights = Path(cfg.model.path) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one changed bit in the weights
+    weights.write_bytes(bytes(data))
+    assert "model weights changed since scoring (model.safetensors)" in failures(audit(cache, cfg))
+    tokenizer_config = Path(cfg.model.path) / "tokenizer_config.json"
+    settings = json.loads(tokenizer_config.read_text())
+    settings["model_max_length"] = 123
+    tokenizer_config.write_text(json.dumps(settings))
+    messages = failures(audit(cache, cfg))
+    assert "tokenizer file tokenizer_config.json changed since the data was prepared" in messages
+    done = subprocess.run([DPO, "audit", "-c", str(config_file), "--set", "tokenize.max_length=100"],
+                          capture_output=True, text=True)  # fmt: skip
+    # The cache is found through the config; max_length=100 names another dataset, so the
+    # config's cache is looked up and not found, or found stale: either way a non-zero exit.
+    assert done.returncode != 0
+
+
+def test_diff_show_and_report(scored, tmp_path):
+    cfg, cache, config_file = scored
+    cfg.score.store_token_logps = False
+    lean = score(cfg, show_progress=False).output_dir
+    result = diff_caches(cache, lean)
+    assert result["rows"] == 600 and result["chosen_seq_max"] < 1e-6
+    assert result["chosen_token_counts_equal"]
+    from transformers import AutoTokenizer
+
+    example_id = pq.read_table(cache / "part-00000.parquet", columns=["id"]).column("id")[0].as_py()
+    shown = example_tokens(cache, example_id, AutoTokenizer.from_pretrained(cfg.model.path))
+    assert sum(t["logp"] for t in shown["chosen"]["tokens"]) == pytest.approx(shown["chosen"]["logp"], abs=1e-4)
+    assert "".join(t["token"] for t in shown["chosen"]["tokens"]).endswith("<|im_end|>")
+    done = subprocess.run([DPO, "audit", "show", example_id, "--cache", str(cache)], capture_output=True, text=True)
+    assert done.returncode == 0 and "log pi_ref" in done.stderr
+    done = subprocess.run([DPO, "audit", str(cache), "--json"], capture_output=True, text=True)
+    assert done.returncode == 0
+    assert json.loads(done.stdout.strip().splitlines()[-1])["passed"] is True
+    html = (cache / "audit.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "PASSED" in html
+    # The report files do not make the cache look foreign.
+    assert audit(cache, cfg).passed
+
+
+@pytest.mark.slow
+def test_html_report_renders_in_chromium(scored, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    _, cache, _ = scored
+    from pipeline.audit import save_report
+
+    html = save_report(audit(cache))
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                    f"--screenshot={shot}", "--window-size=1200,2400", html.as_uri()],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    from PIL import Image
+
+    image = Image.open(shot).convert("RGB")
+    colors = image.getcolors(maxcolors=1 << 20)
+    # Histogram bars in matplotlib's default colours are on the page.
+    palette = {(31, 119, 180), (255, 127, 14), (44, 160, 44)}
+    present = {c for _, c in colors} if colors else set()
+    assert any(min(abs(a - b) for a, b in zip(p, c)) < 1 or sum(abs(a - b) for a, b in zip(p, c)) < 60
+               for p in palette for c in present)  # fmt: skip
