@@ -44,6 +44,13 @@ from pipeline.train import plan_run_dir, read_manifest_run, train  # noqa: E402
 
 
 
+def api_url() -> str | None:
+    """The Prefect server this process talks to; None means only the ephemeral API."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
 # --- where each stage's output is, and whether it is complete -----------------------------------
 
 

@@ -160,18 +160,16 @@ def cmd_run(args) -> Path:
 
 
 def cmd_serve(args) -> Path:
-    from prefect.settings import PREFECT_API_URL
+    from flows.pipeline import api_url, dpo_pipeline
 
     cfg = load_config(args.config, args.overrides)
-    if not PREFECT_API_URL.value():
+    if not api_url():
         raise PrepareError(
             "scheduling needs a running Prefect server, and only the ephemeral API is available. "
             "Start one with `prefect server start --host 127.0.0.1` (in another terminal), then "
             "`export PREFECT_API_URL=http://127.0.0.1:4200/api` and run `dpo serve` again"
         )
-    from flows.pipeline import dpo_pipeline
-
-    print(f"serving deployment {args.name} on {PREFECT_API_URL.value()} with cron {args.cron!r}; "
+    print(f"serving deployment {args.name} on {api_url()} with cron {args.cron!r}; "
           "Ctrl-C stops it", file=sys.stderr)  # fmt: skip
     dpo_pipeline.serve(name=args.name, cron=args.cron, parameters={"config": cfg.to_dict()},
                        print_starting_message=False)  # fmt: skip

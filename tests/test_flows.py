@@ -173,3 +173,21 @@ asyncio.run(main())
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def test_pipeline_modules_never_import_prefect():
+    root = Path(__file__).resolve().parents[1] / "pipeline"
+    for source in root.glob("*.py"):
+        text = source.read_text()
+        assert "import prefect" not in text and "from prefect" not in text, source.name
+        # the CLI reaches Prefect only through flows/, lazily inside the commands that need it
+
+
+def test_failing_audit_stops_the_flow_before_training(prefect_harness, tmp_path, demo_assets):
+    config = demo_config(tmp_path, demo_assets)
+    done = pipeline_flows.dpo_pipeline(config=config, stages=["prepare", "score"])
+    cache = Path(done["outputs"]["score"])
+    (cache / "stray.txt").write_text("not part of the cache")
+    with pytest.raises(Exception, match="foreign file stray.txt"):
+        pipeline_flows.dpo_pipeline(config=config)
+    assert not (tmp_path / "storage" / "runs" / "flow").exists()

@@ -313,3 +313,15 @@ def test_contract_mismatches_are_refused(demo_config, tmp_path, demo_assets):
     manifest = json.loads((other_cache / "manifest.json").read_text())
     (other_cache / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     refuse(other_cache, "incomplete")
+
+
+def test_bfloat16_autocast_and_gradient_checkpointing(demo_config):
+    """bf16 under autocast against a float32 cache (the step-0 check uses the half tolerance)."""
+    cfg = demo_config(max_steps=3, eval_every=0, gradient_checkpointing=True, run_name="bf16")
+    cfg.model.dtype = "bfloat16"  # the float32 cache of this dataset is the only one: it is used
+    result = train(cfg, show_progress=False)
+    rows = metrics(result.run_dir)
+    step0 = next(r for r in rows if "step0/tolerance" in r)
+    assert step0["step0/tolerance"] == 0.35 and 0 < step0["step0/max_mean_token_diff"] < 0.35
+    losses = [r["loss"] for r in rows if "grad_norm" in r]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
