@@ -18,7 +18,6 @@ each backend and dtype; writes JSON to $OUT/gpu_check.json (or --out).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import shutil
@@ -29,9 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-HH_TEST = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "test.jsonl.gz"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import ROOT, hh_slice  # noqa: E402
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -45,9 +43,7 @@ def make_bundle(bundle: Path, rows: int) -> None:
     model_dir = smollm2_folder()
     bundle.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "hh.jsonl"
-        with gzip.open(HH_TEST, "rt", encoding="utf-8") as src:
-            data.write_text("".join(line for _, line in zip(range(rows), src)))
+        data = hh_slice(tmp, rows)
         cfg = config_from_dict({"storage": tmp, "data": {"path": str(data)}, "model": {"path": str(model_dir)},
                                 "tokenize": {"max_length": 1024, "max_prompt_length": 768}})  # fmt: skip
         result = prepare(cfg, show_progress=False)

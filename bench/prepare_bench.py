@@ -10,7 +10,6 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -19,8 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-HH_TEST = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "test.jsonl.gz"
+from _common import HH_TEST, ROOT, write_report  # noqa: E402
 
 
 def main() -> int:
@@ -77,9 +75,7 @@ def main() -> int:
     print(f"{'seconds':<26}{median['seconds']:>14.2f}")
     print(f"{'rows/s':<26}{median['rows_per_s']:>14.0f}")
     print(f"{'tokens/s':<26}{median['tokens_per_s']:>14.0f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

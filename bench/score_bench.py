@@ -18,20 +18,17 @@ work needs (2 x non-embedding params x tokens + 2 x head params x scored positio
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-HH_TEST = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "test.jsonl.gz"
+from _common import ROOT, hh_slice, write_report  # noqa: E402
 
 
 def matmul_ceiling(seconds: float = 3.0) -> float:
@@ -82,11 +79,7 @@ def main() -> int:
 
     model_dir = smollm2_folder()
     with tempfile.TemporaryDirectory() as tmp:
-        slice_path = Path(tmp) / "hh-slice.jsonl"
-        import gzip
-
-        with gzip.open(HH_TEST, "rt", encoding="utf-8") as src:
-            slice_path.write_text("".join(line for _, line in zip(range(args.rows), src)))
+        slice_path = hh_slice(tmp, args.rows)
         raw = {
             "storage": tmp,
             "data": {"path": str(slice_path)},
@@ -164,9 +157,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform()},
         "results": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -15,7 +15,6 @@ step (first step excluded as warm-up) and peak RSS, writes JSON.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import resource
@@ -25,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-HH_TEST = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "test.jsonl.gz"
+from _common import ROOT, hh_slice, write_report  # noqa: E402
 
 
 def run_variant(args) -> dict:
@@ -95,9 +93,7 @@ def main() -> int:
 
     model_dir = smollm2_folder()
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "hh.jsonl"
-        with gzip.open(HH_TEST, "rt", encoding="utf-8") as src:
-            data.write_text("".join(line for _, line in zip(range(args.rows), src)))
+        data = hh_slice(tmp, args.rows)
         config = Path(tmp) / "bench.yaml"
         config.write_text(json.dumps({
             "storage": tmp, "data": {"path": str(data), "eval_fraction": 0.0},
@@ -127,9 +123,7 @@ def main() -> int:
     report = {"bench": "train", "model": "SmolLM2-135M-Instruct", "batch_size": args.batch_size,
               "max_length": args.max_length, "results": results,
               "ratio_time": ratio_time, "ratio_peak_rss": ratio_mem}  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

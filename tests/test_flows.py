@@ -139,7 +139,7 @@ def test_serve_against_a_real_server(tmp_path, demo_assets):
         config.write_text(json.dumps(demo_config(tmp_path, demo_assets)))
         served = subprocess.Popen([DPO, "serve", "-c", str(config), "--cron", "0 3 * * *"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
-        check = f"""
+        check = """
 import asyncio, json
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
@@ -149,7 +149,7 @@ async def main():
         d = await client.read_deployment_by_name("dpo-pipeline/dpo-pipeline")
         crons = [s.schedule.cron for s in d.schedules]
     run = await run_deployment("dpo-pipeline/dpo-pipeline", timeout=600)
-    print(json.dumps({{"crons": crons, "state": run.state.type.value}}))
+    print(json.dumps({"crons": crons, "state": run.state.type.value}))
 
 asyncio.run(main())
 """

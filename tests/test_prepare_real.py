@@ -15,14 +15,18 @@ from .conftest import HH_TEST, requires_hh, write_jsonl
 REPLACEMENT = "\ufffd"  # a cut through a multi-byte character decodes to this
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir():
+def _smollm2(with_model: bool):
     from pipeline.assets import AssetError, smollm2_folder
 
     try:
-        return smollm2_folder(with_model=False)
+        return smollm2_folder(with_model=with_model)
     except AssetError as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    return _smollm2(with_model=False)
 
 
 def decode(tok, ids):
@@ -133,12 +137,7 @@ def test_conversational_smollm2_chat_template(tmp_path, make_config, smollm2_dir
 
 @pytest.fixture(scope="session")
 def smollm2_model_dir():
-    from pipeline.assets import AssetError, smollm2_folder
-
-    try:
-        return smollm2_folder(with_model=True)
-    except AssetError as exc:
-        pytest.skip(str(exc))
+    return _smollm2(with_model=True)
 
 
 @pytest.mark.slow
