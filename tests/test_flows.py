@@ -191,3 +191,22 @@ def test_failing_audit_stops_the_flow_before_training(prefect_harness, tmp_path,
     with pytest.raises(Exception, match="foreign file stray.txt"):
         pipeline_flows.dpo_pipeline(config=config)
     assert not (tmp_path / "storage" / "runs" / "flow").exists()
+
+
+def test_run_command_stage_selection(tmp_path, demo_assets):
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(demo_config(tmp_path, demo_assets)))
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run([DPO, "run", "-c", str(config), "--only", "prepare", "--only", "score"],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = Path(done.stdout.strip().splitlines()[-1])
+    assert out.parent == tmp_path / "storage" / "refscores"  # the last selected stage's output
+    assert "prepare: ran" in done.stderr and "score: ran" in done.stderr
+    assert not (tmp_path / "storage" / "runs").exists()
+    again = subprocess.run([DPO, "run", "-c", str(config), "--from", "score", "--only", "score"],
+                           capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert again.returncode == 0 and "score: up to date" in again.stderr
+    bad = subprocess.run([DPO, "run", "-c", str(config), "--only", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
