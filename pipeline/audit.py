@@ -400,12 +400,34 @@ def write_html(report: AuditReport, scores: pl.DataFrame | None, path: Path) -> 
     for f in report.findings:
         parts.append(f"<tr><td>{esc(f.check)}</td><td class='{'ok' if f.ok else 'fail'}'>"
                      f"{'ok' if f.ok else 'FAIL'}</td><td>{esc(f.message)}</td></tr>")  # fmt: skip
-    parts.append("</table><h2>Statistics</h2><table>")
-    for key, value in report.stats.items():
-        if isinstance(value, (list, dict)):
-            value = json.dumps(value, default=str)[:600]
-        parts.append(f"<tr><th>{esc(str(key))}</th><td>{esc(str(value))}</td></tr>")
     parts.append("</table>")
+    st = report.stats
+    if st:
+        parts.append("<h2>Statistics</h2><table>")
+        scalars = {"rows": st["rows"], "NaN/inf values": st["nonfinite_values"],
+                   "pairs the reference already prefers": f"{st['reference_prefers_chosen']:.1%}",
+                   "max |sum of per-token - sequence| (nats)": st.get("max_token_sum_vs_sequence_diff")}  # fmt: skip
+        for key, value in scalars.items():
+            parts.append(f"<tr><th>{esc(key)}</th><td>{esc(str(value))}</td></tr>")
+        columns = ("count", "mean", "std", "min", "p01", "p50", "p99", "max")
+        parts.append("</table><h3>Distributions</h3><table><tr><th>quantity</th>"
+                     + "".join(f"<th>{c}</th>" for c in columns) + "</tr>")  # fmt: skip
+        rows = [("per-token log-prob", st.get("token_logp")),
+                ("chosen log-prob", st["sequence_logp"]["chosen"]), ("rejected log-prob", st["sequence_logp"]["rejected"]),
+                ("margin (chosen - rejected)", st["margin"]),
+                ("chosen tokens", st["lengths"]["chosen"]), ("rejected tokens", st["lengths"]["rejected"])]  # fmt: skip
+        for name, d in rows:
+            if d:
+                cells = "".join(f"<td>{d[c]:.4g}</td>" if c in d else "<td></td>" for c in columns)
+                parts.append(f"<tr><th>{esc(name)}</th>{cells}</tr>")
+        parts.append("</table>")
+        for title, key, fields in (("Lowest per-token log-probs", "lowest_token_logps", ("id", "side", "position", "logp")),
+                                   ("Largest |margin|", "largest_abs_margin", ("id", "margin"))):  # fmt: skip
+            if st.get(key):
+                parts.append(f"<h3>{title}</h3><table><tr>" + "".join(f"<th>{f}</th>" for f in fields) + "</tr>")
+                for row in st[key]:
+                    parts.append("<tr>" + "".join(f"<td>{esc(str(row[f]))}</td>" for f in fields) + "</tr>")
+                parts.append("</table>")
     if report.rescore:
         parts.append(f"<h2>Re-score</h2><pre>{esc(json.dumps(report.rescore, indent=1))}</pre>")
     if scores is not None:
