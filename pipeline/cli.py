@@ -153,10 +153,13 @@ def cmd_run(args) -> Path:
     if args.from_stage:
         stages = [s for s in stages if STAGES.index(s) >= STAGES.index(args.from_stage)]
     result = dpo_pipeline(config=cfg.to_dict(), stages=stages, force=args.force)
-    for stage, output in result["outputs"].items():
-        state = "ran" if result["ran"][stage] else "up to date"
-        print(f"{stage}: {state}: {output}", file=sys.stderr)
+    _print_flow_result(result)
     return Path(result["outputs"][stages[-1]])
+
+
+def _print_flow_result(result: dict) -> None:
+    for stage, output in result["outputs"].items():
+        print(f"{stage}: {'ran' if result['ran'][stage] else 'up to date'}: {output}", file=sys.stderr)
 
 
 def cmd_serve(args) -> Path:
@@ -337,8 +340,7 @@ def cmd_demo(args) -> Path:
     from flows.pipeline import dpo_pipeline
 
     result = dpo_pipeline(config=cfg.to_dict())
-    for stage, output in result["outputs"].items():
-        print(f"{stage}: {'ran' if result['ran'][stage] else 'up to date'}: {output}", file=sys.stderr)
+    _print_flow_result(result)
     run_dir = Path(result["outputs"]["train"])
     print(summarize_train(TrainResult(run_dir, json.loads((run_dir / "run.json").read_text()), False)),
           file=sys.stderr)  # fmt: skip

@@ -227,9 +227,6 @@ def check_head_path(model, token_ids: list[int]) -> float:
     return float((ours - reference).abs().max())
 
 
-def split_by_lengths(values: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
-    return list(torch.split(values, lengths))
-
 
 def sequence_sums(values: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """[S] float32 sums of consecutive runs of ``values`` ([N]) of the given lengths."""

@@ -76,7 +76,6 @@ def tokenizer_fingerprint(model: ModelConfig, tokenizer) -> dict:
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def model_fingerprint(model: ModelConfig) -> dict:
@@ -130,7 +129,7 @@ def load_causal_lm(model: ModelConfig, device: str = "cpu"):
     path = check_model_path(model)
     lm = AutoModelForCausalLM.from_pretrained(
         str(path),
-        dtype=getattr(torch, _DTYPES[model.dtype]),
+        dtype=getattr(torch, model.dtype),  # float32 | bfloat16 | float16, checked by the config
         use_safetensors=True,
         trust_remote_code=model.trust_remote_code,
     )

@@ -187,30 +187,37 @@ class TransformersScorer:
         values = self.score(prompts + prompts, chosens + rejecteds, progress, only)
         return values[: len(prompts)], values[len(prompts) :]
 
-    def _score_shared(self, prompts, chosens, rejecteds, progress=None, rows=None):
+    def _batched(self, lengths: list[int], pack_group, only: set[int] | None = None):
+        """Yield (group, per-response log-prob arrays) for each batch of the full call's batching,
+        skipping batches that hold none of ``only``; pack_group(group) builds the batch."""
         import torch
 
-        from .logprobs import pack_shared, response_logps
+        from .logprobs import response_logps
+
+        for group in self.batches(lengths):
+            if only is not None and not only.intersection(group):
+                continue
+            batch = pack_group(group)
+            with torch.inference_mode():
+                values = response_logps(self.model, batch.to(self.device)).cpu().numpy()
+            yield group, np.split(values, np.cumsum(batch.lengths)[:-1])
+
+    def _score_shared(self, prompts, chosens, rejecteds, progress=None, rows=None):
+        from .logprobs import pack_shared
+
+        def pack_group(group):
+            return pack_shared([prompts[i] for i in group], [chosens[i] for i in group],
+                               [rejecteds[i] for i in group], pad_id=0)  # fmt: skip
 
         lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosens, rejecteds)]
         chosen_out: list = [None] * len(prompts)
         rejected_out: list = [None] * len(prompts)
-        with torch.inference_mode():
-            for group in self.batches(lengths):
-                if rows is not None and not set(group) & set(rows):
-                    continue
-                batch = pack_shared([prompts[i] for i in group], [chosens[i] for i in group],
-                                    [rejecteds[i] for i in group], pad_id=0)  # fmt: skip
-                values = response_logps(self.model, batch.to(self.device)).cpu().numpy()
-                parts = np.split(values, np.cumsum(batch.lengths)[:-1])
-                for k, i in enumerate(group):
-                    chosen_out[i], rejected_out[i] = parts[2 * k], parts[2 * k + 1]
-                if progress:
-                    progress(
-                        2 * len(group),
-                        sum(batch.lengths),
-                        sum(2 * len(prompts[i]) + len(chosens[i]) + len(rejecteds[i]) for i in group),
-                    )
+        for group, parts in self._batched(lengths, pack_group, None if rows is None else set(rows)):
+            for k, i in enumerate(group):
+                chosen_out[i], rejected_out[i] = parts[2 * k], parts[2 * k + 1]
+            if progress:
+                progress(2 * len(group), sum(map(len, parts)),
+                         sum(2 * len(prompts[i]) + len(chosens[i]) + len(rejecteds[i]) for i in group))  # fmt: skip
         return chosen_out, rejected_out
 
     def score(
@@ -224,22 +231,18 @@ class TransformersScorer:
 
         only: compute just the batches holding these sequences (None elsewhere in the output).
         """
-        import torch
+        from .logprobs import pack
 
-        from .logprobs import pack, response_logps
+        def pack_group(group):
+            return pack([prompts[i] for i in group], [responses[i] for i in group], pad_id=0)
 
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
         out: list[np.ndarray | None] = [None] * len(prompts)
-        with torch.inference_mode():
-            for group in self.batches(lengths):
-                if only is not None and not set(group) & only:
-                    continue
-                batch = pack([prompts[i] for i in group], [responses[i] for i in group], pad_id=0)
-                values = response_logps(self.model, batch.to(self.device)).cpu().numpy()
-                for i, chunk in zip(group, np.split(values, np.cumsum(batch.lengths)[:-1])):
-                    out[i] = chunk
-                if progress:
-                    progress(len(group), sum(batch.lengths), sum(lengths[i] for i in group))
+        for group, parts in self._batched(lengths, pack_group, only):
+            for i, chunk in zip(group, parts):
+                out[i] = chunk
+            if progress:
+                progress(len(group), sum(map(len, parts)), sum(lengths[i] for i in group))
         return out  # type: ignore[return-value]
 
 

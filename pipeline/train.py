@@ -47,7 +47,6 @@ from .store import atomic_write_json, atomic_write_text, fingerprint, read_manif
 
 log = logging.getLogger("dpo.train")
 
-TIMING_METRICS = ("tokens/s", "seconds")  # differ between runs; everything else is reproducible
 
 
 class TrainError(RuntimeError):
