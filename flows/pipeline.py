@@ -1,11 +1,12 @@
-"""Prefect flows: one per stage (prepare, score, audit, train) and `dpo_pipeline`, which chains them.
+"""The Prefect flow `dpo-pipeline`: one task per stage (prepare, score, audit, train), in order.
 
     from flows.pipeline import dpo_pipeline
-    dpo_pipeline(config=cfg.to_dict())                       # prepare -> score -> train
-    dpo_pipeline(config=..., stages=["score"], force=["score"])
+    dpo_pipeline(config=cfg.to_dict())                       # prepare -> score -> audit -> train
+    dpo_pipeline(config=..., stages=["score"], force=["score"])   # one stage alone
 
-The flows only wrap `pipeline/` functions (which never import Prefect). A stage is skipped when
-its content-addressed output is complete (its manifest says so), decided before its task runs:
+The tasks only wrap `pipeline/` functions (which never import Prefect). A stage is skipped when
+its content-addressed output is complete and its files still match their manifest (for the
+audit: a passed full audit of exactly the shards on disk now), decided before its task runs:
 the flow logs "up to date" with the directory. ``force`` reruns a stage from scratch, and every
 stage after it, since they consume its output. The score stage runs in a child process, so a
 GPU's memory (vLLM keeps it until its process ends) is free again before training, and retries
@@ -34,14 +35,12 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from pipeline import STAGES  # noqa: E402
-from pipeline.audit import audit, read_saved_report, save_report  # noqa: E402
+from pipeline import STAGES, layout  # noqa: E402
+from pipeline.audit import AuditFailed, audit, current_full_audit, save_report  # noqa: E402
 from pipeline.config import Config, config_from_dict  # noqa: E402
-from pipeline.prepare import plan_dataset_dir, prepare  # noqa: E402
-from pipeline.score import plan_refscores_dir  # noqa: E402
-from pipeline.store import is_complete, read_manifest  # noqa: E402
-from pipeline.train import plan_run_dir, read_manifest_run, train  # noqa: E402
-
+from pipeline.prepare import prepare  # noqa: E402
+from pipeline.store import exclusive, lock_path  # noqa: E402
+from pipeline.train import train  # noqa: E402
 
 
 def api_url() -> str | None:
@@ -54,29 +53,42 @@ def api_url() -> str | None:
 # --- where each stage's output is, and whether it is complete -----------------------------------
 
 
-def plan(cfg: Config) -> dict[str, Path | None]:
-    """The output directory of every stage for this config (None where not yet knowable)."""
-    dataset_dir = plan_dataset_dir(cfg)
-    refscores_dir = plan_refscores_dir(cfg, dataset_dir.name)
+def plan(cfg: Config) -> dict[str, Path]:
+    """The output directory of every stage for this config (the audit's: the cache it checks)."""
+    dataset_dir = layout.plan_dataset_dir(cfg)
+    refscores_dir = layout.plan_refscores_dir(cfg, dataset_dir.name)
     cache_dir = Path(cfg.train.ref_cache) if cfg.train.ref_cache else refscores_dir
     return {
         "prepare": dataset_dir,
         "score": refscores_dir,
-        "audit": cache_dir,  # the audit writes audit.json / audit.html into the cache it checks
-        "train": plan_run_dir(cfg, dataset_dir.name, cache_dir),
+        "audit": cache_dir,
+        "train": layout.plan_run_dir(cfg, dataset_dir.name, cache_dir),
     }
 
 
-def stage_complete(stage: str, directory: Path | None) -> bool:
-    if directory is None:
-        return False
-    if stage == "train":
-        run = read_manifest_run(directory)
-        return bool(run and run.get("complete"))
+def stage_complete(cfg: Config, stage: str, directory: Path) -> bool:
+    """Whether the stage's output exists, is complete and its files match their manifest; for
+    the audit: a passed full audit of exactly the bytes of the cache on disk now."""
+    if stage == "prepare":
+        return layout.is_verified(layout.verified_dataset, directory)
+    if stage == "score":
+        return layout.is_verified(layout.verified_refscores, directory)
     if stage == "audit":
-        saved = read_saved_report(directory)
-        return bool(saved and saved.get("passed"))
-    return is_complete(directory)
+        return current_full_audit(directory, cfg.audit.rescore_rows) is not None
+    return layout.verified_run(directory) is not None
+
+
+def _remove_output(stage: str, directory: Path) -> None:
+    """--force: delete a stage's output, holding its writer lock (never under a running writer)."""
+    if stage == "audit":
+        for suffix in (".json", ".html"):
+            path = layout.audit_report_path(layout.storage_of(directory), directory.name, "full", suffix)
+            path.unlink(missing_ok=True)
+        return
+    if directory.exists():
+        storage, kind = directory.parent.parent, directory.parent.name
+        with exclusive(lock_path(storage, kind, directory.name), f"{stage} output {directory}", wait=True):
+            shutil.rmtree(directory)
 
 
 # --- tasks: thin wrappers around pipeline/ --------------------------------------------------------
@@ -99,8 +111,8 @@ def run_score_child(config: dict) -> tuple[str, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         config_path, stats_path = Path(tmp) / "config.yaml", Path(tmp) / "stats.json"
         config_path.write_text(yaml.safe_dump(config))
-        command = [sys.executable, "-m", "pipeline.cli", "score", "-c", str(config_path),
-                   "--no-progress", "--stats-json", str(stats_path)]  # fmt: skip
+        command = [sys.executable, "-m", "flows.cli", "score", "-c", str(config_path),
+                   "--no-progress", "--stats-json", str(stats_path)]
         done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"dpo score failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
@@ -112,7 +124,7 @@ def run_score_child(config: dict) -> tuple[str, dict]:
 def score_task(config: dict) -> dict:
     logger = get_run_logger()
     output_dir, stats = run_score_child(config)
-    manifest = read_manifest(output_dir)
+    manifest = layout.verified_refscores(output_dir)
     logger.info("score: %s (%s rows, %s)", output_dir, manifest["rows"], stats.get("backend"))
     create_table_artifact(
         [{
@@ -126,12 +138,8 @@ def score_task(config: dict) -> dict:
         }],
         key="dpo-score",
         description=f"reference scores: {output_dir}",
-    )  # fmt: skip
+    )
     return {"output_dir": output_dir, "stats": stats}
-
-
-class AuditFailed(RuntimeError):
-    pass
 
 
 @task(name="audit", cache_policy=NO_CACHE)
@@ -139,10 +147,10 @@ def audit_task(config: dict, cache_dir: str) -> dict:
     """Integrity and statistics always, a re-score sample of audit.rescore_rows rows."""
     cfg = config_from_dict(config)
     report = audit(cache_dir, cfg, rescore_rows=cfg.audit.rescore_rows, seed=cfg.audit.seed,
-                   tolerance=cfg.audit.tolerance)  # fmt: skip
+                   tolerance=cfg.audit.tolerance)
     html_path = save_report(report)
     lines = [f"# Audit of `{cache_dir}`", "", f"**{'passed' if report.passed else 'FAILED'}**", "",
-             "| check | result | detail |", "|---|---|---|"]  # fmt: skip
+             "| check | result | detail |", "|---|---|---|"]
     lines += [f"| {f.check} | {'ok' if f.ok else 'FAIL'} | {f.message} |" for f in report.findings]
     lines += ["", f"HTML report: `{html_path}`"]
     create_markdown_artifact("\n".join(lines), key="dpo-audit", description="reference cache audit")
@@ -153,9 +161,10 @@ def audit_task(config: dict, cache_dir: str) -> dict:
              for name, d in (("token log-prob", st.get("token_logp", {})), ("margin", st["margin"]),
                              ("chosen log-prob", st["sequence_logp"]["chosen"]))],
             key="dpo-audit-stats", description="reference score statistics",
-        )  # fmt: skip
+        )
     if not report.passed:
-        raise AuditFailed("; ".join(f.message for f in report.findings if not f.ok))
+        failed = "; ".join(f.message for f in report.findings if not f.ok)
+        raise AuditFailed(f"audit of {cache_dir} failed: {failed}. Report: {html_path}")
     return {"output_dir": cache_dir, "passed": report.passed}
 
 
@@ -199,16 +208,13 @@ def dpo_pipeline(config: dict, stages: list[str] | None = None, force: list[str]
     for stage in _stages_to_run(stages):
         directory = planned[stage]
         forced = STAGES.index(stage) >= first_forced
-        if not forced and stage_complete(stage, directory):
+        if not forced and stage_complete(cfg, stage, directory):
             logger.info("%s: up to date, %s", stage, directory)
             outputs[stage], ran[stage] = str(directory), False
             continue
-        if forced and stage == "audit":
-            for name in ("audit.json", "audit.html"):
-                (directory / name).unlink(missing_ok=True)
-        elif forced and directory is not None and directory.exists():
-            logger.info("%s: forced, removing %s", stage, directory)
-            shutil.rmtree(directory)
+        if forced:
+            logger.info("%s: forced, removing its output", stage)
+            _remove_output(stage, directory)
         if stage == "audit":  # stops the flow before training when the cache fails it
             outputs[stage] = audit_task(config, str(directory))["output_dir"]
         else:
@@ -218,23 +224,3 @@ def dpo_pipeline(config: dict, stages: list[str] | None = None, force: list[str]
     lines += [f"| {s} | {'yes' if ran[s] else 'no, up to date'} | `{outputs[s]}` |" for s in outputs]
     create_markdown_artifact("\n".join(lines), key="dpo-pipeline", description="stage outputs")
     return {"outputs": outputs, "ran": ran}
-
-
-@flow(name="dpo-prepare")
-def prepare_flow(config: dict, force: bool = False) -> dict:
-    return dpo_pipeline(config, stages=["prepare"], force=["prepare"] if force else None)
-
-
-@flow(name="dpo-score")
-def score_flow(config: dict, force: bool = False) -> dict:
-    return dpo_pipeline(config, stages=["score"], force=["score"] if force else None)
-
-
-@flow(name="dpo-audit")
-def audit_flow(config: dict, force: bool = False) -> dict:
-    return dpo_pipeline(config, stages=["audit"], force=["audit"] if force else None)
-
-
-@flow(name="dpo-train")
-def train_flow(config: dict, force: bool = False) -> dict:
-    return dpo_pipeline(config, stages=["train"], force=["train"] if force else None)

@@ -27,9 +27,16 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
+from . import layout
 from .config import Config
-from .score import REPORT_FILES, SHARD_RE, logprob_tolerance
-from .store import atomic_write_json, atomic_write_text, read_manifest, sha256_file
+from .data import DataError
+from .layout import MANIFEST, SHARD_RE, CacheError
+from .models import ModelError
+from .store import atomic_write_json, atomic_write_text, ensure_dir, exclusive, read_json, sha256_verified
+
+
+class AuditFailed(RuntimeError):
+    """The audit found problems (they are in its report); the exit code says so."""
 
 
 @dataclass
@@ -42,6 +49,11 @@ class Finding:
 @dataclass
 class AuditReport:
     cache_dir: str
+    level: str = "quick"
+    """quick: the cache alone; full: against a config (staleness, and re-score when asked)."""
+    cache_fingerprint: str | None = None
+    shards: dict = field(default_factory=dict)
+    """sha256 of every shard file as the audit read it: the report is valid for these bytes only."""
     findings: list[Finding] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     rescore: dict | None = None
@@ -57,68 +69,91 @@ class AuditReport:
         self.findings.append(Finding(check, True, message))
 
     def to_dict(self) -> dict:
-        return {"cache_dir": self.cache_dir, "passed": self.passed,
-                "findings": [asdict(f) for f in self.findings], "stats": self.stats,
-                "rescore": self.rescore}  # fmt: skip
+        return {"cache_dir": self.cache_dir, "level": self.level, "cache_fingerprint": self.cache_fingerprint,
+                "shards": self.shards, "passed": self.passed, "findings": [asdict(f) for f in self.findings],
+                "stats": self.stats, "rescore": self.rescore}
 
 
 def dataset_dir_of(cache_dir: Path, manifest: dict) -> Path:
-    return Path(cache_dir).parent.parent / "datasets" / manifest["inputs"]["dataset_fingerprint"]
+    return layout.dataset_dir(layout.storage_of(cache_dir), manifest["inputs"]["dataset_fingerprint"])
 
 
 # --- integrity ------------------------------------------------------------------------------------
 
 
-def check_integrity(report: AuditReport, cache_dir: Path, manifest: dict | None) -> bool:
-    """Manifest vs files, and ids vs the dataset. Returns whether the shards can be read."""
+def check_integrity(report: AuditReport, cache_dir: Path) -> dict | None:
+    """Manifest vs files, and ids vs the dataset. Returns the manifest when every shard matches it
+    (then, and only then, may the shards be read); every problem is a finding, never an exception."""
+    manifest = read_json(cache_dir / MANIFEST)
     if manifest is None or manifest.get("kind") != "refscores":
-        report.fail("integrity", f"{cache_dir} has no readable refscores manifest.json")
-        return False
-    if not manifest.get("complete"):
+        report.fail("integrity", f"{cache_dir} has no readable refscores {MANIFEST}")
+        return None
+    report.cache_fingerprint = manifest.get("fingerprint") if isinstance(manifest.get("fingerprint"), str) else None
+    if manifest.get("complete") is not True:
         report.fail("integrity", "the manifest's completion flag is not set: scoring did not finish")
-    listed = {s["file"]: s for s in manifest.get("shards", [])}
-    readable = True
-    for name, entry in listed.items():
-        path = cache_dir / name
-        if not path.is_file():
-            report.fail("integrity", f"shard {name} is missing")
-            readable = False
-            continue
-        if sha256_file(path, use_cache=False) != entry["sha256"]:
-            report.fail("integrity", f"shard {name}: sha256 differs from the manifest (the file changed)")
-        try:
-            rows = pq.ParquetFile(path).metadata.num_rows
-        except Exception as exc:
-            report.fail("integrity", f"shard {name} is not readable Parquet ({exc})")
-            readable = False
-            continue
-        if rows != entry["rows"]:
-            report.fail("integrity", f"shard {name}: {rows} rows, the manifest says {entry['rows']}")
+    try:
+        listed = {s["file"]: s for s in layout.refscores_shards(manifest)}
+    except CacheError as exc:
+        report.fail("integrity", str(exc))
+        return None
+    intact = all([_check_shard(report, cache_dir / name, entry) for name, entry in listed.items()])
     for path in sorted(cache_dir.iterdir()):
-        name = path.name
-        if name.startswith(".tmp-"):
-            report.fail("integrity", f"temporary file {name} left by an interrupted write")
-        elif name not in listed and name != "manifest.json" and name not in REPORT_FILES:
-            kind = "unlisted shard" if SHARD_RE.match(name) else "foreign file"
-            report.fail("integrity", f"{kind} {name} in the cache directory")
+        if path.name.startswith(".tmp-"):
+            report.fail("integrity", f"temporary file {path.name} left by an interrupted write")
+        elif path.name not in listed and path.name != MANIFEST:
+            kind = "unlisted shard" if SHARD_RE.match(path.name) else "foreign file"
+            report.fail("integrity", f"{kind} {path.name} in the cache directory")
     if sum(s["rows"] for s in listed.values()) != manifest.get("rows"):
         report.fail("integrity", "the shards' row counts do not add up to the manifest's rows")
-    if not readable:
+    if not intact:
+        return None
+    try:
+        ids = pl.concat([pl.read_parquet(cache_dir / name, columns=["id"]) for name in listed])["id"]
+        _check_ids(report, cache_dir, manifest, ids)
+    except (CacheError, OSError, KeyError, TypeError, pl.exceptions.PolarsError) as exc:
+        report.fail("integrity", f"cannot read the cache's ids: {exc}")
+        return None
+    if all(f.ok for f in report.findings if f.check == "integrity"):
+        report.ok("integrity", f"{len(listed)} shards, {len(ids)} rows: files, checksums and ids match")
+    return manifest
+
+
+def _check_shard(report: AuditReport, path: Path, entry: dict) -> bool:
+    """Presence, sha256 and row count of one shard; its bytes are parsed only after the hash matched."""
+    if not path.is_file():
+        report.fail("integrity", f"shard {path.name} is missing")
         return False
-    ids = pl.concat([pl.read_parquet(cache_dir / name, columns=["id"]) for name in listed])["id"]
+    try:
+        report.shards[path.name] = sha = sha256_verified(path)
+    except OSError as exc:
+        report.fail("integrity", f"shard {path.name} cannot be read ({exc})")
+        return False
+    if sha != entry["sha256"]:
+        report.fail("integrity", f"shard {path.name}: sha256 differs from the manifest (the file changed)")
+        return False
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except Exception as exc:  # pyarrow raises several types for damaged files; all mean the same
+        report.fail("integrity", f"shard {path.name} is not readable Parquet ({exc})")
+        return False
+    if rows != entry["rows"]:
+        report.fail("integrity", f"shard {path.name}: {rows} rows, the manifest says {entry['rows']}")
+        return False
+    return True
+
+
+def _check_ids(report: AuditReport, cache_dir: Path, manifest: dict, ids: pl.Series) -> None:
     if ids.n_unique() != len(ids):
         report.fail("integrity", f"{len(ids) - ids.n_unique()} ids appear more than once")
     dataset_dir = dataset_dir_of(cache_dir, manifest)
-    if not (dataset_dir / "examples.parquet").is_file():
+    if not dataset_dir.exists():
         report.fail("integrity", f"the dataset it was scored on is gone ({dataset_dir})")
-    else:
-        dataset_ids = pl.read_parquet(dataset_dir / "examples.parquet", columns=["id"])["id"]
-        if not ids.equals(dataset_ids):
-            missing = set(dataset_ids) - set(ids)
-            report.fail("integrity", f"ids differ from the dataset's ({len(missing)} examples unscored)")
-    if all(f.ok for f in report.findings if f.check == "integrity"):
-        report.ok("integrity", f"{len(listed)} shards, {len(ids)} rows: files, checksums and ids match")
-    return True
+        return
+    layout.verified_dataset(dataset_dir)
+    dataset_ids = pl.read_parquet(dataset_dir / layout.EXAMPLES, columns=["id"])["id"]
+    if not ids.equals(dataset_ids):
+        missing = set(dataset_ids) - set(ids)
+        report.fail("integrity", f"ids differ from the dataset's ({len(missing)} examples unscored)")
 
 
 # --- staleness ------------------------------------------------------------------------------------
@@ -126,28 +161,33 @@ def check_integrity(report: AuditReport, cache_dir: Path, manifest: dict | None)
 
 def check_staleness(report: AuditReport, cfg: Config, manifest: dict) -> None:
     """What the config points to now vs what the cache (and its dataset) were made from."""
-    from .data import input_sha256
-    from .models import load_tokenizer, model_fingerprint, tokenizer_fingerprint
-
     before = len(report.findings)
-    dataset_manifest = read_manifest(dataset_dir_of(Path(report.cache_dir), manifest)) or {}
-    then = dataset_manifest.get("inputs", {})
+    try:
+        _compare_sources(report, cfg, manifest)
+    except (CacheError, DataError, ModelError, OSError, KeyError, TypeError) as exc:
+        report.fail("staleness", f"cannot compare the cache with the config: {exc}")
+    if len(report.findings) == before:
+        report.ok("staleness", "data, tokenizer, settings and model match what the cache was made from")
+
+
+def _compare_sources(report: AuditReport, cfg: Config, manifest: dict) -> None:
+    from .data import input_sha256
+    from .models import model_fingerprint, tokenizer_files
+
+    dataset_manifest = read_json(dataset_dir_of(Path(report.cache_dir), manifest) / MANIFEST) or {}
+    then = dataset_manifest.get("inputs") or {}
     if then:
         if Path(cfg.data.path).exists() and input_sha256(cfg.data.path) != then["data_sha256"]:
             report.fail("staleness", f"the data file changed since it was prepared ({cfg.data.path})")
-        now_tok = tokenizer_fingerprint(cfg.model, load_tokenizer(cfg.model))
-        for name in sorted(set(now_tok["files"]) | set(then["tokenizer"]["files"])):
-            if now_tok["files"].get(name) != then["tokenizer"]["files"].get(name):
+        now_files, then_files = tokenizer_files(cfg.model), then["tokenizer_files"]
+        for name in sorted(set(now_files) | set(then_files)):
+            if now_files.get(name) != then_files.get(name):
                 report.fail("staleness", f"tokenizer file {name} changed since the data was prepared")
-        if now_tok["chat_template_sha256"] != then["tokenizer"]["chat_template_sha256"]:
-            report.fail("staleness", "the chat template changed since the data was prepared")
-        for group in ("data_settings", "tokenize_settings"):
-            current = _settings(cfg, group)
-            for key, value in then[group].items():
+        for group, current in (("data", layout.data_settings(cfg)), ("tokenize", layout.tokenize_settings(cfg))):
+            for key, value in then[f"{group}_settings"].items():
                 if current.get(key) != value:
-                    report.fail("staleness", f"setting {group.split('_')[0]}.{key} was {value!r}, is {current.get(key)!r}")
-    now_model = model_fingerprint(cfg.model)
-    then_model = manifest["inputs"]["model"]
+                    report.fail("staleness", f"setting {group}.{key} was {value!r}, is {current.get(key)!r}")
+    now_model, then_model = model_fingerprint(cfg.model), manifest["inputs"]["model"]
     if now_model["config_sha256"] != then_model["config_sha256"]:
         report.fail("staleness", "the model config changed since scoring (config.json)")
     for name in sorted(set(now_model["weights"]) | set(then_model["weights"])):
@@ -155,20 +195,6 @@ def check_staleness(report: AuditReport, cfg: Config, manifest: dict) -> None:
             report.fail("staleness", f"model weights changed since scoring ({name})")
     if cfg.model.dtype != manifest["inputs"]["dtype"]:
         report.fail("staleness", f"the cache was scored in {manifest['inputs']['dtype']}, the config says {cfg.model.dtype}")
-    if len(report.findings) == before:
-        report.ok("staleness", "data, tokenizer, settings and model match what the cache was made from")
-
-
-def _settings(cfg: Config, group: str) -> dict:
-    if group == "data_settings":
-        d = cfg.data
-        return {"format": d.format, "eval_fraction": d.eval_fraction,
-                "columns": [d.prompt_column, d.chosen_column, d.rejected_column],
-                "implicit_prompt_marker": d.implicit_prompt_marker}  # fmt: skip
-    t = cfg.tokenize
-    return {"max_length": t.max_length, "max_prompt_length": t.max_prompt_length,
-            "prompt_truncation": t.prompt_truncation, "add_eos": t.add_eos,
-            "min_response_tokens": t.min_response_tokens}  # fmt: skip
 
 
 # --- statistics -----------------------------------------------------------------------------------
@@ -229,31 +255,28 @@ def statistics(report: AuditReport, scores: pl.DataFrame, top: int = 10) -> None
 
 
 def rescore_check(report: AuditReport, cfg: Config, cache_dir: Path, manifest: dict, scores: pl.DataFrame,
-                  rows: int, seed: int = 0, dtype: str | None = None, tolerance: float | None = None) -> None:  # fmt: skip
-    """Re-score ``rows`` seeded examples with transformers; compare with the cache."""
+                  rows: int, seed: int = 0, dtype: str | None = None, tolerance: float | None = None) -> None:
+    """Re-score ``rows`` seeded examples with transformers, in the cache's own batches (so the same
+    backend, dtype and settings reproduce identical bits); compare with the cache."""
     import dataclasses
 
-    from .score import TransformersScorer
+    from .scorers import make_scorer
 
-    settings = manifest.get("settings", {})
-    model_cfg = dataclasses.replace(cfg.model, dtype=dtype or manifest["inputs"]["dtype"])
-    # The cache's own batching, so that identical settings reproduce identical bits.
-    score_cfg = dataclasses.replace(cfg.score, tokens_per_batch=settings.get("tokens_per_batch"),
-                                    prefix_sharing=settings.get("prefix_sharing", True))  # fmt: skip
-    rescoring = dataclasses.replace(cfg, model=model_cfg, score=score_cfg)
-    scorer = TransformersScorer(rescoring)
-    examples = pl.read_parquet(dataset_dir_of(cache_dir, manifest) / "examples.parquet",
-                               columns=["id", "prompt_ids", "chosen_ids", "rejected_ids"])  # fmt: skip
+    inputs = manifest["inputs"]
+    model_cfg = dataclasses.replace(cfg.model, dtype=dtype or inputs["dtype"])
+    examples = pl.read_parquet(dataset_dir_of(cache_dir, manifest) / layout.EXAMPLES,
+                               columns=["id", "prompt_ids", "chosen_ids", "rejected_ids"])
+    scorer = make_scorer("transformers", dataclasses.replace(cfg, model=model_cfg), 0, manifest.get("settings"))
     rng = np.random.default_rng(seed)
     picked = sorted(rng.choice(examples.height, size=min(rows, examples.height), replace=False).tolist())
-    shard_rows = manifest["inputs"]["shard_rows"]
+    shard_rows = inputs["shard_rows"]
     token_diffs, seq_diffs = [], []
     for shard_index in sorted({i // shard_rows for i in picked}):
         start = shard_index * shard_rows
         part = examples.slice(start, shard_rows)
         local = [i - start for i in picked if start <= i < start + shard_rows]
-        chosen, rejected = scorer.score_pairs(part["prompt_ids"].to_list(), part["chosen_ids"].to_list(),
-                                              part["rejected_ids"].to_list(), rows=local)  # fmt: skip
+        token_ids = [part[f"{name}_ids"].to_list() for name in ("prompt", "chosen", "rejected")]
+        chosen, rejected = scorer.score_pairs(*token_ids, rows=local)
         for i in local:
             cached = scores.row(start + i, named=True)
             for side, values in (("chosen", chosen[i]), ("rejected", rejected[i])):
@@ -262,17 +285,16 @@ def rescore_check(report: AuditReport, cfg: Config, cache_dir: Path, manifest: d
                     token_diffs.append(np.abs(values - np.asarray(cached[f"{side}_token_logps"], np.float32)))
     del scorer
     tokens = np.concatenate(token_diffs) if token_diffs else np.zeros(0)
-    limit = tolerance if tolerance is not None else logprob_tolerance(
-        (model_cfg.dtype, manifest["inputs"]["dtype"]), manifest["inputs"]["backend"]
-    )
+    limit = tolerance if tolerance is not None else layout.logprob_tolerance(
+        (model_cfg.dtype, inputs["dtype"]), inputs["backend"])
     result = {"rows": len(picked), "ids": examples["id"].gather(picked).to_list(), "dtype": model_cfg.dtype,
               "token_max": float(tokens.max()) if tokens.size else None,
               "token_mean": float(tokens.mean()) if tokens.size else None,
-              "seq_max": float(max(seq_diffs)), "seq_mean": float(np.mean(seq_diffs)), "tolerance": limit}  # fmt: skip
+              "seq_max": float(max(seq_diffs)), "seq_mean": float(np.mean(seq_diffs)), "tolerance": limit}
     report.rescore = result
     worst = result["token_max"] if result["token_max"] is not None else result["seq_max"]
     text = (f"re-scored {len(picked)} rows with transformers/{model_cfg.dtype}: per-token max |diff| "
-            f"{result['token_max']}, per-sequence max |diff| {result['seq_max']:.3g} (tolerance {limit:g})")  # fmt: skip
+            f"{result['token_max']}, per-sequence max |diff| {result['seq_max']:.3g} (tolerance {limit:g})")
     (report.ok if worst <= limit else report.fail)("rescore", text)
 
 
@@ -280,59 +302,71 @@ def rescore_check(report: AuditReport, cfg: Config, cache_dir: Path, manifest: d
 
 
 def audit(cache_dir: str | Path, cfg: Config | None = None, rescore_rows: int = 0, seed: int = 0,
-          dtype: str | None = None, tolerance: float | None = None) -> AuditReport:  # fmt: skip
+          dtype: str | None = None, tolerance: float | None = None) -> AuditReport:
+    """Audit a cache. Never raises on damaged input: every problem becomes a failed finding."""
     cache_dir = Path(cache_dir)
-    report = AuditReport(str(cache_dir))
-    manifest = read_manifest(cache_dir)
-    readable = check_integrity(report, cache_dir, manifest)
+    report = AuditReport(str(cache_dir), level="full" if cfg is not None else "quick")
+    if not cache_dir.is_dir():
+        report.fail("integrity", f"{cache_dir} is not a folder")
+        return report
+    manifest = check_integrity(report, cache_dir)
     if manifest is not None and cfg is not None:
         check_staleness(report, cfg, manifest)
-    if readable:
+    if manifest is None:
+        return report
+    try:
         scores = load_scores(cache_dir, manifest)
         statistics(report, scores)
-        if rescore_rows and cfg is not None:
-            rescore_check(report, cfg, cache_dir, manifest, scores, rescore_rows, seed, dtype, tolerance)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        report.fail("numerics", f"cannot read the scores: {exc}")
+        return report
+    if rescore_rows and cfg is not None:
+        rescore_check(report, cfg, cache_dir, manifest, scores, rescore_rows, seed, dtype, tolerance)
     return report
 
 
 def diff_caches(a: str | Path, b: str | Path) -> dict:
     """Row-by-row comparison of two caches of the same dataset (e.g. vllm vs transformers)."""
     a, b = Path(a), Path(b)
-    ma, mb = read_manifest(a), read_manifest(b)
+    ma, mb = layout.verified_refscores(a), layout.verified_refscores(b)
     if ma["inputs"]["dataset_fingerprint"] != mb["inputs"]["dataset_fingerprint"]:
-        raise ValueError("the two caches were scored on different datasets: nothing to compare row by row")
+        raise CacheError("the two caches were scored on different datasets: nothing to compare row by row")
     left, right = load_scores(a, ma), load_scores(b, mb)
     joined = left.join(right, on="id", suffix="_b")
     out = {"rows": joined.height, "a": {k: ma["inputs"][k] for k in ("backend", "dtype")},
-           "b": {k: mb["inputs"][k] for k in ("backend", "dtype")}}  # fmt: skip
+           "b": {k: mb["inputs"][k] for k in ("backend", "dtype")}}
     for side in ("chosen", "rejected"):
         seq = (joined[f"{side}_logp"] - joined[f"{side}_logp_b"]).abs()
         out[f"{side}_seq_max"], out[f"{side}_seq_mean"] = float(seq.max()), float(seq.mean())
         if f"{side}_token_logps" in joined.columns and f"{side}_token_logps_b" in joined.columns:
-            tok = joined.select((pl.col(f"{side}_token_logps").explode() - pl.col(f"{side}_token_logps_b").explode()).abs().alias("d"))["d"]
+            diff = pl.col(f"{side}_token_logps").explode() - pl.col(f"{side}_token_logps_b").explode()
+            tok = joined.select(diff.abs().alias("d"))["d"]
             out[f"{side}_token_max"], out[f"{side}_token_mean"] = float(tok.max()), float(tok.mean())
         out[f"{side}_token_counts_equal"] = bool((joined[f"{side}_tokens"] == joined[f"{side}_tokens_b"]).all())
-    worst = joined.with_columns((pl.col("chosen_logp") - pl.col("chosen_logp_b")).abs().alias("d")).sort("d", descending=True)
-    out["largest_chosen_diffs"] = worst.select("id", "d").head(5).to_dicts()
+    gap = (pl.col("chosen_logp") - pl.col("chosen_logp_b")).abs().alias("d")
+    out["largest_chosen_diffs"] = joined.with_columns(gap).sort("d", descending=True).select("id", "d").head(5).to_dicts()
     return out
 
 
 def example_tokens(cache_dir: str | Path, example_id: str, tokenizer) -> dict:
     """An example's response tokens, each with its cached reference log-prob."""
     cache_dir = Path(cache_dir)
-    manifest = read_manifest(cache_dir)
+    manifest = layout.verified_refscores(cache_dir)
     scores = load_scores(cache_dir, manifest).filter(pl.col("id") == example_id)
     if scores.height == 0:
         raise KeyError(f"no example with id {example_id} in {cache_dir}")
-    example = pl.read_parquet(dataset_dir_of(cache_dir, manifest) / "examples.parquet").filter(pl.col("id") == example_id).row(0, named=True)
+    dataset_dir = dataset_dir_of(cache_dir, manifest)
+    layout.verified_dataset(dataset_dir)
+    examples = pl.read_parquet(dataset_dir / layout.EXAMPLES)
+    example = examples.filter(pl.col("id") == example_id).row(0, named=True)
     row = scores.row(0, named=True)
     out = {"id": example_id, "prompt": example["prompt"]}
     for side in ("chosen", "rejected"):
         ids = example[f"{side}_ids"]
         logps = row.get(f"{side}_token_logps") or [None] * len(ids)
-        out[side] = {"logp": row[f"{side}_logp"],
-                     "tokens": [{"token": tokenizer.decode([t], clean_up_tokenization_spaces=False), "id": t, "logp": lp}
-                                for t, lp in zip(ids, logps)]}  # fmt: skip
+        tokens = [{"token": tokenizer.decode([t], clean_up_tokenization_spaces=False), "id": t, "logp": lp}
+                  for t, lp in zip(ids, logps)]
+        out[side] = {"logp": row[f"{side}_logp"], "tokens": tokens}
     return out
 
 
@@ -439,17 +473,40 @@ def write_html(report: AuditReport, scores: pl.DataFrame | None, path: Path) -> 
     return path
 
 
-def save_report(report: AuditReport) -> Path:
-    """audit.json and audit.html in the cache directory; returns the HTML file."""
+def report_dir(report: AuditReport) -> Path:
+    """<storage>/audits/<cache fingerprint>/: the report lives apart from the (read-only) cache."""
+    name = report.cache_fingerprint or Path(report.cache_dir).name
+    return layout.audit_dir(layout.storage_of(report.cache_dir), name)
+
+
+def save_report(report: AuditReport, directory: str | Path | None = None) -> Path:
+    """<level>.json and <level>.html (level quick or full) in ``directory`` (default: the
+    storage's audits/<cache fingerprint>/); returns the HTML file. A quick audit never replaces
+    a full one: they are separate files."""
+    directory = Path(directory) if directory else report_dir(report)
     cache_dir = Path(report.cache_dir)
-    manifest = read_manifest(cache_dir)
-    scores = load_scores(cache_dir, manifest) if report.stats else None
-    atomic_write_json(cache_dir / "audit.json", report.to_dict())
-    return write_html(report, scores, cache_dir / "audit.html")
+    scores = None
+    if report.stats:  # the shards were verified and read once already; read them for the plots
+        scores = load_scores(cache_dir, read_json(cache_dir / MANIFEST))
+    ensure_dir(directory)
+    with exclusive(directory / ".lock", f"audit report {directory}", wait=True):
+        atomic_write_json(directory / f"{report.level}.json", report.to_dict())
+        return write_html(report, scores, directory / f"{report.level}.html")
 
 
-def read_saved_report(cache_dir: str | Path) -> dict | None:
+def current_full_audit(cache_dir: str | Path, rescore_rows: int = 0) -> dict | None:
+    """The saved full audit of this cache if it passed and is valid for the bytes on disk now:
+    the shards it read are those the (verified) manifest lists, and it re-scored enough rows."""
+    cache_dir = Path(cache_dir)
     try:
-        return json.loads((Path(cache_dir) / "audit.json").read_text())
-    except (OSError, ValueError):
+        manifest = layout.verified_refscores(cache_dir)
+    except CacheError:
         return None
+    saved = read_json(layout.audit_report_path(layout.storage_of(cache_dir), manifest["fingerprint"], "full"))
+    if not saved or saved.get("passed") is not True:
+        return None
+    if saved.get("shards") != {s["file"]: s["sha256"] for s in manifest["shards"]}:
+        return None
+    if rescore_rows and (saved.get("rescore") or {}).get("rows", 0) < rescore_rows:
+        return None
+    return saved

@@ -11,6 +11,7 @@ and are read back with torch.load(weights_only=True).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
+
+log = logging.getLogger("dpo.train")
 
 STEP_RE = re.compile(r"^step-(\d{6})$")
 
@@ -61,6 +64,22 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((path / "state.json").read_text())
+
+
+def load_latest_checkpoint(run_dir: Path, model, optimizer, scheduler) -> tuple[Path, dict] | None:
+    """Load the newest checkpoint that loads whole; a damaged one (truncated weights, bad
+    state.json) is skipped with a warning. None when no checkpoint loads."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            state = load_checkpoint(path, model, optimizer, scheduler)
+            if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+                raise ValueError("state.json has no step")
+        except Exception as exc:  # safetensors, torch and json raise many types; all mean "damaged"
+            log.warning("checkpoint %s cannot be loaded (%s: %s); trying the one before",
+                        path, type(exc).__name__, str(exc)[:200])
+            continue
+        return path, state
+    return None
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import ModelConfig
-from .store import fingerprint, sha256_file
+from .store import sha256_file
 
 # Files that determine how text becomes token ids. Hashing the files (not the loaded object)
 # keys caches on content, not on names, and is cheap: the hash is cached by path/size/mtime.
@@ -55,24 +55,11 @@ def load_tokenizer(model: ModelConfig):
     return tokenizer
 
 
-def tokenizer_fingerprint(model: ModelConfig, tokenizer) -> dict:
-    """What identifies the tokenizer's behaviour: file hashes, chat template and special tokens."""
+def tokenizer_files(model: ModelConfig) -> dict[str, str]:
+    """sha256 of each tokenizer file in ``model.path`` (chat templates included): what decides
+    how text becomes token ids."""
     path = check_model_path(model)
-    files = {
-        name: sha256_file(path / name) for name in TOKENIZER_FILES if (path / name).is_file()
-    }
-    template = getattr(tokenizer, "chat_template", None)
-    return {
-        "class": type(tokenizer).__name__,
-        "files": files,
-        "chat_template_sha256": fingerprint(template) if template else None,
-        "special_tokens": {
-            "bos": tokenizer.bos_token_id,
-            "eos": tokenizer.eos_token_id,
-            "pad": tokenizer.pad_token_id,
-        },
-        "vocab_size": len(tokenizer),
-    }
+    return {name: sha256_file(path / name) for name in TOKENIZER_FILES if (path / name).is_file()}
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")

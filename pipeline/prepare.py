@@ -41,15 +41,16 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
+from . import layout
 from .config import Config
-from .data import RawRow, check_input, input_kind, input_sha256, read_rows
-from .models import ModelError, load_tokenizer, tokenizer_fingerprint
+from .data import RawRow, check_input, input_kind, read_rows
+from .models import ModelError, load_tokenizer
 from .store import (
     atomic_path,
+    ensure_dir,
+    exclusive,
     fingerprint,
-    is_complete,
-    read_manifest,
+    lock_path,
     sha256_file,
     write_manifest,
     write_parquet,
@@ -57,7 +58,6 @@ from .store import (
 
 log = logging.getLogger("dpo.prepare")
 
-SCHEMA_VERSION = 1
 ID_HEX_CHARS = 16  # 64-bit content ids: collisions are negligible below ~1e8 examples
 # Row groups of 1024 examples (a few MB of token ids) let training and scoring read in chunks
 # without loading the whole file; larger groups would not compress better.
@@ -125,37 +125,6 @@ class PrepareResult:
     output_dir: Path
     manifest: dict
     skipped: bool
-
-
-# --- fingerprint -------------------------------------------------------------------------------
-
-
-def dataset_fingerprint_inputs(cfg: Config, tokenizer) -> dict:
-    """Everything that determines the bytes of the prepared dataset (and nothing else)."""
-    data, tok = cfg.data, cfg.tokenize
-    return {
-        "kind": "dataset",
-        "schema_version": SCHEMA_VERSION,
-        "data_sha256": input_sha256(data.path),
-        "data_settings": {
-            "format": data.format,
-            "eval_fraction": data.eval_fraction,
-            "columns": [data.prompt_column, data.chosen_column, data.rejected_column],
-            "implicit_prompt_marker": data.implicit_prompt_marker,
-        },
-        "tokenizer": tokenizer_fingerprint(cfg.model, tokenizer),
-        "tokenize_settings": {
-            "max_length": tok.max_length,
-            "max_prompt_length": tok.max_prompt_length,
-            "prompt_truncation": tok.prompt_truncation,
-            "add_eos": tok.add_eos,
-            "min_response_tokens": tok.min_response_tokens,
-        },
-    }
-
-
-def dataset_dir(storage: str | Path, fp: str) -> Path:
-    return Path(storage) / "datasets" / fp
 
 
 # --- validation and normalization of one record --------------------------------------------------
@@ -420,16 +389,44 @@ def _count_rows(path: Path) -> int | None:
 def prepare(cfg: Config, show_progress: bool = True) -> PrepareResult:
     """Run the prepare stage (or find its complete output) and return where the dataset lives."""
     data_path = check_input(cfg.data.path)
-    tokenizer = load_tokenizer(cfg.model)
-    inputs = dataset_fingerprint_inputs(cfg, tokenizer)
+    inputs = layout.dataset_identity(cfg)
     fp = fingerprint(inputs)
-    out_dir = dataset_dir(cfg.storage, fp)
-    if is_complete(out_dir):
+    out_dir = layout.dataset_dir(cfg.storage, fp)
+    if layout.is_verified(layout.verified_dataset, out_dir):
         log.info("prepare: up to date, %s", out_dir)
-        return PrepareResult(out_dir, read_manifest(out_dir), skipped=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+        return PrepareResult(out_dir, layout.verified_dataset(out_dir), skipped=True)
+    # One writer per dataset; a second `dpo prepare` of the same data waits, then finds it done.
+    with exclusive(lock_path(cfg.storage, "datasets", fp), f"dataset {out_dir}", wait=True):
+        if layout.is_verified(layout.verified_dataset, out_dir):
+            return PrepareResult(out_dir, layout.verified_dataset(out_dir), skipped=True)
+        _clear(out_dir)
+        started = time.perf_counter()
+        tokenizer = load_tokenizer(cfg.model)
+        written = _write_dataset(cfg, data_path, tokenizer, out_dir, show_progress)
+        manifest = {
+            "kind": "dataset",
+            "fingerprint": fp,
+            "inputs": inputs,
+            "source": {"path": str(data_path)},
+            **written,
+            "contract": _contract(cfg, tokenizer, written["chat_template_applied"]),
+            "versions": layout.library_versions(),
+            "seconds": round(time.perf_counter() - started, 3),
+            "complete": True,
+        }
+        write_manifest(out_dir, manifest)
+    return PrepareResult(out_dir, manifest, skipped=False)
 
+
+def _clear(out_dir: Path) -> None:
+    """Remove what a dead writer left (called under the lock): a dataset is written whole."""
+    ensure_dir(out_dir)
+    for leftover in out_dir.iterdir():
+        leftover.unlink()
+
+
+def _write_dataset(cfg: Config, data_path: Path, tokenizer, out_dir: Path, show_progress: bool) -> dict:
+    """Write examples.parquet and rejects.parquet; return the manifest's counts and files."""
     rows = read_rows(data_path)
     sample = list(itertools.islice(rows, 256))
     fmt = cfg.data.format
@@ -437,35 +434,51 @@ def prepare(cfg: Config, show_progress: bool = True) -> PrepareResult:
         fmt = detect_format((r.record for r in sample if r.record is not None), cfg)
     chat = fmt == "conversational" or (
         fmt == "implicit"
-        and any(
-            isinstance(r.record.get(cfg.data.chosen_column), list)
-            for r in sample
-            if r.record is not None
-        )
+        and any(isinstance(r.record.get(cfg.data.chosen_column), list) for r in sample if r.record is not None)
     )
     log.info("prepare: %s, format %s%s", data_path, fmt, " (chat template)" if chat else "")
     tok = _Tokenizer(tokenizer, cfg, chat)
-
     rejects: dict[str, list] = {name: [] for name in REJECTS_SCHEMA.names}
-    seen: dict[str, int] = {}
-    stats: Counter = Counter()
-    rows_read = 0
 
     def reject(row: RawRow, reason: str, detail: str) -> None:
-        rejects["source_row"].append(row.source_row)
-        rejects["reason"].append(reason)
-        rejects["detail"].append(detail)
-        rejects["raw"].append(row.raw)
+        for name, value in zip(REJECTS_SCHEMA.names, (row.source_row, reason, detail, row.raw)):
+            rejects[name].append(value)
 
-    examples_path = out_dir / "examples.parquet"
-    with (
-        atomic_path(examples_path) as tmp,
-        pq.ParquetWriter(tmp, EXAMPLES_SCHEMA, compression="zstd") as writer,
-        _progress(_count_rows(data_path), show_progress) as bar,
-    ):
+    examples_path = out_dir / layout.EXAMPLES
+    with _progress(_count_rows(data_path), show_progress) as bar:
+        stats = _write_examples(examples_path, itertools.chain(sample, rows), fmt, cfg, tok, reject, bar)
+    kept, rejected, rows_read = stats["kept"], len(rejects["reason"]), stats["rows_read"]
+    if kept + rejected != rows_read:  # an internal invariant; never expected to fire
+        raise PrepareError(f"accounting error: {kept} kept + {rejected} rejected != {rows_read} read")
+    rejects_path = out_dir / layout.REJECTS
+    rejects_sha = write_parquet(pa.table(rejects, schema=REJECTS_SCHEMA), rejects_path, row_group_size=65536)
+    by_reason = dict(sorted(Counter(rejects["reason"]).items()))
+    _check_reject_share(cfg, data_path, rows_read, rejected, by_reason, rejects_path)
+    counts = {"rows_read": rows_read, "kept": kept, "rejected": rejected, "rejected_by_reason": by_reason}
+    for key in ("train", "eval", "prompt_truncated", "chosen_truncated", "rejected_truncated"):
+        counts[key] = stats[key]
+    counts["chat_boundary_retokenized"] = stats["retokenized"]
+    return {
+        "format": fmt,
+        "chat_template_applied": chat,
+        "counts": counts,
+        "tokens": {"prompt": stats["prompt_tokens"], "chosen": stats["chosen_tokens"],
+                   "rejected": stats["rejected_tokens"], "max_sequence": stats["max_sequence"]},
+        "files": {
+            layout.EXAMPLES: {"sha256": sha256_file(examples_path, use_cache=False), "rows": kept},
+            layout.REJECTS: {"sha256": rejects_sha, "rows": rejected},
+        },
+    }
+
+
+def _write_examples(path: Path, rows: Iterator[RawRow], fmt: str, cfg: Config, tok, reject, bar) -> Counter:
+    """Tokenize ``rows`` in chunks into ``path``; rejected rows go to ``reject``. Returns stats."""
+    seen: dict[str, int] = {}
+    stats: Counter = Counter()
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, EXAMPLES_SCHEMA, compression="zstd") as writer:
         pending = EXAMPLES_SCHEMA.empty_table()
-        for chunk in _chunks(itertools.chain(sample, rows), cfg.tokenize.batch_rows):
-            rows_read += len(chunk)
+        for chunk in _chunks(rows, cfg.tokenize.batch_rows):
+            stats["rows_read"] += len(chunk)
             batch = _process_chunk(chunk, fmt, cfg, tok, seen, stats, reject)
             if batch is not None:
                 pending = pa.concat_tables([pending, pa.Table.from_batches([batch])])
@@ -476,16 +489,10 @@ def prepare(cfg: Config, show_progress: bool = True) -> PrepareResult:
             bar.update(len(chunk))
         if pending.num_rows:
             writer.write_table(pending)
+    return stats
 
-    kept = stats["kept"]
-    rejected = len(rejects["reason"])
-    if kept + rejected != rows_read:  # an internal invariant; never expected to fire
-        raise PrepareError(f"accounting error: {kept} kept + {rejected} rejected != {rows_read} read")
-    rejects_path = out_dir / "rejects.parquet"
-    rejects_sha = write_parquet(
-        pa.table(rejects, schema=REJECTS_SCHEMA), rejects_path, row_group_size=65536
-    )
-    by_reason = dict(sorted(Counter(rejects["reason"]).items()))
+
+def _check_reject_share(cfg: Config, data_path, rows_read: int, rejected: int, by_reason: dict, rejects_path) -> None:
     if rows_read == 0:
         raise PrepareError(f"{data_path} has no rows: nothing to prepare")
     if rejected / rows_read > cfg.data.max_reject_fraction:
@@ -496,57 +503,24 @@ def prepare(cfg: Config, show_progress: bool = True) -> PrepareResult:
             "(data.format, data.*_column), or raise data.max_reject_fraction"
         )
 
-    manifest = {
-        "kind": "dataset",
-        "schema_version": SCHEMA_VERSION,
-        "fingerprint": fp,
-        "inputs": inputs,
-        "source": {"path": str(data_path)},
-        "format": fmt,
-        "chat_template_applied": chat,
-        "counts": {
-            "rows_read": rows_read,
-            "kept": kept,
-            "rejected": rejected,
-            "rejected_by_reason": by_reason,
-            "train": stats["train"],
-            "eval": stats["eval"],
-            "prompt_truncated": stats["prompt_truncated"],
-            "chosen_truncated": stats["chosen_truncated"],
-            "rejected_truncated": stats["rejected_truncated"],
-            "chat_boundary_retokenized": stats["retokenized"],
+
+def _contract(cfg: Config, tokenizer, chat: bool) -> dict:
+    """How the token ids were made: what scoring and training may rely on."""
+    return {
+        "boundary": "prompt and responses tokenized separately; sequence = prompt_ids + response_ids",
+        "prompt_special_tokens": not chat,
+        "response_eos_appended": (not chat) and cfg.tokenize.add_eos,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "vocab_size": len(tokenizer),
+        "truncation": {
+            "max_length": cfg.tokenize.max_length,
+            "max_prompt_length": cfg.tokenize.max_prompt_length,
+            "prompt_truncation": cfg.tokenize.prompt_truncation,
+            "responses": "cut at the end",
         },
-        "tokens": {
-            "prompt": stats["prompt_tokens"],
-            "chosen": stats["chosen_tokens"],
-            "rejected": stats["rejected_tokens"],
-            "max_sequence": stats["max_sequence"],
-        },
-        "contract": {
-            "boundary": "prompt and responses tokenized separately; sequence = prompt_ids + response_ids",
-            "prompt_special_tokens": not chat,
-            "response_eos_appended": (not chat) and cfg.tokenize.add_eos,
-            "eos_token_id": tokenizer.eos_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "vocab_size": len(tokenizer),
-            "truncation": {
-                "max_length": cfg.tokenize.max_length,
-                "max_prompt_length": cfg.tokenize.max_prompt_length,
-                "prompt_truncation": cfg.tokenize.prompt_truncation,
-                "responses": "cut at the end",
-            },
-        },
-        "files": {
-            "examples.parquet": {"sha256": sha256_file(examples_path, use_cache=False), "rows": kept},
-            "rejects.parquet": {"sha256": rejects_sha, "rows": rejected},
-        },
-        "versions": _versions(),
-        "seconds": round(time.perf_counter() - started, 3),
-        "complete": True,
     }
-    write_manifest(out_dir, manifest)
-    return PrepareResult(out_dir, manifest, skipped=False)
 
 
 def _process_chunk(chunk, fmt, cfg, tok: _Tokenizer, seen, stats, reject) -> pa.RecordBatch | None:
@@ -598,34 +572,3 @@ def _process_chunk(chunk, fmt, cfg, tok: _Tokenizer, seen, stats, reject) -> pa.
     if not columns["id"]:
         return None
     return pa.RecordBatch.from_pydict(columns, schema=EXAMPLES_SCHEMA)
-
-
-def _versions() -> dict:
-    import tokenizers
-    import transformers
-
-    return {
-        "dpo_pipeline": __version__,
-        "python": sys.version.split()[0],
-        "transformers": transformers.__version__,
-        "tokenizers": tokenizers.__version__,
-        "pyarrow": pa.__version__,
-    }
-
-
-def plan_dataset_dir(cfg: Config) -> Path:
-    """Where the prepare stage puts (or put) the dataset for ``cfg``; nothing is read or written."""
-    check_input(cfg.data.path)
-    tokenizer = load_tokenizer(cfg.model)
-    return dataset_dir(cfg.storage, fingerprint(dataset_fingerprint_inputs(cfg, tokenizer)))
-
-
-def locate_dataset(cfg: Config) -> Path:
-    """The complete prepared dataset for ``cfg`` (found by fingerprint), or a clear error."""
-    out_dir = plan_dataset_dir(cfg)
-    if not is_complete(out_dir):
-        raise PrepareError(
-            f"no prepared dataset for this configuration ({out_dir} is missing or incomplete): "
-            "run `dpo prepare -c CONFIG` with the same config first"
-        )
-    return out_dir

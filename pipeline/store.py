@@ -1,17 +1,24 @@
-"""Content-addressed artifact store: fingerprints, file hashes, atomic writes, manifests.
+"""Content-addressed artifact store: fingerprints, file hashes, atomic writes, manifests, locks.
 
 Every stage writes into ``<storage>/<kind>/<fingerprint>/``. The fingerprint is a sha256 of
 everything that determines the bytes of the output; a ``manifest.json`` written last (with
 ``"complete": true``) marks the directory as finished. Files are always written under a
 temporary name (``.tmp-*``, which no reader's glob matches) and renamed into place, so a killed
 run never leaves a half-written file under a real name.
+
+One writer per output directory: every stage holds ``exclusive(lock_path(...))`` (a `filelock`
+lock under ``<storage>/locks/``) for the whole time it writes, and removes temporary leftovers
+of dead writers only while holding it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
+import socket
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -20,6 +27,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+log = logging.getLogger("dpo.store")
 
 MANIFEST = "manifest.json"
 _HASH_BLOCK = 1 << 20
@@ -88,6 +97,24 @@ def sha256_file(path: str | Path, use_cache: bool = True) -> str:
     return value
 
 
+_VERIFIED: dict[tuple, str] = {}
+
+
+def sha256_verified(path: str | Path) -> str:
+    """sha256 of a file's bytes as they are now, hashed at most once per process.
+
+    Unlike ``sha256_file``'s cache on disk (which trusts path, size and mtime, all of which a user
+    can restore), this memo lives only in this process and is keyed by inode and ctime too: any
+    write to the file, even one that restores its mtime, changes ctime and so forces a re-hash.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = sha256_file(path, use_cache=False)
+    return _VERIFIED[key]
+
+
 # --- atomic writes -----------------------------------------------------------------------------
 
 
@@ -146,12 +173,18 @@ def write_parquet(
 # --- manifests ---------------------------------------------------------------------------------
 
 
-def read_manifest(directory: str | Path) -> dict | None:
-    """The manifest of an output directory, or None when there is none (or it is unreadable)."""
+def read_json(path: str | Path) -> dict | None:
+    """A JSON object from ``path``, or None when it is missing, unreadable or not an object."""
     try:
-        return json.loads((Path(directory) / MANIFEST).read_text())
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return value if isinstance(value, dict) else None
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    """The manifest of an output directory, or None when there is none (or it is unreadable)."""
+    return read_json(Path(directory) / MANIFEST)
 
 
 def is_complete(directory: str | Path) -> bool:
@@ -162,3 +195,82 @@ def is_complete(directory: str | Path) -> bool:
 def write_manifest(directory: str | Path, manifest: dict) -> None:
     """Write the manifest last: its presence with complete=true is the completion flag."""
     atomic_write_json(Path(directory) / MANIFEST, manifest)
+
+
+# --- storage errors and locks ----------------------------------------------------------------
+
+
+class StorageError(RuntimeError):
+    """The storage root cannot be written (read-only, a file, no permission); says what to do."""
+
+
+class LockBusy(RuntimeError):
+    """Another process writes the same output directory and this stage does not wait."""
+
+
+def ensure_dir(path: str | Path) -> Path:
+    """``mkdir -p path``, with a one-line StorageError instead of an OSError traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
+        raise StorageError(
+            f"cannot create folder {path}: {blocker} is a file, not a folder. Set `storage` to a "
+            "folder (or move the file away)"
+        ) from None
+    except OSError as exc:
+        reason = "read-only file system" if exc.errno == errno.EROFS else (exc.strerror or str(exc))
+        raise StorageError(
+            f"cannot create folder {path} ({reason}): set `storage` to a writable folder"
+        ) from None
+    if not os.access(path, os.W_OK):
+        raise StorageError(f"folder {path} is not writable: set `storage` to a writable folder")
+    return path
+
+
+def lock_path(storage: str | Path, kind: str, name: str) -> Path:
+    """The lock file of output ``<storage>/<kind>/<name>`` (outside it: caches stay read-only)."""
+    return Path(storage) / "locks" / f"{kind}-{name}.lock"
+
+
+@contextmanager
+def exclusive(path: str | Path, what: str, wait: bool):
+    """Hold the lock at ``path`` while the block runs: one writer per output directory.
+
+    wait=True: a second process logs who holds the lock and waits for it; wait=False: it raises
+    LockBusy naming the holder's pid. The lock is an OS-level lock (`filelock`), so a killed
+    holder releases it; its pid is written beside it for messages only.
+    """
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    ensure_dir(path.parent)
+    owner = path.with_name(path.name + ".owner")
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = _lock_owner(owner)
+        if not wait:
+            raise LockBusy(
+                f"{what} is being written by another process ({holder}): wait for it to finish, "
+                "or stop it, then run again"
+            ) from None
+        log.warning("%s is being written by another process (%s); waiting for it", what, holder)
+        lock.acquire()
+    try:
+        try:
+            owner.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        except OSError:
+            pass  # only used in messages
+        yield
+    finally:
+        lock.release()
+
+
+def _lock_owner(owner: Path) -> str:
+    try:
+        return owner.read_text().strip() or "pid unknown"
+    except OSError:
+        return "pid unknown"

@@ -4,30 +4,33 @@
     result.run_dir  # <storage>/runs/<run name>/ with config.yaml, metrics.jsonl, checkpoints/,
                     # final/ (save_pretrained, safetensors + tokenizer), run.json
 
-One linear loop, top to bottom:
-  1. find the prepared dataset and its reference cache, and check the contract between them
-     (dataset fingerprint, every id scored, token counts equal): refuse on any mismatch;
-  2. load exactly one model, the policy (model.path, or train.init_from);
-  3. step-0 check: a policy that starts from the reference weights must reproduce the cached
+``train`` is setup, then a loop over ``train_step`` (the benchmark calls the same step):
+  1. find the prepared dataset and its reference cache (both verified against their manifests),
+     and check the contract between them (dataset fingerprint, every id scored, token counts
+     equal): refuse on any mismatch;
+  2. take the run's lock (a second `dpo train` of the same run name refuses, naming the holder);
+  3. load exactly one model, the policy (model.path, or train.init_from);
+  4. step-0 check: a policy that starts from the reference weights must reproduce the cached
      log-probs on the first batch (rewards 0, loss ln 2);
-  4. for each step: grad_accum micro-batches, each ONE forward pass over prompt + chosen +
+  5. each ``train_step``: grad_accum micro-batches, each ONE forward pass over prompt + chosen +
      rejected (the prompt computed once, see logprobs.pack_shared), loss scaled so the sum of
-     micro-batch gradients is the gradient of the mean over the whole batch; clip, AdamW step,
-     schedule; metrics to metrics.jsonl; eval and checkpoints on their cadence;
-  5. final eval, final/ and run.json.
+     micro-batch gradients is the gradient of the mean over the whole batch; a non-finite loss
+     or gradient norm stops the run; clip, AdamW step, schedule; metrics to metrics.jsonl;
+     eval and checkpoints on their cadence;
+  6. final eval, final/ and run.json (with the sha256 of every file in final/).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -36,17 +39,15 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from .checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
-from .config import Config, ModelConfig
+from . import layout
+from .checkpoint import checkpoint_dir, list_checkpoints, load_latest_checkpoint, prune_checkpoints, save_checkpoint
+from .config import Config
 from .logprobs import pair_logps, supports_shared_prefix
 from .losses import LOSSES, rewards
 from .models import load_causal_lm, load_tokenizer, model_fingerprint
-from .prepare import locate_dataset
-from .score import logprob_tolerance, plan_refscores_dir
-from .store import atomic_write_json, atomic_write_text, fingerprint, read_manifest
+from .store import atomic_write_json, atomic_write_text, ensure_dir, exclusive, lock_path, sha256_file
 
 log = logging.getLogger("dpo.train")
-
 
 
 class TrainError(RuntimeError):
@@ -78,45 +79,12 @@ class Split:
 # --- 1. inputs and their contract ----------------------------------------------------------------
 
 
-def locate_ref_cache(cfg: Config, dataset_fp: str) -> Path:
-    """The reference cache for this config: train.ref_cache, or the one `dpo score` made."""
-    if cfg.train.ref_cache:
-        path = Path(cfg.train.ref_cache)
-        if not (path / "manifest.json").is_file():
-            raise TrainError(f"train.ref_cache {path} has no manifest.json: it is not a score cache")
-        return path
-    expected = plan_refscores_dir(cfg, dataset_fp)
-    if expected.is_dir():
-        return expected
-    # Scored elsewhere (e.g. with vLLM on a GPU machine): any complete cache of this dataset.
-    candidates = []
-    for manifest_path in sorted((Path(cfg.storage) / "refscores").glob("*/manifest.json")):
-        manifest = read_manifest(manifest_path.parent)
-        if manifest and manifest["inputs"]["dataset_fingerprint"] == dataset_fp and manifest.get("complete"):
-            candidates.append(manifest_path.parent)
-    if len(candidates) == 1:
-        log.info("train: using reference cache %s", candidates[0])
-        return candidates[0]
-    if not candidates:
-        raise TrainError(
-            f"no reference scores for this dataset under {Path(cfg.storage) / 'refscores'}: run "
-            "`dpo score -c CONFIG` first (or set train.ref_cache)"
-        )
-    raise TrainError(
-        f"several reference caches match this dataset ({', '.join(p.name[:12] for p in candidates)}): "
-        "set train.ref_cache to the one to train against"
-    )
-
-
 def load_split_data(dataset_dir: Path, cache_dir: Path) -> tuple[dict[str, Split], dict]:
     """Examples joined with their cached reference log-probs, after checking the contract."""
-    dataset = read_manifest(dataset_dir)
-    cache = read_manifest(cache_dir)
+    # Both verified: every file is present and hashes as its manifest says, before a byte is read.
+    dataset = layout.verified_dataset(dataset_dir)
+    cache = layout.verified_refscores(cache_dir)
     fix = "rescore with `dpo score -c CONFIG` (or point train.ref_cache at the cache of this dataset)"
-    if cache is None or cache.get("kind") != "refscores":
-        raise TrainError(f"{cache_dir} is not a reference cache (no refscores manifest)")
-    if not cache.get("complete"):
-        raise TrainError(f"the reference cache {cache_dir} is incomplete: run `dpo score -c CONFIG` to finish it")
     if cache["inputs"]["dataset_fingerprint"] != dataset["fingerprint"]:
         raise TrainError(
             f"the reference cache {cache_dir.name[:12]} was scored on dataset "
@@ -124,7 +92,7 @@ def load_split_data(dataset_dir: Path, cache_dir: Path) -> tuple[dict[str, Split
             f"{dataset['fingerprint'][:12]}: {fix}"
         )
     examples = pq.read_table(
-        dataset_dir / "examples.parquet",
+        dataset_dir / layout.EXAMPLES,
         columns=["id", "split", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_tokens", "rejected_tokens"],
     )
     columns = ["id", "chosen_logp", "rejected_logp", "chosen_tokens", "rejected_tokens"]
@@ -203,21 +171,36 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return _PERMUTATIONS[key]
 
 
-def compute_loss(cfg: Config, split: Split, index: list[int], policy_chosen, policy_rejected, scale: float):
-    """Loss of a micro-batch (scaled by ``scale``) and the per-pair sums of its metrics."""
+def cached_reference(split: Split, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs of the pairs ``index`` from the cache: [B] float64 each."""
+    return split.ref_chosen[index], split.ref_rejected[index]
+
+
+def compute_loss(cfg: Config, split: Split, index: list[int], policy_chosen, policy_rejected, scale: float,
+                 reference: Callable = cached_reference):
+    """Loss of a micro-batch (scaled by ``scale``) and the per-pair sums of its metrics.
+
+    policy_chosen, policy_rejected: [B] float32 sequence log-probs under the policy.
+    """
     t = cfg.train
-    ref_chosen = split.ref_chosen[index].to(policy_chosen.device, torch.float32)
-    ref_rejected = split.ref_rejected[index].to(policy_chosen.device, torch.float32)
+    ref_chosen, ref_rejected = (v.to(policy_chosen.device, torch.float32) for v in reference(split, index))
     loss_fn = LOSSES[t.loss]
-    pc_, pr_, rc_, rr_ = policy_chosen, policy_rejected, ref_chosen, ref_rejected
-    chosen_len = torch.tensor([len(split.chosens[i]) for i in index], device=pc_.device, dtype=torch.float32)
+    chosen_len = torch.tensor([len(split.chosens[i]) for i in index], device=policy_chosen.device,
+                              dtype=torch.float32)
+    # What the loss sees: sums, or per-token means for length-normalized losses (IPO).
     if loss_fn.length_normalized:
-        rejected_len = torch.tensor([len(split.rejecteds[i]) for i in index], device=pc_.device, dtype=torch.float32)
-        pc_, rc_, pr_, rr_ = pc_ / chosen_len, rc_ / chosen_len, pr_ / rejected_len, rr_ / rejected_len
-    per_pair = loss_fn.fn(pc_, pr_, rc_, rr_, t.beta, t.label_smoothing)
+        rejected_len = torch.tensor([len(split.rejecteds[i]) for i in index], device=policy_chosen.device,
+                                    dtype=torch.float32)
+        seen = (policy_chosen / chosen_len, policy_rejected / rejected_len,
+                ref_chosen / chosen_len, ref_rejected / rejected_len)
+    else:
+        seen = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    seen_policy_chosen, seen_policy_rejected, seen_ref_chosen, seen_ref_rejected = seen
+    per_pair = loss_fn.fn(*seen, t.beta, t.label_smoothing)
     if t.sft_weight:
         per_pair = per_pair + t.sft_weight * (-policy_chosen / chosen_len)
-    reward_chosen, reward_rejected = rewards(pc_, rc_, t.beta), rewards(pr_, rr_, t.beta)
+    reward_chosen = rewards(seen_policy_chosen, seen_ref_chosen, t.beta)
+    reward_rejected = rewards(seen_policy_rejected, seen_ref_rejected, t.beta)
     sums = {
         "loss": per_pair.detach().sum().item(),
         "rewards/chosen": reward_chosen.detach().sum().item(),
@@ -234,26 +217,31 @@ def _tokens(split: Split, index: list[int]) -> int:
     return sum(2 * len(split.prompts[i]) + len(split.chosens[i]) + len(split.rejecteds[i]) for i in index)
 
 
-class _Trainer:
-    """The state of one run: policy, optimizer, data, where to write."""
+@dataclass
+class Trainer:
+    """The state of one run: policy, optimizer, schedule, data, where to write."""
 
-    def __init__(self, cfg: Config, policy, splits: dict[str, Split], run_dir: Path, device: str, autocast):
-        self.cfg, self.policy, self.splits, self.run_dir = cfg, policy, splits, run_dir
-        self.device, self.autocast = device, autocast
-        self.shared = supports_shared_prefix(policy)
-        t = cfg.train
-        self.micro = t.batch_size // t.grad_accum
+    cfg: Config
+    policy: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    splits: dict[str, Split]
+    device: str
+    total_steps: int
+    reference: Callable = cached_reference
+    """reference(split, index) -> (ref_chosen, ref_rejected); the benchmark swaps in a live model."""
+    autocast: Callable = contextlib.nullcontext
+    shared: bool = field(init=False)
+    micro: int = field(init=False)
+
+    def __post_init__(self):
+        self.shared = supports_shared_prefix(self.policy)
+        self.micro = self.cfg.train.batch_size // self.cfg.train.grad_accum
 
     def pair_logps(self, split: Split, index: list[int]):
+        picked = [split.prompts[i] for i in index], [split.chosens[i] for i in index], [split.rejecteds[i] for i in index]
         with self.autocast():
-            return pair_logps(
-                self.policy,
-                [split.prompts[i] for i in index],
-                [split.chosens[i] for i in index],
-                [split.rejecteds[i] for i in index],
-                shared=self.shared,
-                device=self.device,
-            )
+            return pair_logps(self.policy, *picked, shared=self.shared, device=self.device)
 
     def evaluate(self, step: int) -> dict:
         split = self.splits["eval"]
@@ -265,20 +253,76 @@ class _Trainer:
             for start in range(0, len(split), self.micro):
                 index = list(range(start, min(start + self.micro, len(split))))
                 chosen, rejected = self.pair_logps(split, index)
-                _, sums = compute_loss(self.cfg, split, index, chosen.float(), rejected.float(), 1.0)
+                _, sums = compute_loss(self.cfg, split, index, chosen.float(), rejected.float(), 1.0,
+                                       self.reference)
                 for key, value in sums.items():
                     totals[key] = totals.get(key, 0.0) + value
         self.policy.train()
         return {"step": step, **{f"eval/{k}": v / len(split) for k, v in totals.items()}}
 
 
-def step0_check(trainer: _Trainer, cfg: Config, cache: dict, cache_dir: Path) -> dict:
+def build_trainer(cfg: Config, splits: dict[str, Split], policy) -> Trainer:
+    """Optimizer (AdamW) and schedule around a loaded policy; float32 master weights, bfloat16
+    runs forward/backward under autocast."""
+    t = cfg.train
+    total_steps = t.max_steps or math.ceil(t.epochs * len(splits["train"]) / t.batch_size)
+    device = next(policy.parameters()).device.type
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, t.warmup_steps, total_steps, t.schedule)
+    )
+    half = {"bfloat16": torch.bfloat16}.get(cfg.model.dtype)
+    autocast = (lambda: torch.autocast(device_type=device, dtype=half)) if half else contextlib.nullcontext
+    return Trainer(cfg, policy, optimizer, scheduler, splits, device, total_steps, autocast=autocast)
+
+
+def train_step(trainer: Trainer, step: int) -> dict:
+    """One optimizer step (0-based ``step``) on its batch; returns the step's metrics record.
+
+    A non-finite loss or gradient norm raises TrainError before the weights change.
+    """
+    cfg, t, split = trainer.cfg, trainer.cfg.train, trainer.splits["train"]
+    started = time.perf_counter()
+    index = batch_indices(step, t.batch_size, len(split), t.seed)
+    totals: dict = {}
+    for micro in range(t.grad_accum):
+        micro_index = index[micro * trainer.micro : (micro + 1) * trainer.micro]
+        chosen, rejected = trainer.pair_logps(split, micro_index)
+        # Sum of per-pair losses / batch_size: the micro-batch gradients add up to the gradient
+        # of the mean loss over the whole batch.
+        loss, sums = compute_loss(cfg, split, micro_index, chosen.float(), rejected.float(), 1.0 / t.batch_size,
+                                  trainer.reference)
+        loss.backward()
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + value
+    clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainer.policy.parameters(), clip))
+    if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        ids = ", ".join(split.ids[i] for i in index[:8])
+        raise TrainError(
+            f"non-finite {'loss' if not math.isfinite(totals['loss']) else 'gradient norm'} at step "
+            f"{step + 1} (batch ids {ids}{'...' if len(index) > 8 else ''}); the weights were not "
+            "updated. Lower train.lr or train.beta, check those examples, then --resume from the "
+            "last checkpoint"
+        )
+    lr = trainer.scheduler.get_last_lr()[0]
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - started
+    return {"step": step + 1, "epoch": (step + 1) * t.batch_size / len(split),
+            **{k: v / t.batch_size for k, v in totals.items()}, "grad_norm": grad_norm, "lr": lr,
+            "tokens/s": _tokens(split, index) / seconds, "seconds": seconds}
+
+
+def step0_check(trainer: Trainer, cfg: Config, cache: dict, cache_dir: Path) -> dict:
     """Compare the policy's log-probs on the first batch with the cache (policy == reference)."""
     split = trainer.splits["train"]
     index = batch_indices(0, cfg.train.batch_size, len(split), cfg.train.seed)[: trainer.micro]
-    tolerance = cfg.train.step0_tolerance or logprob_tolerance(
-        (cfg.model.dtype, cache["inputs"]["dtype"]), cache["inputs"]["backend"]
-    )
+    tolerance = cfg.train.step0_tolerance
+    if tolerance is None:
+        tolerance = layout.logprob_tolerance((cfg.model.dtype, cache["inputs"]["dtype"]), cache["inputs"]["backend"])
     trainer.policy.eval()
     with torch.no_grad():
         chosen, rejected = trainer.pair_logps(split, index)
@@ -310,32 +354,6 @@ def step0_check(trainer: _Trainer, cfg: Config, cache: dict, cache_dir: Path) ->
 # --- the stage -----------------------------------------------------------------------------------
 
 
-def run_fingerprint_inputs(cfg: Config, dataset_fp: str, cache_fp: str, init_fp: dict) -> dict:
-    train = dataclasses.asdict(cfg.train)
-    for key in ("run_name", "ref_cache", "eval_every", "save_every", "keep_checkpoints", "step0_check"):
-        train.pop(key)
-    return {"kind": "run", "dataset": dataset_fp, "refscores": cache_fp, "init": init_fp,
-            "dtype": cfg.model.dtype, "train": train}  # fmt: skip
-
-
-def _init_model(cfg: Config) -> ModelConfig:
-    return ModelConfig(path=cfg.train.init_from or cfg.model.path, dtype="float32",
-                       trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
-
-
-def run_identity(cfg: Config, dataset_fp: str, cache_fp: str, init_fp: dict) -> tuple[str, Path]:
-    """(run fingerprint, run directory)."""
-    run_fp = fingerprint(run_fingerprint_inputs(cfg, dataset_fp, cache_fp, init_fp))
-    return run_fp, Path(cfg.storage) / "runs" / (cfg.train.run_name or f"dpo-{run_fp[:12]}")
-
-
-def plan_run_dir(cfg: Config, dataset_fp: str, cache_dir: Path) -> Path:
-    """Where the train stage puts (or put) the run for ``cfg`` and this reference cache."""
-    manifest = read_manifest(cache_dir)
-    cache_fp = manifest["fingerprint"] if manifest else cache_dir.name
-    return run_identity(cfg, dataset_fp, cache_fp, model_fingerprint(_init_model(cfg)))[1]
-
-
 def _device(cfg: Config) -> str:
     device = cfg.train.device
     if device == "auto":
@@ -345,157 +363,165 @@ def _device(cfg: Config) -> str:
     return device
 
 
-def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> TrainResult:
-    t = cfg.train
-    if cfg.model.dtype == "float16":
-        raise TrainError("model.dtype=float16 is not supported for training: use bfloat16 or float32")
-    # 1. Inputs and their contract.
-    dataset_dir = locate_dataset(cfg)
-    dataset_fp = read_manifest(dataset_dir)["fingerprint"]
-    cache_dir = locate_ref_cache(cfg, dataset_fp)
+@dataclass
+class _Run:
+    """What a run is: its inputs (verified), its identity and its folder."""
+
+    dataset_dir: Path
+    cache_dir: Path
+    cache: dict
+    splits: dict[str, Split]
+    init_fp: dict
+    identity: dict
+    fingerprint: str
+    run_dir: Path
+
+
+def _plan_run(cfg: Config) -> _Run:
+    from .store import fingerprint
+
+    dataset_dir = layout.locate_dataset(cfg)
+    dataset_fp = layout.verified_dataset(dataset_dir)["fingerprint"]
+    cache_dir = layout.locate_ref_cache(cfg, dataset_fp)
     splits, cache = load_split_data(dataset_dir, cache_dir)
     if not len(splits["train"]):
         raise TrainError(f"the dataset {dataset_dir} has no train examples")
-    init_cfg = _init_model(cfg)
-    init_fp = model_fingerprint(init_cfg)
-    run_fp, run_dir = run_identity(cfg, dataset_fp, cache["fingerprint"], init_fp)
-    previous = read_manifest_run(run_dir)
-    if previous and previous.get("complete"):
-        if previous["fingerprint"] != run_fp:
-            raise TrainError(f"{run_dir} holds a finished run of another configuration: set another train.run_name")
-        log.info("train: up to date, %s", run_dir)
-        return TrainResult(run_dir, previous, skipped=True)
-    checkpoints = list_checkpoints(run_dir)
-    if checkpoints and not resume:
-        raise TrainError(
-            f"{run_dir} has checkpoints of an unfinished run: pass --resume to continue it, or "
-            "delete the folder or set another train.run_name to start over"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    total_steps = t.max_steps or math.ceil(t.epochs * len(splits["train"]) / t.batch_size)
+    init_fp = model_fingerprint(layout.policy_init(cfg))
+    identity = layout.run_identity(cfg, dataset_fp, cache["fingerprint"], init_fp)
+    run_fp, run_dir = layout.run_dir_for(cfg, dataset_fp, cache["fingerprint"], init_fp)
+    assert run_fp == fingerprint(identity)
+    return _Run(dataset_dir, cache_dir, cache, splits, init_fp, identity, run_fp, run_dir)
 
-    # 2. Exactly one model: the policy.
-    device = _device(cfg)
-    torch.manual_seed(t.seed)
-    policy = load_causal_lm(init_cfg, device)
-    policy.train()
-    if t.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    half = {"bfloat16": torch.bfloat16}.get(cfg.model.dtype)
-    # Master weights stay float32; bfloat16 runs the forward/backward under autocast.
-    autocast = (lambda: torch.autocast(device_type=device, dtype=half)) if half else contextlib.nullcontext
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, t.warmup_steps, total_steps, t.schedule)
-    )
-    trainer = _Trainer(cfg, policy, splits, run_dir, device, autocast)
-    metrics_path = run_dir / "metrics.jsonl"
 
-    start_step = 0
-    if resume and checkpoints:
-        state = load_checkpoint(checkpoints[-1], policy, optimizer, scheduler)
-        start_step = state["step"]
-        if state["run_fingerprint"] != run_fp:
-            raise TrainError(f"the checkpoint {checkpoints[-1]} belongs to another configuration")
-        _truncate_metrics(metrics_path, start_step)
-        log.info("train: resumed from %s (step %d of %d)", checkpoints[-1].name, start_step, total_steps)
-    else:
-        metrics_path.unlink(missing_ok=True)
-        if init_fp == cache["inputs"]["model"] and t.step0_check != "off":
-            report = step0_check(trainer, cfg, cache, cache_dir)
-            _append(metrics_path, {"step": 0, **report})
-        elif t.step0_check != "off":
-            log.info("train: policy starts from other weights than the reference; no step-0 check")
-        eval_metrics = trainer.evaluate(0)
-        if eval_metrics:
-            _append(metrics_path, eval_metrics)
+def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    if cfg.model.dtype == "float16":
+        raise TrainError("model.dtype=float16 is not supported for training: use bfloat16 or float32")
+    run = _plan_run(cfg)
+    done = _finished(run)
+    if done is not None:
+        return done
+    # One writer per run folder: a second `dpo train` with the same run name refuses at once.
+    lock = lock_path(cfg.storage, "runs", run.run_dir.name)
+    with exclusive(lock, f"run {run.run_dir}", wait=False):
+        done = _finished(run)
+        if done is not None:
+            return done
+        checkpoints = list_checkpoints(run.run_dir)
+        if checkpoints and not resume:
+            raise TrainError(
+                f"{run.run_dir} has checkpoints of an unfinished run: pass --resume to continue it, "
+                "or delete the folder or set another train.run_name to start over"
+            )
+        ensure_dir(run.run_dir)
+        atomic_write_text(run.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        torch.manual_seed(cfg.train.seed)
+        policy = load_causal_lm(layout.policy_init(cfg), _device(cfg)).train()
+        if cfg.train.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer = build_trainer(cfg, run.splits, policy)
+        start_step = _start(trainer, run, resume and bool(checkpoints))
+        last_eval = _loop(trainer, run, start_step, show_progress)
+        return _finish(trainer, run, last_eval)
 
-    # 4. The loop.
+
+def _finished(run: _Run) -> TrainResult | None:
+    previous = layout.verified_run(run.run_dir)
+    if previous is None:
+        return None
+    if previous.get("fingerprint") != run.fingerprint:
+        raise TrainError(f"{run.run_dir} holds a finished run of another configuration: set another train.run_name")
+    log.info("train: up to date, %s", run.run_dir)
+    return TrainResult(run.run_dir, previous, skipped=True)
+
+
+def _start(trainer: Trainer, run: _Run, resume: bool) -> int:
+    """Resume from the newest loadable checkpoint, or start: step-0 check and first eval."""
+    metrics_path = run.run_dir / "metrics.jsonl"
+    if resume:
+        loaded = load_latest_checkpoint(run.run_dir, trainer.policy, trainer.optimizer, trainer.scheduler)
+        if loaded is None:
+            raise TrainError(
+                f"no checkpoint of {run.run_dir} can be loaded (all are damaged): delete the folder "
+                "(or set another train.run_name) and train again"
+            )
+        path, state = loaded
+        if state.get("run_fingerprint") != run.fingerprint:
+            raise TrainError(f"the checkpoint {path} belongs to another configuration")
+        _truncate_metrics(metrics_path, state["step"])
+        log.info("train: resumed from %s (step %d of %d)", path.name, state["step"], trainer.total_steps)
+        return state["step"]
+    metrics_path.unlink(missing_ok=True)
+    cfg = trainer.cfg
+    if run.init_fp == run.cache["inputs"]["model"] and cfg.train.step0_check != "off":
+        _append(metrics_path, {"step": 0, **step0_check(trainer, cfg, run.cache, run.cache_dir)})
+    elif cfg.train.step0_check != "off":
+        log.info("train: policy starts from other weights than the reference; no step-0 check")
+    first_eval = trainer.evaluate(0)
+    if first_eval:
+        _append(metrics_path, first_eval)
+    return 0
+
+
+def _loop(trainer: Trainer, run: _Run, start_step: int, show_progress: bool) -> dict:
     from tqdm.auto import tqdm
 
-    train_split = splits["train"]
-    bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="train", file=sys.stderr,
-               disable=not show_progress, dynamic_ncols=True)  # fmt: skip
-    last_eval = None
+    t, total = trainer.cfg.train, trainer.total_steps
+    metrics_path = run.run_dir / "metrics.jsonl"
+    bar = tqdm(total=total, initial=start_step, unit="step", desc="train", file=sys.stderr,
+               disable=not show_progress, dynamic_ncols=True)
+    last_eval: dict = {}
     with bar:
-        for step in range(start_step, total_steps):
-            started = time.perf_counter()
-            index = batch_indices(step, t.batch_size, len(train_split), t.seed)
-            totals: dict = {}
-            for micro in range(t.grad_accum):
-                micro_index = index[micro * trainer.micro : (micro + 1) * trainer.micro]
-                chosen, rejected = trainer.pair_logps(train_split, micro_index)
-                # Sum of per-pair losses / batch_size: the micro-batch gradients add up to the
-                # gradient of the mean loss over the whole batch.
-                loss, sums = compute_loss(cfg, train_split, micro_index, chosen.float(), rejected.float(),
-                                          1.0 / t.batch_size)  # fmt: skip
-                loss.backward()
-                for key, value in sums.items():
-                    totals[key] = totals.get(key, 0.0) + value
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                policy.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-            )
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            seconds = time.perf_counter() - started
-            record = {"step": step + 1, "epoch": (step + 1) * t.batch_size / len(train_split),
-                      **{k: v / t.batch_size for k, v in totals.items()},
-                      "grad_norm": float(grad_norm), "lr": lr,
-                      "tokens/s": _tokens(train_split, index) / seconds, "seconds": seconds}  # fmt: skip
+        for step in range(start_step, total):
+            record = train_step(trainer, step)
             _append(metrics_path, record)
             bar.update(1)
-            bar.set_postfix_str(
-                f"loss {record['loss']:.4f} acc {record['rewards/accuracies']:.2f} lr {lr:.2e} "
-                f"{record['tokens/s']:,.0f} tok/s",
-                refresh=False,
-            )
+            bar.set_postfix_str(f"loss {record['loss']:.4f} acc {record['rewards/accuracies']:.2f} "
+                                f"lr {record['lr']:.2e} {record['tokens/s']:,.0f} tok/s", refresh=False)
             done = step + 1
-            if t.eval_every and done % t.eval_every == 0 and done < total_steps:
+            if t.eval_every and done % t.eval_every == 0 and done < total:
                 last_eval = trainer.evaluate(done)
                 if last_eval:
                     _append(metrics_path, last_eval)
                     log.info("eval step %d: loss %.4f, reward accuracy %.3f", done,
-                             last_eval["eval/loss"], last_eval["eval/rewards/accuracies"])  # fmt: skip
-            if t.save_every and done % t.save_every == 0 and done < total_steps:
-                state = {"step": done, "pairs_consumed": done * t.batch_size, "run_fingerprint": run_fp,
-                         "total_steps": total_steps}  # fmt: skip
-                save_checkpoint(checkpoint_dir(run_dir, done), policy, optimizer, scheduler, state)
-                prune_checkpoints(run_dir, t.keep_checkpoints)
+                             last_eval["eval/loss"], last_eval["eval/rewards/accuracies"])
+            if t.save_every and done % t.save_every == 0 and done < total:
+                state = {"step": done, "run_fingerprint": run.fingerprint, "total_steps": total}
+                save_checkpoint(checkpoint_dir(run.run_dir, done), trainer.policy, trainer.optimizer,
+                                trainer.scheduler, state)
+                prune_checkpoints(run.run_dir, t.keep_checkpoints)
+    return last_eval
 
-    # 5. Final eval, weights, summary.
-    last_eval = trainer.evaluate(total_steps)
+
+def _finish(trainer: Trainer, run: _Run, last_eval: dict) -> TrainResult:
+    """Final eval, final/ (weights + tokenizer) and run.json, which lists final/'s sha256s."""
+    metrics_path = run.run_dir / "metrics.jsonl"
+    last_eval = trainer.evaluate(trainer.total_steps)
     if last_eval:
         _append(metrics_path, last_eval)
-    final = run_dir / "final"
-    policy.save_pretrained(final, safe_serialization=True)
-    load_tokenizer(cfg.model).save_pretrained(final)
+    final = run.run_dir / "final"
+    trainer.policy.save_pretrained(final, safe_serialization=True)
+    load_tokenizer(trainer.cfg.model).save_pretrained(final)
     first_eval = next((r for r in _read_metrics(metrics_path) if r["step"] == 0 and "eval/loss" in r), None)
+    files = {str(p.relative_to(run.run_dir)): sha256_file(p, use_cache=False)
+             for p in sorted(final.rglob("*")) if p.is_file()}
     summary = {
         "kind": "run",
-        "fingerprint": run_fp,
-        "inputs": run_fingerprint_inputs(cfg, dataset_fp, cache["fingerprint"], init_fp),
-        "dataset_dir": str(dataset_dir),
-        "refscores_dir": str(cache_dir),
-        "steps": total_steps,
-        "train_examples": len(train_split),
-        "eval_examples": len(splits["eval"]),
+        "fingerprint": run.fingerprint,
+        "inputs": run.identity,
+        "dataset_dir": str(run.dataset_dir),
+        "refscores_dir": str(run.cache_dir),
+        "steps": trainer.total_steps,
+        "train_examples": len(run.splits["train"]),
+        "eval_examples": len(run.splits["eval"]),
         "first_eval": first_eval,
         "final_eval": last_eval,
         "final_dir": str(final),
+        "files": files,
+        "versions": layout.library_versions(),
         "complete": True,
     }
-    atomic_write_json(run_dir / "run.json", summary)
-    return TrainResult(run_dir, summary, skipped=False)
-
-
-def read_manifest_run(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        return None
+    atomic_write_json(run.run_dir / layout.RUN_SUMMARY, summary)
+    return TrainResult(run.run_dir, summary, skipped=False)
 
 
 def _append(path: Path, record: dict) -> None:

@@ -17,11 +17,11 @@ Prefix caching is off: cached positions would get no prompt log-probs.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
 
 import numpy as np
 
-from .config import Config
+from ..config import Config
+from . import Progress, ScoreError
 
 # Sequences handed to one `generate` call: large enough for vLLM to batch well, small enough for
 # the progress bar to move.
@@ -34,8 +34,6 @@ class VllmScorer:
     def __init__(self, cfg: Config, max_sequence: int):
         import torch
 
-        from .score import ScoreError
-
         try:
             from vllm import LLM, SamplingParams
             from vllm.inputs import TokensPrompt
@@ -44,12 +42,15 @@ class VllmScorer:
                 f"vLLM does not import ({exc}): pip install -e '.[vllm]' on a GPU machine, or "
                 "set score.backend=transformers"
             ) from exc
-        self._error = ScoreError
         self._sampling_params = SamplingParams
         self._tokens_prompt = TokensPrompt
         fields = set(inspect.signature(SamplingParams).parameters)
         self.flat = "flat_logprobs" in fields
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Recorded in the cache's manifest: vLLM's own batching is not reproducible by request.
+        self.settings = {"device": self.device, "tensor_parallel_size": cfg.score.tensor_parallel_size,
+                         "max_num_batched_tokens": cfg.score.max_num_batched_tokens,
+                         "prefix_caching": False}
         self.llm = LLM(
             model=str(cfg.model.path),
             dtype=cfg.model.dtype,
@@ -83,27 +84,36 @@ class VllmScorer:
         if self.token_id_scoring:
             values = getattr(output, "prompt_token_id_logprobs", None)
             if values is None or len(values) != len(response):
-                raise self._error(
+                raise ScoreError(
                     f"vLLM returned {0 if values is None else len(values)} response log-probs "
                     f"for request {output.request_id}, expected {len(response)}"
                 )
             return np.asarray(values, dtype=np.float32)[:, 0]
         positions = output.prompt_logprobs
         if positions is None or len(positions) < prompt_len + len(response):
-            raise self._error(f"vLLM returned no prompt log-probs for request {output.request_id}")
+            raise ScoreError(f"vLLM returned no prompt log-probs for request {output.request_id}")
         out = np.empty(len(response), dtype=np.float32)
         for j, token in enumerate(response):
             entry = positions[prompt_len + j]
             if entry is None or token not in entry:
-                raise self._error(
+                raise ScoreError(
                     f"vLLM has no log-prob for token {token} at position {prompt_len + j} of "
                     f"request {output.request_id}"
                 )
             out[j] = entry[token].logprob
         return out
 
-    def score_pairs(self, prompts, chosens, rejecteds, progress=None):
+    def score_pairs(self, prompts, chosens, rejecteds, progress=None, rows=None):
         """(chosen, rejected) per-token log-prob arrays for each example, in input order."""
+        if rows is not None:  # each request is independent here: score only those rows
+            keep = sorted(set(rows))
+            picked = self.score_pairs([prompts[i] for i in keep], [chosens[i] for i in keep],
+                                      [rejecteds[i] for i in keep], progress)
+            chosen_out: list = [None] * len(prompts)
+            rejected_out: list = [None] * len(prompts)
+            for k, i in enumerate(keep):
+                chosen_out[i], rejected_out[i] = picked[0][k], picked[1][k]
+            return chosen_out, rejected_out
         values = self.score(prompts + prompts, chosens + rejecteds, progress)
         return values[: len(prompts)], values[len(prompts) :]
 
@@ -111,7 +121,7 @@ class VllmScorer:
         self,
         prompts: list[list[int]],
         responses: list[list[int]],
-        progress: Callable[[int, int, int], None] | None = None,
+        progress: Progress | None = None,
     ) -> list[np.ndarray]:
         out: list[np.ndarray] = []
         for start in range(0, len(prompts), REQUESTS_PER_CALL):

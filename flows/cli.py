@@ -1,4 +1,4 @@
-"""The `dpo` command line.
+"""The `dpo` command line: on top of both the library (`pipeline/`) and the flows (`flows/`).
 
     dpo prepare -c run.yaml [--set tokenize.max_length=512 ...]
     dpo score -c run.yaml [--set score.backend=transformers ...]
@@ -17,21 +17,21 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, config_from_dict, load_config
-from .data import DataError
-from .models import ModelError
-from .prepare import REJECT_REASONS, PrepareError, PrepareResult, prepare
-from .score import ScoreError, ScoreResult, score
-from .train import TrainError, TrainResult, train
-
-from . import STAGES
-
-class AuditFailed(RuntimeError):
-    """The audit found problems (they were printed); the exit code says so."""
-
+from pipeline import STAGES, layout
+from pipeline.audit import AuditFailed
+from pipeline.config import ConfigError, config_from_dict, load_config
+from pipeline.data import DataError
+from pipeline.layout import CacheError
+from pipeline.models import ModelError
+from pipeline.prepare import REJECT_REASONS, PrepareError, PrepareResult, prepare
+from pipeline.score import ScoreResult, score
+from pipeline.scorers import ScoreError
+from pipeline.store import LockBusy, StorageError
+from pipeline.train import TrainError, TrainResult, train
 
 # Errors a user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, ModelError, PrepareError, ScoreError, TrainError, AuditFailed)
+USER_ERRORS = (ConfigError, DataError, ModelError, PrepareError, ScoreError, TrainError, AuditFailed,
+               CacheError, StorageError, LockBusy)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", choices=STAGES, action="append", help="run only this stage (repeatable)")
     r.add_argument("--from", dest="from_stage", choices=STAGES, help="run this stage and the ones after it")
     r.add_argument("--force", choices=STAGES, action="append", default=[],
-                   help="rerun this stage from scratch, and the stages after it (repeatable)")  # fmt: skip
+                   help="rerun this stage from scratch, and the stages after it (repeatable)")
     sv = sub.add_parser("serve", help="serve the pipeline as a scheduled Prefect deployment")
     _add_config_args(sv)
     sv.add_argument("--cron", required=True, help='schedule, e.g. "0 3 * * *" (03:00 every day)')
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tolerance", type=float, help="max per-token |diff| of the re-score (nats)")
     a.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     a.add_argument("--cache", help="show: the cache directory (default: from -c)")
+    a.add_argument("--report-dir", help="where to write the report (default: <storage>/audits/<cache fingerprint>/)")
     d = sub.add_parser("demo", help="run the pipeline on the built-in demo (offline, CPU)")
     d.add_argument("--storage", default="storage", help="artifact root (default: ./storage)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -146,7 +147,7 @@ def cmd_score(args) -> Path:
 
 
 def cmd_run(args) -> Path:
-    from flows.pipeline import dpo_pipeline
+    from .pipeline import dpo_pipeline
 
     cfg = load_config(args.config, args.overrides)
     stages = list(args.only or STAGES)
@@ -163,37 +164,40 @@ def _print_flow_result(result: dict) -> None:
 
 
 def cmd_serve(args) -> Path:
-    from flows.pipeline import api_url, dpo_pipeline
+    from .pipeline import api_url, dpo_pipeline
 
     cfg = load_config(args.config, args.overrides)
     if not api_url():
-        raise PrepareError(
+        raise ConfigError(
             "scheduling needs a running Prefect server, and only the ephemeral API is available. "
             "Start one with `prefect server start --host 127.0.0.1` (in another terminal), then "
             "`export PREFECT_API_URL=http://127.0.0.1:4200/api` and run `dpo serve` again"
         )
     print(f"serving deployment {args.name} on {api_url()} with cron {args.cron!r}; "
-          "Ctrl-C stops it", file=sys.stderr)  # fmt: skip
+          "Ctrl-C stops it", file=sys.stderr)
     dpo_pipeline.serve(name=args.name, cron=args.cron, parameters={"config": cfg.to_dict()},
-                       print_starting_message=False)  # fmt: skip
+                       print_starting_message=False)
     return Path(cfg.storage)
 
 
-def _cache_from(args):
-    cfg = load_config(args.config, args.overrides) if args.config else None
-    if cfg is None:
+def _cache_from(args) -> Path:
+    """The cache a config names: train.ref_cache, or the one `dpo score` makes for it (audited
+    even when damaged), or a cache of the same dataset and model made with another backend."""
+    if not args.config:
         raise ConfigError("give a cache directory or -c CONFIG")
-    from .prepare import plan_dataset_dir
-    from .train import locate_ref_cache
-
-    return cfg, locate_ref_cache(cfg, plan_dataset_dir(cfg).name)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.train.ref_cache:
+        return Path(cfg.train.ref_cache)
+    dataset_fp = layout.plan_dataset_dir(cfg).name
+    planned = layout.plan_refscores_dir(cfg, dataset_fp)
+    return planned if planned.exists() else layout.locate_ref_cache(cfg, dataset_fp)
 
 
 def cmd_audit(args) -> Path:
     from rich.console import Console
     from rich.table import Table
 
-    from . import audit as audit_mod
+    from pipeline import audit as audit_mod
 
     console = Console(stderr=True)
     target = list(args.target)
@@ -214,11 +218,12 @@ def cmd_audit(args) -> Path:
     if target[:1] == ["show"]:
         if len(target) != 2:
             raise ConfigError("usage: dpo audit show ID -c CONFIG (or --cache DIR)")
-        cache = Path(args.cache) if args.cache else _cache_from(args)[1]
-        from transformers import AutoTokenizer
+        cache = Path(args.cache) if args.cache else _cache_from(args)
+        from pipeline.config import ModelConfig
+        from pipeline.models import load_tokenizer
 
-        manifest = audit_mod.read_manifest(cache)
-        tokenizer = AutoTokenizer.from_pretrained(manifest["model_path"])
+        manifest = layout.verified_refscores(cache)
+        tokenizer = load_tokenizer(ModelConfig(path=manifest["model_path"]))
         shown = audit_mod.example_tokens(cache, target[1], tokenizer)
         if args.json:
             print(json.dumps(shown))
@@ -235,18 +240,18 @@ def cmd_audit(args) -> Path:
             for i, t in enumerate(tokens):
                 style = "bold red" if low is not None and t["logp"] is not None and t["logp"] <= low else None
                 table.add_row(str(i), repr(t["token"]), str(t["id"]),
-                              "" if t["logp"] is None else f"{t['logp']:.3f}", style=style)  # fmt: skip
+                              "" if t["logp"] is None else f"{t['logp']:.3f}", style=style)
             console.print(table)
         return cache
     if len(target) > 1:
         raise ConfigError("usage: dpo audit [CACHE_DIR] [-c CONFIG] [--rescore K]")
     cfg = load_config(args.config, args.overrides) if args.config else None
-    cache = Path(target[0]) if target else _cache_from(args)[1]
+    cache = Path(target[0]) if target else _cache_from(args)
     if args.rescore and cfg is None:
         raise ConfigError("--rescore needs -c CONFIG (the model to re-score with)")
     report = audit_mod.audit(cache, cfg, rescore_rows=args.rescore, seed=args.seed, dtype=args.dtype,
-                             tolerance=args.tolerance)  # fmt: skip
-    html_path = audit_mod.save_report(report) if (cache / "manifest.json").is_file() else None
+                             tolerance=args.tolerance)
+    html_path = audit_mod.save_report(report, args.report_dir)
     table = Table(title=f"audit of {cache}")
     for column in ("check", "result", "detail"):
         table.add_column(column)
@@ -260,7 +265,7 @@ def cmd_audit(args) -> Path:
         for column in ("mean", "p01", "p50", "p99", "min", "max"):
             summary.add_column(column, justify="right")
         rows = [("chosen log-prob", st["sequence_logp"]["chosen"]), ("rejected log-prob", st["sequence_logp"]["rejected"]),
-                ("margin", st["margin"]), ("chosen tokens", st["lengths"]["chosen"])]  # fmt: skip
+                ("margin", st["margin"]), ("chosen tokens", st["lengths"]["chosen"])]
         if "token_logp" in st:
             rows.insert(0, ("per-token log-prob", st["token_logp"]))
         for name, d in rows:
@@ -278,16 +283,16 @@ def cmd_audit(args) -> Path:
 
 
 def cmd_status(args) -> Path:
-    from flows.pipeline import plan, stage_complete
+    from .pipeline import plan, stage_complete
 
     cfg = load_config(args.config, args.overrides)
     planned = plan(cfg)
     for stage in STAGES:
         directory = planned[stage]
-        if directory is None or not directory.exists():
+        if not directory.exists():
             state, size = "missing", 0
-        else:
-            state = "complete" if stage_complete(stage, directory) else "incomplete"
+        else:  # complete means verified: every file present and matching its manifest
+            state = "complete" if stage_complete(cfg, stage, directory) else "incomplete"
             size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
         print(f"{stage:<8} {state:<10} {size / 1e6:>10.1f} MB  {directory}")
     return Path(cfg.storage)
@@ -296,7 +301,7 @@ def cmd_status(args) -> Path:
 def summarize_train(result: TrainResult) -> str:
     s = result.summary
     lines = [f"train: {'up to date' if result.skipped else 'done'}: {result.run_dir}",
-             f"  {s['steps']} steps on {s['train_examples']} train pairs; weights in {s['final_dir']}"]  # fmt: skip
+             f"  {s['steps']} steps on {s['train_examples']} train pairs; weights in {s['final_dir']}"]
     first, last = s.get("first_eval"), s.get("final_eval")
     if last:
         before = f"{first['eval/rewards/accuracies']:.3f} -> " if first else ""
@@ -323,7 +328,7 @@ def cmd_prepare(args) -> Path:
 
 
 def cmd_demo(args) -> Path:
-    from .assets import build_demo_assets
+    from pipeline.assets import DEMO_TRAIN, build_demo_assets
 
     storage = Path(args.storage).resolve()
     assets = build_demo_assets(storage / "demo")
@@ -337,22 +342,18 @@ def cmd_demo(args) -> Path:
             "train": DEMO_TRAIN,
         }
     )
-    from flows.pipeline import dpo_pipeline
+    from .pipeline import dpo_pipeline
 
     result = dpo_pipeline(config=cfg.to_dict())
     _print_flow_result(result)
     run_dir = Path(result["outputs"]["train"])
     print(summarize_train(TrainResult(run_dir, json.loads((run_dir / "run.json").read_text()), False)),
-          file=sys.stderr)  # fmt: skip
+          file=sys.stderr)
     return run_dir
 
 
-# The tiny demo model learns its rule in seconds with a large learning rate.
-DEMO_TRAIN = {"lr": 3e-3, "beta": 0.1, "batch_size": 16, "max_steps": 60, "warmup_steps": 5,
-              "eval_every": 20, "save_every": 20, "run_name": "demo"}  # fmt: skip
-
 COMMANDS = {"prepare": cmd_prepare, "score": cmd_score, "train": cmd_train, "run": cmd_run,
-            "serve": cmd_serve, "status": cmd_status, "audit": cmd_audit, "demo": cmd_demo}  # fmt: skip
+            "serve": cmd_serve, "status": cmd_status, "audit": cmd_audit, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

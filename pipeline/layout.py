@@ -1,0 +1,411 @@
+"""The contract between the stages: where each output lives, what identifies it, when to trust it.
+
+    <storage>/datasets/<fp>/     examples.parquet, rejects.parquet, manifest.json   (prepare)
+    <storage>/refscores/<fp>/    part-NNNNN.parquet, manifest.json                  (score)
+    <storage>/audits/<cache fp>/ full.json|html, quick.json|html                    (audit)
+    <storage>/runs/<run name>/   config.yaml, metrics.jsonl, checkpoints/, final/, run.json (train)
+    <storage>/locks/             one lock file per output directory being written
+
+Every stage finds its inputs and its output through this module, and only through it: stages
+never import each other. An output directory's name is the fingerprint (sha256) of its
+*identity*: everything that determines its bytes, built here by one function per stage, which
+the staleness checks reuse. Its manifest records that identity, library versions, per-file
+sha256s and a completion flag; readers call ``verified_dataset`` / ``verified_refscores``, which
+check presence and sha256 of every file against the manifest before any byte is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import Config, ModelConfig
+from .data import input_sha256
+from .models import model_fingerprint, tokenizer_files
+from .store import MANIFEST, fingerprint, read_json, sha256_verified
+
+log = logging.getLogger("dpo.layout")
+
+# Schema versions: part of each identity, so a format change never reuses an old directory.
+DATASET_SCHEMA_VERSION = 2  # 2: the tokenizer is identified by its files alone
+REFSCORES_SCHEMA_VERSION = 2  # 2: scorer settings recorded resolved
+RUN_SCHEMA_VERSION = 1
+
+EXAMPLES = "examples.parquet"
+REJECTS = "rejects.parquet"
+RUN_SUMMARY = "run.json"
+SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
+AUDIT_LEVELS = ("quick", "full")
+"""quick: integrity and statistics of a cache alone; full: with a config (staleness, re-score)."""
+
+# Agreement to expect between two computations of the same log-probs (max per-token |diff|,
+# nats), used by the step-0 check and the audit's re-score: float32 transformers runs agree to
+# ~1e-6 (batch shapes and kernels differ); vLLM's kernels differ more; in bfloat16 vLLM and
+# transformers were seen to differ by up to ~0.3 nats/token.
+LOGPROB_TOLERANCE = {"transformers": 1e-3, "vllm": 1e-2}
+LOGPROB_TOLERANCE_HALF = 0.35
+
+
+class CacheError(RuntimeError):
+    """An output directory is missing, incomplete or damaged; the message says what to do."""
+
+
+def logprob_tolerance(dtypes: tuple[str, ...], backend: str) -> float:
+    if any(d != "float32" for d in dtypes):
+        return LOGPROB_TOLERANCE_HALF
+    return LOGPROB_TOLERANCE[backend]
+
+
+def library_versions() -> dict:
+    """Versions of what computed an output (recorded in manifests, not in fingerprints)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"dpo_pipeline": __version__, "python": sys.version.split()[0]}
+    for dist in ("torch", "transformers", "tokenizers", "pyarrow", "vllm"):
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+# --- paths ---------------------------------------------------------------------------------------
+
+
+def dataset_dir(storage: str | Path, fp: str) -> Path:
+    return Path(storage) / "datasets" / fp
+
+
+def refscores_dir(storage: str | Path, fp: str) -> Path:
+    return Path(storage) / "refscores" / fp
+
+
+def run_dir(storage: str | Path, name: str) -> Path:
+    return Path(storage) / "runs" / name
+
+
+def audit_dir(storage: str | Path, cache_fp: str) -> Path:
+    return Path(storage) / "audits" / cache_fp
+
+
+def audit_report_path(storage: str | Path, cache_fp: str, level: str, suffix: str = ".json") -> Path:
+    return audit_dir(storage, cache_fp) / f"{level}{suffix}"
+
+
+def storage_of(output_dir: str | Path) -> Path:
+    """The storage root an output directory ``<storage>/<kind>/<name>`` belongs to."""
+    return Path(output_dir).resolve().parent.parent
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+# --- identities (fingerprint inputs) ---------------------------------------------------------------
+
+
+def data_settings(cfg: Config) -> dict:
+    d = cfg.data
+    return {
+        "format": d.format,
+        "eval_fraction": d.eval_fraction,
+        "columns": [d.prompt_column, d.chosen_column, d.rejected_column],
+        "implicit_prompt_marker": d.implicit_prompt_marker,
+    }
+
+
+def tokenize_settings(cfg: Config) -> dict:
+    t = cfg.tokenize
+    return {
+        "max_length": t.max_length,
+        "max_prompt_length": t.max_prompt_length,
+        "prompt_truncation": t.prompt_truncation,
+        "add_eos": t.add_eos,
+        "min_response_tokens": t.min_response_tokens,
+    }
+
+
+def dataset_identity(cfg: Config, data_sha256: str | None = None) -> dict:
+    """Everything that determines the bytes of the prepared dataset (and nothing else).
+
+    The tokenizer is identified by its files (tokenizer.json, its config, the chat template...):
+    they determine every token id, and hashing them needs no tokenizer to be loaded.
+    """
+    return {
+        "kind": "dataset",
+        "schema_version": DATASET_SCHEMA_VERSION,
+        "data_sha256": data_sha256 or input_sha256(cfg.data.path),
+        "data_settings": data_settings(cfg),
+        "tokenizer_files": tokenizer_files(cfg.model),
+        "tokenize_settings": tokenize_settings(cfg),
+    }
+
+
+def refscores_identity(cfg: Config, dataset_fp: str, backend: str) -> dict:
+    """Everything that determines the reference scores. How batches are formed (the scorer's
+    settings) changes low-order bits only: recorded in the manifest, not part of the identity."""
+    return {
+        "kind": "refscores",
+        "schema_version": REFSCORES_SCHEMA_VERSION,
+        "dataset_fingerprint": dataset_fp,
+        "model": model_fingerprint(cfg.model),
+        "dtype": cfg.model.dtype,
+        "backend": backend,
+        "store_token_logps": cfg.score.store_token_logps,
+        "shard_rows": cfg.score.shard_rows,
+    }
+
+
+# train keys that change no weight: where to write, how often to report, what to check.
+RUN_KEYS_NOT_IN_IDENTITY = ("run_name", "ref_cache", "eval_every", "save_every", "keep_checkpoints",
+                            "step0_check", "step0_tolerance", "device")
+
+
+def policy_init(cfg: Config) -> ModelConfig:
+    """The weights the policy starts from: train.init_from, else the reference model itself.
+    Master weights are float32 whatever model.dtype says (bfloat16 trains under autocast)."""
+    return ModelConfig(path=cfg.train.init_from or cfg.model.path, dtype="float32",
+                       trust_remote_code=cfg.model.trust_remote_code)
+
+
+def run_identity(cfg: Config, dataset_fp: str, cache_fp: str, init_fp: dict) -> dict:
+    train = dataclasses.asdict(cfg.train)
+    for key in RUN_KEYS_NOT_IN_IDENTITY:
+        train.pop(key)
+    return {"kind": "run", "schema_version": RUN_SCHEMA_VERSION, "dataset": dataset_fp,
+            "refscores": cache_fp, "init": init_fp, "dtype": cfg.model.dtype, "train": train}
+
+
+# --- reading manifests, and trusting the bytes they describe --------------------------------------
+
+
+def _manifest(directory: Path, kind: str, fix: str) -> dict:
+    manifest = read_json(directory / MANIFEST)
+    if manifest is None:
+        raise CacheError(f"{directory} has no readable {MANIFEST}: {fix}")
+    if manifest.get("kind") != kind or not isinstance(manifest.get("fingerprint"), str):
+        raise CacheError(f"{directory / MANIFEST} is not a {kind} manifest: {fix}")
+    if manifest.get("complete") is not True:
+        raise CacheError(f"{directory} is incomplete (its writer did not finish): {fix}")
+    return manifest
+
+
+def _check_file(path: Path, sha256, fix: str) -> None:
+    if not isinstance(sha256, str):
+        raise CacheError(f"the manifest of {path.parent} has no sha256 for {path.name}: {fix}")
+    if not path.is_file():
+        raise CacheError(f"{path} is missing: {fix}")
+    if sha256_verified(path) != sha256:
+        raise CacheError(f"{path} is damaged (its sha256 differs from the manifest): {fix}")
+
+
+def verified_dataset(directory: str | Path) -> dict:
+    """The manifest of a complete prepared dataset whose files all match it, or CacheError."""
+    directory = Path(directory)
+    fix = f"delete {directory} and run `dpo prepare -c CONFIG` again"
+    manifest = _manifest(directory, "dataset", fix)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or EXAMPLES not in files:
+        raise CacheError(f"{directory / MANIFEST} lists no {EXAMPLES}: {fix}")
+    for name, entry in files.items():
+        _check_file(directory / name, entry.get("sha256") if isinstance(entry, dict) else None, fix)
+    return manifest
+
+
+def refscores_shards(manifest: dict) -> list[dict]:
+    """The shard entries of a refscores manifest, checked for shape (file, rows, sha256)."""
+    shards = manifest.get("shards")
+    ok = isinstance(shards, list) and all(
+        isinstance(s, dict) and isinstance(s.get("file"), str) and SHARD_RE.match(s["file"])
+        and isinstance(s.get("rows"), int) and isinstance(s.get("sha256"), str)
+        for s in shards
+    )
+    if not ok:
+        raise CacheError("the refscores manifest's shard list is malformed")
+    return shards
+
+
+def verified_refscores(directory: str | Path) -> dict:
+    """The manifest of a complete reference cache whose shards all match it, or CacheError.
+
+    Every shard is hashed (once per process, see store.sha256_verified) before anything reads it.
+    """
+    directory = Path(directory)
+    fix = "run `dpo score -c CONFIG` to rescore (it rescores missing shards; delete damaged ones first)"
+    manifest = _manifest(directory, "refscores", fix)
+    try:
+        shards = refscores_shards(manifest)
+        inputs = manifest["inputs"]
+        inputs["dataset_fingerprint"], inputs["model"], inputs["dtype"], inputs["backend"]  # noqa: B018
+    except (CacheError, KeyError, TypeError) as exc:
+        raise CacheError(f"{directory / MANIFEST} is malformed ({exc}): {fix}") from None
+    if sum(s["rows"] for s in shards) != manifest.get("rows"):
+        raise CacheError(f"{directory / MANIFEST}: the shards' rows do not add up to its rows: {fix}")
+    for shard in shards:
+        path = directory / shard["file"]
+        _check_file(path, shard["sha256"], f"delete {path} if it exists, then {fix}")
+    return manifest
+
+
+def is_verified(check, directory: str | Path | None) -> bool:
+    """Whether ``check`` (verified_dataset / verified_refscores) accepts the directory."""
+    if directory is None:
+        return False
+    try:
+        check(directory)
+    except CacheError:
+        return False
+    return True
+
+
+def verified_run(directory: str | Path) -> dict | None:
+    """The summary of a finished run whose final weights match it; None if unfinished or damaged."""
+    directory = Path(directory)
+    summary = read_json(directory / RUN_SUMMARY)
+    if not summary or summary.get("complete") is not True or not isinstance(summary.get("files"), dict):
+        return None
+    for name, sha in summary["files"].items():
+        path = directory / name
+        if not path.is_file() or sha256_verified(path) != sha:
+            return None
+    return summary
+
+
+# --- finding each stage's output for a config ------------------------------------------------------
+
+
+def plan_dataset_dir(cfg: Config) -> Path:
+    """Where the prepare stage puts (or put) the dataset for ``cfg``; nothing is written."""
+    return dataset_dir(cfg.storage, fingerprint(dataset_identity(cfg)))
+
+
+def locate_dataset(cfg: Config) -> Path:
+    """The verified prepared dataset for ``cfg``, or a CacheError that says what to run.
+
+    Found by fingerprint while data.path exists. Later stages only need token ids, so when
+    data.path is gone the dataset prepared from that path with the same settings and tokenizer
+    files is used, if there is exactly one.
+    """
+    from .data import DataError
+
+    try:
+        planned = plan_dataset_dir(cfg)
+    except DataError:
+        if Path(cfg.data.path).exists():
+            raise
+        return _dataset_without_source(cfg)
+    if not is_verified(verified_dataset, planned):
+        if planned.exists():
+            verified_dataset(planned)  # raises with the reason
+        raise CacheError(
+            f"no prepared dataset for this configuration ({planned} is missing): run "
+            "`dpo prepare -c CONFIG` with the same config first"
+        )
+    return planned
+
+
+def _dataset_without_source(cfg: Config) -> Path:
+    wanted = dataset_identity(cfg, data_sha256="(any)")
+    matches = []
+    for manifest_path in sorted((Path(cfg.storage) / "datasets").glob(f"*/{MANIFEST}")):
+        manifest = read_json(manifest_path) or {}
+        inputs = dict(manifest.get("inputs") or {}, data_sha256="(any)")
+        if inputs == wanted and (manifest.get("source") or {}).get("path") == str(cfg.data.path):
+            matches.append(manifest_path.parent)
+    matches = [m for m in matches if is_verified(verified_dataset, m)]
+    if len(matches) == 1:
+        log.info("data.path %s is gone; using the dataset prepared from it: %s", cfg.data.path, matches[0])
+        return matches[0]
+    if not matches:
+        raise CacheError(
+            f"data.path {cfg.data.path} does not exist and no dataset prepared from it with these "
+            "settings is in storage: set data.path to your preference data and run `dpo prepare`"
+        )
+    names = ", ".join(m.name[:12] for m in matches)
+    raise CacheError(
+        f"data.path {cfg.data.path} does not exist and several datasets were prepared from it "
+        f"({names}): restore the file, or prepare again"
+    )
+
+
+def plan_refscores_dir(cfg: Config, dataset_fp: str) -> Path:
+    """Where the score stage puts (or put) the cache for ``cfg``; nothing is written."""
+    from .scorers import resolve_backend
+
+    backend = resolve_backend(cfg.score.backend)
+    return refscores_dir(cfg.storage, fingerprint(refscores_identity(cfg, dataset_fp, backend)))
+
+
+def locate_ref_cache(cfg: Config, dataset_fp: str) -> Path:
+    """The verified reference cache of this dataset scored by ``model.path`` in ``model.dtype``.
+
+    train.ref_cache names it explicitly; else the cache `dpo score` makes for this config; else a
+    cache of the same dataset, model weights and dtype made with another backend (e.g. vLLM on a
+    GPU machine). A cache of another model or tokenizer is never used: it is named instead.
+    """
+    model_fp = model_fingerprint(cfg.model)
+    if cfg.train.ref_cache:
+        path = Path(cfg.train.ref_cache)
+        manifest = verified_refscores(path)
+        _check_reference(path, manifest, dataset_fp, model_fp, cfg)
+        return path
+    planned = plan_refscores_dir(cfg, dataset_fp)
+    if planned.is_dir():
+        verified_refscores(planned)
+        return planned
+    same, other = [], []
+    for manifest_path in sorted((Path(cfg.storage) / "refscores").glob(f"*/{MANIFEST}")):
+        inputs = (read_json(manifest_path) or {}).get("inputs") or {}
+        if inputs.get("dataset_fingerprint") != dataset_fp:
+            continue
+        matches = inputs.get("model") == model_fp and inputs.get("dtype") == cfg.model.dtype
+        (same if matches else other).append(manifest_path.parent)
+    if len(same) == 1:
+        verified_refscores(same[0])
+        log.info("using reference cache %s (same model and dtype, scored with another backend)", same[0])
+        return same[0]
+    if len(same) > 1:
+        names = ", ".join(p.name[:12] for p in same)
+        raise CacheError(f"several reference caches match this dataset and model ({names}): "
+                         "set train.ref_cache to the one to train against")
+    hint = ""
+    if other:
+        names = ", ".join(p.name[:12] for p in other)
+        hint = (f" Caches of this dataset scored by other weights or dtype exist ({names}); they "
+                "are not used: set model.path/model.dtype to their reference model, or set "
+                "train.ref_cache explicitly.")
+    raise CacheError(f"no reference scores of this dataset by {cfg.model.path} ({cfg.model.dtype}): "
+                     f"run `dpo score -c CONFIG` first.{hint}")
+
+
+def _check_reference(path: Path, manifest: dict, dataset_fp: str, model_fp: dict, cfg: Config) -> None:
+    inputs = manifest["inputs"]
+    if inputs["dataset_fingerprint"] != dataset_fp:
+        raise CacheError(
+            f"train.ref_cache {path} was scored on dataset {inputs['dataset_fingerprint'][:12]}, "
+            f"but this config's dataset is {dataset_fp[:12]}: rescore with `dpo score -c CONFIG` "
+            "or point train.ref_cache at the cache of this dataset"
+        )
+    if inputs["model"] != model_fp:
+        raise CacheError(
+            f"train.ref_cache {path} was scored by other weights than model.path "
+            f"({cfg.model.path}): set model.path to the reference model it was scored with, or "
+            "rescore with `dpo score -c CONFIG`"
+        )
+
+
+def plan_run_dir(cfg: Config, dataset_fp: str, cache_dir: Path) -> Path:
+    """Where the train stage puts (or put) the run for ``cfg`` and this reference cache."""
+    manifest = read_json(Path(cache_dir) / MANIFEST)
+    cache_fp = manifest.get("fingerprint") if manifest else Path(cache_dir).name
+    return run_dir_for(cfg, dataset_fp, cache_fp, model_fingerprint(policy_init(cfg)))[1]
+
+
+def run_dir_for(cfg: Config, dataset_fp: str, cache_fp: str, init_fp: dict) -> tuple[str, Path]:
+    """(run fingerprint, run directory): train.run_name, else named after the fingerprint."""
+    run_fp = fingerprint(run_identity(cfg, dataset_fp, cache_fp, init_fp))
+    return run_fp, run_dir(cfg.storage, cfg.train.run_name or f"dpo-{run_fp[:12]}")

@@ -1,0 +1,168 @@
+"""The transformers scoring backend: sorted by length, batched by a token budget, prefix sharing.
+
+Runs on CPU or GPU with the one log-prob function of ``pipeline.logprobs``; it is also the
+cross-check of the vLLM backend and what the audit re-scores with.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..config import Config
+from ..models import ModelError
+from . import Progress, ScoreError
+
+log = logging.getLogger("dpo.score")
+
+# score.tokens_per_batch when unset: small batches stay in the CPU's caches (bench/score_bench.py
+# measured 2048 fastest of 2048/4096/8192 on 2 cores); a GPU wants large ones.
+DEFAULT_TOKENS_PER_BATCH = {"cpu": 2048, "cuda": 32768}
+# Tolerance of the LM-head self-check (our hidden-state path vs the model's own logits), by dtype.
+HEAD_CHECK_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1}
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ScoreError("score.device=cuda but no CUDA GPU is visible: use score.device=auto")
+    return requested
+
+
+class TransformersScorer:
+    """Scores with a transformers causal LM: sorted by length, batched by a token budget."""
+
+    name = "transformers"
+
+    def __init__(self, cfg: Config, settings: dict | None = None):
+        """settings: a cache's recorded {"tokens_per_batch", "prefix_sharing"} to reproduce."""
+        from ..logprobs import check_head_path, supports_shared_prefix
+        from ..models import load_causal_lm
+
+        settings = settings or {}
+        self.device = device = resolve_device(cfg.score.device)
+        self.tokens_per_batch = (
+            settings.get("tokens_per_batch")
+            or cfg.score.tokens_per_batch
+            or DEFAULT_TOKENS_PER_BATCH[device]
+        )
+        want_sharing = settings.get("prefix_sharing", cfg.score.prefix_sharing)
+        self.model = load_causal_lm(cfg.model, device)
+        tolerance = HEAD_CHECK_TOLERANCE[cfg.model.dtype]
+        probe = list(range(1, min(17, self.model.config.vocab_size)))
+        diff = check_head_path(self.model, probe)
+        if diff > tolerance:
+            raise ModelError(
+                f"the model in {cfg.model.path} post-processes its logits in a way the scorer does "
+                f"not reproduce (max |diff| {diff:.3g} nats on a probe): please report the "
+                "architecture so it can be supported"
+            )
+        self.prefix_sharing = want_sharing and supports_shared_prefix(self.model)
+        if self.prefix_sharing:
+            # Same numbers with and without sharing on a probe, or sharing is switched off.
+            prompt, chosen, rejected = [probe[:5]], [probe[5:11]], [probe[11:16]]
+            separate = self.score(prompt + prompt, chosen + rejected)
+            shared = self._score_shared(prompt, chosen, rejected)
+            diff = max(float(np.abs(a - b).max()) for a, b in zip(separate, shared[0] + shared[1]))
+            if diff > tolerance:
+                log.warning("score: prefix sharing disagrees on a probe (%.3g); switched off", diff)
+                self.prefix_sharing = False
+        elif want_sharing:
+            attention = self.model.config._attn_implementation
+            log.info("score: %s attention takes no custom masks; prefix sharing off", attention)
+
+    @property
+    def settings(self) -> dict:
+        return {"device": self.device, "tokens_per_batch": self.tokens_per_batch,
+                "prefix_sharing": self.prefix_sharing}
+
+    def batches(self, lengths: list[int]) -> list[list[int]]:
+        """Sequence indices grouped so that rows x longest <= tokens_per_batch, longest first."""
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        groups: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            width = lengths[current[0]] if current else lengths[i]
+            if current and width * (len(current) + 1) > self.tokens_per_batch:
+                groups.append(current)
+                current = []
+            current.append(i)
+        if current:
+            groups.append(current)
+        return groups
+
+    def score_pairs(self, prompts, chosens, rejecteds, progress=None, rows=None):
+        """(chosen, rejected) per-token log-prob arrays for each example, in input order.
+
+        rows: only compute the batches that hold these examples (None elsewhere in the output);
+        the batches are the ones a full call makes, so the values are bit-identical to it.
+        """
+        if self.prefix_sharing:
+            return self._score_shared(prompts, chosens, rejecteds, progress, rows)
+        only = None if rows is None else set(rows) | {i + len(prompts) for i in rows}
+        values = self.score(prompts + prompts, chosens + rejecteds, progress, only)
+        return values[: len(prompts)], values[len(prompts) :]
+
+    def _batched(self, lengths: list[int], pack_group, only: set[int] | None = None):
+        """Yield (group, per-response log-prob arrays) for each batch of the full call's batching,
+        skipping batches that hold none of ``only``; pack_group(group) builds the batch."""
+        import torch
+
+        from ..logprobs import response_logps
+
+        for group in self.batches(lengths):
+            if only is not None and not only.intersection(group):
+                continue
+            batch = pack_group(group)
+            with torch.inference_mode():
+                values = response_logps(self.model, batch.to(self.device)).cpu().numpy()
+            yield group, np.split(values, np.cumsum(batch.lengths)[:-1])
+
+    def _score_shared(self, prompts, chosens, rejecteds, progress=None, rows=None):
+        from ..logprobs import pack_shared
+
+        def pack_group(group):
+            picked = [prompts[i] for i in group], [chosens[i] for i in group], [rejecteds[i] for i in group]
+            return pack_shared(*picked, pad_id=0)
+
+        lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosens, rejecteds)]
+        chosen_out: list = [None] * len(prompts)
+        rejected_out: list = [None] * len(prompts)
+        for group, parts in self._batched(lengths, pack_group, None if rows is None else set(rows)):
+            for k, i in enumerate(group):
+                chosen_out[i], rejected_out[i] = parts[2 * k], parts[2 * k + 1]
+            if progress:
+                through_model = sum(2 * len(prompts[i]) + len(chosens[i]) + len(rejecteds[i]) for i in group)
+                progress(2 * len(group), sum(map(len, parts)), through_model)
+        return chosen_out, rejected_out
+
+    def score(
+        self,
+        prompts: list[list[int]],
+        responses: list[list[int]],
+        progress: Progress | None = None,
+        only: set[int] | None = None,
+    ) -> list[np.ndarray]:
+        """Per-token log-probs (float32 arrays) of each response after its prompt, in input order.
+
+        only: compute just the batches holding these sequences (None elsewhere in the output).
+        """
+        from ..logprobs import pack
+
+        def pack_group(group):
+            return pack([prompts[i] for i in group], [responses[i] for i in group], pad_id=0)
+
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+        out: list[np.ndarray | None] = [None] * len(prompts)
+        for group, parts in self._batched(lengths, pack_group, only):
+            for i, chunk in zip(group, parts):
+                out[i] = chunk
+            if progress:
+                progress(len(group), sum(map(len, parts)), sum(lengths[i] for i in group))
+        return out  # type: ignore[return-value]
+
+
