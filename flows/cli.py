@@ -29,9 +29,13 @@ from pipeline.scorers import ScoreError
 from pipeline.store import LockBusy, StorageError
 from pipeline.train import TrainError, TrainResult, train
 
+class NoServer(RuntimeError):
+    """Scheduling needs a Prefect server and none is configured; says how to start one."""
+
+
 # Errors a user can fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ConfigError, DataError, ModelError, PrepareError, ScoreError, TrainError, AuditFailed,
-               CacheError, StorageError, LockBusy)
+               CacheError, StorageError, LockBusy, NoServer)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -168,7 +172,7 @@ def cmd_serve(args) -> Path:
 
     cfg = load_config(args.config, args.overrides)
     if not api_url():
-        raise ConfigError(
+        raise NoServer(
             "scheduling needs a running Prefect server, and only the ephemeral API is available. "
             "Start one with `prefect server start --host 127.0.0.1` (in another terminal), then "
             "`export PREFECT_API_URL=http://127.0.0.1:4200/api` and run `dpo serve` again"
@@ -193,93 +197,125 @@ def _cache_from(args) -> Path:
     return planned if planned.exists() else layout.locate_ref_cache(cfg, dataset_fp)
 
 
-def cmd_audit(args) -> Path:
-    from rich.console import Console
-    from rich.table import Table
-
-    from pipeline import audit as audit_mod
-
-    console = Console(stderr=True)
+def cmd_audit(args) -> Path | None:
+    """dpo audit [PATH | -c CONFIG] | dpo audit diff A B | dpo audit show ID."""
     target = list(args.target)
     if target[:1] == ["diff"]:
         if len(target) != 3:
             raise ConfigError("usage: dpo audit diff CACHE_A CACHE_B")
-        result = audit_mod.diff_caches(target[1], target[2])
-        table = Table(title=f"{Path(target[1]).name[:12]} vs {Path(target[2]).name[:12]} ({result['rows']} rows)")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for key, value in result.items():
-            if not isinstance(value, (list, dict)):
-                table.add_row(key, f"{value:.3g}" if isinstance(value, float) else str(value))
-        console.print(table)
-        if args.json:
-            print(json.dumps(result, default=str))
-        return None if args.json else Path(target[1])
+        return _audit_diff(args, Path(target[1]), Path(target[2]))
     if target[:1] == ["show"]:
         if len(target) != 2:
             raise ConfigError("usage: dpo audit show ID -c CONFIG (or --cache DIR)")
-        cache = Path(args.cache) if args.cache else _cache_from(args)
-        from pipeline.config import ModelConfig
-        from pipeline.models import load_tokenizer
-
-        manifest = layout.verified_refscores(cache)
-        tokenizer = load_tokenizer(ModelConfig(path=manifest["model_path"]))
-        shown = audit_mod.example_tokens(cache, target[1], tokenizer)
-        if args.json:
-            print(json.dumps(shown))
-            return None
-        console.print(f"[bold]{shown['id']}[/bold] prompt:\n{shown['prompt'][-500:]}", highlight=False, markup=False)
-        for side in ("chosen", "rejected"):
-            tokens = shown[side]["tokens"]
-            values = sorted(t["logp"] for t in tokens if t["logp"] is not None)
-            low = values[max(0, len(values) // 10 - 1)] if values else None
-            console.print(f"\n[bold]{side}[/bold]: log pi_ref = {shown[side]['logp']:.3f} over {len(tokens)} tokens")
-            table = Table(show_header=True)
-            for column in ("#", "token", "id", "log-prob"):
-                table.add_column(column)
-            for i, t in enumerate(tokens):
-                style = "bold red" if low is not None and t["logp"] is not None and t["logp"] <= low else None
-                table.add_row(str(i), repr(t["token"]), str(t["id"]),
-                              "" if t["logp"] is None else f"{t['logp']:.3f}", style=style)
-            console.print(table)
-        return cache
+        return _audit_show(args, target[1])
     if len(target) > 1:
         raise ConfigError("usage: dpo audit [CACHE_DIR] [-c CONFIG] [--rescore K]")
+    return _audit_report(args, Path(target[0]) if target else None)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _audit_diff(args, cache_a: Path, cache_b: Path) -> Path | None:
+    from rich.table import Table
+
+    from pipeline.audit import diff_caches
+
+    result = diff_caches(cache_a, cache_b)
+    table = Table(title=f"{cache_a.name[:12]} vs {cache_b.name[:12]} ({result['rows']} rows)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if not isinstance(value, (list, dict)):
+            table.add_row(key, f"{value:.3g}" if isinstance(value, float) else str(value))
+    _console().print(table)
+    if args.json:
+        print(json.dumps(result, default=str))
+    return None if args.json else cache_a
+
+
+def _audit_show(args, example_id: str) -> Path | None:
+    """One example token by token; the lowest decile of log-probs in red."""
+    from rich.table import Table
+
+    from pipeline.audit import example_tokens
+    from pipeline.config import ModelConfig
+    from pipeline.models import load_tokenizer
+
+    cache = Path(args.cache) if args.cache else _cache_from(args)
+    manifest = layout.verified_refscores(cache)
+    shown = example_tokens(cache, example_id, load_tokenizer(ModelConfig(path=manifest["model_path"])))
+    if args.json:
+        print(json.dumps(shown))
+        return None
+    console = _console()
+    console.print(f"[bold]{shown['id']}[/bold] prompt:\n{shown['prompt'][-500:]}", highlight=False, markup=False)
+    for side in ("chosen", "rejected"):
+        tokens = shown[side]["tokens"]
+        values = sorted(token["logp"] for token in tokens if token["logp"] is not None)
+        low = values[max(0, len(values) // 10 - 1)] if values else None
+        console.print(f"\n[bold]{side}[/bold]: log pi_ref = {shown[side]['logp']:.3f} over {len(tokens)} tokens")
+        table = Table(show_header=True)
+        for column in ("#", "token", "id", "log-prob"):
+            table.add_column(column)
+        for i, token in enumerate(tokens):
+            logp = token["logp"]
+            style = "bold red" if low is not None and logp is not None and logp <= low else None
+            table.add_row(str(i), repr(token["token"]), str(token["id"]), "" if logp is None else f"{logp:.3f}",
+                          style=style)
+        console.print(table)
+    return cache
+
+
+def _audit_report(args, cache: Path | None) -> Path | None:
+    from pipeline.audit import audit, save_report
+
     cfg = load_config(args.config, args.overrides) if args.config else None
-    cache = Path(target[0]) if target else _cache_from(args)
+    cache = cache or _cache_from(args)
     if args.rescore and cfg is None:
         raise ConfigError("--rescore needs -c CONFIG (the model to re-score with)")
-    report = audit_mod.audit(cache, cfg, rescore_rows=args.rescore, seed=args.seed, dtype=args.dtype,
-                             tolerance=args.tolerance)
-    html_path = audit_mod.save_report(report, args.report_dir)
-    table = Table(title=f"audit of {cache}")
-    for column in ("check", "result", "detail"):
-        table.add_column(column)
-    for f in report.findings:
-        table.add_row(f.check, "[green]ok[/green]" if f.ok else "[red]FAIL[/red]", f.message)
-    console.print(table)
-    st = report.stats
-    if st:
-        summary = Table(title="statistics")
-        summary.add_column("quantity")
-        for column in ("mean", "p01", "p50", "p99", "min", "max"):
-            summary.add_column(column, justify="right")
-        rows = [("chosen log-prob", st["sequence_logp"]["chosen"]), ("rejected log-prob", st["sequence_logp"]["rejected"]),
-                ("margin", st["margin"]), ("chosen tokens", st["lengths"]["chosen"])]
-        if "token_logp" in st:
-            rows.insert(0, ("per-token log-prob", st["token_logp"]))
-        for name, d in rows:
-            summary.add_row(name, *(f"{d.get(k, float('nan')):.3f}" for k in ("mean", "p01", "p50", "p99", "min", "max")))
-        console.print(summary)
-        console.print(f"reference already prefers the chosen response in {st['reference_prefers_chosen']:.1%} of pairs")
-    if html_path:
-        console.print(f"report: {html_path}")
+    report = audit(cache, cfg, rescore_rows=args.rescore, seed=args.seed, dtype=args.dtype, tolerance=args.tolerance)
+    html_path = save_report(report, args.report_dir)
+    _print_audit(report, cache)
+    _console().print(f"report: {html_path}")
     if args.json:  # stdout is then the JSON document alone
         print(json.dumps(report.to_dict(), default=str))
     if not report.passed:
         failed = [f.message for f in report.findings if not f.ok]
         raise AuditFailed(f"audit failed ({len(failed)} problems): " + "; ".join(failed))
     return None if args.json else cache
+
+
+def _print_audit(report, cache: Path) -> None:
+    from rich.table import Table
+
+    console = _console()
+    table = Table(title=f"audit of {cache}")
+    for column in ("check", "result", "detail"):
+        table.add_column(column)
+    for finding in report.findings:
+        table.add_row(finding.check, "[green]ok[/green]" if finding.ok else "[red]FAIL[/red]", finding.message)
+    console.print(table)
+    stats = report.stats
+    if not stats:
+        return
+    summary = Table(title="statistics")
+    summary.add_column("quantity")
+    columns = ("mean", "p01", "p50", "p99", "min", "max")
+    for column in columns:
+        summary.add_column(column, justify="right")
+    rows = [("chosen log-prob", stats["sequence_logp"]["chosen"]),
+            ("rejected log-prob", stats["sequence_logp"]["rejected"]),
+            ("margin", stats["margin"]), ("chosen tokens", stats["lengths"]["chosen"])]
+    if "token_logp" in stats:
+        rows.insert(0, ("per-token log-prob", stats["token_logp"]))
+    for name, described in rows:
+        summary.add_row(name, *(f"{described.get(k, float('nan')):.3f}" for k in columns))
+    console.print(summary)
+    console.print(f"reference already prefers the chosen response in {stats['reference_prefers_chosen']:.1%} of pairs")
 
 
 def cmd_status(args) -> Path:

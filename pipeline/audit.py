@@ -207,7 +207,7 @@ def _describe(series: pl.Series) -> dict:
     q = lambda p: float(finite.quantile(p, interpolation="linear"))  # noqa: E731
     return {"count": len(finite), "mean": float(finite.mean()), "std": float(finite.std() or 0.0),
             "min": float(finite.min()), "p01": q(0.01), "p50": q(0.5), "p99": q(0.99),
-            "max": float(finite.max())}  # fmt: skip
+            "max": float(finite.max())}
 
 
 def load_scores(cache_dir: Path, manifest: dict) -> pl.DataFrame:
@@ -224,7 +224,7 @@ def statistics(report: AuditReport, scores: pl.DataFrame, top: int = 10) -> None
         "reference_prefers_chosen": float((margin > 0).mean()),
         "lengths": {"chosen": _describe(scores["chosen_tokens"].cast(pl.Float64)),
                     "rejected": _describe(scores["rejected_tokens"].cast(pl.Float64))},
-    }  # fmt: skip
+    }
     nonfinite = int((~scores["chosen_logp"].is_finite()).sum() + (~scores["rejected_logp"].is_finite()).sum())
     by_margin = scores.with_columns(margin.alias("margin")).sort(pl.col("margin").abs(), descending=True)
     stats["largest_abs_margin"] = by_margin.select("id", "margin").head(top).to_dicts()
@@ -234,7 +234,7 @@ def statistics(report: AuditReport, scores: pl.DataFrame, top: int = 10) -> None
             .with_columns(pl.int_ranges(pl.col("logp").list.len()).alias("position"))
             .explode("logp", "position")
             for side in ("chosen", "rejected")
-        ])  # fmt: skip
+        ])
         nonfinite += int((~tokens["logp"].is_finite()).sum())
         stats["token_logp"] = _describe(tokens["logp"].cast(pl.Float64))
         stats["lowest_token_logps"] = tokens.sort("logp").head(top).to_dicts()
@@ -433,30 +433,30 @@ def write_html(report: AuditReport, scores: pl.DataFrame | None, path: Path) -> 
     ]
     for f in report.findings:
         parts.append(f"<tr><td>{esc(f.check)}</td><td class='{'ok' if f.ok else 'fail'}'>"
-                     f"{'ok' if f.ok else 'FAIL'}</td><td>{esc(f.message)}</td></tr>")  # fmt: skip
+                     f"{'ok' if f.ok else 'FAIL'}</td><td>{esc(f.message)}</td></tr>")
     parts.append("</table>")
     st = report.stats
     if st:
         parts.append("<h2>Statistics</h2><table>")
         scalars = {"rows": st["rows"], "NaN/inf values": st["nonfinite_values"],
                    "pairs the reference already prefers": f"{st['reference_prefers_chosen']:.1%}",
-                   "max |sum of per-token - sequence| (nats)": st.get("max_token_sum_vs_sequence_diff")}  # fmt: skip
+                   "max |sum of per-token - sequence| (nats)": st.get("max_token_sum_vs_sequence_diff")}
         for key, value in scalars.items():
             parts.append(f"<tr><th>{esc(key)}</th><td>{esc(str(value))}</td></tr>")
         columns = ("count", "mean", "std", "min", "p01", "p50", "p99", "max")
         parts.append("</table><h3>Distributions</h3><table><tr><th>quantity</th>"
-                     + "".join(f"<th>{c}</th>" for c in columns) + "</tr>")  # fmt: skip
+                     + "".join(f"<th>{c}</th>" for c in columns) + "</tr>")
         rows = [("per-token log-prob", st.get("token_logp")),
                 ("chosen log-prob", st["sequence_logp"]["chosen"]), ("rejected log-prob", st["sequence_logp"]["rejected"]),
                 ("margin (chosen - rejected)", st["margin"]),
-                ("chosen tokens", st["lengths"]["chosen"]), ("rejected tokens", st["lengths"]["rejected"])]  # fmt: skip
+                ("chosen tokens", st["lengths"]["chosen"]), ("rejected tokens", st["lengths"]["rejected"])]
         for name, d in rows:
             if d:
                 cells = "".join(f"<td>{d[c]:.4g}</td>" if c in d else "<td></td>" for c in columns)
                 parts.append(f"<tr><th>{esc(name)}</th>{cells}</tr>")
         parts.append("</table>")
         for title, key, fields in (("Lowest per-token log-probs", "lowest_token_logps", ("id", "side", "position", "logp")),
-                                   ("Largest |margin|", "largest_abs_margin", ("id", "margin"))):  # fmt: skip
+                                   ("Largest |margin|", "largest_abs_margin", ("id", "margin"))):
             if st.get(key):
                 parts.append(f"<h3>{title}</h3><table><tr>" + "".join(f"<th>{f}</th>" for f in fields) + "</tr>")
                 for row in st[key]:

@@ -290,14 +290,9 @@ def locate_dataset(cfg: Config) -> Path:
     data.path is gone the dataset prepared from that path with the same settings and tokenizer
     files is used, if there is exactly one.
     """
-    from .data import DataError
-
-    try:
-        planned = plan_dataset_dir(cfg)
-    except DataError:
-        if Path(cfg.data.path).exists():
-            raise
+    if not Path(cfg.data.path).exists():
         return _dataset_without_source(cfg)
+    planned = plan_dataset_dir(cfg)
     if not is_verified(verified_dataset, planned):
         if planned.exists():
             verified_dataset(planned)  # raises with the reason
@@ -343,9 +338,10 @@ def plan_refscores_dir(cfg: Config, dataset_fp: str) -> Path:
 def locate_ref_cache(cfg: Config, dataset_fp: str) -> Path:
     """The verified reference cache of this dataset scored by ``model.path`` in ``model.dtype``.
 
-    train.ref_cache names it explicitly; else the cache `dpo score` makes for this config; else a
-    cache of the same dataset, model weights and dtype made with another backend (e.g. vLLM on a
-    GPU machine). A cache of another model or tokenizer is never used: it is named instead.
+    train.ref_cache names it explicitly; else the cache `dpo score` makes for this config; else
+    the one cache of the same dataset (so the same tokenizer) and model weights made with another
+    backend or dtype (e.g. vLLM on a GPU machine). A cache of another model is never used: it is
+    named instead.
     """
     model_fp = model_fingerprint(cfg.model)
     if cfg.train.ref_cache:
@@ -360,26 +356,28 @@ def locate_ref_cache(cfg: Config, dataset_fp: str) -> Path:
     same, other = [], []
     for manifest_path in sorted((Path(cfg.storage) / "refscores").glob(f"*/{MANIFEST}")):
         inputs = (read_json(manifest_path) or {}).get("inputs") or {}
-        if inputs.get("dataset_fingerprint") != dataset_fp:
-            continue
-        matches = inputs.get("model") == model_fp and inputs.get("dtype") == cfg.model.dtype
-        (same if matches else other).append(manifest_path.parent)
-    if len(same) == 1:
-        verified_refscores(same[0])
-        log.info("using reference cache %s (same model and dtype, scored with another backend)", same[0])
-        return same[0]
-    if len(same) > 1:
-        names = ", ".join(p.name[:12] for p in same)
+        if inputs.get("dataset_fingerprint") == dataset_fp:
+            (same if inputs.get("model") == model_fp else other).append((manifest_path.parent, inputs.get("dtype")))
+    # Same weights: prefer the config's dtype; another dtype (e.g. a float32 cache for a bfloat16
+    # run) is used when it is the only one: the step-0 check's tolerance accounts for it.
+    exact = [path for path, dtype in same if dtype == cfg.model.dtype]
+    candidates = exact or [path for path, _ in same]
+    if len(candidates) == 1:
+        verified_refscores(candidates[0])
+        log.info("using reference cache %s (same model weights, scored with another backend or dtype)",
+                 candidates[0])
+        return candidates[0]
+    if len(candidates) > 1:
+        names = ", ".join(p.name[:12] for p in candidates)
         raise CacheError(f"several reference caches match this dataset and model ({names}): "
                          "set train.ref_cache to the one to train against")
     hint = ""
     if other:
-        names = ", ".join(p.name[:12] for p in other)
-        hint = (f" Caches of this dataset scored by other weights or dtype exist ({names}); they "
-                "are not used: set model.path/model.dtype to their reference model, or set "
-                "train.ref_cache explicitly.")
-    raise CacheError(f"no reference scores of this dataset by {cfg.model.path} ({cfg.model.dtype}): "
-                     f"run `dpo score -c CONFIG` first.{hint}")
+        names = ", ".join(path.name[:12] for path, _ in other)
+        hint = (f" Caches of this dataset scored by other model weights exist ({names}); they are "
+                "not used: set model.path to their reference model, or set train.ref_cache explicitly.")
+    raise CacheError(f"no reference scores of this dataset by {cfg.model.path}: run `dpo score -c CONFIG` "
+                     f"first.{hint}")
 
 
 def _check_reference(path: Path, manifest: dict, dataset_fp: str, model_fp: dict, cfg: Config) -> None:

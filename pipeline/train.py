@@ -182,9 +182,9 @@ def compute_loss(cfg: Config, split: Split, index: list[int], policy_chosen, pol
 
     policy_chosen, policy_rejected: [B] float32 sequence log-probs under the policy.
     """
-    t = cfg.train
+    train_cfg = cfg.train
     ref_chosen, ref_rejected = (v.to(policy_chosen.device, torch.float32) for v in reference(split, index))
-    loss_fn = LOSSES[t.loss]
+    loss_fn = LOSSES[train_cfg.loss]
     chosen_len = torch.tensor([len(split.chosens[i]) for i in index], device=policy_chosen.device,
                               dtype=torch.float32)
     # What the loss sees: sums, or per-token means for length-normalized losses (IPO).
@@ -196,11 +196,11 @@ def compute_loss(cfg: Config, split: Split, index: list[int], policy_chosen, pol
     else:
         seen = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     seen_policy_chosen, seen_policy_rejected, seen_ref_chosen, seen_ref_rejected = seen
-    per_pair = loss_fn.fn(*seen, t.beta, t.label_smoothing)
-    if t.sft_weight:
-        per_pair = per_pair + t.sft_weight * (-policy_chosen / chosen_len)
-    reward_chosen = rewards(seen_policy_chosen, seen_ref_chosen, t.beta)
-    reward_rejected = rewards(seen_policy_rejected, seen_ref_rejected, t.beta)
+    per_pair = loss_fn.fn(*seen, train_cfg.beta, train_cfg.label_smoothing)
+    if train_cfg.sft_weight:
+        per_pair = per_pair + train_cfg.sft_weight * (-policy_chosen / chosen_len)
+    reward_chosen = rewards(seen_policy_chosen, seen_ref_chosen, train_cfg.beta)
+    reward_rejected = rewards(seen_policy_rejected, seen_ref_rejected, train_cfg.beta)
     sums = {
         "loss": per_pair.detach().sum().item(),
         "rewards/chosen": reward_chosen.detach().sum().item(),
@@ -264,12 +264,12 @@ class Trainer:
 def build_trainer(cfg: Config, splits: dict[str, Split], policy) -> Trainer:
     """Optimizer (AdamW) and schedule around a loaded policy; float32 master weights, bfloat16
     runs forward/backward under autocast."""
-    t = cfg.train
-    total_steps = t.max_steps or math.ceil(t.epochs * len(splits["train"]) / t.batch_size)
+    train_cfg = cfg.train
+    total_steps = train_cfg.max_steps or math.ceil(train_cfg.epochs * len(splits["train"]) / train_cfg.batch_size)
     device = next(policy.parameters()).device.type
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, t.warmup_steps, total_steps, t.schedule)
+        optimizer, lambda step: lr_factor(step, train_cfg.warmup_steps, total_steps, train_cfg.schedule)
     )
     half = {"bfloat16": torch.bfloat16}.get(cfg.model.dtype)
     autocast = (lambda: torch.autocast(device_type=device, dtype=half)) if half else contextlib.nullcontext
@@ -281,21 +281,21 @@ def train_step(trainer: Trainer, step: int) -> dict:
 
     A non-finite loss or gradient norm raises TrainError before the weights change.
     """
-    cfg, t, split = trainer.cfg, trainer.cfg.train, trainer.splits["train"]
+    cfg, train_cfg, split = trainer.cfg, trainer.cfg.train, trainer.splits["train"]
     started = time.perf_counter()
-    index = batch_indices(step, t.batch_size, len(split), t.seed)
+    index = batch_indices(step, train_cfg.batch_size, len(split), train_cfg.seed)
     totals: dict = {}
-    for micro in range(t.grad_accum):
+    for micro in range(train_cfg.grad_accum):
         micro_index = index[micro * trainer.micro : (micro + 1) * trainer.micro]
         chosen, rejected = trainer.pair_logps(split, micro_index)
         # Sum of per-pair losses / batch_size: the micro-batch gradients add up to the gradient
         # of the mean loss over the whole batch.
-        loss, sums = compute_loss(cfg, split, micro_index, chosen.float(), rejected.float(), 1.0 / t.batch_size,
+        loss, sums = compute_loss(cfg, split, micro_index, chosen.float(), rejected.float(), 1.0 / train_cfg.batch_size,
                                   trainer.reference)
         loss.backward()
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + value
-    clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+    clip = train_cfg.max_grad_norm if train_cfg.max_grad_norm > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainer.policy.parameters(), clip))
     if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -311,8 +311,8 @@ def train_step(trainer: Trainer, step: int) -> dict:
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
-    return {"step": step + 1, "epoch": (step + 1) * t.batch_size / len(split),
-            **{k: v / t.batch_size for k, v in totals.items()}, "grad_norm": grad_norm, "lr": lr,
+    return {"step": step + 1, "epoch": (step + 1) * train_cfg.batch_size / len(split),
+            **{k: v / train_cfg.batch_size for k, v in totals.items()}, "grad_norm": grad_norm, "lr": lr,
             "tokens/s": _tokens(split, index) / seconds, "seconds": seconds}
 
 
@@ -465,7 +465,7 @@ def _start(trainer: Trainer, run: _Run, resume: bool) -> int:
 def _loop(trainer: Trainer, run: _Run, start_step: int, show_progress: bool) -> dict:
     from tqdm.auto import tqdm
 
-    t, total = trainer.cfg.train, trainer.total_steps
+    train_cfg, total = trainer.cfg.train, trainer.total_steps
     metrics_path = run.run_dir / "metrics.jsonl"
     bar = tqdm(total=total, initial=start_step, unit="step", desc="train", file=sys.stderr,
                disable=not show_progress, dynamic_ncols=True)
@@ -478,17 +478,17 @@ def _loop(trainer: Trainer, run: _Run, start_step: int, show_progress: bool) -> 
             bar.set_postfix_str(f"loss {record['loss']:.4f} acc {record['rewards/accuracies']:.2f} "
                                 f"lr {record['lr']:.2e} {record['tokens/s']:,.0f} tok/s", refresh=False)
             done = step + 1
-            if t.eval_every and done % t.eval_every == 0 and done < total:
+            if train_cfg.eval_every and done % train_cfg.eval_every == 0 and done < total:
                 last_eval = trainer.evaluate(done)
                 if last_eval:
                     _append(metrics_path, last_eval)
                     log.info("eval step %d: loss %.4f, reward accuracy %.3f", done,
                              last_eval["eval/loss"], last_eval["eval/rewards/accuracies"])
-            if t.save_every and done % t.save_every == 0 and done < total:
+            if train_cfg.save_every and done % train_cfg.save_every == 0 and done < total:
                 state = {"step": done, "run_fingerprint": run.fingerprint, "total_steps": total}
                 save_checkpoint(checkpoint_dir(run.run_dir, done), trainer.policy, trainer.optimizer,
                                 trainer.scheduler, state)
-                prune_checkpoints(run.run_dir, t.keep_checkpoints)
+                prune_checkpoints(run.run_dir, train_cfg.keep_checkpoints)
     return last_eval
 
 
@@ -517,6 +517,8 @@ def _finish(trainer: Trainer, run: _Run, last_eval: dict) -> TrainResult:
         "final_eval": last_eval,
         "final_dir": str(final),
         "files": files,
+        # Not in the identity (they change low-order bits only), recorded resolved.
+        "settings": {"device": trainer.device, "autocast_dtype": trainer.cfg.model.dtype},
         "versions": layout.library_versions(),
         "complete": True,
     }

@@ -11,10 +11,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import layout
 from pipeline.audit import audit, diff_caches, example_tokens
 from pipeline.config import config_from_dict
 from pipeline.prepare import prepare
 from pipeline.score import score
+from pipeline.store import sha256_file
 
 DPO = str(Path(sys.executable).parent / "dpo")
 
@@ -50,7 +52,9 @@ def test_clean_cache_passes_with_zero_rescore_diff(scored):
     assert report.rescore["token_max"] == 0.0 and report.rescore["seq_max"] == 0.0
     st = report.stats
     assert st["rows"] == 600 and st["nonfinite_values"] == 0
-    assert 0.0 <= st["reference_prefers_chosen"] <= 1.0
+    rows = [r for shard in sorted(cache.glob("part-*.parquet")) for r in pq.read_table(shard).to_pylist()]
+    prefers = sum(r["chosen_logp"] > r["rejected_logp"] for r in rows) / len(rows)
+    assert st["reference_prefers_chosen"] == pytest.approx(prefers, abs=1e-12)
     assert st["max_token_sum_vs_sequence_diff"] < 1e-4
     assert len(st["lowest_token_logps"]) == 10
     lowest = st["lowest_token_logps"][0]["logp"]
@@ -105,8 +109,14 @@ def test_nan_in_a_copy_is_detected(scored, tmp_path):
     pq.write_table(table, shard)
     report = audit(copy, cfg)
     messages = failures(report)
-    assert any("NaN or infinite" in m for m in messages), messages
     assert any("sha256 differs" in m for m in messages)
+    assert not report.stats  # a shard whose hash differs is never read
+    # Recorded in the manifest (as a broken scorer would have): the NaN itself is found.
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = sha256_file(shard, use_cache=False)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    messages = failures(audit(copy, cfg))
+    assert any("NaN or infinite" in m for m in messages), messages
 
 
 def test_staleness_is_detected(scored):
@@ -124,7 +134,7 @@ def test_staleness_is_detected(scored):
     messages = failures(audit(cache, cfg))
     assert "tokenizer file tokenizer_config.json changed since the data was prepared" in messages
     done = subprocess.run([DPO, "audit", "-c", str(config_file), "--set", "tokenize.max_length=100"],
-                          capture_output=True, text=True)  # fmt: skip
+                          capture_output=True, text=True)
     # The cache is found through the config; max_length=100 names another dataset, so the
     # config's cache is looked up and not found, or found stale: either way a non-zero exit.
     assert done.returncode != 0
@@ -148,9 +158,10 @@ def test_diff_show_and_report(scored, tmp_path):
     done = subprocess.run([DPO, "audit", str(cache), "--json"], capture_output=True, text=True)
     assert done.returncode == 0
     assert json.loads(done.stdout.strip().splitlines()[-1])["passed"] is True
-    html = (cache / "audit.html").read_text()
+    html = layout.audit_report_path(cfg.storage, cache.name, "quick", ".html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "PASSED" in html
-    # The report files do not make the cache look foreign.
+    # The report lives apart from the cache: the cache holds only its shards and manifest.
+    assert sorted(p.name for p in cache.iterdir()) == ["manifest.json"] + [f"part-0000{i}.parquet" for i in range(3)]
     assert audit(cache, cfg).passed
 
 
@@ -167,7 +178,7 @@ def test_html_report_renders_in_chromium(scored, tmp_path):
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                     "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
                     f"--screenshot={shot}", "--window-size=1200,2400", html.as_uri()],
-                   check=True, capture_output=True, timeout=120)  # fmt: skip
+                   check=True, capture_output=True, timeout=120)
     from PIL import Image
 
     image = Image.open(shot).convert("RGB")
@@ -176,4 +187,4 @@ def test_html_report_renders_in_chromium(scored, tmp_path):
     palette = {(31, 119, 180), (255, 127, 14), (44, 160, 44)}
     present = {c for _, c in colors} if colors else set()
     assert any(min(abs(a - b) for a, b in zip(p, c)) < 1 or sum(abs(a - b) for a, b in zip(p, c)) < 60
-               for p in palette for c in present)  # fmt: skip
+               for p in palette for c in present)

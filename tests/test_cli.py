@@ -51,7 +51,7 @@ def test_demo_runs_offline_end_to_end(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
     done = subprocess.run([DPO, "demo", "--storage", str(tmp_path), "--no-progress"],
-                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+                          capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = Path(done.stdout.strip().splitlines()[-1])
     assert run_dir == tmp_path / "runs" / "demo"

@@ -36,7 +36,7 @@ def demo_config(tmp_path, demo_assets) -> dict:
         "model": {"path": str(demo_assets["model"])},
         "tokenize": {"max_length": 128, "max_prompt_length": 64},
         "train": TRAIN,
-    }).to_dict()  # fmt: skip
+    }).to_dict()
 
 
 def mtimes(directory: Path) -> dict:
@@ -97,7 +97,7 @@ def test_serve_without_a_server_says_what_to_do(tmp_path, demo_assets):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "home")
     done = subprocess.run([DPO, "serve", "-c", str(config), "--cron", "0 3 * * *"],
-                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+                          capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 1
     assert "prefect server start --host 127.0.0.1" in done.stderr and "PREFECT_API_URL" in done.stderr
 
@@ -128,17 +128,17 @@ def test_serve_against_a_real_server(tmp_path, demo_assets):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}  # fmt: skip
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     prefect = str(Path(sys.executable).parent / "prefect")
     server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     served = None
     try:
         _wait(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, 180, "the server")
         config = tmp_path / "run.yaml"
         config.write_text(json.dumps(demo_config(tmp_path, demo_assets)))
         served = subprocess.Popen([DPO, "serve", "-c", str(config), "--cron", "0 3 * * *"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         check = """
 import asyncio, json
 from prefect.client.orchestration import get_client
@@ -156,7 +156,7 @@ asyncio.run(main())
         def deployment_ready():
             out = subprocess.run([sys.executable, "-c", "from prefect.client.orchestration import get_client\n"
                                   "with get_client(sync_client=True) as c: c.read_deployment_by_name('dpo-pipeline/dpo-pipeline')"],
-                                 capture_output=True, env=env, timeout=60)  # fmt: skip
+                                 capture_output=True, env=env, timeout=60)
             return out.returncode == 0
 
         _wait(deployment_ready, 180, "the deployment")
@@ -199,14 +199,14 @@ def test_run_command_stage_selection(tmp_path, demo_assets):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
     done = subprocess.run([DPO, "run", "-c", str(config), "--only", "prepare", "--only", "score"],
-                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+                          capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = Path(done.stdout.strip().splitlines()[-1])
     assert out.parent == tmp_path / "storage" / "refscores"  # the last selected stage's output
     assert "prepare: ran" in done.stderr and "score: ran" in done.stderr
     assert not (tmp_path / "storage" / "runs").exists()
     again = subprocess.run([DPO, "run", "-c", str(config), "--from", "score", "--only", "score"],
-                           capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+                           capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and "score: up to date" in again.stderr
     bad = subprocess.run([DPO, "run", "-c", str(config), "--only", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr

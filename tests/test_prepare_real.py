@@ -80,7 +80,7 @@ def check_hh(result, tokenizer):
 @requires_hh()
 def test_hh_harmless_implicit_demo_tokenizer(make_config, demo_tokenizer):
     cfg = make_config(HH_TEST, data={"format": "implicit"},
-                      tokenize={"max_length": 1024, "max_prompt_length": 768})  # fmt: skip
+                      tokenize={"max_length": 1024, "max_prompt_length": 768})
     result = prepare(cfg, show_progress=False)
     assert result.manifest["format"] == "implicit"
     assert result.manifest["counts"]["prompt_truncated"] > 0  # the test covers truncation too
@@ -115,9 +115,9 @@ def test_conversational_smollm2_chat_template(tmp_path, make_config, smollm2_dir
                     {"role": "user", "content": "Again?"}],
          "chosen": [{"role": "assistant", "content": "Hello again."}],
          "rejected": [{"role": "assistant", "content": "No."}]}
-    ]  # fmt: skip
+    ]
     result = prepare(make_config(write_jsonl(tmp_path / "c.jsonl", rows), model_path=smollm2_dir),
-                     show_progress=False)  # fmt: skip
+                     show_progress=False)
     examples = pq.read_table(result.output_dir / "examples.parquet").to_pylist()
     assert len(examples) == len(rows)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -154,7 +154,7 @@ def test_score_smollm2_hh_rows_against_float64(tmp_path, make_config, smollm2_mo
     data = tmp_path / "hh4.jsonl"
     data.write_text("".join(lines))
     cfg = make_config(data, model_path=smollm2_model_dir,
-                      tokenize={"max_length": 96, "max_prompt_length": 64})  # fmt: skip
+                      tokenize={"max_length": 96, "max_prompt_length": 64})
     prepared = prepare(cfg, show_progress=False)
     result = score(cfg, show_progress=False)
     examples = pq.read_table(prepared.output_dir / "examples.parquet").to_pylist()

@@ -17,9 +17,12 @@ import pytest
 import torch
 
 from pipeline import logprobs
+from pipeline.layout import CacheError
 from pipeline.models import ModelError
 from pipeline.prepare import PrepareError, prepare
-from pipeline.score import ScoreError, TransformersScorer, score
+from pipeline.score import score
+from pipeline.scorers import ScoreError
+from pipeline.scorers.transformers_backend import TransformersScorer
 
 from .conftest import write_jsonl
 
@@ -182,8 +185,8 @@ def test_resume_after_crash_is_byte_identical(scored_setup, monkeypatch, tmp_pat
         real_pairs = TransformersScorer.score_pairs
         monkeypatch.setattr(
             TransformersScorer, "score_pairs",
-            lambda self, p, c, r, progress=None: scored.append(len(p)) or real_pairs(self, p, c, r, progress),
-        )  # fmt: skip
+            lambda self, p, c, r, progress=None, rows=None: scored.append(len(p)) or real_pairs(self, p, c, r, progress),
+        )
         resumed = score(cfg, show_progress=False)
         monkeypatch.undo()
         assert len(scored) == 6 - crash_after  # only the missing shards were scored
@@ -207,13 +210,13 @@ def test_kill_9_then_resume_is_byte_identical(tmp_path, demo_assets):
     env = {**os.environ, "DPO_HASH_CACHE": str(tmp_path / "hashes")}
     for storage in ("a", "b"):
         subprocess.run([dpo, "prepare", "-c", config(storage), "--no-progress"], check=True,
-                       capture_output=True, env=env)  # fmt: skip
+                       capture_output=True, env=env)
     done = subprocess.run([dpo, "score", "-c", config("a"), "--no-progress"], check=True,
-                          capture_output=True, text=True, env=env)  # fmt: skip
+                          capture_output=True, text=True, env=env)
     out_a = Path(done.stdout.strip().splitlines()[-1])
 
     proc = subprocess.Popen([dpo, "score", "-c", config("b"), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     out_b = tmp_path / "b" / "refscores" / out_a.name
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out_b.glob("part-*.parquet"))) < 3:
@@ -223,7 +226,7 @@ def test_kill_9_then_resume_is_byte_identical(tmp_path, demo_assets):
     manifest = json.loads((out_b / "manifest.json").read_text())
     assert manifest["complete"] is False, "the run finished before it could be killed"
     again = subprocess.run([dpo, "score", "-c", config("b"), "--no-progress"], check=True,
-                           capture_output=True, text=True, env=env)  # fmt: skip
+                           capture_output=True, text=True, env=env)
     assert again.stdout.strip().splitlines()[-1] == str(out_b)
     assert "resuming" in again.stderr
     files_a = {p.name: p.read_bytes() for p in out_a.iterdir()}
@@ -302,7 +305,7 @@ def test_non_finite_logprobs_stop_with_ids(scored_setup, tmp_path, demo_assets, 
 def test_bad_models_fail_before_work(tmp_path, demo_assets, make_config, demo_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", varied_rows(4))
     # 1. Not prepared yet.
-    with pytest.raises(PrepareError, match="run `dpo prepare"):
+    with pytest.raises(CacheError, match="run `dpo prepare"):
         score(make_config(path), show_progress=False)
     # 2. Not a causal LM (a T5 config), with the demo tokenizer beside it.
     t5 = tmp_path / "t5"
@@ -319,7 +322,7 @@ def test_bad_models_fail_before_work(tmp_path, demo_assets, make_config, demo_to
 
     small = tmp_path / "small-vocab"
     LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(small)  # fmt: skip
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(small)
     demo_tokenizer.save_pretrained(small)
     cfg = make_config(path, model_path=small)
     prepare(cfg, show_progress=False)

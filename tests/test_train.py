@@ -19,13 +19,14 @@ import torch
 
 from pipeline.config import config_from_dict
 from pipeline.logprobs import pair_logps
-from pipeline.losses import LOSSES, hinge_loss, ipo_loss, robust_loss, sigmoid_loss
+from pipeline.layout import CacheError
+from pipeline.losses import LOSSES, hinge_loss, ipo_loss, robust_loss, rewards, sigmoid_loss
 from pipeline.prepare import prepare
 from pipeline.score import score
 from pipeline.train import TrainError, lr_factor, train
 
 DEMO_TRAIN = {"lr": 3e-3, "beta": 0.1, "batch_size": 16, "max_steps": 40, "warmup_steps": 5,
-              "eval_every": 20, "save_every": 0}  # fmt: skip
+              "eval_every": 20, "save_every": 0}
 
 
 def t(*values):
@@ -62,7 +63,8 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
     others = t(-4.0, -1.0, -9.0)
     loss = LOSSES["sigmoid"].fn(logps, others, logps, others, 0.1)
     assert torch.allclose(loss, torch.full_like(loss, math.log(2)))
-    assert torch.equal(0.1 * (logps - logps), torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(rewards(logps, logps, 0.1), torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(rewards(t(-1.0), t(-3.0), 0.5), t(1.0))  # beta * (policy - reference)
     assert ipo_loss(logps, others, logps, others, 0.1).allclose(torch.full((3,), 25.0, dtype=torch.float64))
 
 
@@ -130,7 +132,7 @@ def demo_config(tmp_path, demo_assets):
             "model": {"path": str(demo_assets["model"])},
             "tokenize": {"max_length": 128, "max_prompt_length": 64},
             "train": {**DEMO_TRAIN, **train_overrides},
-        })  # fmt: skip
+        })
         prepare(cfg, show_progress=False)
         score(cfg, show_progress=False)
         return cfg
@@ -169,7 +171,7 @@ def test_training_learns_the_demo_rule_with_one_model(demo_config, monkeypatch):
     assert final["eval/rewards/accuracies"] > 0.75  # chance is 0.5
     assert final["eval/loss"] < math.log(2) - 0.2
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens/s"):  # fmt: skip
+                "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens/s"):
         assert key in first_step
     reloaded = AutoModelForCausalLM.from_pretrained(result.summary["final_dir"])
     initial = AutoModelForCausalLM.from_pretrained(cfg.model.path)
@@ -230,7 +232,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, demo_assets):
             "model": {"path": str(demo_assets["model"])},
             "tokenize": {"max_length": 128, "max_prompt_length": 64},
             "train": {**DEMO_TRAIN, "max_steps": 150, "save_every": 10, "eval_every": 50, "run_name": "r"},
-        }))  # fmt: skip
+        }))
         return str(path)
 
     env = {**os.environ, "DPO_HASH_CACHE": str(tmp_path / "hashes")}
@@ -240,7 +242,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, demo_assets):
     subprocess.run([dpo, "train", "-c", config("a"), "--no-progress"], check=True, capture_output=True, env=env)
 
     proc = subprocess.Popen([dpo, "train", "-c", config("b"), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     checkpoint = tmp_path / "b" / "runs" / "r" / "checkpoints" / "step-000020"
     deadline = time.time() + 180
     while time.time() < deadline and not checkpoint.exists():
@@ -249,7 +251,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, demo_assets):
     proc.wait()
     assert not (tmp_path / "b" / "runs" / "r" / "final").exists(), "finished before the kill"
     done = subprocess.run([dpo, "train", "-c", config("b"), "--resume", "--no-progress"],
-                          capture_output=True, text=True, env=env)  # fmt: skip
+                          capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stderr
     run_a, run_b = tmp_path / "a" / "runs" / "r", tmp_path / "b" / "runs" / "r"
@@ -261,12 +263,20 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, demo_assets):
 
 
 def _copy_cache(cfg, tmp_path, edit) -> Path:
-    """A copy of the config's cache with its shard rewritten by ``edit(table) -> table``."""
+    """A copy of the config's cache with its shard rewritten by ``edit(table) -> table`` and its
+    manifest updated to match (a consistent cache that breaks the contract, not a damaged one)."""
+    from pipeline.store import sha256_file
+
     source = next(Path(cfg.storage, "refscores").iterdir())
     target = tmp_path / "edited-cache"
     shutil.copytree(source, target)
     shard = target / "part-00000.parquet"
-    pq.write_table(edit(pq.read_table(shard)), shard)
+    table = edit(pq.read_table(shard))
+    pq.write_table(table, shard)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["shards"][0].update(sha256=sha256_file(shard, use_cache=False), rows=table.num_rows)
+    manifest["rows"] = sum(s["rows"] for s in manifest["shards"])
+    (target / "manifest.json").write_text(json.dumps(manifest))
     return target
 
 
@@ -275,7 +285,7 @@ def test_contract_mismatches_are_refused(demo_config, tmp_path, demo_assets):
 
     def refuse(cache, match):
         cfg.train.ref_cache = str(cache)
-        with pytest.raises(TrainError, match=match):
+        with pytest.raises((TrainError, CacheError), match=match):
             train(cfg, show_progress=False)
 
     refuse(_copy_cache(cfg, tmp_path, lambda tb: tb.slice(1)), "1 examples have no reference score")
@@ -306,7 +316,7 @@ def test_contract_mismatches_are_refused(demo_config, tmp_path, demo_assets):
         "data": {"path": str(demo_assets["data"]), "eval_fraction": 0.5},
         "model": {"path": str(demo_assets["model"])},
         "tokenize": {"max_length": 128, "max_prompt_length": 64},
-    })  # fmt: skip
+    })
     prepare(other, show_progress=False)
     other_cache = score(other, show_progress=False).output_dir
     refuse(other_cache, "was scored on dataset")
@@ -318,7 +328,7 @@ def test_contract_mismatches_are_refused(demo_config, tmp_path, demo_assets):
 def test_bfloat16_autocast_and_gradient_checkpointing(demo_config):
     """bf16 under autocast against a float32 cache (the step-0 check uses the half tolerance)."""
     cfg = demo_config(max_steps=3, eval_every=0, gradient_checkpointing=True, run_name="bf16")
-    cfg.model.dtype = "bfloat16"  # the float32 cache of this dataset is the only one: it is used
+    cfg.model.dtype = "bfloat16"  # the float32 cache of these weights is the only one: it is used
     result = train(cfg, show_progress=False)
     rows = metrics(result.run_dir)
     step0 = next(r for r in rows if "step0/tolerance" in r)
