@@ -1,0 +1,165 @@
+"""GPU train check: the demo's prepare -> score -> train on CUDA, in float32 and in bfloat16.
+
+The train stage had never run on a GPU. This calls the stage functions directly (no Prefect, no
+polars: the lent GPU machine has neither) on the built-in demo assets with the demo's settings
+(pipeline.cli.DEMO_TRAIN, cmd_demo's tokenize limits and eval split), once per dtype, each in its
+own storage folder, and prints per dtype: wall seconds of the train stage, seconds per optimizer
+step (median of metrics.jsonl's per-step times), first and final eval reward accuracy, the
+step-0 check's max mean per-token |diff| against the reference cache, and peak CUDA memory.
+
+  GPU:   PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/gpu_train_check.py
+  here:  PYTHONPATH=. .venv/bin/python bench/gpu_train_check.py --device cpu --max-steps 4
+         (a dry run of the same code path on CPU)
+
+Writes JSON to $OUT/gpu_train_check.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_dtype(dtype: str, assets: dict, root: Path, device: str, max_steps: int | None) -> dict:
+    import torch
+
+    from pipeline.cli import DEMO_TRAIN
+    from pipeline.config import config_from_dict
+    from pipeline.prepare import prepare
+    from pipeline.score import score
+    from pipeline.train import train
+
+    train_cfg = {**DEMO_TRAIN, "device": device, "run_name": f"demo-{dtype}"}
+    if max_steps is not None:
+        train_cfg["max_steps"] = max_steps
+    cfg = config_from_dict(
+        {
+            "storage": str(root / dtype),
+            "data": {"path": str(assets["data"]), "eval_fraction": 0.1},
+            "model": {"path": str(assets["model"]), "dtype": dtype},
+            "tokenize": {"max_length": 128, "max_prompt_length": 64},
+            "score": {"backend": "transformers", "device": device},
+            "train": train_cfg,
+        }
+    )
+    row: dict = {"dtype": dtype}
+    started = time.perf_counter()
+    prepared = prepare(cfg, show_progress=False)
+    row["prepare_s"] = time.perf_counter() - started
+    row["prepare_counts"] = {k: prepared.manifest["counts"][k] for k in ("kept", "rejected", "train", "eval")}
+
+    started = time.perf_counter()
+    scored = score(cfg, show_progress=False)
+    row["score_s"] = time.perf_counter() - started
+    row["score_backend"] = scored.stats.get("backend")
+
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    result = train(cfg, show_progress=False)
+    if cuda:
+        torch.cuda.synchronize()
+    row["train_s"] = time.perf_counter() - started
+    row["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+
+    metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [m for m in metrics if "loss" in m and "eval/loss" not in m]
+    step_seconds = [m["seconds"] for m in steps]
+    summary = result.summary
+    first, final = summary.get("first_eval") or {}, summary.get("final_eval") or {}
+    step0 = next((m for m in metrics if "step0/max_mean_token_diff" in m), {})
+    row.update(
+        steps=len(steps),
+        s_per_step=statistics.median(step_seconds) if step_seconds else float("nan"),
+        first_step_s=step_seconds[0] if step_seconds else float("nan"),
+        first_eval_acc=first.get("eval/rewards/accuracies"),
+        final_eval_acc=final.get("eval/rewards/accuracies"),
+        final_eval_loss=final.get("eval/loss"),
+        final_train_loss=steps[-1]["loss"] if steps else None,
+        step0_diff=step0.get("step0/max_mean_token_diff"),
+        step0_tolerance=step0.get("step0/tolerance"),
+        train_examples=summary.get("train_examples"),
+        eval_examples=summary.get("eval_examples"),
+        run_dir=str(result.run_dir),
+    )
+    del result
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def _fmt(value, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--max-steps", type=int, help="override DEMO_TRAIN's max_steps (dry runs)")
+    parser.add_argument("--root", type=Path, help="working folder (default: a fresh temporary one)")
+    parser.add_argument("--out", type=Path,
+                        default=Path(os.environ.get("OUT", ROOT / "bench" / "results")) / "gpu_train_check.json")  # fmt: skip
+    args = parser.parse_args()
+
+    import logging
+
+    import torch
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU here: run this on the lent GPU machine, or pass --device cpu", file=sys.stderr)
+        return 1
+    from pipeline.assets import build_demo_assets
+
+    root = args.root or Path(tempfile.mkdtemp(prefix="gpu-train-check-"))
+    assets = build_demo_assets(root / "demo")
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    report = {"device": device_name, "torch": torch.__version__, "results": [], "failures": {}}
+    try:
+        import transformers
+
+        report["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    for dtype in args.dtypes.split(","):
+        print(f"\n=== {dtype} ===", file=sys.stderr)
+        try:
+            report["results"].append(run_dtype(dtype, assets, root, args.device, args.max_steps))
+        except Exception as exc:  # report and go on: one failing dtype must not hide the other
+            traceback.print_exc()
+            report["failures"][dtype] = repr(exc)
+    report["modules_absent"] = {m: m not in sys.modules for m in ("polars", "prefect", "vllm", "flows")}
+
+    print(f"\n{device_name}: demo train, torch {torch.__version__}")
+    print(f"{'dtype':<10}{'steps':>6}{'train s':>9}{'s/step':>9}{'1st step s':>11}{'eval acc 0':>11}"
+          f"{'eval acc end':>13}{'step0 diff':>12}{'peak MiB':>10}{'score s':>9}")  # fmt: skip
+    for r in report["results"]:
+        print(f"{r['dtype']:<10}{r['steps']:>6}{r['train_s']:>9.2f}{r['s_per_step']:>9.4f}{r['first_step_s']:>11.3f}"
+              f"{_fmt(r['first_eval_acc'], '.3f'):>11}{_fmt(r['final_eval_acc'], '.3f'):>13}"
+              f"{_fmt(r['step0_diff'], '.2e'):>12}{_fmt(r['peak_cuda_mib'], '.1f'):>10}{r['score_s']:>9.2f}")  # fmt: skip
+    for dtype, error in report["failures"].items():
+        print(f"{dtype}: FAILED {error}")
+    print(f"modules never imported: {report['modules_absent']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"wrote {args.out}")
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
