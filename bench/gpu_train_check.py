@@ -2,7 +2,7 @@
 
 The train stage had never run on a GPU. This calls the stage functions directly (no Prefect, no
 polars: the lent GPU machine has neither) on the built-in demo assets with the demo's settings
-(pipeline.cli.DEMO_TRAIN, cmd_demo's tokenize limits and eval split), once per dtype, each in its
+(pipeline.assets.DEMO_TRAIN, cmd_demo's tokenize limits and eval split), once per dtype, each in its
 own storage folder, and prints per dtype: wall seconds of the train stage, seconds per optimizer
 step (median of metrics.jsonl's per-step times), first and final eval reward accuracy, the
 step-0 check's max mean per-token |diff| against the reference cache, and peak CUDA memory.
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 def run_dtype(dtype: str, assets: dict, root: Path, device: str, max_steps: int | None) -> dict:
     import torch
 
-    from pipeline.cli import DEMO_TRAIN
+    from pipeline.assets import DEMO_TRAIN
     from pipeline.config import config_from_dict
     from pipeline.prepare import prepare
     from pipeline.score import score
