@@ -79,11 +79,11 @@ def run_backend(name: str, model_dir: Path, dtype: str, data, max_sequence: int)
     cfg = config_from_dict({"data": {"path": "unused"}, "model": {"path": str(model_dir), "dtype": dtype},
                             "score": {"backend": name, "tokens_per_batch": 65536, "gpu_memory_utilization": 0.5}})  # fmt: skip
     if name == "vllm":
-        from pipeline.vllm_backend import VllmScorer
+        from pipeline.scorers.vllm import VllmScorer
 
         scorer = VllmScorer(cfg, max_sequence)
     else:
-        from pipeline.score import TransformersScorer
+        from pipeline.scorers.transformers_backend import TransformersScorer
 
         scorer = TransformersScorer(cfg)
     prompts, chosens, rejecteds = data

@@ -75,7 +75,7 @@ def main() -> int:
     from pipeline.assets import smollm2_folder
     from pipeline.config import config_from_dict
     from pipeline.prepare import prepare
-    from pipeline.score import TransformersScorer
+    from pipeline.scorers.transformers_backend import TransformersScorer
 
     model_dir = smollm2_folder()
     with tempfile.TemporaryDirectory() as tmp:

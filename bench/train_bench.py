@@ -1,74 +1,81 @@
 """Training cost with cached reference log-probs vs a reference model kept in memory.
 
-    .venv/bin/python bench/train_bench.py [--rows 24] [--steps 5] [--batch-size 4]
+    PYTHONPATH=. .venv/bin/python bench/train_bench.py [--rows 24] [--steps 5] [--batch-size 4]
+    (or `make bench-train`)
 
-SmolLM2-135M on an HH slice. Both variants run the same loop (the trainer's pieces: one
-shared-prefix forward per micro-batch via logprobs.pair_logps, the sigmoid loss, AdamW), on the
-same batches:
-- ours: reference log-probs read from the score cache; only the policy is in memory;
-- baseline: a second copy of the model as reference, its forward (no grad) run on every batch,
-  as trainers without a cache do.
+SmolLM2-135M on an HH slice. Both variants run the trainer's own step, ``pipeline.train.train_step``,
+on a ``Trainer`` from ``build_trainer`` (one shared-prefix forward per micro-batch, the configured
+loss, clipping, AdamW, schedule), on the same batches. The only difference is the reference:
+- ours: ``trainer.reference`` is the default ``cached_reference`` (the score cache); only the
+  policy is in memory;
+- baseline: ``trainer.reference`` is swapped for a second, frozen copy of the model (loaded with
+  ``models.load_causal_lm``) whose forward (``logprobs.pair_logps`` under ``torch.no_grad()``)
+  runs on every batch, as trainers without a cache do.
 Each variant runs in its own process so that peak RSS (ru_maxrss) is its own. Prints seconds per
-step (first step excluded as warm-up) and peak RSS, writes JSON.
+step (first step excluded as warm-up) and peak RSS, writes JSON. The policy starts from the
+reference weights, so both variants' first-step loss is ln 2 (checked: they must agree).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from _common import ROOT, hh_slice, write_report  # noqa: E402
 
 
+def live_reference(trainer, model):
+    """A ``Trainer.reference`` that runs ``model`` (frozen) on the batch instead of reading the cache."""
+    import torch
+
+    from pipeline.logprobs import pair_logps
+
+    model.requires_grad_(False)
+
+    def reference(split, index):
+        picked = [split.prompts[i] for i in index], [split.chosens[i] for i in index], [split.rejecteds[i] for i in index]
+        with torch.no_grad(), trainer.autocast():
+            return pair_logps(model, *picked, shared=trainer.shared, device=trainer.device)
+
+    return reference
+
+
 def run_variant(args) -> dict:
     import torch
 
+    from pipeline import layout
     from pipeline.config import load_config
-    from pipeline.logprobs import pair_logps
-    from pipeline.losses import sigmoid_loss
     from pipeline.models import load_causal_lm
-    from pipeline.prepare import locate_dataset
-    from pipeline.train import batch_indices, load_split_data, locate_ref_cache
+    from pipeline.train import batch_indices, build_trainer, load_split_data, train_step
 
     cfg = load_config(args.config)
-    dataset_dir = locate_dataset(cfg)
-    splits, cache = load_split_data(dataset_dir, locate_ref_cache(cfg, json.loads((dataset_dir / "manifest.json").read_text())["fingerprint"]))
+    dataset_dir = layout.locate_dataset(cfg)
+    cache_dir = layout.locate_ref_cache(cfg, layout.verified_dataset(dataset_dir)["fingerprint"])
+    splits, _ = load_split_data(dataset_dir, cache_dir)
     split = splits["train"]
-    torch.manual_seed(0)
-    policy = load_causal_lm(cfg.model, "cpu").train()
-    reference = load_causal_lm(cfg.model, "cpu") if args.variant == "baseline" else None
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-    times = []
-    for step in range(args.steps):
-        start = time.perf_counter()
-        index = batch_indices(step, args.batch_size, len(split), 0)
-        batch = ([split.prompts[i] for i in index], [split.chosens[i] for i in index], [split.rejecteds[i] for i in index])
-        if reference is None:
-            ref_chosen, ref_rejected = split.ref_chosen[index].float(), split.ref_rejected[index].float()
-        else:
-            with torch.no_grad():
-                ref_chosen, ref_rejected = pair_logps(reference, *batch)
-        chosen, rejected = pair_logps(policy, *batch)
-        loss = sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+    torch.manual_seed(cfg.train.seed)
+    policy = load_causal_lm(layout.policy_init(cfg), "cpu").train()  # float32 master weights, as train()
+    trainer = build_trainer(cfg, splits, policy)
+    if args.variant == "baseline":
+        trainer.reference = live_reference(trainer, load_causal_lm(cfg.model, "cpu"))
+    records = [train_step(trainer, step) for step in range(cfg.train.max_steps)]
+    times = [r["seconds"] for r in records]
+    t = cfg.train
     return {
         "variant": args.variant,
         "seconds_per_step": sum(times[1:]) / max(1, len(times) - 1),
         "step_seconds": times,
+        "losses": [r["loss"] for r in records],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "tokens_per_step": sum(2 * len(split.prompts[i]) + len(split.chosens[i]) + len(split.rejecteds[i])
-                               for i in batch_indices(1, args.batch_size, len(split), 0)),  # fmt: skip
+                               for i in batch_indices(1, t.batch_size, len(split), t.seed)),  # fmt: skip
     }
 
 
@@ -99,6 +106,9 @@ def main() -> int:
             "storage": tmp, "data": {"path": str(data), "eval_fraction": 0.0},
             "model": {"path": str(model_dir)},
             "tokenize": {"max_length": args.max_length, "max_prompt_length": args.max_length // 2},
+            # train_step's settings; lr 1e-6, sigmoid loss, beta 0.1, clip 1.0 are the defaults.
+            "train": {"batch_size": args.batch_size, "max_steps": args.steps, "device": "cpu",
+                      "step0_check": "off"},
         }))  # fmt: skip
         cfg = load_config(config)
         prepare(cfg, show_progress=False)
@@ -106,12 +116,17 @@ def main() -> int:
         results = []
         for variant in ("ours", "baseline"):
             out = subprocess.run(
-                [sys.executable, __file__, "--variant", variant, "--config", str(config),
-                 "--steps", str(args.steps), "--batch-size", str(args.batch_size)],
-                check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                [sys.executable, __file__, "--variant", variant, "--config", str(config)],
+                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
             )  # fmt: skip
+            if out.returncode:
+                sys.stderr.write(out.stderr)
+                raise SystemExit(f"the {variant} variant failed (exit {out.returncode})")
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     ours, base = results
+    # Same reference numbers, same batches: the first step's loss (policy == reference) agrees.
+    if not math.isclose(ours["losses"][0], base["losses"][0], rel_tol=0, abs_tol=1e-4):
+        print(f"warning: first-step losses differ: {ours['losses'][0]} vs {base['losses'][0]}", file=sys.stderr)
     print(f"\nSmolLM2-135M, {args.batch_size} HH pairs/step (~{ours['tokens_per_step']} sequence tokens), "
           f"{args.steps - 1} timed steps, CPU ({os.cpu_count()} cores)\n")  # fmt: skip
     print(f"{'variant':<34}{'s/step':>9}{'peak RSS MB':>13}")
