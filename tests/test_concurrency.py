@@ -382,6 +382,41 @@ def test_two_trains_of_one_run_name_one_trains_the_other_refuses(setup, tmp_path
     assert tmp_leftovers(storage) == []
 
 
+# --- leftovers of dead writers in train's and audit's outputs (in this process) -----------------------
+
+
+def test_train_removes_dead_writers_leftovers(setup, tmp_path):
+    """Temporary files a killed `dpo train` left in the run folder (an atomic write of config.yaml
+    or run.json, a checkpoint being saved) are removed by the next run, which holds the lock."""
+    storage = setup.storage_with(tmp_path / "storage", "datasets", "refscores")
+    run_dir = storage / "runs" / "r"
+    leftovers = [run_dir / ".tmp-config.yaml.dead01", run_dir / ".tmp-run.json.dead02",
+                 run_dir / "checkpoints" / ".tmp-step-000004.dead03"]
+    leftovers[2].mkdir(parents=True)
+    (leftovers[2] / "optimizer.pt").write_bytes(b"half")
+    for path in leftovers[:2]:
+        path.write_text("half")
+    result = train(config_from_dict(setup.raw(storage)), show_progress=False)
+    assert not result.skipped
+    assert tmp_leftovers(storage) == []
+    alone = setup.reference_run(LR_A)
+    assert (run_dir / "final" / "model.safetensors").read_bytes() == (alone / "final" / "model.safetensors").read_bytes()
+
+
+def test_audit_report_removes_dead_writers_leftovers(setup, tmp_path):
+    from pipeline.audit import audit, save_report
+
+    storage = setup.storage_with(tmp_path / "storage", "datasets", "refscores")
+    cache = storage / "refscores" / setup.cache.name
+    reports = storage / "audits" / setup.cache.name
+    reports.mkdir(parents=True)
+    for name in (".tmp-quick.json.dead01", ".tmp-quick.html.dead02", ".tmp-full.json.dead03"):
+        (reports / name).write_text("half")
+    html = save_report(audit(cache))
+    assert html == reports / "quick.html" and json.loads((reports / "quick.json").read_text())["passed"] is True
+    assert tmp_leftovers(storage) == []
+
+
 # --- storage that cannot be written: one line that names the path ----------------------------------
 
 
