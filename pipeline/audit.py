@@ -32,7 +32,8 @@ from .config import Config
 from .data import DataError
 from .layout import MANIFEST, SHARD_RE, CacheError
 from .models import ModelError
-from .store import atomic_write_json, atomic_write_text, ensure_dir, exclusive, read_json, sha256_verified
+from .store import (atomic_write_json, atomic_write_text, ensure_dir, exclusive, read_json, remove_leftovers,
+                    sha256_verified)
 
 
 class AuditFailed(RuntimeError):
@@ -490,6 +491,9 @@ def save_report(report: AuditReport, directory: str | Path | None = None) -> Pat
         scores = load_scores(cache_dir, read_json(cache_dir / MANIFEST))
     ensure_dir(directory)
     with exclusive(directory / ".lock", f"audit report {directory}", wait=True):
+        # a killed writer's temporary report files (only those: the folder may be the user's)
+        remove_leftovers(directory, of=tuple(f"{level}{suffix}" for level in layout.AUDIT_LEVELS
+                                             for suffix in (".json", ".html")))
         atomic_write_json(directory / f"{report.level}.json", report.to_dict())
         return write_html(report, scores, directory / f"{report.level}.html")
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -141,6 +142,18 @@ def atomic_path(path: str | Path):
         _replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_leftovers(directory: str | Path, of: tuple[str, ...] | None = None) -> None:
+    """Remove the temporary files and folders (``.tmp-*``) dead writers left in ``directory``;
+    ``of``: only those of these file names. Call it only while holding the directory's lock: the
+    temporary files of a live writer look the same."""
+    patterns = [f".tmp-{name}.*" for name in of] if of is not None else [".tmp-*"]
+    for leftover in [p for pattern in patterns for p in Path(directory).glob(pattern)]:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -45,7 +45,8 @@ from .config import Config
 from .logprobs import pair_logps, supports_shared_prefix
 from .losses import LOSSES, rewards
 from .models import load_causal_lm, load_tokenizer, model_fingerprint
-from .store import atomic_write_json, atomic_write_text, ensure_dir, exclusive, lock_path, sha256_file
+from .store import (atomic_write_json, atomic_write_text, ensure_dir, exclusive, lock_path, remove_leftovers,
+                    sha256_file)
 
 log = logging.getLogger("dpo.train")
 
@@ -413,6 +414,8 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> Trai
                 "or delete the folder or set another train.run_name to start over"
             )
         ensure_dir(run.run_dir)
+        for folder in (run.run_dir, run.run_dir / "checkpoints"):
+            remove_leftovers(folder)  # of a killed run; we hold the lock
         atomic_write_text(run.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         torch.manual_seed(cfg.train.seed)
         policy = load_causal_lm(layout.policy_init(cfg), _device(cfg)).train()
