@@ -7,10 +7,10 @@
 layout's contract and the files on disk; (c) library modules import no stage; (d) the pipeline
 package's import graph has no cycle; (e) flows/pipeline.py does not import flows/cli.py.
 
-(d) in two strengths: imports at module level (what runs at import time) have no cycle at all;
-with the imports inside functions too, the one cycle allowed goes through a package's lazy
-import of its own submodule: ``pipeline.scorers.make_scorer`` imports the backend it picks
-(``.transformers_backend``, ``.vllm``), which import the package's shared types back.
+(d) in two strengths: imports at module level (what runs at import time) have no cycle, and
+neither do all imports, those inside functions included (``pipeline.scorers.make_scorer`` imports
+the backend it picks lazily; the backends take their shared types from ``scorers.base``, never
+from the package that picks them).
 
 Every import counts, wherever it is written (module level, inside functions, under `if`), and
 so do `importlib.import_module("...")` calls with a literal name. Relative imports are resolved
@@ -148,16 +148,6 @@ def at_import_time(graph: Graph) -> Graph:
     return {m: {t: d for t, d in ts.items() if not d} for m, ts in graph.items()}
 
 
-def lazy_submodule_imports(graph: Graph) -> list[Edge]:
-    """Deferred imports by a package of its own submodules (a factory picking a backend)."""
-    return sorted((m, t) for m, ts in graph.items() for t, d in ts.items() if d and t.startswith(m + "."))
-
-
-def without_lazy_submodule_imports(graph: Graph) -> Graph:
-    lazy = set(lazy_submodule_imports(graph))
-    return {m: {t: d for t, d in ts.items() if (m, t) not in lazy} for m, ts in graph.items()}
-
-
 def find_cycle(graph, package: str = "pipeline") -> list[str] | None:
     """One import cycle among ``package``'s modules, as [a, b, ..., a], or None."""
     nodes = sorted(m for m in graph if _in(m, package))
@@ -229,13 +219,9 @@ def test_pipeline_has_no_import_cycle_at_import_time(graph):
 
 
 def test_pipeline_has_no_import_cycle(graph):
-    """Imports inside functions count too, except a package's lazy imports of its own submodules."""
-    cycle = find_cycle(without_lazy_submodule_imports(graph))
-    assert cycle is None, (
-        "import cycle in pipeline/ (imports inside functions included): " + " -> ".join(cycle)
-        + "\n(allowed, not counted: lazy imports of a package's own submodules:\n"
-        + _show(lazy_submodule_imports(graph)) + ")"
-    )
+    """Imports inside functions count too: a lazy import is still a dependency."""
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle in pipeline/ (imports inside functions included): " + " -> ".join(cycle)
 
 
 def test_the_flow_does_not_import_the_command_line(graph):
@@ -276,7 +262,6 @@ def test_the_checks_report_each_kind_of_violation(tmp_path):
     assert stages_import_stages(graph) == [("pipeline.audit", "pipeline.train"), ("pipeline.prepare", "pipeline.score")]
     assert library_imports_stages(graph) == [("pipeline.layout", "pipeline.audit"), ("pipeline.sub", "pipeline.prepare")]
     assert find_cycle(graph) == ["pipeline.a", "pipeline.b", "pipeline.a"]
-    assert find_cycle(without_lazy_submodule_imports(graph)) == ["pipeline.a", "pipeline.b", "pipeline.a"]
     assert cli_imported_by_flow(graph) == [("flows.pipeline", "flows.cli")]
     # The failure messages name the offending edges.
     assert "pipeline.store imports flows.cli" in _show(library_imports_flows(graph))
@@ -303,9 +288,8 @@ def test_the_checks_pass_a_clean_layering(tmp_path):
 
 
 def test_cycles_at_import_time_and_through_functions(tmp_path):
-    """A cycle closed inside a function is found by the full check only; a package's lazy import
-    of its own submodule (which imports the package back) is allowed; a module-level cycle is
-    found by both checks."""
+    """A cycle closed inside a function is found by the full check only (a package's lazy import
+    of its own submodule that imports the package back is one); a module-level cycle by both."""
     lazy = _write(tmp_path / "lazy", {
         "pipeline/__init__.py": "",
         "pipeline/a.py": "from .b import thing\n",
@@ -315,11 +299,9 @@ def test_cycles_at_import_time_and_through_functions(tmp_path):
     })
     graph = import_graph(lazy, packages=("pipeline",))
     assert graph["pipeline.b"] == {"pipeline.a": True} and graph["pipeline.a"] == {"pipeline.b": False}
-    assert lazy_submodule_imports(graph) == [("pipeline.reg", "pipeline.reg.impl")]
     assert find_cycle(at_import_time(graph)) is None
-    assert find_cycle(without_lazy_submodule_imports(graph)) == ["pipeline.a", "pipeline.b", "pipeline.a"]
+    assert find_cycle(graph) == ["pipeline.a", "pipeline.b", "pipeline.a"]
     del graph["pipeline.b"]["pipeline.a"]
-    assert find_cycle(without_lazy_submodule_imports(graph)) is None  # reg <-> reg.impl is allowed
     assert find_cycle(graph) == ["pipeline.reg", "pipeline.reg.impl", "pipeline.reg"]
 
     eager = _write(tmp_path / "eager", {
@@ -329,4 +311,4 @@ def test_cycles_at_import_time_and_through_functions(tmp_path):
     })
     graph = import_graph(eager, packages=("pipeline",))
     assert find_cycle(at_import_time(graph)) == ["pipeline.c", "pipeline.d", "pipeline.c"]
-    assert find_cycle(without_lazy_submodule_imports(graph)) == ["pipeline.c", "pipeline.d", "pipeline.c"]
+    assert find_cycle(graph) == ["pipeline.c", "pipeline.d", "pipeline.c"]

@@ -14,46 +14,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Callable, Protocol
-
-import numpy as np
-
 from ..config import Config
+from .base import Progress, ScoreError, Scorer
 
 log = logging.getLogger("dpo.score")
 
 BACKENDS = ("transformers", "vllm")
-
-Progress = Callable[[int, int, int], None]
-"""progress(sequences, response tokens, sequence tokens) after each batch."""
-
-
-class ScoreError(RuntimeError):
-    """Reference scores cannot be produced (or trusted); the message says what to do."""
-
-
-class Scorer(Protocol):
-    name: str
-    """The backend: "transformers" or "vllm"."""
-    device: str
-    settings: dict
-    """Resolved settings that can change low-order bits (recorded in the cache's manifest)."""
-
-    def score_pairs(
-        self,
-        prompts: list[list[int]],
-        chosens: list[list[int]],
-        rejecteds: list[list[int]],
-        progress: Progress | None = None,
-        rows: list[int] | None = None,
-    ) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
-        """(chosen, rejected) per-token log-probs of each example, in input order.
-
-        rows: only compute what these examples need (None elsewhere in the output), with the
-        values a full call gives.
-        """
-        ...
-
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
@@ -88,4 +54,4 @@ def make_scorer(backend: str, cfg: Config, max_sequence: int, settings: dict | N
     return TransformersScorer(cfg, settings)
 
 
-__all__ = ["BACKENDS", "ScoreError", "Scorer", "make_scorer", "resolve_backend", "vllm_available"]
+__all__ = ["BACKENDS", "Progress", "ScoreError", "Scorer", "make_scorer", "resolve_backend", "vllm_available"]

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..config import Config
 from ..models import ModelError
-from . import Progress, ScoreError
+from .base import Progress, ScoreError
 
 log = logging.getLogger("dpo.score")
 

@@ -21,7 +21,7 @@ import inspect
 import numpy as np
 
 from ..config import Config
-from . import Progress, ScoreError
+from .base import Progress, ScoreError
 
 # Sequences handed to one `generate` call: large enough for vLLM to batch well, small enough for
 # the progress bar to move.
