@@ -39,10 +39,17 @@ class DataConfig:
     """Implicit-prompt text data: the prompt ends after the last marker the two texts share."""
     max_reject_fraction: float = 0.5
     """Fail the stage when more than this share of the rows read is rejected."""
+    max_row_bytes: Optional[int] = 1_048_576
+    """Rows larger than this (bytes of the JSONL line, or of a Parquet/`datasets` row as JSON) are
+    rejected as row_too_large before tokenizing: tokenizing takes about 270 bytes of memory per
+    byte of text (a 10 MB row: 2.7 GB and 20 s), and only tokenize.max_length tokens are kept.
+    1 MiB is about 250k tokens. null: no limit."""
 
     def validate(self) -> None:
         _check_range("data.eval_fraction", self.eval_fraction, 0.0, 1.0, hi_open=True)
         _check_range("data.max_reject_fraction", self.max_reject_fraction, 0.0, 1.0)
+        if self.max_row_bytes is not None:
+            _check_range("data.max_row_bytes", self.max_row_bytes, 1, None)
         for name in ("prompt_column", "chosen_column", "rejected_column"):
             if not getattr(self, name):
                 raise ConfigError(f"data.{name}: must be a non-empty column name")
