@@ -105,7 +105,9 @@ def test_every_float_key_is_covered():
     for name, section in typing.get_type_hints(Config).items():
         if is_dataclass(section):
             hints = typing.get_type_hints(section)
-            found += [f"{name}.{f.name}" for f in fields(section) if float in (hints[f.name], *typing.get_args(hints[f.name]))]
+            for f in fields(section):
+                if float in (hints[f.name], *typing.get_args(hints[f.name])):
+                    found.append(f"{name}.{f.name}")
     assert sorted(found) == sorted(FLOAT_KEYS)
 
 
