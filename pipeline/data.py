@@ -123,6 +123,11 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _BOM = b"\xef\xbb\xbf"
 
 
+def _why(exc: BaseException) -> str:
+    """An exception as one line: its type and message."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
 def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
@@ -186,7 +191,7 @@ def _jsonl_rows(path: Path, opener) -> Iterator[RawRow]:
         gz = opener is not open
         raise DataError(
             f"{path}: the {'gzip stream' if gz else 'file'} is truncated or corrupt after "
-            f"{lines_read} complete lines ({type(exc).__name__}: {exc}); nothing from this file "
+            f"{lines_read} complete lines ({_why(exc)}); nothing from this file "
             "is used. Download or write the file again"
             + (f" (`gzip -t {path}` checks it)" if gz else "")
         ) from None
@@ -220,7 +225,7 @@ def _table_rows(batches: Iterator[pa.RecordBatch], source: Path, what: str) -> I
                 index += 1
     except (pa.ArrowException, OSError) as exc:
         raise DataError(
-            f"{source}: the {what} is damaged after {index} rows ({type(exc).__name__}: {exc}); "
+            f"{source}: the {what} is damaged after {index} rows ({_why(exc)}); "
             "nothing from it is used. Write or download it again"
         ) from None
 
@@ -231,7 +236,7 @@ def open_parquet(path: Path) -> pq.ParquetFile:
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(
-            f"{path} is not a readable Parquet file ({type(exc).__name__}: {exc}); it may be "
+            f"{path} is not a readable Parquet file ({_why(exc)}); it may be "
             "truncated or another format: write or download it again"
         ) from None
 
@@ -249,7 +254,7 @@ def _arrow_batches(files: list[Path]) -> Iterator[pa.RecordBatch]:
             if source is not None:
                 source.close()
             raise DataError(
-                f"{file} is not a readable Arrow file ({type(exc).__name__}: {exc}): save the "
+                f"{file} is not a readable Arrow file ({_why(exc)}): save the "
                 "dataset again with `save_to_disk`, or export it to .jsonl or .parquet"
             ) from None
         with source:
