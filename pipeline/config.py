@@ -10,6 +10,8 @@ errors that name the key (``ConfigError``); nothing is silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,10 +41,17 @@ class DataConfig:
     """Implicit-prompt text data: the prompt ends after the last marker the two texts share."""
     max_reject_fraction: float = 0.5
     """Fail the stage when more than this share of the rows read is rejected."""
+    max_row_bytes: Optional[int] = 1_048_576
+    """Rows larger than this (bytes of the JSONL line, or of a Parquet/`datasets` row as JSON) are
+    rejected as row_too_large before tokenizing: tokenizing takes about 270 bytes of memory per
+    byte of text (a 10 MB row: 2.7 GB and 20 s), and only tokenize.max_length tokens are kept.
+    1 MiB is about 250k tokens. null: no limit."""
 
     def validate(self) -> None:
         _check_range("data.eval_fraction", self.eval_fraction, 0.0, 1.0, hi_open=True)
         _check_range("data.max_reject_fraction", self.max_reject_fraction, 0.0, 1.0)
+        if self.max_row_bytes is not None:
+            _check_range("data.max_row_bytes", self.max_row_bytes, 1, None)
         for name in ("prompt_column", "chosen_column", "rejected_column"):
             if not getattr(self, name):
                 raise ConfigError(f"data.{name}: must be a non-empty column name")
@@ -55,9 +64,6 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     """Run code shipped with the model folder. Off unless you trust its author."""
-
-    def validate(self) -> None:
-        pass
 
 
 @dataclass
@@ -149,7 +155,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     run_name: Optional[str] = None
-    """Folder under <storage>/runs/; null: named after a fingerprint of the run's inputs."""
+    """Folder under <storage>/runs/; null: named after a fingerprint of the run's inputs.
+    1-100 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit."""
     init_from: Optional[str] = None
     """Policy weights to start from; null: model.path (the reference model itself)."""
     ref_cache: Optional[str] = None
@@ -163,7 +170,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check_range("train.beta", self.beta, 1e-12, None)
-        _check_range("train.lr", self.lr, 0.0, None)
+        if self.lr <= 0:
+            raise ConfigError(
+                f"train.lr: {self.lr!r} trains nothing (the weights would not change): set a "
+                "positive learning rate, e.g. train.lr=1e-6"
+            )
         _check_range("train.label_smoothing", self.label_smoothing, 0.0, 0.5, hi_open=True)
         _check_range("train.sft_weight", self.sft_weight, 0.0, None)
         _check_range("train.batch_size", self.batch_size, 1, None)
@@ -182,8 +193,19 @@ class TrainConfig:
         _check_range("train.eval_every", self.eval_every, 0, None)
         _check_range("train.save_every", self.save_every, 0, None)
         _check_range("train.keep_checkpoints", self.keep_checkpoints, 1, None)
-        if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):
-            raise ConfigError(f"train.run_name: {self.run_name!r} must be a plain folder name")
+        if self.step0_tolerance is not None:
+            _check_range("train.step0_tolerance", self.step0_tolerance, 0.0, None)
+        if self.run_name is not None and not RUN_NAME.fullmatch(self.run_name):
+            shown = self.run_name if len(self.run_name) <= 60 else self.run_name[:60] + "..."
+            raise ConfigError(
+                f"train.run_name: {shown!r} ({len(self.run_name)} characters) is not a safe folder "
+                "name: use 1-100 ASCII letters, digits, '.', '_' or '-', starting with a letter or "
+                "digit (e.g. train.run_name=beta0.1-run2), or null for a name from the fingerprint"
+            )
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+"""A folder name that is safe everywhere: no separators, NUL, spaces, leading dot or dash."""
 
 
 @dataclass
@@ -214,7 +236,7 @@ class Config:
     def validate(self) -> None:
         if not self.storage:
             raise ConfigError("storage: must be a directory path")
-        for section in (self.data, self.model, self.tokenize, self.score, self.train, self.audit):
+        for section in (self.data, self.tokenize, self.score, self.train, self.audit):
             section.validate()
 
     def to_dict(self) -> dict:
@@ -257,6 +279,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: {value!r} is not a finite number: set a finite value")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -300,7 +324,14 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"--set {item!r}: empty key")
     # YAML scalar syntax: 512 -> int, 0.1 -> float, true -> bool, null -> None, else a string.
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(
+            f"--set {item!r}: the value of {key} is not valid YAML ({problem}); quote it to "
+            f"pass it as text, e.g. --set '{key}=\"...\"'"
+        ) from None
     if isinstance(value, (dict, list)):
         value = text
     return key.split("."), value
@@ -339,7 +370,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text ({exc}): save it as UTF-8"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):

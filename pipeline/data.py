@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
@@ -21,7 +23,7 @@ from .store import fingerprint, sha256_file
 
 
 class DataError(ValueError):
-    """The input cannot be read at all (missing file, unknown type); says what to do."""
+    """The input cannot be read (missing file, unknown type, damaged file); says what to do."""
 
 
 @dataclass
@@ -66,13 +68,39 @@ def check_input(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise DataError(f"data.path {path} does not exist: set data.path to your preference data")
-    input_kind(path)
+    if input_kind(path) == "datasets":
+        _datasets_files(path)  # a broken state.json or a missing data file fails here, early
     return path
 
 
 def _datasets_files(path: Path) -> list[Path]:
-    state = json.loads((path / "state.json").read_text())
-    return [path / item["filename"] for item in state.get("_data_files", [])]
+    """The Arrow files a `datasets` save_to_disk folder lists in its state.json, all present."""
+    state_path = path / "state.json"
+    again = "save the dataset again with `save_to_disk`, or export it to .jsonl or .parquet"
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{state_path} cannot be read as JSON ({exc}): {again}") from None
+    files = state.get("_data_files") if isinstance(state, dict) else None
+    if not isinstance(state, dict) or not isinstance(files, list) or not files:
+        raise DataError(
+            f"{state_path} does not list the data files (a non-empty \"_data_files\" list of "
+            f"{{\"filename\": ...}} entries): {again}"
+        )
+    paths = []
+    for i, item in enumerate(files):
+        name = item.get("filename") if isinstance(item, dict) else None
+        # A plain file name inside the folder, as save_to_disk writes it; nothing outside it.
+        if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name:
+            raise DataError(
+                f"{state_path}: _data_files[{i}] has no usable \"filename\" (a file name in "
+                f"{path}), got {item!r}: {again}"
+            )
+        file = path / name
+        if not file.is_file():
+            raise DataError(f"{file} is listed in {state_path} but does not exist: {again}")
+        paths.append(file)
+    return paths
 
 
 def input_sha256(path: str | Path) -> str:
@@ -90,53 +118,155 @@ def _json_default(value):
     return str(value)
 
 
+# A JSON \\u escape of a UTF-16 surrogate (\\ud800-\\udfff): valid JSON, but a lone one is no text.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_BOM = b"\xef\xbb\xbf"
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as one line: its type and message."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _lone_surrogate(record: dict) -> str | None:
+    """Where in ``record`` a string holds a lone surrogate (e.g. prompt, chosen[0].content)."""
+    stack: list[tuple[str, Any]] = [("", record)]
+    while stack:  # iterative: records can be nested as deep as the JSON parser allows
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "a key"
+        elif isinstance(value, dict):
+            for key, child in reversed(value.items()):
+                name = _printable(key)
+                stack.append((f"{where}.{name}" if where else name, child))
+                stack.append((where or "a key", key))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", child) for i, child in reversed(list(enumerate(value))))
+    return None
+
+
+def _parse_line(index: int, text: str) -> RawRow:
+    try:
+        record = json.loads(text)
+    except ValueError as exc:
+        return RawRow(index, text, None, "malformed_json", str(exc))
+    except RecursionError:
+        return RawRow(index, text, None, "malformed_json", "nested too deeply to parse")
+    if not isinstance(record, dict):
+        return RawRow(index, text, None, "not_an_object", f"a JSON {type(record).__name__}")
+    if _SURROGATE_ESCAPE.search(text) and (where := _lone_surrogate(record)):
+        detail = f"{where}: a lone surrogate (\\ud800-\\udfff escape) is not valid Unicode text"
+        return RawRow(index, text, None, "malformed_json", detail)
+    return RawRow(index, text, record)
+
+
 def _jsonl_rows(path: Path, opener) -> Iterator[RawRow]:
-    with opener(path, "rb") as fh:
-        for index, line in enumerate(fh):
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raw = line.decode("utf-8", errors="replace").rstrip("\r\n")
-                yield RawRow(index, raw, None, "malformed_json", f"not UTF-8: {exc}")
-                continue
-            text = text.rstrip("\r\n")
-            if not text.strip():
-                continue  # blank lines are not rows
-            try:
-                record = json.loads(text)
-            except ValueError as exc:
-                yield RawRow(index, text, None, "malformed_json", str(exc))
-                continue
-            if not isinstance(record, dict):
-                yield RawRow(index, text, None, "not_an_object", f"a JSON {type(record).__name__}")
-                continue
-            yield RawRow(index, text, record)
+    lines_read = 0
+    try:
+        with opener(path, "rb") as fh:
+            for index, line in enumerate(fh):
+                if index == 0 and line.startswith(_BOM):
+                    line = line[len(_BOM) :]  # a UTF-8 byte order mark is not part of the row
+                lines_read = index + 1
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raw = line.decode("utf-8", errors="replace").rstrip("\r\n")
+                    yield RawRow(index, raw, None, "malformed_json", f"not UTF-8: {exc}")
+                    continue
+                text = text.rstrip("\r\n")
+                if not text.strip():
+                    continue  # blank lines are not rows
+                yield _parse_line(index, text)
+    except (EOFError, zlib.error, OSError) as exc:
+        # Damage found after some rows were read fails the stage: a dataset from the rows before
+        # it would pass for the whole file.
+        gz = opener is not open
+        raise DataError(
+            f"{path}: the {'gzip stream' if gz else 'file'} is truncated or corrupt after "
+            f"{lines_read} complete lines ({_why(exc)}); nothing from this file "
+            "is used. Download or write the file again"
+            + (f" (`gzip -t {path}` checks it)" if gz else "")
+        ) from None
 
 
-def _table_rows(batches: Iterator[pa.RecordBatch]) -> Iterator[RawRow]:
+def _batch_records(batch: pa.RecordBatch, source: Path) -> list[dict]:
+    """The batch's rows as dicts; a column Python cannot represent (timestamp[ns]) as text."""
+    columns = []
+    for name, column in zip(batch.schema.names, batch.columns):
+        try:
+            values = column.to_pylist()
+        except (ValueError, OverflowError, pa.ArrowException):
+            try:
+                values = column.cast(pa.string()).to_pylist()
+            except (ValueError, pa.ArrowException) as exc:
+                raise DataError(
+                    f"{source}: column {name!r} of type {column.type} cannot be read ({exc}): "
+                    "drop or convert that column"
+                ) from None
+        columns.append((name, values))
+    return [{name: values[i] for name, values in columns} for i in range(batch.num_rows)]
+
+
+def _table_rows(batches: Iterator[pa.RecordBatch], source: Path, what: str) -> Iterator[RawRow]:
     index = 0
-    for batch in batches:
-        for record in batch.to_pylist():
-            raw = json.dumps(record, sort_keys=True, ensure_ascii=False, default=_json_default)
-            yield RawRow(index, raw, record)
-            index += 1
+    try:
+        for batch in batches:
+            for record in _batch_records(batch, source):
+                raw = json.dumps(record, sort_keys=True, ensure_ascii=False, default=_json_default)
+                yield RawRow(index, raw, record)
+                index += 1
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(
+            f"{source}: the {what} is damaged after {index} rows ({_why(exc)}); "
+            "nothing from it is used. Write or download it again"
+        ) from None
+
+
+def open_parquet(path: Path) -> pq.ParquetFile:
+    """The Parquet file at ``path``, or a DataError when it is not one (or is truncated)."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(
+            f"{path} is not a readable Parquet file ({_why(exc)}); it may be "
+            "truncated or another format: write or download it again"
+        ) from None
 
 
 def _arrow_batches(files: list[Path]) -> Iterator[pa.RecordBatch]:
     for file in files:
-        with pa.memory_map(str(file)) as source:
+        source = None
+        try:
+            source = pa.memory_map(str(file))
             try:
                 reader = ipc.open_stream(source)
             except pa.ArrowInvalid:
                 reader = ipc.open_file(source)
+        except (pa.ArrowException, OSError) as exc:
+            if source is not None:
+                source.close()
+            raise DataError(
+                f"{file} is not a readable Arrow file ({_why(exc)}): save the "
+                "dataset again with `save_to_disk`, or export it to .jsonl or .parquet"
+            ) from None
+        with source:
+            if isinstance(reader, ipc.RecordBatchFileReader):
                 for i in range(reader.num_record_batches):
                     yield reader.get_batch(i)
-                continue
-            yield from reader
+            else:
+                yield from reader
 
 
 def read_rows(path: str | Path) -> Iterator[RawRow]:
-    """All rows of the input, in order, parsed or not."""
+    """All rows of the input, in order, parsed or not; a damaged file raises DataError."""
     path = Path(path)
     kind = input_kind(path)
     if kind == "jsonl":
@@ -144,8 +274,9 @@ def read_rows(path: str | Path) -> Iterator[RawRow]:
     if kind == "jsonl.gz":
         return _jsonl_rows(path, gzip.open)
     if kind == "parquet":
-        return _table_rows(pq.ParquetFile(path).iter_batches(batch_size=4096))
-    return _table_rows(_arrow_batches(_datasets_files(path)))
+        batches = open_parquet(path).iter_batches(batch_size=4096)
+        return _table_rows(batches, path, "Parquet file")
+    return _table_rows(_arrow_batches(_datasets_files(path)), path, "`datasets` folder")
 
 
-__all__ = ["DataError", "RawRow", "check_input", "input_sha256", "read_rows"]
+__all__ = ["DataError", "RawRow", "check_input", "input_sha256", "open_parquet", "read_rows"]

@@ -115,6 +115,7 @@ def data_settings(cfg: Config) -> dict:
         "eval_fraction": d.eval_fraction,
         "columns": [d.prompt_column, d.chosen_column, d.rejected_column],
         "implicit_prompt_marker": d.implicit_prompt_marker,
+        "max_row_bytes": d.max_row_bytes,
     }
 
 

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from . import layout
 from .config import Config
-from .data import RawRow, check_input, input_kind, read_rows
+from .data import RawRow, check_input, input_kind, open_parquet, read_rows
 from .models import ModelError, load_tokenizer
 from .store import (
     atomic_path,
@@ -94,7 +94,7 @@ REJECTS_SCHEMA = pa.schema(
 
 # Every reason a row can be rejected for; README documents them.
 REJECT_REASONS = {
-    "malformed_json": "the line is not valid JSON (or not UTF-8)",
+    "malformed_json": "the line is not valid JSON, or not text (not UTF-8, a lone surrogate)",
     "not_an_object": "the line is valid JSON but not an object",
     "missing_field": "a required column is absent or null",
     "empty_field": "a prompt or response is empty or only whitespace",
@@ -105,6 +105,7 @@ REJECT_REASONS = {
     "prompts_differ": "implicit conversations: the turns before the final answer differ",
     "chat_template_prefix_mismatch": "the chat template renders the prompt differently once an answer follows",
     "too_long": "the prompt leaves no room for a response within tokenize.max_length",
+    "row_too_large": "the row is larger than data.max_row_bytes (rejected before tokenizing)",
 }
 
 
@@ -382,7 +383,7 @@ def _progress(total: int | None, enabled: bool):
 
 def _count_rows(path: Path) -> int | None:
     if input_kind(path) == "parquet":
-        return pq.ParquetFile(path).metadata.num_rows
+        return open_parquet(path).metadata.num_rows
     return None
 
 
@@ -523,11 +524,27 @@ def _contract(cfg: Config, tokenizer, chat: bool) -> dict:
     }
 
 
+def _row_too_large(row: RawRow, limit: int | None) -> str | None:
+    """The reject detail when the row is above data.max_row_bytes, else None."""
+    if limit is None or len(row.raw) * 4 <= limit:  # UTF-8: at most 4 bytes per character
+        return None
+    size = len(row.raw.encode("utf-8", "surrogatepass"))
+    if size <= limit:
+        return None
+    return (
+        f"{size} bytes, above data.max_row_bytes={limit}: raise data.max_row_bytes "
+        "(null: no limit) to tokenize it"
+    )
+
+
 def _process_chunk(chunk, fmt, cfg, tok: _Tokenizer, seen, stats, reject) -> pa.RecordBatch | None:
     candidates = []  # (row, id, prompt_text, chosen_text, rejected_text)
     for row in chunk:
         if row.error:
             reject(row, row.error, row.detail)
+            continue
+        if detail := _row_too_large(row, cfg.data.max_row_bytes):
+            reject(row, "row_too_large", detail)
             continue
         try:
             prompt, chosen, rejected = normalize(row.record, fmt, cfg)
@@ -557,7 +574,7 @@ def _process_chunk(chunk, fmt, cfg, tok: _Tokenizer, seen, stats, reject) -> pa.
         values = (
             ids[i], split, row.source_row, prompts[i], chosens[i], rejecteds[i], p, c, r,
             len(p), len(c), len(r), p_cut, c_cut, r_cut,
-        )  # fmt: skip
+        )
         for name, value in zip(EXAMPLES_SCHEMA.names, values):
             columns[name].append(value)
         stats["kept"] += 1

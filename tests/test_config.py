@@ -76,3 +76,85 @@ def test_yaml_errors(tmp_path):
     section.write_text("data: 3\nmodel:\n  path: m\n")
     with pytest.raises(ConfigError, match="data: expected a mapping"):
         load_config(section)
+
+
+# --- issue 9 §2: bad configuration is a ConfigError naming the key ---------------------------------
+
+FLOAT_KEYS = [
+    "data.eval_fraction", "data.max_reject_fraction", "score.gpu_memory_utilization",
+    "train.beta", "train.label_smoothing", "train.sft_weight", "train.lr", "train.epochs",
+    "train.weight_decay", "train.max_grad_norm", "train.step0_tolerance", "audit.tolerance",
+]
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", ".NaN", "1.0e+400"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_non_finite_numbers_are_refused(key, value):
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}: .*finite"):
+        config_from_dict(BASE, [f"{key}={value}"])
+
+
+def test_every_float_key_is_covered():
+    # A new float key must be added to FLOAT_KEYS above (and is then checked for NaN/inf).
+    import typing
+    from dataclasses import fields, is_dataclass
+
+    from pipeline.config import Config
+
+    found = []
+    for name, section in typing.get_type_hints(Config).items():
+        if is_dataclass(section):
+            hints = typing.get_type_hints(section)
+            for f in fields(section):
+                if float in (hints[f.name], *typing.get_args(hints[f.name])):
+                    found.append(f"{name}.{f.name}")
+    assert sorted(found) == sorted(FLOAT_KEYS)
+
+
+def test_non_finite_numbers_in_a_yaml_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  path: d.jsonl\nmodel:\n  path: m\ntrain:\n  beta: .nan\n")
+    with pytest.raises(ConfigError, match=r"train\.beta: .*finite"):
+        load_config(path)
+
+
+def test_zero_learning_rate_is_refused_with_what_to_set():
+    with pytest.raises(ConfigError, match=r"train\.lr.*positive.*train\.lr=") as err:
+        config_from_dict(BASE, ["train.lr=0"])
+    assert "nothing" in str(err.value)
+
+
+def test_negative_step0_tolerance_is_refused():
+    with pytest.raises(ConfigError, match=r"train\.step0_tolerance"):
+        config_from_dict(BASE, ["train.step0_tolerance=-1"])
+
+
+@pytest.mark.parametrize("item", ["train.run_name=a: b: c", "train.run_name=[1, 2", "data.path={x: ]",
+                                  "train.run_name=\"unclosed", "train.run_name=@x"])
+def test_invalid_yaml_in_an_override_names_the_override(item):
+    with pytest.raises(ConfigError, match=r"--set .*train\.run_name|--set .*data\.path") as err:
+        config_from_dict(BASE, [item])
+    assert "YAML" in str(err.value) and "quote" in str(err.value)
+
+
+def test_non_utf8_config_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("data:\n  path: d\u00e9.jsonl\nmodel:\n  path: m\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="UTF-8") as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a\x00b", "x" * 300, "a b", "run/1", "..", ".hidden", "-flag", "a\\b", "a:b", "tab\there",
+     "new\nline", "caf\u00e9\u200b", "*", ""],
+)
+def test_unsafe_run_names_are_refused(name):
+    with pytest.raises(ConfigError, match=r"train\.run_name.*letters, digits"):
+        config_from_dict({**BASE, "train": {"run_name": name}})
+
+
+@pytest.mark.parametrize("name", ["demo", "run-1", "exp_2024.05.01", "A" * 100])
+def test_safe_run_names_are_kept(name):
+    assert config_from_dict({**BASE, "train": {"run_name": name}}).train.run_name == name

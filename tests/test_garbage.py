@@ -28,6 +28,14 @@ line = st.one_of(
     st.lists(scalar, max_size=3).map(json.dumps),
     record.map(json.dumps),
     st.builds(lambda p, c, r: json.dumps({"prompt": p, "chosen": c, "rejected": r}), text, text, text),
+    # Valid JSON that is no text, JSON nested too deeply to parse, an oversized row.
+    st.sampled_from([
+        '{"prompt": "\\ud800", "chosen": "a", "rejected": "b"}',
+        '{"prompt": "p", "chosen": ["\\udfff"], "rejected": "b"}',
+        "[" * 100_000 + "]" * 100_000,
+        '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        json.dumps({"prompt": "p " * 3000, "chosen": "a", "rejected": "b"}),
+    ]),
 )
 
 
@@ -44,7 +52,8 @@ def test_garbage_never_crashes_and_nothing_is_lost(demo_assets, lines, fmt):
         cfg = config_from_dict(
             {
                 "storage": str(Path(tmp) / "storage"),
-                "data": {"path": str(path), "format": fmt, "max_reject_fraction": 1.0},
+                "data": {"path": str(path), "format": fmt, "max_reject_fraction": 1.0,
+                         "max_row_bytes": 4096},
                 "model": {"path": str(demo_assets["model"])},
                 "tokenize": {"max_length": 64, "max_prompt_length": 32},
             }

@@ -32,7 +32,7 @@ def standard_rows(n=20):
         {"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" It is {2 * i}.",
          "rejected": f" It is {2 * i + 1}."}
         for i in range(n)
-    ]  # fmt: skip
+    ]
 
 
 def test_standard_format_ids_and_boundary(tmp_path, make_config, demo_tokenizer):
@@ -76,7 +76,7 @@ def test_every_row_is_kept_or_rejected_with_its_reason(tmp_path, make_config):
         "",                                                     # 8 blank line: not a row
         {"prompt": None, "chosen": "a", "rejected": "b"},       # 9 missing_field (null)
         *good[1:],
-    ]  # fmt: skip
+    ]
     cfg = make_config(write_jsonl(tmp_path / "d.jsonl", lines))
     result = prepare(cfg, show_progress=False)
     counts = result.manifest["counts"]
@@ -84,7 +84,7 @@ def test_every_row_is_kept_or_rejected_with_its_reason(tmp_path, make_config):
     expected = {
         1: "malformed_json", 2: "not_an_object", 3: "missing_field", 4: "empty_field",
         5: "wrong_type", 6: "chosen_equals_rejected", 7: "duplicate", 9: "missing_field",
-    }  # fmt: skip
+    }
     assert {row: r["reason"] for row, r in rejects.items()} == expected
     assert rejects[1]["raw"] == "{not json"
     assert json.loads(rejects[5]["raw"])["chosen"] == 5
@@ -138,7 +138,7 @@ def test_conversational_with_chat_template(tmp_path, make_config, demo_tokenizer
             "rejected": f"The red fox is rude {i}.",  # a plain string is one assistant message
         }
         for i in range(8)
-    ]  # fmt: skip
+    ]
     result = prepare(make_config(write_jsonl(tmp_path / "c.jsonl", rows)), show_progress=False)
     assert result.manifest["format"] == "conversational"
     assert result.manifest["chat_template_applied"] is True
@@ -172,9 +172,9 @@ def test_chat_template_that_is_not_a_prefix_is_rejected(tmp_path, make_config, d
          "chosen": [{"role": "assistant", "content": "yes"}],
          "rejected": [{"role": "assistant", "content": "no"}]}
         for i in range(3)
-    ]  # fmt: skip
+    ]
     cfg = make_config(write_jsonl(tmp_path / "c.jsonl", rows), model_path=model_dir,
-                      data={"max_reject_fraction": 1.0})  # fmt: skip
+                      data={"max_reject_fraction": 1.0})
     result = prepare(cfg, show_progress=False)
     assert {r["reason"] for r in read_rejects(result)} == {"chat_template_prefix_mismatch"}
     assert result.manifest["counts"]["kept"] == 0
@@ -185,7 +185,7 @@ def test_implicit_text_and_conversations(tmp_path, make_config):
         {"chosen": f"\n\nHuman: hi {i}\n\nAssistant: Hello.\n\nHuman: and?\n\nAssistant: Fine {i}.",
          "rejected": f"\n\nHuman: hi {i}\n\nAssistant: Hello.\n\nHuman: and?\n\nAssistant: Go away."}
         for i in range(5)
-    ] + [{"chosen": "no marker a", "rejected": "no marker b"}]  # fmt: skip
+    ] + [{"chosen": "no marker a", "rejected": "no marker b"}]
     result = prepare(make_config(write_jsonl(tmp_path / "t.jsonl", text_rows)), show_progress=False)
     assert result.manifest["format"] == "implicit"
     examples = read_examples(result)
@@ -195,7 +195,7 @@ def test_implicit_text_and_conversations(tmp_path, make_config):
 
     def conv(i, answer, first="hi"):
         return [{"role": "user", "content": f"{first} {i}"},
-                {"role": "assistant", "content": answer}]  # fmt: skip
+                {"role": "assistant", "content": answer}]
 
     chat_rows = [{"chosen": conv(i, "kind"), "rejected": conv(i, "rude")} for i in range(4)]
     chat_rows.append({"chosen": conv(9, "kind"), "rejected": conv(9, "rude", first="yo")})
@@ -226,7 +226,7 @@ def test_truncation(tmp_path, make_config, demo_tokenizer):
     assert ex["prompt_ids"] == full_prompt[:20]
 
     cfg = make_config(path, tokenize={"max_length": 20, "max_prompt_length": None},
-                      data={"max_reject_fraction": 1.0})  # fmt: skip
+                      data={"max_reject_fraction": 1.0})
     result = prepare(cfg, show_progress=False)
     assert [r["reason"] for r in read_rejects(result)] == ["too_long"]
 
@@ -246,7 +246,7 @@ def test_fingerprint_same_inputs_skip_changed_inputs_new_dir(tmp_path, make_conf
     assert prepare(rebatched, show_progress=False).output_dir == first.output_dir
     dirs = {first.output_dir}
     for change in ({"tokenize": {"max_length": 2048}}, {"tokenize": {"add_eos": False}},
-                   {"data": {"eval_fraction": 0.5}}, {"tokenize": {"prompt_truncation": "keep_start"}}):  # fmt: skip
+                   {"data": {"eval_fraction": 0.5}}, {"tokenize": {"prompt_truncation": "keep_start"}}):
         result = prepare(make_config(path, **change), show_progress=False)
         assert result.output_dir not in dirs, change
         dirs.add(result.output_dir)
@@ -268,9 +268,9 @@ def test_output_bytes_are_deterministic(tmp_path, make_config):
 def test_split_is_by_id_and_stable(tmp_path, make_config):
     rows = standard_rows(400)
     a = prepare(make_config(write_jsonl(tmp_path / "a.jsonl", rows), data={"eval_fraction": 0.2}),
-                show_progress=False)  # fmt: skip
+                show_progress=False)
     b = prepare(make_config(write_jsonl(tmp_path / "b.jsonl", rows[::-1]), data={"eval_fraction": 0.2}),
-                show_progress=False)  # fmt: skip
+                show_progress=False)
     split_a = {ex["id"]: ex["split"] for ex in read_examples(a)}
     split_b = {ex["id"]: ex["split"] for ex in read_examples(b)}
     assert split_a == split_b
