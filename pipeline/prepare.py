@@ -262,7 +262,7 @@ class _Tokenizer:
     """The fast tokenizer's batch API plus the rendering rules documented in the module."""
 
     def __init__(self, tokenizer, cfg: Config, chat: bool):
-        self.tok = tokenizer
+        self.hf_tokenizer = tokenizer
         self.cfg = cfg.tokenize
         self.chat = chat
         self.eos_id = tokenizer.eos_token_id
@@ -282,7 +282,7 @@ class _Tokenizer:
     def encode(self, texts: list[str], special: bool) -> list[list[int]]:
         if not texts:
             return []
-        out = self.tok(
+        out = self.hf_tokenizer(
             texts,
             add_special_tokens=special,
             return_attention_mask=False,
@@ -295,19 +295,19 @@ class _Tokenizer:
         """Text of prompt and both responses; raises _Reject for templates that do not prefix."""
         if not self.chat:
             return prompt, chosen, rejected
-        prompt_text = self.tok.apply_chat_template(
+        prompt_text = self.hf_tokenizer.apply_chat_template(
             prompt, tokenize=False, add_generation_prompt=True
         )
         responses = []
         for response in (chosen, rejected):
-            full = self.tok.apply_chat_template(prompt + response, tokenize=False)
+            full = self.hf_tokenizer.apply_chat_template(prompt + response, tokenize=False)
             if not full.startswith(prompt_text):
                 raise _Reject(
                     "chat_template_prefix_mismatch",
                     "rendered conversation does not start with the rendered prompt",
                 )
             text = full[len(prompt_text) :]
-            eos = self.tok.eos_token
+            eos = self.hf_tokenizer.eos_token
             if eos and text.rstrip().endswith(eos):
                 text = text.rstrip()
             responses.append(text)
@@ -438,7 +438,7 @@ def _write_dataset(cfg: Config, data_path: Path, tokenizer, out_dir: Path, show_
         and any(isinstance(r.record.get(cfg.data.chosen_column), list) for r in sample if r.record is not None)
     )
     log.info("prepare: %s, format %s%s", data_path, fmt, " (chat template)" if chat else "")
-    tok = _Tokenizer(tokenizer, cfg, chat)
+    encoder = _Tokenizer(tokenizer, cfg, chat)
     rejects: dict[str, list] = {name: [] for name in REJECTS_SCHEMA.names}
 
     def reject(row: RawRow, reason: str, detail: str) -> None:
@@ -447,7 +447,7 @@ def _write_dataset(cfg: Config, data_path: Path, tokenizer, out_dir: Path, show_
 
     examples_path = out_dir / layout.EXAMPLES
     with _progress(_count_rows(data_path), show_progress) as bar:
-        stats = _write_examples(examples_path, itertools.chain(sample, rows), fmt, cfg, tok, reject, bar)
+        stats = _write_examples(examples_path, itertools.chain(sample, rows), fmt, cfg, encoder, reject, bar)
     kept, rejected, rows_read = stats["kept"], len(rejects["reason"]), stats["rows_read"]
     if kept + rejected != rows_read:  # an internal invariant; never expected to fire
         raise PrepareError(f"accounting error: {kept} kept + {rejected} rejected != {rows_read} read")
@@ -472,7 +472,7 @@ def _write_dataset(cfg: Config, data_path: Path, tokenizer, out_dir: Path, show_
     }
 
 
-def _write_examples(path: Path, rows: Iterator[RawRow], fmt: str, cfg: Config, tok, reject, bar) -> Counter:
+def _write_examples(path: Path, rows: Iterator[RawRow], fmt: str, cfg: Config, encoder, reject, bar) -> Counter:
     """Tokenize ``rows`` in chunks into ``path``; rejected rows go to ``reject``. Returns stats."""
     seen: dict[str, int] = {}
     stats: Counter = Counter()
@@ -480,7 +480,7 @@ def _write_examples(path: Path, rows: Iterator[RawRow], fmt: str, cfg: Config, t
         pending = EXAMPLES_SCHEMA.empty_table()
         for chunk in _chunks(rows, cfg.tokenize.batch_rows):
             stats["rows_read"] += len(chunk)
-            batch = _process_chunk(chunk, fmt, cfg, tok, seen, stats, reject)
+            batch = _process_chunk(chunk, fmt, cfg, encoder, seen, stats, reject)
             if batch is not None:
                 pending = pa.concat_tables([pending, pa.Table.from_batches([batch])])
             # Fixed-size row groups, so the file's bytes do not depend on tokenize.batch_rows.
@@ -537,7 +537,7 @@ def _row_too_large(row: RawRow, limit: int | None) -> str | None:
     )
 
 
-def _process_chunk(chunk, fmt, cfg, tok: _Tokenizer, seen, stats, reject) -> pa.RecordBatch | None:
+def _process_chunk(chunk, fmt, cfg, encoder: _Tokenizer, seen, stats, reject) -> pa.RecordBatch | None:
     candidates = []  # (row, id, prompt_text, chosen_text, rejected_text)
     for row in chunk:
         if row.error:
@@ -551,7 +551,7 @@ def _process_chunk(chunk, fmt, cfg, tok: _Tokenizer, seen, stats, reject) -> pa.
             ex_id = example_id(prompt, chosen, rejected)
             if ex_id in seen:
                 raise _Reject("duplicate", f"same as source row {seen[ex_id]}")
-            texts = tok.render(prompt, chosen, rejected)
+            texts = encoder.render(prompt, chosen, rejected)
         except _Reject as exc:
             reject(row, exc.reason, exc.detail)
             continue
@@ -560,13 +560,13 @@ def _process_chunk(chunk, fmt, cfg, tok: _Tokenizer, seen, stats, reject) -> pa.
     if not candidates:
         return None
     rows, ids, prompts, chosens, rejecteds = (list(col) for col in zip(*candidates))
-    prompt_ids, chosen_ids, rejected_ids, retokenized = tok.tokenize(prompts, chosens, rejecteds)
+    prompt_ids, chosen_ids, rejected_ids, retokenized = encoder.tokenize(prompts, chosens, rejecteds)
     stats["retokenized"] += retokenized
 
     columns: dict[str, list] = {name: [] for name in EXAMPLES_SCHEMA.names}
     for i, row in enumerate(rows):
         try:
-            p, c, r, p_cut, c_cut, r_cut = tok.truncate(prompt_ids[i], chosen_ids[i], rejected_ids[i])
+            p, c, r, p_cut, c_cut, r_cut = encoder.truncate(prompt_ids[i], chosen_ids[i], rejected_ids[i])
         except _Reject as exc:
             reject(row, exc.reason, exc.detail)
             continue

@@ -210,3 +210,25 @@ def test_audit_of_garbage_never_crashes(tmp_path, cached):
         report = audit(path, cfg)
         assert not report.passed, name
         save_report(report, tmp_path / "reports" / name.replace(" ", "-"))
+
+
+def test_read_only_storage_is_a_one_line_error(cached, monkeypatch, capsys):
+    """Root can write into a chmod 0o555 folder, so the read-only filesystem is simulated: the
+    first write a stage makes (its lock folder) fails as it does on a read-only mount."""
+    import errno
+
+    cfg, _, config_file = cached
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if str(self).startswith(cfg.storage):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    shutil.rmtree(Path(cfg.storage) / "locks")
+    capsys.readouterr()
+    assert dpo_main(["prepare", "-c", str(config_file), "--set", "tokenize.max_length=100", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot create folder") and "read-only file system" in err[-1]
+    assert "set `storage` to a writable folder" in err[-1]
