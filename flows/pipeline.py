@@ -86,7 +86,7 @@ def _remove_output(stage: str, directory: Path) -> None:
             path.unlink(missing_ok=True)
         return
     if directory.exists():
-        storage, kind = directory.parent.parent, directory.parent.name
+        storage, kind = layout.storage_of(directory), directory.parent.name
         with exclusive(lock_path(storage, kind, directory.name), f"{stage} output {directory}", wait=True):
             shutil.rmtree(directory)
 

@@ -240,10 +240,12 @@ def verified_refscores(directory: str | Path) -> dict:
     manifest = _manifest(directory, "refscores", fix)
     try:
         shards = refscores_shards(manifest)
-        inputs = manifest["inputs"]
-        inputs["dataset_fingerprint"], inputs["model"], inputs["dtype"], inputs["backend"]  # noqa: B018
-    except (CacheError, KeyError, TypeError) as exc:
-        raise CacheError(f"{directory / MANIFEST} is malformed ({exc}): {fix}") from None
+    except CacheError as exc:
+        raise CacheError(f"{directory / MANIFEST}: {exc}: {fix}") from None
+    inputs = manifest.get("inputs")
+    needed = ("dataset_fingerprint", "model", "dtype", "backend", "shard_rows")
+    if not isinstance(inputs, dict) or any(key not in inputs for key in needed):
+        raise CacheError(f"{directory / MANIFEST} does not record what the cache was scored from: {fix}")
     if sum(s["rows"] for s in shards) != manifest.get("rows"):
         raise CacheError(f"{directory / MANIFEST}: the shards' rows do not add up to its rows: {fix}")
     for shard in shards:

@@ -379,8 +379,6 @@ class _Run:
 
 
 def _plan_run(cfg: Config) -> _Run:
-    from .store import fingerprint
-
     dataset_dir = layout.locate_dataset(cfg)
     dataset_fp = layout.verified_dataset(dataset_dir)["fingerprint"]
     cache_dir = layout.locate_ref_cache(cfg, dataset_fp)
@@ -390,7 +388,6 @@ def _plan_run(cfg: Config) -> _Run:
     init_fp = model_fingerprint(layout.policy_init(cfg))
     identity = layout.run_identity(cfg, dataset_fp, cache["fingerprint"], init_fp)
     run_fp, run_dir = layout.run_dir_for(cfg, dataset_fp, cache["fingerprint"], init_fp)
-    assert run_fp == fingerprint(identity)
     return _Run(dataset_dir, cache_dir, cache, splits, init_fp, identity, run_fp, run_dir)
 
 
