@@ -200,11 +200,6 @@ def read_manifest(directory: str | Path) -> dict | None:
     return read_json(Path(directory) / MANIFEST)
 
 
-def is_complete(directory: str | Path) -> bool:
-    manifest = read_manifest(directory)
-    return bool(manifest and manifest.get("complete") is True)
-
-
 def write_manifest(directory: str | Path, manifest: dict) -> None:
     """Write the manifest last: its presence with complete=true is the completion flag."""
     atomic_write_json(Path(directory) / MANIFEST, manifest)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.store import is_complete
+from pipeline import layout
 
 from .test_prepare import standard_rows
 from .conftest import write_jsonl
@@ -29,7 +29,7 @@ def test_prepare_command(tmp_path, demo_assets):
     first = run("prepare", "-c", str(config), "--set", "tokenize.max_length=256", "--set", "tokenize.max_prompt_length=128", "--no-progress")
     assert first.returncode == 0, first.stderr
     out_dir = Path(first.stdout.strip().splitlines()[-1])
-    assert out_dir.parent == tmp_path / "out" / "datasets" and is_complete(out_dir)
+    assert out_dir.parent == tmp_path / "out" / "datasets" and layout.verified_dataset(out_dir)["complete"]
     assert "11 rows read = 10 kept" in first.stderr and "malformed_json" in first.stderr
     again = run("prepare", "-c", str(config), "--set", "tokenize.max_length=256",
                 "--set", "tokenize.max_prompt_length=128")
@@ -71,7 +71,7 @@ def test_score_command(tmp_path, demo_assets):
     scored = run("score", "-c", str(config), "--set", "score.shard_rows=4")
     assert scored.returncode == 0, scored.stderr
     out_dir = Path(scored.stdout.strip().splitlines()[-1])
-    assert out_dir.parent == tmp_path / "out" / "refscores" and is_complete(out_dir)
+    assert out_dir.parent == tmp_path / "out" / "refscores" and layout.verified_refscores(out_dir)["complete"]
     assert sorted(p.name for p in out_dir.glob("part-*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
     assert "backend transformers" in scored.stderr
     bad = run("score", "-c", str(config), "--set", "score.backend=tpu")
