@@ -45,10 +45,10 @@ def make_bundle(bundle: Path, rows: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = hh_slice(tmp, rows)
         cfg = config_from_dict({"storage": tmp, "data": {"path": str(data)}, "model": {"path": str(model_dir)},
-                                "tokenize": {"max_length": 1024, "max_prompt_length": 768}})  # fmt: skip
+                                "tokenize": {"max_length": 1024, "max_prompt_length": 768}})
         result = prepare(cfg, show_progress=False)
         table = pq.read_table(result.output_dir / "examples.parquet",
-                              columns=["id", "prompt_ids", "chosen_ids", "rejected_ids"])  # fmt: skip
+                              columns=["id", "prompt_ids", "chosen_ids", "rejected_ids"])
         pq.write_table(table, bundle / "examples.parquet", compression="zstd")
         (bundle / "max_sequence.txt").write_text(str(result.manifest["tokens"]["max_sequence"]))
     for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
@@ -77,7 +77,7 @@ def run_backend(name: str, model_dir: Path, dtype: str, data, max_sequence: int)
     from pipeline.config import config_from_dict
 
     cfg = config_from_dict({"data": {"path": "unused"}, "model": {"path": str(model_dir), "dtype": dtype},
-                            "score": {"backend": name, "tokens_per_batch": 65536, "gpu_memory_utilization": 0.5}})  # fmt: skip
+                            "score": {"backend": name, "tokens_per_batch": 65536, "gpu_memory_utilization": 0.5}})
     if name == "vllm":
         from pipeline.scorers.vllm import VllmScorer
 
@@ -137,7 +137,7 @@ def main() -> int:
             runs[(backend, dtype)] = {"values": values, "seconds": seconds}
     reference = runs.get(("transformers", "float32"))
     report = {"device": torch.cuda.get_device_name(0), "rows": len(data[0]), "tokens": tokens,
-              "random_weights": args.weights is None, "vllm_installed": "vllm" in backends, "results": []}  # fmt: skip
+              "random_weights": args.weights is None, "vllm_installed": "vllm" in backends, "results": []}
     print(f"\n{report['device']}: {len(data[0])} HH rows, {tokens} sequence tokens; "
           f"{'random' if args.weights is None else 'real'} SmolLM2-135M weights")
     print(f"{'backend/dtype':<24}{'tok/s':>10}{'tok maxdiff':>13}{'tok meandiff':>13}{'seq maxdiff':>13}{'seq meandiff':>13}")
@@ -146,11 +146,11 @@ def main() -> int:
         if reference is not None:
             tok = np.concatenate([np.abs(a - b) for a, b in zip(run["values"], reference["values"])])
             seq = np.array([abs(float(a.sum(dtype=np.float64) - b.sum(dtype=np.float64)))
-                            for a, b in zip(run["values"], reference["values"])])  # fmt: skip
+                            for a, b in zip(run["values"], reference["values"])])
             row.update(token_max=float(tok.max()), token_mean=float(tok.mean()), seq_max=float(seq.max()), seq_mean=float(seq.mean()))
         report["results"].append(row)
         print(f"{backend + '/' + dtype:<24}{row['tokens_per_s']:>10.0f}{row.get('token_max', float('nan')):>13.2e}"
-              f"{row.get('token_mean', float('nan')):>13.2e}{row.get('seq_max', float('nan')):>13.2e}{row.get('seq_mean', float('nan')):>13.2e}")  # fmt: skip
+              f"{row.get('token_mean', float('nan')):>13.2e}{row.get('seq_max', float('nan')):>13.2e}{row.get('seq_mean', float('nan')):>13.2e}")
     if "vllm" not in backends:
         print("vLLM is not installed on this machine: only the transformers backend was measured")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -113,7 +113,7 @@ def main() -> int:
     parser.add_argument("--max-steps", type=int, help="override DEMO_TRAIN's max_steps (dry runs)")
     parser.add_argument("--root", type=Path, help="working folder (default: a fresh temporary one)")
     parser.add_argument("--out", type=Path,
-                        default=Path(os.environ.get("OUT", ROOT / "bench" / "results")) / "gpu_train_check.json")  # fmt: skip
+                        default=Path(os.environ.get("OUT", ROOT / "bench" / "results")) / "gpu_train_check.json")
     args = parser.parse_args()
 
     import logging
@@ -147,11 +147,11 @@ def main() -> int:
 
     print(f"\n{device_name}: demo train, torch {torch.__version__}")
     print(f"{'dtype':<10}{'steps':>6}{'train s':>9}{'s/step':>9}{'1st step s':>11}{'eval acc 0':>11}"
-          f"{'eval acc end':>13}{'step0 diff':>12}{'peak MiB':>10}{'score s':>9}")  # fmt: skip
+          f"{'eval acc end':>13}{'step0 diff':>12}{'peak MiB':>10}{'score s':>9}")
     for r in report["results"]:
         print(f"{r['dtype']:<10}{r['steps']:>6}{r['train_s']:>9.2f}{r['s_per_step']:>9.4f}{r['first_step_s']:>11.3f}"
               f"{_fmt(r['first_eval_acc'], '.3f'):>11}{_fmt(r['final_eval_acc'], '.3f'):>13}"
-              f"{_fmt(r['step0_diff'], '.2e'):>12}{_fmt(r['peak_cuda_mib'], '.1f'):>10}{r['score_s']:>9.2f}")  # fmt: skip
+              f"{_fmt(r['step0_diff'], '.2e'):>12}{_fmt(r['peak_cuda_mib'], '.1f'):>10}{r['score_s']:>9.2f}")
     for dtype, error in report["failures"].items():
         print(f"{dtype}: FAILED {error}")
     print(f"modules never imported: {report['modules_absent']}")

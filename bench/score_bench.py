@@ -139,12 +139,12 @@ def main() -> int:
         )
     print(f"\nSmolLM2-135M ({params / 1e6:.1f}M params), {len(examples)} HH rows = {len(prompts)} "
           f"sequences, {tokens} tokens ({response_tokens} scored); fp32 matmul ceiling "
-          f"{ceiling / 1e9:.1f} GFLOP/s on {os.cpu_count()} CPUs, {torch.get_num_threads()} threads\n")  # fmt: skip
+          f"{ceiling / 1e9:.1f} GFLOP/s on {os.cpu_count()} CPUs, {torch.get_num_threads()} threads\n")
     header = f"{'method':<26}{'seconds':>9}{'tok/s':>9}{'x naive':>9}{'2PT/ceil':>10}{'needed/ceil':>12}{'max|diff|':>11}"
     print(header)
     for row in rows:
         print(f"{row['method']:<26}{row['seconds']:>9.2f}{row['tokens_per_s']:>9.0f}{row['vs_naive']:>9.2f}"
-              f"{row['matmul_share_2PT']:>10.1%}{row['matmul_share_needed']:>12.1%}{row['max_abs_diff_vs_naive']:>11.1e}")  # fmt: skip
+              f"{row['matmul_share_2PT']:>10.1%}{row['matmul_share_needed']:>12.1%}{row['max_abs_diff_vs_naive']:>11.1e}")
     report = {
         "bench": "score",
         "model": "SmolLM2-135M-Instruct",

@@ -75,7 +75,7 @@ def run_variant(args) -> dict:
         "losses": [r["loss"] for r in records],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "tokens_per_step": sum(2 * len(split.prompts[i]) + len(split.chosens[i]) + len(split.rejecteds[i])
-                               for i in batch_indices(1, t.batch_size, len(split), t.seed)),  # fmt: skip
+                               for i in batch_indices(1, t.batch_size, len(split), t.seed)),
     }
 
 
@@ -109,7 +109,7 @@ def main() -> int:
             # train_step's settings; lr 1e-6, sigmoid loss, beta 0.1, clip 1.0 are the defaults.
             "train": {"batch_size": args.batch_size, "max_steps": args.steps, "device": "cpu",
                       "step0_check": "off"},
-        }))  # fmt: skip
+        }))
         cfg = load_config(config)
         prepare(cfg, show_progress=False)
         score(cfg, show_progress=False)
@@ -118,7 +118,7 @@ def main() -> int:
             out = subprocess.run(
                 [sys.executable, __file__, "--variant", variant, "--config", str(config)],
                 capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-            )  # fmt: skip
+            )
             if out.returncode:
                 sys.stderr.write(out.stderr)
                 raise SystemExit(f"the {variant} variant failed (exit {out.returncode})")
@@ -128,7 +128,7 @@ def main() -> int:
     if not math.isclose(ours["losses"][0], base["losses"][0], rel_tol=0, abs_tol=1e-4):
         print(f"warning: first-step losses differ: {ours['losses'][0]} vs {base['losses'][0]}", file=sys.stderr)
     print(f"\nSmolLM2-135M, {args.batch_size} HH pairs/step (~{ours['tokens_per_step']} sequence tokens), "
-          f"{args.steps - 1} timed steps, CPU ({os.cpu_count()} cores)\n")  # fmt: skip
+          f"{args.steps - 1} timed steps, CPU ({os.cpu_count()} cores)\n")
     print(f"{'variant':<34}{'s/step':>9}{'peak RSS MB':>13}")
     for r, name in ((ours, "ours (cached reference)"), (base, "baseline (reference in memory)")):
         print(f"{name:<34}{r['seconds_per_step']:>9.2f}{r['peak_rss_mb']:>13.0f}")
@@ -137,7 +137,7 @@ def main() -> int:
     print(f"{'ratio ours / baseline':<34}{ratio_time:>9.2f}{ratio_mem:>13.2f}   (targets <= 0.80)")
     report = {"bench": "train", "model": "SmolLM2-135M-Instruct", "batch_size": args.batch_size,
               "max_length": args.max_length, "results": results,
-              "ratio_time": ratio_time, "ratio_peak_rss": ratio_mem}  # fmt: skip
+              "ratio_time": ratio_time, "ratio_peak_rss": ratio_mem}
     write_report(args.out, report)
     return 0
 

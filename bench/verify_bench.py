@@ -87,7 +87,7 @@ def build_cache(storage: Path, gb: float, n_shards: int) -> Path:
         "backend": "transformers",
         "store_token_logps": True,
         "shard_rows": SHARD_ROWS,
-    }  # fmt: skip
+    }
     out_dir = ensure_dir(layout.refscores_dir(storage, fingerprint(inputs)))
     rng = np.random.default_rng(0)
     per_shard = gb * 1e9 / n_shards
@@ -101,7 +101,7 @@ def build_cache(storage: Path, gb: float, n_shards: int) -> Path:
             mean_tokens = max(1, round(mean_tokens * per_shard / (out_dir / name).stat().st_size))
         shards.append({"file": name, "first_row": index * SHARD_ROWS, "rows": table.num_rows, "sha256": sha,
                        "chosen_tokens": int(sum(table.column("chosen_tokens").to_pylist())),
-                       "rejected_tokens": int(sum(table.column("rejected_tokens").to_pylist()))})  # fmt: skip
+                       "rejected_tokens": int(sum(table.column("rejected_tokens").to_pylist()))})
         print(f"\rwriting shard {index + 1}/{n_shards}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     write_manifest(out_dir, {
@@ -112,7 +112,7 @@ def build_cache(storage: Path, gb: float, n_shards: int) -> Path:
         "shards": shards,
         "tokens": {side: sum(s[f"{side}_tokens"] for s in shards) for side in ("chosen", "rejected")},
         "complete": True,
-    })  # fmt: skip
+    })
     return out_dir
 
 
@@ -175,7 +175,7 @@ def _child(mode: str, cache_dir: Path, evict: bool = False) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child", mode, "--cache", str(cache_dir)] + (["--evict"] if evict else []),
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    )
     if out.returncode:
         sys.stderr.write(out.stderr)
         raise SystemExit(f"measurement {mode} failed (exit {out.returncode})")
@@ -232,7 +232,7 @@ def main() -> int:
     ]
     print(f"\nsynthetic reference cache: {len(paths)} shards x {SHARD_ROWS} rows, {gb:.2f} GB "
           f"(zstd Parquet with per-token log-probs), built in {build_seconds:.0f} s; {os.cpu_count()} CPUs; "
-          f"warm page cache unless 'after fadvise'; median of {args.repeats} fresh processes\n")  # fmt: skip
+          f"warm page cache unless 'after fadvise'; median of {args.repeats} fresh processes\n")
     print(f"{'case':<46}{'GB':>7}{'shards':>8}{'seconds':>10}{'GB/s':>8}")
     for name, size_gb, seconds in rows:
         shards = "-" if "memory" in name else str(len(paths))
@@ -248,7 +248,7 @@ def main() -> int:
                     for name, size_gb, seconds in rows],
         "runs": runs,
         "evicted": evicted,
-    }  # fmt: skip
+    }
     write_report(args.out, report)
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -10,7 +11,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.prepare import PrepareError, example_id, prepare, split_of
+from pipeline.prepare import PrepareError, prepare
 
 from .conftest import write_jsonl
 
@@ -51,8 +52,12 @@ def test_standard_format_ids_and_boundary(tmp_path, make_config, demo_tokenizer)
         assert decode(demo_tokenizer, ex["chosen_ids"][:-1]) == row["chosen"]
         assert decode(demo_tokenizer, ex["rejected_ids"][:-1]) == row["rejected"]
         assert ex["chosen_tokens"] == len(ex["chosen_ids"])
-        assert ex["id"] == example_id(row["prompt"], row["chosen"], row["rejected"])
-        assert ex["split"] == split_of(ex["id"], cfg.data.eval_fraction)
+        # The id: the first 16 hex digits of the sha256 of the row's canonical JSON, computed here
+        # independently; the split: that id as a fraction of 16^16, below eval_fraction -> eval.
+        canonical = json.dumps({"chosen": row["chosen"], "prompt": row["prompt"], "rejected": row["rejected"]},
+                               sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        assert ex["id"] == hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        assert ex["split"] == ("eval" if int(ex["id"], 16) < cfg.data.eval_fraction * 16**16 else "train")
 
 
 def test_add_eos_off(tmp_path, make_config, demo_tokenizer):
