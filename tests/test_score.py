@@ -19,7 +19,7 @@ import torch
 from pipeline import logprobs
 from pipeline.layout import CacheError
 from pipeline.models import ModelError
-from pipeline.prepare import PrepareError, prepare
+from pipeline.prepare import prepare
 from pipeline.score import score
 from pipeline.scorers import ScoreError
 from pipeline.scorers.transformers_backend import TransformersScorer
