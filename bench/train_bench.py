@@ -75,7 +75,7 @@ def run_variant(args) -> dict:
         "losses": [r["loss"] for r in records],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "tokens_per_step": sum(2 * len(split.prompts[i]) + len(split.chosens[i]) + len(split.rejecteds[i])
-                               for i in batch_indices(1, t.batch_size, len(split), t.seed)),
+                               for i in batch_indices(1, trainer.batch, len(split), t.seed)),
     }
 
 
@@ -107,7 +107,7 @@ def main() -> int:
             "model": {"path": str(model_dir)},
             "tokenize": {"max_length": args.max_length, "max_prompt_length": args.max_length // 2},
             # train_step's settings; lr 1e-6, sigmoid loss, beta 0.1, clip 1.0 are the defaults.
-            "train": {"batch_size": args.batch_size, "max_steps": args.steps, "device": "cpu",
+            "train": {"per_device_train_batch_size": args.batch_size, "max_steps": args.steps, "device": "cpu",
                       "step0_check": "off"},
         }))
         cfg = load_config(config)

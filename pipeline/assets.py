@@ -33,8 +33,8 @@ _ASKS = ["Describe the {c} {a}.", "Tell me about the {c} {a}.", "What is the {c}
 
 DEMO_ROWS = 600
 # The tiny demo model learns its rule in seconds with a large learning rate.
-DEMO_TRAIN = {"lr": 3e-3, "beta": 0.1, "batch_size": 16, "max_steps": 60, "warmup_steps": 5,
-              "eval_every": 20, "save_every": 20, "run_name": "demo"}
+DEMO_TRAIN = {"learning_rate": 3e-3, "beta": 0.1, "per_device_train_batch_size": 16, "max_steps": 60,
+              "warmup_steps": 5, "eval_steps": 20, "save_steps": 20, "run_name": "demo"}
 
 
 def demo_preferences(n: int = DEMO_ROWS, seed: int = 0) -> list[dict]:

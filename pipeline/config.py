@@ -72,8 +72,10 @@ class TokenizeConfig:
     """Upper bound on prompt + the longer response, in tokens."""
     max_prompt_length: Optional[int] = 512
     """Prompts are cut to this many tokens (null: only max_length bounds them)."""
-    prompt_truncation: Literal["keep_end", "keep_start"] = "keep_end"
-    """keep_end cuts tokens from the prompt's start (the end is next to the response)."""
+    max_completion_length: Optional[int] = None
+    """Each response is cut (at its end) to this many tokens (null: only max_length bounds it)."""
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    """How prompts are cut: keep_end cuts tokens from the start (the end is next to the response)."""
     add_eos: bool = True
     """Append the tokenizer's EOS to plain-text responses (chat templates end turns themselves)."""
     min_response_tokens: int = 1
@@ -85,6 +87,8 @@ class TokenizeConfig:
         _check_range("tokenize.max_length", self.max_length, 2, None)
         _check_range("tokenize.min_response_tokens", self.min_response_tokens, 1, None)
         _check_range("tokenize.batch_rows", self.batch_rows, 1, None)
+        if self.max_completion_length is not None:
+            _check_range("tokenize.max_completion_length", self.max_completion_length, self.min_response_tokens, None)
         if self.max_prompt_length is not None:
             _check_range("tokenize.max_prompt_length", self.max_prompt_length, 1, None)
             if self.max_prompt_length + self.min_response_tokens > self.max_length:
@@ -129,30 +133,41 @@ class ScoreConfig:
 
 @dataclass
 class TrainConfig:
-    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """Names and meanings of Hugging Face `TrainingArguments` / TRL `DPOConfig`, so that a TRL
+    recipe can be copied over (see RENAMED for the names this project used before)."""
+
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
     """sigmoid: cDPO label smoothing; robust: the assumed label-flip rate (< 0.5)."""
-    sft_weight: float = 0.0
-    """Weight of an added SFT term: length-normalized NLL of the chosen response."""
-    lr: float = 1e-6
-    batch_size: int = 8
-    """Preference pairs per optimizer step (split into grad_accum micro-batches)."""
-    grad_accum: int = 1
+    rpo_alpha: float = 0.0
+    """Weight of an added NLL term on the chosen response, mean over its tokens (TRL's RPO)."""
+    learning_rate: float = 1e-6
+    per_device_train_batch_size: int = 8
+    """Preference pairs per device per forward/backward pass. One optimizer step sees
+    per_device_train_batch_size x gradient_accumulation_steps x world size pairs, as in TRL."""
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
     max_steps: Optional[int] = None
-    """Optimizer steps; null: train.epochs over the train split."""
-    epochs: float = 1.0
+    """Optimizer steps; null: num_train_epochs over the train split."""
+    num_train_epochs: float = 1.0
     warmup_steps: int = 0
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """Decay after warmup, to zero at the last step."""
+    """Steps of linear warmup from 0 (as Hugging Face: lr x step / warmup_steps); overrides warmup_ratio."""
+    warmup_ratio: float = 0.0
+    """Warmup as a share of the total steps (rounded up), used when warmup_steps is 0."""
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    """After warmup: linear or cosine decay to 0 at the last step; constant ignores warmup."""
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0: no clipping; the norm is still reported)."""
-    eval_every: int = 50
+    logging_steps: int = 1
+    """Write train metrics every this many steps, averaged over them."""
+    eval_steps: int = 50
     """Eval-split metrics every this many steps (0: only at the start and the end)."""
-    save_every: int = 100
+    save_steps: int = 100
     """Checkpoint every this many steps (0: none besides final/)."""
-    keep_checkpoints: int = 2
+    save_total_limit: int = 2
+    """Checkpoints kept (the oldest are deleted)."""
     seed: int = 0
     run_name: Optional[str] = None
     """Folder under <storage>/runs/; null: named after a fingerprint of the run's inputs.
@@ -170,29 +185,25 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check_range("train.beta", self.beta, 1e-12, None)
-        if self.lr <= 0:
+        if self.learning_rate <= 0:
             raise ConfigError(
-                f"train.lr: {self.lr!r} trains nothing (the weights would not change): set a "
-                "positive learning rate, e.g. train.lr=1e-6"
+                f"train.learning_rate: {self.learning_rate!r} trains nothing (the weights would not "
+                "change): set a positive learning rate, e.g. train.learning_rate=1e-6"
             )
         _check_range("train.label_smoothing", self.label_smoothing, 0.0, 0.5, hi_open=True)
-        _check_range("train.sft_weight", self.sft_weight, 0.0, None)
-        _check_range("train.batch_size", self.batch_size, 1, None)
-        _check_range("train.grad_accum", self.grad_accum, 1, None)
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(
-                f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum "
-                f"({self.grad_accum}): each micro-batch holds batch_size / grad_accum pairs"
-            )
+        _check_range("train.rpo_alpha", self.rpo_alpha, 0.0, None)
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "logging_steps", "save_total_limit"):
+            _check_range(f"train.{key}", getattr(self, key), 1, None)
         if self.max_steps is not None:
             _check_range("train.max_steps", self.max_steps, 1, None)
-        _check_range("train.epochs", self.epochs, 1e-9, None)
+        _check_range("train.num_train_epochs", self.num_train_epochs, 1e-9, None)
         _check_range("train.warmup_steps", self.warmup_steps, 0, None)
+        _check_range("train.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         _check_range("train.weight_decay", self.weight_decay, 0.0, None)
         _check_range("train.max_grad_norm", self.max_grad_norm, 0.0, None)
-        _check_range("train.eval_every", self.eval_every, 0, None)
-        _check_range("train.save_every", self.save_every, 0, None)
-        _check_range("train.keep_checkpoints", self.keep_checkpoints, 1, None)
+        _check_range("train.eval_steps", self.eval_steps, 0, None)
+        _check_range("train.save_steps", self.save_steps, 0, None)
         if self.step0_tolerance is not None:
             _check_range("train.step0_tolerance", self.step0_tolerance, 0.0, None)
         if self.run_name is not None and not RUN_NAME.fullmatch(self.run_name):
@@ -202,6 +213,23 @@ class TrainConfig:
                 "name: use 1-100 ASCII letters, digits, '.', '_' or '-', starting with a letter or "
                 "digit (e.g. train.run_name=beta0.1-run2), or null for a name from the fingerprint"
             )
+
+
+# Keys renamed to their Hugging Face / TRL names; the old name is an error that names the new one.
+RENAMED = {
+    "train.lr": "train.learning_rate",
+    "train.batch_size": "train.per_device_train_batch_size (pairs per device per pass; one optimizer "
+                        "step sees it x train.gradient_accumulation_steps x world size)",
+    "train.grad_accum": "train.gradient_accumulation_steps",
+    "train.epochs": "train.num_train_epochs",
+    "train.schedule": "train.lr_scheduler_type",
+    "train.eval_every": "train.eval_steps",
+    "train.save_every": "train.save_steps",
+    "train.keep_checkpoints": "train.save_total_limit",
+    "train.loss": "train.loss_type",
+    "train.sft_weight": "train.rpo_alpha",
+    "tokenize.prompt_truncation": "tokenize.truncation_mode",
+}
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -299,6 +327,10 @@ def _build(prefix: str, cls: type, raw: Any) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
+    for key in unknown:
+        old = f"{prefix}.{key}" if prefix else key
+        if old in RENAMED:
+            raise ConfigError(f"{old} is now called {RENAMED[old]}, as in Hugging Face / TRL: rename the key")
     if unknown:
         where = f"{prefix}." if prefix else ""
         known = ", ".join(sorted(fields))

@@ -124,7 +124,8 @@ def tokenize_settings(cfg: Config) -> dict:
     return {
         "max_length": t.max_length,
         "max_prompt_length": t.max_prompt_length,
-        "prompt_truncation": t.prompt_truncation,
+        "max_completion_length": t.max_completion_length,
+        "truncation_mode": t.truncation_mode,
         "add_eos": t.add_eos,
         "min_response_tokens": t.min_response_tokens,
     }
@@ -162,8 +163,9 @@ def refscores_identity(cfg: Config, dataset_fp: str, backend: str) -> dict:
 
 
 # train keys that change no weight: where to write, how often to report, what to check.
-RUN_KEYS_NOT_IN_IDENTITY = ("run_name", "ref_cache", "eval_every", "save_every", "keep_checkpoints",
-                            "step0_check", "step0_tolerance", "device")
+RUN_KEYS_NOT_IN_IDENTITY = ("run_name", "ref_cache", "logging_steps", "eval_steps", "save_steps",
+                            "save_total_limit", "per_device_eval_batch_size", "step0_check", "step0_tolerance",
+                            "device")
 
 
 def policy_init(cfg: Config) -> ModelConfig:

@@ -337,13 +337,15 @@ class _Tokenizer:
         limit = cfg.max_prompt_length
         if limit is not None and len(prompt_ids) > limit:
             prompt_cut = True
-            if cfg.prompt_truncation == "keep_start":
+            if cfg.truncation_mode == "keep_start":
                 prompt_ids = prompt_ids[:limit]
             elif self.bos_id is not None and prompt_ids[0] == self.bos_id:
                 prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - limit + 1 :]
             else:
                 prompt_ids = prompt_ids[len(prompt_ids) - limit :]
         budget = cfg.max_length - len(prompt_ids)
+        if cfg.max_completion_length is not None:
+            budget = min(budget, cfg.max_completion_length)
         if budget < cfg.min_response_tokens:
             raise _Reject(
                 "too_long",
@@ -518,7 +520,8 @@ def _contract(cfg: Config, tokenizer, chat: bool) -> dict:
         "truncation": {
             "max_length": cfg.tokenize.max_length,
             "max_prompt_length": cfg.tokenize.max_prompt_length,
-            "prompt_truncation": cfg.tokenize.prompt_truncation,
+            "truncation_mode": cfg.tokenize.truncation_mode,
+            "max_completion_length": cfg.tokenize.max_completion_length,
             "responses": "cut at the end",
         },
     }

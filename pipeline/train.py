@@ -12,7 +12,7 @@
   3. load exactly one model, the policy (model.path, or train.init_from);
   4. step-0 check: a policy that starts from the reference weights must reproduce the cached
      log-probs on the first batch (rewards 0, loss ln 2);
-  5. each ``train_step``: grad_accum micro-batches, each ONE forward pass over prompt + chosen +
+  5. each ``train_step``: gradient_accumulation_steps micro-batches, each ONE forward pass over prompt + chosen +
      rejected (the prompt computed once, see logprobs.pack_shared), loss scaled so the sum of
      micro-batch gradients is the gradient of the mean over the whole batch; a non-finite loss
      or gradient norm stops the run; clip, AdamW step, schedule; metrics to metrics.jsonl;
@@ -140,16 +140,30 @@ def load_split_data(dataset_dir: Path, cache_dir: Path) -> tuple[dict[str, Split
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Multiplier of train.lr at optimizer step ``step`` (0-based): linear warmup, then decay."""
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Multiplier of train.learning_rate at optimizer step ``step`` (0-based), as Hugging Face's
+    schedulers (transformers.get_scheduler): warmup step / warmup from 0, then linear or cosine
+    decay to 0 at ``total``; "constant" has no warmup."""
+    if kind == "constant":
+        return 1.0
     if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
+        return step / max(1, warmup)
+    if kind == "constant_with_warmup":
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
+    if kind == "linear":
         return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def warmup_steps(train_cfg, total_steps: int) -> int:
+    """train.warmup_steps, else train.warmup_ratio of the total, rounded up (as Hugging Face)."""
+    return train_cfg.warmup_steps or math.ceil(train_cfg.warmup_ratio * total_steps)
+
+
+def effective_batch_size(train_cfg, world_size: int = 1) -> int:
+    """Pairs per optimizer step: per device x accumulation x devices, as TRL counts them."""
+    return train_cfg.per_device_train_batch_size * train_cfg.gradient_accumulation_steps * world_size
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
@@ -185,7 +199,7 @@ def compute_loss(cfg: Config, split: Split, index: list[int], policy_chosen, pol
     """
     train_cfg = cfg.train
     ref_chosen, ref_rejected = (v.to(policy_chosen.device, torch.float32) for v in reference(split, index))
-    loss_fn = LOSSES[train_cfg.loss]
+    loss_fn = LOSSES[train_cfg.loss_type]
     chosen_len = torch.tensor([len(split.chosens[i]) for i in index], device=policy_chosen.device,
                               dtype=torch.float32)
     # What the loss sees: sums, or per-token means for length-normalized losses (IPO).
@@ -198,8 +212,8 @@ def compute_loss(cfg: Config, split: Split, index: list[int], policy_chosen, pol
         seen = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     seen_policy_chosen, seen_policy_rejected, seen_ref_chosen, seen_ref_rejected = seen
     per_pair = loss_fn.fn(*seen, train_cfg.beta, train_cfg.label_smoothing)
-    if train_cfg.sft_weight:
-        per_pair = per_pair + train_cfg.sft_weight * (-policy_chosen / chosen_len)
+    if train_cfg.rpo_alpha:
+        per_pair = per_pair + train_cfg.rpo_alpha * (-policy_chosen / chosen_len)
     reward_chosen = rewards(seen_policy_chosen, seen_ref_chosen, train_cfg.beta)
     reward_rejected = rewards(seen_policy_rejected, seen_ref_rejected, train_cfg.beta)
     sums = {
@@ -237,7 +251,8 @@ class Trainer:
 
     def __post_init__(self):
         self.shared = supports_shared_prefix(self.policy)
-        self.micro = self.cfg.train.batch_size // self.cfg.train.grad_accum
+        self.micro = self.cfg.train.per_device_train_batch_size
+        self.batch = effective_batch_size(self.cfg.train)
 
     def pair_logps(self, split: Split, index: list[int]):
         picked = [split.prompts[i] for i in index], [split.chosens[i] for i in index], [split.rejecteds[i] for i in index]
@@ -251,8 +266,9 @@ class Trainer:
         self.policy.eval()
         totals: dict = {}
         with torch.no_grad():
-            for start in range(0, len(split), self.micro):
-                index = list(range(start, min(start + self.micro, len(split))))
+            size = self.cfg.train.per_device_eval_batch_size
+            for start in range(0, len(split), size):
+                index = list(range(start, min(start + size, len(split))))
                 chosen, rejected = self.pair_logps(split, index)
                 _, sums = compute_loss(self.cfg, split, index, chosen.float(), rejected.float(), 1.0,
                                        self.reference)
@@ -266,11 +282,13 @@ def build_trainer(cfg: Config, splits: dict[str, Split], policy) -> Trainer:
     """Optimizer (AdamW) and schedule around a loaded policy; float32 master weights, bfloat16
     runs forward/backward under autocast."""
     train_cfg = cfg.train
-    total_steps = train_cfg.max_steps or math.ceil(train_cfg.epochs * len(splits["train"]) / train_cfg.batch_size)
+    steps_per_epoch = len(splits["train"]) / effective_batch_size(train_cfg)
+    total_steps = train_cfg.max_steps or math.ceil(train_cfg.num_train_epochs * steps_per_epoch)
+    warmup = warmup_steps(train_cfg, total_steps)
     device = next(policy.parameters()).device.type
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, train_cfg.warmup_steps, total_steps, train_cfg.schedule)
+        optimizer, lambda step: lr_factor(step, warmup, total_steps, train_cfg.lr_scheduler_type)
     )
     half = {"bfloat16": torch.bfloat16}.get(cfg.model.dtype)
     autocast = (lambda: torch.autocast(device_type=device, dtype=half)) if half else contextlib.nullcontext
@@ -284,14 +302,14 @@ def train_step(trainer: Trainer, step: int) -> dict:
     """
     cfg, train_cfg, split = trainer.cfg, trainer.cfg.train, trainer.splits["train"]
     started = time.perf_counter()
-    index = batch_indices(step, train_cfg.batch_size, len(split), train_cfg.seed)
+    index = batch_indices(step, trainer.batch, len(split), train_cfg.seed)
     totals: dict = {}
-    for micro in range(train_cfg.grad_accum):
+    for micro in range(train_cfg.gradient_accumulation_steps):
         micro_index = index[micro * trainer.micro : (micro + 1) * trainer.micro]
         chosen, rejected = trainer.pair_logps(split, micro_index)
-        # Sum of per-pair losses / batch_size: the micro-batch gradients add up to the gradient
-        # of the mean loss over the whole batch.
-        loss, sums = compute_loss(cfg, split, micro_index, chosen.float(), rejected.float(), 1.0 / train_cfg.batch_size,
+        # Sum of per-pair losses / effective batch: the micro-batch gradients add up to the
+        # gradient of the mean loss over the whole batch.
+        loss, sums = compute_loss(cfg, split, micro_index, chosen.float(), rejected.float(), 1.0 / trainer.batch,
                                   trainer.reference)
         loss.backward()
         for key, value in sums.items():
@@ -304,7 +322,7 @@ def train_step(trainer: Trainer, step: int) -> dict:
         raise TrainError(
             f"non-finite {'loss' if not math.isfinite(totals['loss']) else 'gradient norm'} at step "
             f"{step + 1} (batch ids {ids}{'...' if len(index) > 8 else ''}); the weights were not "
-            "updated. Lower train.lr or train.beta, check those examples, then --resume from the "
+            "updated. Lower train.learning_rate or train.beta, check those examples, then --resume from the "
             "last checkpoint"
         )
     lr = trainer.scheduler.get_last_lr()[0]
@@ -312,15 +330,15 @@ def train_step(trainer: Trainer, step: int) -> dict:
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
-    return {"step": step + 1, "epoch": (step + 1) * train_cfg.batch_size / len(split),
-            **{k: v / train_cfg.batch_size for k, v in totals.items()}, "grad_norm": grad_norm, "lr": lr,
+    return {"step": step + 1, "epoch": (step + 1) * trainer.batch / len(split),
+            **{k: v / trainer.batch for k, v in totals.items()}, "grad_norm": grad_norm, "lr": lr,
             "tokens/s": _tokens(split, index) / seconds, "seconds": seconds}
 
 
 def step0_check(trainer: Trainer, cfg: Config, cache: dict, cache_dir: Path) -> dict:
     """Compare the policy's log-probs on the first batch with the cache (policy == reference)."""
     split = trainer.splits["train"]
-    index = batch_indices(0, cfg.train.batch_size, len(split), cfg.train.seed)[: trainer.micro]
+    index = batch_indices(0, trainer.batch, len(split), cfg.train.seed)[: trainer.micro]
     tolerance = cfg.train.step0_tolerance
     if tolerance is None:
         tolerance = layout.logprob_tolerance((cfg.model.dtype, cache["inputs"]["dtype"]), cache["inputs"]["backend"])
@@ -470,25 +488,30 @@ def _loop(trainer: Trainer, run: _Run, start_step: int, show_progress: bool) -> 
     bar = tqdm(total=total, initial=start_step, unit="step", desc="train", file=sys.stderr,
                disable=not show_progress, dynamic_ncols=True)
     last_eval: dict = {}
+    window: list[dict] = []  # step records since the last logged one (train.logging_steps)
     with bar:
         for step in range(start_step, total):
             record = train_step(trainer, step)
-            _append(metrics_path, record)
+            window.append(record)
             bar.update(1)
             bar.set_postfix_str(f"loss {record['loss']:.4f} acc {record['rewards/accuracies']:.2f} "
                                 f"lr {record['lr']:.2e} {record['tokens/s']:,.0f} tok/s", refresh=False)
             done = step + 1
-            if train_cfg.eval_every and done % train_cfg.eval_every == 0 and done < total:
+            saving = train_cfg.save_steps and done % train_cfg.save_steps == 0 and done < total
+            if done % train_cfg.logging_steps == 0 or done == total or saving:
+                _append(metrics_path, _averaged(window))
+                window = []
+            if train_cfg.eval_steps and done % train_cfg.eval_steps == 0 and done < total:
                 last_eval = trainer.evaluate(done)
                 if last_eval:
                     _append(metrics_path, last_eval)
                     log.info("eval step %d: loss %.4f, reward accuracy %.3f", done,
                              last_eval["eval/loss"], last_eval["eval/rewards/accuracies"])
-            if train_cfg.save_every and done % train_cfg.save_every == 0 and done < total:
+            if saving:
                 state = {"step": done, "run_fingerprint": run.fingerprint, "total_steps": total}
                 save_checkpoint(checkpoint_dir(run.run_dir, done), trainer.policy, trainer.optimizer,
                                 trainer.scheduler, state)
-                prune_checkpoints(run.run_dir, train_cfg.keep_checkpoints)
+                prune_checkpoints(run.run_dir, train_cfg.save_total_limit)
     return last_eval
 
 
@@ -524,6 +547,15 @@ def _finish(trainer: Trainer, run: _Run, last_eval: dict) -> TrainResult:
     }
     atomic_write_json(run.run_dir / layout.RUN_SUMMARY, summary)
     return TrainResult(run.run_dir, summary, skipped=False)
+
+
+def _averaged(records: list[dict]) -> dict:
+    """One metrics record for several steps: means, with the last step's step, epoch and lr (as
+    Hugging Face logs every logging_steps)."""
+    last = records[-1]
+    out = {key: sum(r[key] for r in records) / len(records) for key in last}
+    out.update(step=last["step"], epoch=last["epoch"], lr=last["lr"])
+    return out
 
 
 def _append(path: Path, record: dict) -> None:

@@ -191,8 +191,8 @@ class Setup:
             "model": {"path": str(self.model)},
             "tokenize": {"max_length": 128, "max_prompt_length": 64},
             "score": {"shard_rows": 5},  # 8 shards: many writes for a second process to disturb
-            "train": {"lr": lr, "beta": 0.1, "batch_size": 4, "max_steps": 6, "warmup_steps": 1,
-                      "eval_every": 3, "save_every": 2, "run_name": run_name},
+            "train": {"learning_rate": lr, "beta": 0.1, "per_device_train_batch_size": 4, "max_steps": 6, "warmup_steps": 1,
+                      "eval_steps": 3, "save_steps": 2, "run_name": run_name},
         }
 
     def config_file(self, storage: Path) -> str:
@@ -350,7 +350,7 @@ def test_audit_report_waits_for_the_holder_of_its_lock(setup, tmp_path):
 def test_two_trains_of_one_run_name_one_trains_the_other_refuses(setup, tmp_path, stagger):
     storage = setup.storage_with(tmp_path / "storage", "datasets", "refscores")
     config = setup.config_file(storage)
-    a, b = start_pair(tmp_path, ["train", "-c", config], ["train", "-c", config, "--set", f"train.lr={LR_B}"],
+    a, b = start_pair(tmp_path, ["train", "-c", config], ["train", "-c", config, "--set", f"train.learning_rate={LR_B}"],
                       stagger)
     lrs = {"a": LR_A, "b": LR_B}
     assert sorted([a.returncode == 0, b.returncode == 0]) == [False, True], a.stderr + "\n----\n" + b.stderr
@@ -371,13 +371,13 @@ def test_two_trains_of_one_run_name_one_trains_the_other_refuses(setup, tmp_path
     lr = lrs[winner.name]
     alone = setup.reference_run(lr)
     summary, expected = (json.loads((d / "run.json").read_text()) for d in (run_dir, alone))
-    assert summary["inputs"]["train"]["lr"] == lr
+    assert summary["inputs"]["train"]["learning_rate"] == lr
     assert summary["fingerprint"] == expected["fingerprint"] and summary["files"] == expected["files"]
     assert (run_dir / "final" / "model.safetensors").read_bytes() == (alone / "final" / "model.safetensors").read_bytes()
     metrics = read_metrics(run_dir)
     assert without_timing(metrics) == without_timing(read_metrics(alone))
     assert {r["step"] for r in metrics if "loss" in r} == set(range(1, 7))  # 6 steps, each once
-    assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
+    assert f"learning_rate: {lr}" in (run_dir / "config.yaml").read_text()
     assert [p.name for p in (storage / "runs").iterdir()] == ["r"]
     assert tmp_leftovers(storage) == []
 

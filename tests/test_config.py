@@ -23,7 +23,7 @@ def test_defaults_and_overrides_are_typed():
     assert cfg.tokenize.add_eos is False
     assert cfg.data.format == "implicit"
     assert cfg.storage == "/tmp/x"
-    assert cfg.tokenize.prompt_truncation == "keep_end"  # default
+    assert cfg.tokenize.truncation_mode == "keep_end"  # default
 
 
 @pytest.mark.parametrize(
@@ -34,7 +34,7 @@ def test_defaults_and_overrides_are_typed():
         (["tokenize.max_length=long"], "tokenize.max_length"),
         (["tokenize.max_length=1.5"], "tokenize.max_length"),
         (["data.format=xml"], "data.format"),
-        (["tokenize.prompt_truncation=middle"], "tokenize.prompt_truncation"),
+        (["tokenize.truncation_mode=middle"], "tokenize.truncation_mode"),
         (["data.eval_fraction=1.0"], "data.eval_fraction"),
         (["data.eval_fraction=-0.1"], "data.eval_fraction"),
         (["tokenize.add_eos=maybe"], "tokenize.add_eos"),
@@ -82,7 +82,8 @@ def test_yaml_errors(tmp_path):
 
 FLOAT_KEYS = [
     "data.eval_fraction", "data.max_reject_fraction", "score.gpu_memory_utilization",
-    "train.beta", "train.label_smoothing", "train.sft_weight", "train.lr", "train.epochs",
+    "train.beta", "train.label_smoothing", "train.rpo_alpha", "train.learning_rate", "train.num_train_epochs",
+    "train.warmup_ratio",
     "train.weight_decay", "train.max_grad_norm", "train.step0_tolerance", "audit.tolerance",
 ]
 
@@ -119,8 +120,8 @@ def test_non_finite_numbers_in_a_yaml_file(tmp_path):
 
 
 def test_zero_learning_rate_is_refused_with_what_to_set():
-    with pytest.raises(ConfigError, match=r"train\.lr.*positive.*train\.lr=") as err:
-        config_from_dict(BASE, ["train.lr=0"])
+    with pytest.raises(ConfigError, match=r"train\.learning_rate.*positive.*train\.learning_rate=") as err:
+        config_from_dict(BASE, ["train.learning_rate=0"])
     assert "nothing" in str(err.value)
 
 
@@ -158,3 +159,21 @@ def test_unsafe_run_names_are_refused(name):
 @pytest.mark.parametrize("name", ["demo", "run-1", "exp_2024.05.01", "A" * 100])
 def test_safe_run_names_are_kept(name):
     assert config_from_dict({**BASE, "train": {"run_name": name}}).train.run_name == name
+
+
+@pytest.mark.parametrize("old, new", [
+    ("train.lr", "train.learning_rate"), ("train.batch_size", "train.per_device_train_batch_size"),
+    ("train.grad_accum", "train.gradient_accumulation_steps"), ("train.epochs", "train.num_train_epochs"),
+    ("train.schedule", "train.lr_scheduler_type"), ("train.eval_every", "train.eval_steps"),
+    ("train.save_every", "train.save_steps"), ("train.keep_checkpoints", "train.save_total_limit"),
+    ("train.loss", "train.loss_type"), ("train.sft_weight", "train.rpo_alpha"),
+    ("tokenize.prompt_truncation", "tokenize.truncation_mode"),
+])
+def test_old_names_are_refused_with_the_new_name(old, new, tmp_path):
+    with pytest.raises(ConfigError, match=rf"{old.replace('.', '[.]')} is now called {new.replace('.', '[.]')}"):
+        config_from_dict(BASE, [f"{old}=1"])
+    section, key = old.split(".")
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data:\n  path: d.jsonl\nmodel:\n  path: m\n{section}:\n  {key}: 1\n")
+    with pytest.raises(ConfigError, match=new.replace(".", "[.]")):
+        load_config(path)

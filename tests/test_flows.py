@@ -17,7 +17,7 @@ import flows.pipeline as pipeline_flows
 from pipeline.config import config_from_dict
 
 DPO = str(Path(sys.executable).parent / "dpo")
-TRAIN = {"lr": 3e-3, "batch_size": 16, "max_steps": 20, "eval_every": 10, "save_every": 0, "run_name": "flow"}
+TRAIN = {"learning_rate": 3e-3, "per_device_train_batch_size": 16, "max_steps": 20, "eval_steps": 10, "save_steps": 0, "run_name": "flow"}
 
 
 @pytest.fixture(scope="session")

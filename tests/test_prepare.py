@@ -227,7 +227,7 @@ def test_truncation(tmp_path, make_config, demo_tokenizer):
     assert not ex["rejected_truncated"] and ex["rejected_ids"][-1] == demo_tokenizer.eos_token_id
     assert decode(demo_tokenizer, ex["chosen_ids"]) in row["chosen"]
 
-    ex = run(max_length=32, max_prompt_length=20, prompt_truncation="keep_start")
+    ex = run(max_length=32, max_prompt_length=20, truncation_mode="keep_start")
     assert ex["prompt_ids"] == full_prompt[:20]
 
     cfg = make_config(path, tokenize={"max_length": 20, "max_prompt_length": None},
@@ -251,7 +251,7 @@ def test_fingerprint_same_inputs_skip_changed_inputs_new_dir(tmp_path, make_conf
     assert prepare(rebatched, show_progress=False).output_dir == first.output_dir
     dirs = {first.output_dir}
     for change in ({"tokenize": {"max_length": 2048}}, {"tokenize": {"add_eos": False}},
-                   {"data": {"eval_fraction": 0.5}}, {"tokenize": {"prompt_truncation": "keep_start"}}):
+                   {"data": {"eval_fraction": 0.5}}, {"tokenize": {"truncation_mode": "keep_start"}}):
         result = prepare(make_config(path, **change), show_progress=False)
         assert result.output_dir not in dirs, change
         dirs.add(result.output_dir)

@@ -25,8 +25,8 @@ from pipeline.prepare import prepare
 from pipeline.score import score
 from pipeline.train import TrainError, lr_factor, train
 
-DEMO_TRAIN = {"lr": 3e-3, "beta": 0.1, "batch_size": 16, "max_steps": 40, "warmup_steps": 5,
-              "eval_every": 20, "save_every": 0}
+DEMO_TRAIN = {"learning_rate": 3e-3, "beta": 0.1, "per_device_train_batch_size": 16, "max_steps": 40, "warmup_steps": 5,
+              "eval_steps": 20, "save_steps": 0}
 
 
 def t(*values):
@@ -68,11 +68,18 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
     assert ipo_loss(logps, others, logps, others, 0.1).allclose(torch.full((3,), 25.0, dtype=torch.float64))
 
 
-def test_lr_schedule():
-    assert lr_factor(0, 4, 10, "cosine") == 0.25 and lr_factor(3, 4, 10, "cosine") == 1.0
-    assert lr_factor(4, 4, 10, "cosine") == 1.0 and lr_factor(10, 4, 10, "cosine") == pytest.approx(0.0)
-    assert lr_factor(7, 4, 10, "linear") == pytest.approx(0.5)
-    assert lr_factor(9, 0, 10, "constant") == 1.0
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "constant_with_warmup"])
+@pytest.mark.parametrize("warmup, total", [(0, 10), (4, 10), (3, 7)])
+def test_lr_schedule_matches_hugging_face(kind, warmup, total):
+    """The same learning rate at every step as transformers' own schedulers (TRL uses them)."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    for step in range(total):
+        assert lr_factor(step, warmup, total, kind) == pytest.approx(theirs.get_last_lr()[0], abs=1e-12), step
+        optimizer.step()
+        theirs.step()
 
 
 # --- the seed's gradient -------------------------------------------------------------------------
@@ -182,8 +189,10 @@ def test_training_learns_the_demo_rule_with_one_model(demo_config, monkeypatch):
 
 
 def test_grad_accum_equals_one_big_batch(demo_config):
-    big = train(demo_config(max_steps=3, run_name="big", batch_size=8, grad_accum=1, eval_every=0), show_progress=False)
-    small = train(demo_config(max_steps=3, run_name="small", batch_size=8, grad_accum=4, eval_every=0), show_progress=False)
+    big = train(demo_config(max_steps=3, run_name="big", per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                             eval_steps=0), show_progress=False)
+    small = train(demo_config(max_steps=3, run_name="small", per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                               eval_steps=0), show_progress=False)
     a = [r for r in metrics(big.run_dir) if "grad_norm" in r]
     b = [r for r in metrics(small.run_dir) if "grad_norm" in r]
     for x, y in zip(a, b):
@@ -198,11 +207,11 @@ def _without_timing(rows):
 def test_resume_after_crash_is_bit_identical(demo_config, monkeypatch):
     import pipeline.train as train_module
 
-    cfg = demo_config(max_steps=12, save_every=4, eval_every=5, run_name="whole")
+    cfg = demo_config(max_steps=12, save_steps=4, eval_steps=5, run_name="whole")
     whole = train(cfg, show_progress=False)
     expected_weights = (whole.run_dir / "final" / "model.safetensors").read_bytes()
 
-    cfg = demo_config(max_steps=12, save_every=4, eval_every=5, run_name="crashed")
+    cfg = demo_config(max_steps=12, save_steps=4, eval_steps=5, run_name="crashed")
     real_append = train_module._append
 
     def crash_at_step_10(path, record):
@@ -231,7 +240,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, demo_assets):
             "data": {"path": str(demo_assets["data"])},
             "model": {"path": str(demo_assets["model"])},
             "tokenize": {"max_length": 128, "max_prompt_length": 64},
-            "train": {**DEMO_TRAIN, "max_steps": 150, "save_every": 10, "eval_every": 50, "run_name": "r"},
+            "train": {**DEMO_TRAIN, "max_steps": 150, "save_steps": 10, "eval_steps": 50, "run_name": "r"},
         }))
         return str(path)
 
@@ -327,7 +336,7 @@ def test_contract_mismatches_are_refused(demo_config, tmp_path, demo_assets):
 
 def test_bfloat16_autocast_and_gradient_checkpointing(demo_config):
     """bf16 under autocast against a float32 cache (the step-0 check uses the half tolerance)."""
-    cfg = demo_config(max_steps=3, eval_every=0, gradient_checkpointing=True, run_name="bf16")
+    cfg = demo_config(max_steps=3, eval_steps=0, gradient_checkpointing=True, run_name="bf16")
     cfg.model.dtype = "bfloat16"  # the float32 cache of these weights is the only one: it is used
     result = train(cfg, show_progress=False)
     rows = metrics(result.run_dir)

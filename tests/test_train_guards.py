@@ -15,8 +15,8 @@ from pipeline.train import TrainError, train
 
 from .conftest import write_jsonl
 
-TRAIN = {"lr": 3e-3, "batch_size": 4, "max_steps": 6, "save_every": 2, "keep_checkpoints": 3,
-         "eval_every": 0, "warmup_steps": 0}
+TRAIN = {"learning_rate": 3e-3, "per_device_train_batch_size": 4, "max_steps": 6, "save_steps": 2, "save_total_limit": 3,
+         "eval_steps": 0, "warmup_steps": 0}
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from pipeline.train import train
 
 from .conftest import write_jsonl
 
-TRAIN = {"batch_size": 4, "max_steps": 2, "eval_every": 0, "save_every": 0, "lr": 1e-3}
+TRAIN = {"per_device_train_batch_size": 4, "max_steps": 2, "eval_steps": 0, "save_steps": 0, "learning_rate": 1e-3}
 
 
 @pytest.fixture
