@@ -14,7 +14,7 @@ LOCK_VENV := .venv-lock
 PIP_TOOLS := pip-tools==7.6.2
 LOCKFLAGS ?=
 
-.PHONY: demo test test-slow bench-prepare bench-score bench-train bench-verify clean-venv lock
+.PHONY: demo test test-slow bench-prepare bench-score bench-train bench-memory bench-verify clean-venv lock
 
 # The lock is complete (pip check proves it), so nothing is resolved here: --no-deps everywhere, and
 # the project builds with the lock's setuptools and wheel (--no-build-isolation), not floating ones.
@@ -58,6 +58,9 @@ bench-prepare: $(STAMP)
 
 bench-train: $(STAMP)
 	$(VENV)/bin/python bench/train_bench.py
+
+bench-memory: $(STAMP)
+	$(VENV)/bin/python bench/memory_bench.py --no-trim-rows
 
 bench-verify: $(STAMP)
 	$(VENV)/bin/python bench/verify_bench.py

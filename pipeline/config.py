@@ -177,6 +177,12 @@ class TrainConfig:
     ref_cache: Optional[str] = None
     """A refscores directory to use; null: the cache `dpo score` made for this config."""
     gradient_checkpointing: bool = False
+    precision: Optional[Literal["float32", "bf16-mixed", "bf16"]] = None
+    """float32; bf16-mixed (float32 master weights and AdamW states, bf16 autocast); bf16 (pure:
+    weights, gradients and AdamW states in bfloat16, stochastically rounded updates). null:
+    from model.dtype (float32 -> float32, bfloat16 -> bf16-mixed)."""
+    save_dtype: Optional[Literal["float32", "bfloat16"]] = None
+    """dtype of the weights in final/; null: the dtype trained (float32 unless precision is bf16)."""
     step0_check: Literal["error", "warn", "off"] = "error"
     """Policy starting from the reference: compare step-0 log-probs with the cache."""
     step0_tolerance: Optional[float] = None

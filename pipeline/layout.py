@@ -22,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, precision
 from .config import Config, ModelConfig
 from .data import input_sha256
 from .models import model_fingerprint, tokenizer_files
@@ -170,8 +170,10 @@ RUN_KEYS_NOT_IN_IDENTITY = ("run_name", "ref_cache", "logging_steps", "eval_step
 
 def policy_init(cfg: Config) -> ModelConfig:
     """The weights the policy starts from: train.init_from, else the reference model itself.
-    Master weights are float32 whatever model.dtype says (bfloat16 trains under autocast)."""
-    return ModelConfig(path=cfg.train.init_from or cfg.model.path, dtype="float32",
+    Loaded in float32 (master weights; bf16-mixed trains under autocast), or in bfloat16 for
+    pure bf16 training (see precision.py)."""
+    return ModelConfig(path=cfg.train.init_from or cfg.model.path,
+                       dtype=precision.param_dtype(precision.resolve(cfg)),
                        trust_remote_code=cfg.model.trust_remote_code)
 
 
@@ -179,6 +181,7 @@ def run_identity(cfg: Config, dataset_fp: str, cache_fp: str, init_fp: dict) -> 
     train = dataclasses.asdict(cfg.train)
     for key in RUN_KEYS_NOT_IN_IDENTITY:
         train.pop(key)
+    train.update(precision=precision.resolve(cfg), save_dtype=precision.save_dtype(cfg))  # resolved
     return {"kind": "run", "schema_version": RUN_SCHEMA_VERSION, "dataset": dataset_fp,
             "refscores": cache_fp, "init": init_fp, "dtype": cfg.model.dtype, "train": train}
 

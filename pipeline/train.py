@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from . import layout
+from . import layout, precision
 from .checkpoint import checkpoint_dir, list_checkpoints, load_latest_checkpoint, prune_checkpoints, save_checkpoint
 from .config import Config
 from .logprobs import pair_logps, supports_shared_prefix
@@ -279,20 +279,19 @@ class Trainer:
 
 
 def build_trainer(cfg: Config, splits: dict[str, Split], policy) -> Trainer:
-    """Optimizer (AdamW) and schedule around a loaded policy; float32 master weights, bfloat16
-    runs forward/backward under autocast."""
+    """Optimizer (AdamW) and schedule around a loaded policy, for train.precision (precision.py)."""
     train_cfg = cfg.train
     steps_per_epoch = len(splits["train"]) / effective_batch_size(train_cfg)
     total_steps = train_cfg.max_steps or math.ceil(train_cfg.num_train_epochs * steps_per_epoch)
     warmup = warmup_steps(train_cfg, total_steps)
     device = next(policy.parameters()).device.type
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
+    mode = precision.resolve(cfg)
+    optimizer = precision.make_optimizer(mode, policy.parameters(), train_cfg.learning_rate, train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup, total_steps, train_cfg.lr_scheduler_type)
     )
-    half = {"bfloat16": torch.bfloat16}.get(cfg.model.dtype)
-    autocast = (lambda: torch.autocast(device_type=device, dtype=half)) if half else contextlib.nullcontext
-    return Trainer(cfg, policy, optimizer, scheduler, splits, device, total_steps, autocast=autocast)
+    return Trainer(cfg, policy, optimizer, scheduler, splits, device, total_steps,
+                   autocast=precision.autocast(mode, device))
 
 
 def train_step(trainer: Trainer, step: int) -> dict:
@@ -329,6 +328,7 @@ def train_step(trainer: Trainer, step: int) -> dict:
     trainer.optimizer.step()
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
+    precision.release_memory(trainer.device)  # RSS flat across steps on CPU
     seconds = time.perf_counter() - started
     return {"step": step + 1, "epoch": (step + 1) * trainer.batch / len(split),
             **{k: v / trainer.batch for k, v in totals.items()}, "grad_norm": grad_norm, "lr": lr,
@@ -341,7 +341,8 @@ def step0_check(trainer: Trainer, cfg: Config, cache: dict, cache_dir: Path) -> 
     index = batch_indices(0, trainer.batch, len(split), cfg.train.seed)[: trainer.micro]
     tolerance = cfg.train.step0_tolerance
     if tolerance is None:
-        tolerance = layout.logprob_tolerance((cfg.model.dtype, cache["inputs"]["dtype"]), cache["inputs"]["backend"])
+        compute = precision.compute_dtype(precision.resolve(cfg))
+        tolerance = layout.logprob_tolerance((compute, cache["inputs"]["dtype"]), cache["inputs"]["backend"])
     trainer.policy.eval()
     with torch.no_grad():
         chosen, rejected = trainer.pair_logps(split, index)
@@ -410,7 +411,7 @@ def _plan_run(cfg: Config) -> _Run:
 
 
 def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> TrainResult:
-    if cfg.model.dtype == "float16":
+    if cfg.model.dtype == "float16" and cfg.train.precision is None:
         raise TrainError("model.dtype=float16 is not supported for training: use bfloat16 or float32")
     run = _plan_run(cfg)
     done = _finished(run)
@@ -522,6 +523,7 @@ def _finish(trainer: Trainer, run: _Run, last_eval: dict) -> TrainResult:
     if last_eval:
         _append(metrics_path, last_eval)
     final = run.run_dir / "final"
+    trainer.policy.to(getattr(torch, precision.save_dtype(trainer.cfg)))  # train.save_dtype
     trainer.policy.save_pretrained(final, safe_serialization=True)
     load_tokenizer(trainer.cfg.model).save_pretrained(final)
     first_eval = next((r for r in _read_metrics(metrics_path) if r["step"] == 0 and "eval/loss" in r), None)
@@ -541,7 +543,8 @@ def _finish(trainer: Trainer, run: _Run, last_eval: dict) -> TrainResult:
         "final_dir": str(final),
         "files": files,
         # Not in the identity (they change low-order bits only), recorded resolved.
-        "settings": {"device": trainer.device, "autocast_dtype": trainer.cfg.model.dtype},
+        "settings": {"device": trainer.device, "precision": precision.resolve(trainer.cfg),
+                     "autocast_dtype": precision.compute_dtype(precision.resolve(trainer.cfg))},
         "versions": layout.library_versions(),
         "complete": True,
     }

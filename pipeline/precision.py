@@ -1,0 +1,156 @@
+"""Training precision: what dtype the weights, gradients and optimizer states live in, and the
+memory hygiene of a training step.
+
+    precision = resolve(cfg)             # "float32" | "bf16-mixed" | "bf16"
+    policy dtype: param_dtype(precision) # float32 master weights, except pure bf16
+    with autocast(precision, device)():  # bf16 compute for bf16-mixed, nothing otherwise
+    optimizer = make_optimizer(precision, params, lr=..., weight_decay=...)
+
+Modes (bytes per parameter of the training state, measured in bench/memory_bench.py):
+- ``float32``: float32 weights, gradients and AdamW moments: 16 B/param.
+- ``bf16-mixed``: the same float32 state (master weights), forward/backward under bfloat16
+  autocast: 16 B/param plus the bf16 weight copies autocast makes for each matmul.
+- ``bf16`` (pure, as torchtune): weights, gradients and AdamW moments in bfloat16: 8 B/param.
+  A bfloat16 weight has 8 significant bits, so an update smaller than ~1/256 of the weight
+  rounds away to nothing: with DPO's usual learning rates (1e-6: updates ~1e-6 on weights
+  ~1e-2) round-to-nearest AdamW leaves almost every weight unchanged. ``BF16AdamW`` computes
+  the AdamW update in float32 and rounds the new weight stochastically (unbiased: the expected
+  weight is the float32 one), which costs no memory, unlike Kahan summation (+2 B/param).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+from typing import Callable
+
+import torch
+
+from .config import Config
+
+PRECISIONS = ("float32", "bf16-mixed", "bf16")
+
+
+def resolve(cfg: Config) -> str:
+    """train.precision, else derived from model.dtype as before the key existed."""
+    if cfg.train.precision is not None:
+        return cfg.train.precision
+    return {"float32": "float32", "bfloat16": "bf16-mixed"}.get(cfg.model.dtype, "float32")
+
+
+def param_dtype(precision: str) -> str:
+    """dtype the policy is loaded in: float32 master weights except for pure bf16."""
+    return "bfloat16" if precision == "bf16" else "float32"
+
+
+def compute_dtype(precision: str) -> str:
+    """dtype the forward pass runs in (what the step-0 tolerance depends on)."""
+    return "float32" if precision == "float32" else "bfloat16"
+
+
+def save_dtype(cfg: Config) -> str:
+    """dtype of final/: train.save_dtype, else the dtype of the weights trained."""
+    return cfg.train.save_dtype or param_dtype(resolve(cfg))
+
+
+def autocast(precision: str, device: str) -> Callable:
+    """A context-manager factory for the forward pass: bf16 autocast for bf16-mixed only."""
+    if precision != "bf16-mixed":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)
+
+
+def make_optimizer(precision: str, params, lr: float, weight_decay: float):
+    """AdamW; for pure bf16 the stochastic-rounding variant, its moments in bf16 too."""
+    if precision == "bf16":
+        return BF16AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+class BF16AdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, torch's defaults) for bfloat16 parameters: the moments are
+    kept in the parameter's dtype, the update is computed in float32 one tensor at a time, and the
+    new weight is rounded stochastically to bfloat16. Same state_dict layout as torch.optim.AdamW.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = float(state["step"])
+                grad = p.grad.float()
+                exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                del grad
+                denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
+                weight = p.float().mul_(1 - group["lr"] * group["weight_decay"])
+                weight.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1**step))
+                del denom
+                p.copy_(stochastic_round(weight))
+                state["exp_avg"].copy_(exp_avg)
+                state["exp_avg_sq"].copy_(exp_avg_sq)
+        return None
+
+
+def stochastic_round(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> bfloat16, rounding up with probability equal to the distance to the lower
+    bfloat16 neighbour, so that E[result] == x: random bits are added below the 16 bits bfloat16
+    keeps, then cut off. inf and nan are rounded as usual."""
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
+    rounded = (bits + noise).bitwise_and_(-65536)  # 0xFFFF0000: keep the top 16 bits
+    out = rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low bits are zero
+    return torch.where(torch.isfinite(x), out, x.to(torch.bfloat16))
+
+
+def state_bytes(model, optimizer) -> dict:
+    """Bytes of the training state, by tensor kind: weights, gradients, optimizer states."""
+    params = list(model.parameters())
+    seen = {p.data_ptr() for p in params}
+    out = {"weights": sum(p.numel() * p.element_size() for p in params),
+           "gradients": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
+           "optimizer": 0, "parameters": sum(p.numel() for p in params), "distinct": len(seen)}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.numel() > 1:
+                out["optimizer"] += value.numel() * value.element_size()
+    return out
+
+
+# --- memory hygiene ---------------------------------------------------------------------------------
+
+_LIBC = None
+
+
+def release_memory(device: str) -> None:
+    """After a training step on CPU: hand the freed heap back to the OS (glibc malloc_trim).
+
+    glibc keeps freed memory in its arenas (activations of the last step: hundreds of MB, in
+    many mid-sized blocks above the mmap threshold it raised itself), so RSS grows step after
+    step; trimming keeps the peak flat (measured in bench/memory_bench.py). No-op elsewhere.
+    """
+    global _LIBC
+    if device != "cpu":
+        return
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+            _LIBC = _LIBC if _LIBC and hasattr(_LIBC, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
