@@ -101,7 +101,8 @@ def test_stochastic_rounding_is_unbiased_where_nearest_loses_the_update():
 
 
 def test_pure_bf16_trains_the_demo_and_saves_bfloat16(demo_config):
-    """Measured (README): eval reward accuracy after 40 steps is 0.90 in pure bf16 (float32: 0.90)."""
+    """Threshold as for float32 (test_train: > 0.75). Measured on the demo with DEMO_TRAIN (60 steps,
+    24 eval pairs): eval reward accuracy float32 0.875, bf16-mixed 0.875, pure bf16 0.917."""
     cfg = demo_config(precision="bf16", run_name="bf16")
     result = train(cfg, show_progress=False)
     rows = metrics(result.run_dir)
