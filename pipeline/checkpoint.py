@@ -4,7 +4,9 @@
     state = load_checkpoint(path, model, optimizer, scheduler)
 
 A checkpoint is written into a temporary folder and renamed into place, so a folder named
-step-NNNNNN is always whole. Optimizer/scheduler/RNG files hold only tensors and plain values
+step-NNNNNN is always whole. Checkpoints hold only what is trained: the whole model
+(model.safetensors), or, when some parameters are frozen (LoRA), the trainable ones by name
+(trained.safetensors). Optimizer/scheduler/RNG files hold only tensors and plain values
 and are read back with torch.load(weights_only=True).
 """
 
@@ -19,11 +21,21 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 log = logging.getLogger("dpo.train")
 
 STEP_RE = re.compile(r"^step-(\d{6})$")
+
+
+TRAINED = "trained.safetensors"
+
+
+def _trained(model) -> dict | None:
+    """The trainable parameters by name when some are frozen; None when the whole model trains."""
+    params = dict(model.named_parameters())
+    trained = {name: p for name, p in params.items() if p.requires_grad}
+    return None if len(trained) == len(params) else trained
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -35,7 +47,11 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
     try:
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+        trained = _trained(model)
+        if trained is None:
+            save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+        else:
+            save_file({name: p.detach().contiguous() for name, p in trained.items()}, str(tmp / TRAINED))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng = {"torch": torch.get_rng_state()}
@@ -56,7 +72,16 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> Non
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     path = Path(path)
-    load_model(model, str(path / "model.safetensors"))
+    trained = _trained(model)
+    if trained is None:
+        load_model(model, str(path / "model.safetensors"))
+    else:
+        tensors = load_file(str(path / TRAINED))
+        if set(tensors) != set(trained):
+            raise ValueError(f"{TRAINED} holds other tensors than the model trains")
+        with torch.no_grad():
+            for name, p in trained.items():
+                p.copy_(tensors[name])
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)

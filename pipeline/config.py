@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -132,6 +132,30 @@ class ScoreConfig:
 
 
 @dataclass
+class PeftConfig:
+    """LoRA adapters (peft's LoraConfig; the keys carry peft's names). Only the adapters train."""
+
+    r: int = 8
+    """Rank of each adapter."""
+    lora_alpha: float = 16.0
+    """Scale: the adapter's update is multiplied by lora_alpha / r."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input during training."""
+    target_modules: Union[list[str], str] = "all-linear"
+    """Modules that get adapters: a list of (suffixes of) module names, e.g. [q_proj, v_proj], a
+    regular expression, or "all-linear" (every linear layer but the output head)."""
+
+    def validate(self) -> None:
+        _check_range("train.peft.r", self.r, 1, None)
+        _check_range("train.peft.lora_alpha", self.lora_alpha, 1e-12, None)
+        _check_range("train.peft.lora_dropout", self.lora_dropout, 0.0, 1.0, hi_open=True)
+        if not self.target_modules or (isinstance(self.target_modules, list)
+                                       and not all(self.target_modules)):
+            raise ConfigError("train.peft.target_modules: name at least one module, e.g. [q_proj, v_proj], "
+                              "or use all-linear")
+
+
+@dataclass
 class TrainConfig:
     """Names and meanings of Hugging Face `TrainingArguments` / TRL `DPOConfig`, so that a TRL
     recipe can be copied over (see RENAMED for the names this project used before)."""
@@ -188,8 +212,16 @@ class TrainConfig:
     step0_tolerance: Optional[float] = None
     """Max per-token |diff| (nats) of that check; null: by dtype and backend (README)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    peft: Optional[PeftConfig] = None
+    """LoRA adapters on the policy (see PeftConfig); null: full fine-tuning."""
+    merge_adapter: bool = False
+    """With train.peft: also write final/merged/, the model with the adapters merged in."""
 
     def validate(self) -> None:
+        if self.peft is not None:
+            self.peft.validate()
+        elif self.merge_adapter:
+            raise ConfigError("train.merge_adapter: true needs train.peft (LoRA); there is no adapter to merge")
         _check_range("train.beta", self.beta, 1e-12, None)
         if self.learning_rate <= 0:
             raise ConfigError(
@@ -296,7 +328,22 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
+        for option in inner[:-1]:  # the first type the value fits; the last one's error otherwise
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                pass
+        return _coerce(key, value, inner[-1])
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str) and value.startswith("["):  # --set key=[a,b] arrives as text
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:

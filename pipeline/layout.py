@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 from . import __version__, precision
-from .config import Config, ModelConfig
+from .adapters import is_adapter_dir
+from .config import Config, ConfigError, ModelConfig
 from .data import input_sha256
 from .models import model_fingerprint, tokenizer_files
 from .store import MANIFEST, fingerprint, read_json, sha256_verified
@@ -171,7 +172,29 @@ RUN_KEYS_NOT_IN_IDENTITY = ("run_name", "ref_cache", "logging_steps", "eval_step
 def policy_init(cfg: Config) -> ModelConfig:
     """The weights the policy starts from: train.init_from, else the reference model itself.
     Loaded in float32 (master weights; bf16-mixed trains under autocast), or in bfloat16 for
-    pure bf16 training (see precision.py)."""
+    pure bf16 training (see precision.py).
+
+    A run is scored against the model it starts from, and the reference cache is scored by
+    model.path: so train.init_from must hold model.path's weights (same content fingerprint),
+    else this refuses and says to make the starting model model.path. An adapter folder is
+    refused too (`dpo score` scores full models): merge it first."""
+    init = cfg.train.init_from
+    if init and Path(init) != Path(cfg.model.path):
+        fix = ("set model.path to it, run `dpo score -c CONFIG` (the reference is the model the run starts "
+               "from), and leave train.init_from null")
+        if is_adapter_dir(init):
+            raise ConfigError(
+                f"train.init_from {init} is a LoRA adapter, but a run is scored against the model it starts "
+                "from and `dpo score` scores full models only: merge the adapter into its base (a run with "
+                "train.merge_adapter: true writes final/merged/), then " + fix + " (train.peft trains a new "
+                "adapter on it)"
+            )
+        reference = ModelConfig(path=cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        if model_fingerprint(ModelConfig(path=init)) != model_fingerprint(reference):
+            raise ConfigError(
+                f"train.init_from {init} holds other weights than model.path {cfg.model.path}, whose "
+                f"log-probs the reference cache holds: to start from {init}, {fix}"
+            )
     return ModelConfig(path=cfg.train.init_from or cfg.model.path,
                        dtype=precision.param_dtype(precision.resolve(cfg)),
                        trust_remote_code=cfg.model.trust_remote_code)

@@ -9,7 +9,8 @@
      and check the contract between them (dataset fingerprint, every id scored, token counts
      equal): refuse on any mismatch;
   2. take the run's lock (a second `dpo train` of the same run name refuses, naming the holder);
-  3. load exactly one model, the policy (model.path, or train.init_from);
+  3. load exactly one model, the policy (model.path, or train.init_from), with LoRA adapters
+     when train.peft is set (pipeline/adapters.py);
   4. step-0 check: a policy that starts from the reference weights must reproduce the cached
      log-probs on the first batch (rewards 0, loss ln 2);
   5. each ``train_step``: gradient_accumulation_steps micro-batches, each ONE forward pass over prompt + chosen +
@@ -39,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from . import layout, precision
+from . import adapters, layout, precision
 from .checkpoint import checkpoint_dir, list_checkpoints, load_latest_checkpoint, prune_checkpoints, save_checkpoint
 from .config import Config
 from .logprobs import pair_logps, supports_shared_prefix
@@ -286,7 +287,8 @@ def build_trainer(cfg: Config, splits: dict[str, Split], policy) -> Trainer:
     warmup = warmup_steps(train_cfg, total_steps)
     device = next(policy.parameters()).device.type
     mode = precision.resolve(cfg)
-    optimizer = precision.make_optimizer(mode, policy.parameters(), train_cfg.learning_rate, train_cfg.weight_decay)
+    trained = [p for p in policy.parameters() if p.requires_grad]  # all, or LoRA's adapters
+    optimizer = precision.make_optimizer(mode, trained, train_cfg.learning_rate, train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup, total_steps, train_cfg.lr_scheduler_type)
     )
@@ -437,6 +439,8 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> Trai
         policy = load_causal_lm(layout.policy_init(cfg), _device(cfg)).train()
         if cfg.train.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.train.peft is not None:  # LoRA: only the adapters train (B = 0: still the reference)
+            policy = adapters.with_lora(policy, cfg.train.peft)
         trainer = build_trainer(cfg, run.splits, policy)
         start_step = _start(trainer, run, resume and bool(checkpoints))
         last_eval = _loop(trainer, run, start_step, show_progress)
@@ -524,8 +528,11 @@ def _finish(trainer: Trainer, run: _Run, last_eval: dict) -> TrainResult:
         _append(metrics_path, last_eval)
     final = run.run_dir / "final"
     trainer.policy.to(getattr(torch, precision.save_dtype(trainer.cfg)))  # train.save_dtype
-    trainer.policy.save_pretrained(final, safe_serialization=True)
-    load_tokenizer(trainer.cfg.model).save_pretrained(final)
+    if trainer.cfg.train.peft is not None:  # the adapter in peft's format (+ final/merged/)
+        adapters.save_final(trainer.policy, final, load_tokenizer(trainer.cfg.model), trainer.cfg.train.merge_adapter)
+    else:
+        trainer.policy.save_pretrained(final, safe_serialization=True)
+        load_tokenizer(trainer.cfg.model).save_pretrained(final)
     first_eval = next((r for r in _read_metrics(metrics_path) if r["step"] == 0 and "eval/loss" in r), None)
     files = {str(p.relative_to(run.run_dir)): sha256_file(p, use_cache=False)
              for p in sorted(final.rglob("*")) if p.is_file()}
