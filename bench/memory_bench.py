@@ -14,14 +14,13 @@ built from LlamaConfig, no download) on one GPU, gradient checkpointing on, one 
 1024 tokens per step, ``torch.cuda.max_memory_allocated`` per mode; a mode that does not fit is
 reported as OOM. The target: 8B full fine-tuning in pure bf16 on one 80 GB GPU.
 
-LoRA rows: when pipeline/adapters.py exists (see ``lora_available``), add its mode to MODES below.
-Writes bench/results/memory.json.
+LoRA rows (GPU): ``--lora-modes`` (default bf16): the same models with LoRA (r 16, all linear
+layers) in that precision, only the adapters trained. Writes bench/results/memory.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -47,11 +46,6 @@ LLAMA_SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True),  # --gpu-dry-run
 }
-
-
-def lora_available() -> bool:
-    """The hook for LoRA rows: pipeline/adapters.py is not in this branch yet."""
-    return importlib.util.find_spec("pipeline.adapters") is not None
 
 
 class RssSampler:
@@ -157,9 +151,11 @@ def gpu_worker(args) -> dict:
     from pipeline.train import Split, build_trainer, train_step
 
     device = "cpu" if args.shape == "tiny" else "cuda"
+    lora = args.lora == "yes"
+    peft = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"} if lora else None
     cfg = config_from_dict({"data": {"path": "unused"}, "model": {"path": "unused"},
                             "train": {"per_device_train_batch_size": 1, "max_steps": args.steps, "precision": args.mode,
-                                      "gradient_checkpointing": True, "learning_rate": 1e-6}})
+                                      "gradient_checkpointing": True, "learning_rate": 1e-6, "peft": peft}})
     mode = precision.resolve(cfg)
     config = LlamaConfig(**LLAMA_SHAPES[args.shape], max_position_embeddings=4096)
     config._attn_implementation = "sdpa"
@@ -171,13 +167,19 @@ def gpu_worker(args) -> dict:
                   [tokens(256) for _ in range(pairs)], torch.zeros(pairs, dtype=torch.float64),
                   torch.zeros(pairs, dtype=torch.float64))
     empty = Split([], [], [], [], torch.zeros(0), torch.zeros(0))
-    out = {"shape": args.shape, "mode": mode, "tokens_per_step": 2 * 512 + 512}
+    out = {"shape": args.shape, "mode": mode + (" + LoRA" if lora else ""), "tokens_per_step": 2 * 512 + 512}
     try:
         with torch.device(device):
             policy = LlamaForCausalLM._from_config(config, dtype=getattr(torch, precision.param_dtype(mode)))
         policy.train()
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         out["parameters"] = sum(p.numel() for p in policy.parameters())
+        if lora:
+            from pipeline.adapters import with_lora
+
+            policy.enable_input_require_grads()  # checkpointing with a frozen embedding (peft's advice)
+            policy = with_lora(policy, cfg.train.peft)
+            out["trained_parameters"] = sum(p.numel() for p in policy.parameters() if p.requires_grad)
         trainer = build_trainer(cfg, {"train": split, "eval": empty}, policy)
         trainer.reference = _zero_reference
         if device == "cuda":
@@ -188,6 +190,7 @@ def gpu_worker(args) -> dict:
             if device == "cuda":
                 peaks.append(torch.cuda.max_memory_allocated() / 2**30)
             out.setdefault("losses", []).append(record["loss"])
+            out.setdefault("step_seconds", []).append(record["seconds"])
         out["peak_gib_after_step"] = peaks
         out["peak_gib"] = max(peaks) if peaks else None
         out["peak_bytes_per_param"] = max(peaks) * 2**30 / out["parameters"] if peaks else None
@@ -217,11 +220,13 @@ def main() -> int:
     parser.add_argument("--gpu-steps", type=int, default=2)
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--gpu-dry-run", action="store_true", help="run the GPU section's code on CPU, tiny shape")
+    parser.add_argument("--lora-modes", default="bf16", help="precisions of the GPU LoRA rows ('' for none)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))
     worker = parser.add_argument_group("worker (internal)")
     for name in ("--worker", "--mode", "--storage", "--model", "--data", "--shape"):
         worker.add_argument(name, help=argparse.SUPPRESS)
     worker.add_argument("--no-trim", action="store_true", help=argparse.SUPPRESS)
+    worker.add_argument("--lora", default="no", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(cpu_worker(args) if args.worker == "cpu" else gpu_worker(args)))
@@ -230,9 +235,7 @@ def main() -> int:
     import torch
 
     modes = args.modes.split(",")
-    report = {"bench": "memory", "cpu": [], "gpu": [], "lora": "pipeline/adapters.py not in this branch: no LoRA rows"}
-    if lora_available():
-        report["lora"] = "pipeline/adapters.py exists: add its mode to MODES (not wired yet)"
+    report = {"bench": "memory", "cpu": [], "gpu": []}
     if not args.skip_cpu:
         from pipeline.assets import smollm2_folder
         from pipeline.prepare import prepare
@@ -262,23 +265,25 @@ def main() -> int:
     if torch.cuda.is_available() or args.gpu_dry_run:
         shapes = ["tiny"] if args.gpu_dry_run else args.gpu_shapes.split(",")
         for shape in shapes:
-            for mode in modes:
-                row = _spawn(["--worker", "gpu", "--shape", shape, "--mode", mode, "--steps", str(args.gpu_steps)])
+            runs = [(mode, "no") for mode in modes] + [(m, "yes") for m in args.lora_modes.split(",") if m]
+            for mode, lora in runs:
+                row = _spawn(["--worker", "gpu", "--shape", shape, "--mode", mode, "--steps", str(args.gpu_steps),
+                              "--lora", lora])
                 report["gpu"].append(row)
                 print(json.dumps(row), file=sys.stderr)
         print(f"\nGPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'dry run on CPU'}, "
               "full fine-tuning, gradient checkpointing, 1 pair (512 + 256 + 256 tokens) per step\n")
-        print(f"{'model':<10}{'mode':<12}{'params (B)':>11}{'peak GiB':>10}{'B/param':>9}")
+        print(f"{'model':<10}{'mode':<20}{'params (B)':>11}{'peak GiB':>10}{'B/param':>9}{'s/step':>8}")
         for r in report["gpu"]:
             if not r.get("ok"):
-                print(f"{r.get('shape', '?'):<10}{r.get('mode', '?'):<12}  {r.get('error')}")
+                print(f"{r.get('shape', '?'):<10}{r.get('mode', '?'):<20}  {r.get('error')}")
                 continue
             peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
             per = "-" if r["peak_bytes_per_param"] is None else f"{r['peak_bytes_per_param']:.1f}"
-            print(f"{r['shape']:<10}{r['mode']:<12}{r['parameters'] / 1e9:>11.2f}{peak:>10}{per:>9}")
+            seconds = r.get("step_seconds") or [float("nan")]
+            print(f"{r['shape']:<10}{r['mode']:<20}{r['parameters'] / 1e9:>11.2f}{peak:>10}{per:>9}{seconds[-1]:>8.2f}")
     else:
         print("\nGPU section skipped: no CUDA device")
-    print(f"LoRA: {report['lora']}")
     write_report(args.out, report)
     return 0
 
