@@ -193,6 +193,7 @@ def test_resume_after_crash_is_byte_identical(scored_setup, monkeypatch, tmp_pat
         assert {p.name: p.read_bytes() for p in resumed.output_dir.iterdir()} == expected
 
 
+@pytest.mark.slow  # a real kill -9 of a child process: ~40 s; CI runs it in make test-slow
 def test_kill_9_then_resume_is_byte_identical(tmp_path, demo_assets):
     """A real `kill -9` of `dpo score` mid-run, then a rerun, gives the uninterrupted bytes."""
     rows = varied_rows(200)

@@ -230,6 +230,7 @@ def test_resume_after_crash_is_bit_identical(demo_config, monkeypatch):
     assert _without_timing(metrics(resumed.run_dir)) == _without_timing(metrics(whole.run_dir))
 
 
+@pytest.mark.slow  # a real kill -9 of a child process: ~40 s; CI runs it in make test-slow
 def test_kill_9_then_resume_is_bit_identical(tmp_path, demo_assets):
     dpo = str(Path(sys.executable).parent / "dpo")
 
