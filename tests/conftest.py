@@ -35,6 +35,44 @@ def demo_tokenizer(demo_assets):
 
 
 @pytest.fixture
+def prepared_demo(tmp_path, demo_assets):
+    """prepared_demo(train_section) -> Config on the demo data and model, prepared and scored."""
+    from pipeline.prepare import prepare
+    from pipeline.score import score
+
+    def make(train: dict):
+        cfg = config_from_dict({
+            "storage": str(tmp_path / "storage"),
+            "data": {"path": str(demo_assets["data"]), "eval_fraction": 0.1},
+            "model": {"path": str(demo_assets["model"])},
+            "tokenize": {"max_length": 128, "max_prompt_length": 64},
+            "train": train,
+        })
+        prepare(cfg, show_progress=False)
+        score(cfg, show_progress=False)
+        return cfg
+
+    return make
+
+
+def crash_training_at(monkeypatch, cfg, step: int) -> None:
+    """Train ``cfg`` and stop it (as a kill would) right after step ``step`` is logged."""
+    import pipeline.train as train_module
+
+    real_append = train_module._append
+
+    def crashing(path, record):
+        real_append(path, record)
+        if record.get("step") == step and "grad_norm" in record:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(train_module, "_append", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(cfg, show_progress=False)
+    monkeypatch.setattr(train_module, "_append", real_append)
+
+
+@pytest.fixture
 def make_config(tmp_path, demo_assets):
     """make_config(data_path, **section overrides) -> Config on the demo tokenizer."""
 

@@ -21,6 +21,8 @@ from pipeline.prepare import prepare
 from pipeline.score import score
 from pipeline.train import TrainError, train
 
+from .conftest import crash_training_at
+
 pytest.importorskip("peft")
 
 LORA = {"r": 8, "lora_alpha": 16}
@@ -126,17 +128,7 @@ def test_lora_checkpoints_hold_only_adapters_and_resume_is_bit_identical(lora_co
     expected = (whole.run_dir / "final" / "adapter_model.safetensors").read_bytes()
 
     cfg = lora_config(run_name="lora-crashed", **settings)
-    real_append = train_module._append
-
-    def crash_at_step_7(path, record):
-        real_append(path, record)
-        if record.get("step") == 7 and "grad_norm" in record:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(train_module, "_append", crash_at_step_7)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, show_progress=False)
-    monkeypatch.setattr(train_module, "_append", real_append)
+    crash_training_at(monkeypatch, cfg, 7)
     checkpoint = whole.run_dir.parent / "lora-crashed" / "checkpoints" / "step-000006"
     assert not (checkpoint / "model.safetensors").exists()
     tensors = load_file(str(checkpoint / "trained.safetensors"))

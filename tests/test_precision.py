@@ -13,8 +13,6 @@ from safetensors import safe_open
 from pipeline import precision
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.layout import LOGPROB_TOLERANCE_HALF, policy_init, run_identity
-from pipeline.prepare import prepare
-from pipeline.score import score
 from pipeline.train import train
 
 DEMO_TRAIN = {"learning_rate": 3e-3, "beta": 0.1, "per_device_train_batch_size": 16, "max_steps": 40,
@@ -22,20 +20,8 @@ DEMO_TRAIN = {"learning_rate": 3e-3, "beta": 0.1, "per_device_train_batch_size":
 
 
 @pytest.fixture
-def demo_config(tmp_path, demo_assets):
-    def make(**train_overrides):
-        cfg = config_from_dict({
-            "storage": str(tmp_path / "storage"),
-            "data": {"path": str(demo_assets["data"]), "eval_fraction": 0.1},
-            "model": {"path": str(demo_assets["model"])},
-            "tokenize": {"max_length": 128, "max_prompt_length": 64},
-            "train": {**DEMO_TRAIN, **train_overrides},
-        })
-        prepare(cfg, show_progress=False)
-        score(cfg, show_progress=False)
-        return cfg
-
-    return make
+def demo_config(prepared_demo):
+    return lambda **train_overrides: prepared_demo({**DEMO_TRAIN, **train_overrides})
 
 
 def metrics(run_dir) -> list[dict]:

@@ -25,6 +25,8 @@ from pipeline.prepare import prepare
 from pipeline.score import score
 from pipeline.train import TrainError, lr_factor, train
 
+from .conftest import crash_training_at
+
 DEMO_TRAIN = {"learning_rate": 3e-3, "beta": 0.1, "per_device_train_batch_size": 16, "max_steps": 40, "warmup_steps": 5,
               "eval_steps": 20, "save_steps": 0}
 
@@ -131,20 +133,8 @@ def test_autograd_matches_the_seed_gradient_formula(demo_assets):
 
 
 @pytest.fixture
-def demo_config(tmp_path, demo_assets):
-    def make(**train_overrides):
-        cfg = config_from_dict({
-            "storage": str(tmp_path / "storage"),
-            "data": {"path": str(demo_assets["data"]), "eval_fraction": 0.1},
-            "model": {"path": str(demo_assets["model"])},
-            "tokenize": {"max_length": 128, "max_prompt_length": 64},
-            "train": {**DEMO_TRAIN, **train_overrides},
-        })
-        prepare(cfg, show_progress=False)
-        score(cfg, show_progress=False)
-        return cfg
-
-    return make
+def demo_config(prepared_demo):
+    return lambda **train_overrides: prepared_demo({**DEMO_TRAIN, **train_overrides})
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -205,24 +195,12 @@ def _without_timing(rows):
 
 
 def test_resume_after_crash_is_bit_identical(demo_config, monkeypatch):
-    import pipeline.train as train_module
-
     cfg = demo_config(max_steps=12, save_steps=4, eval_steps=5, run_name="whole")
     whole = train(cfg, show_progress=False)
     expected_weights = (whole.run_dir / "final" / "model.safetensors").read_bytes()
 
     cfg = demo_config(max_steps=12, save_steps=4, eval_steps=5, run_name="crashed")
-    real_append = train_module._append
-
-    def crash_at_step_10(path, record):
-        real_append(path, record)
-        if record.get("step") == 10 and "grad_norm" in record:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(train_module, "_append", crash_at_step_10)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, show_progress=False)
-    monkeypatch.setattr(train_module, "_append", real_append)
+    crash_training_at(monkeypatch, cfg, 10)
     with pytest.raises(TrainError, match="--resume"):
         train(cfg, show_progress=False)
     resumed = train(cfg, resume=True, show_progress=False)
