@@ -117,5 +117,3 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for leftover in (Path(run_dir) / "checkpoints").glob(".tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)

@@ -140,7 +140,8 @@ def release_memory(device: str) -> None:
 
     glibc keeps freed memory in its arenas (activations of the last step: hundreds of MB, in
     many mid-sized blocks above the mmap threshold it raised itself), so RSS grows step after
-    step; trimming keeps the peak flat (measured in bench/memory_bench.py). No-op elsewhere.
+    step; trimming keeps it flat between steps (measured in bench/memory_bench.py; the peak of a
+    step, its activations, is not changed). No-op elsewhere.
     """
     global _LIBC
     if device != "cpu":

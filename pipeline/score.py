@@ -40,7 +40,8 @@ from .store import (
     fingerprint,
     lock_path,
     read_manifest,
-    sha256_file,
+    remove_leftovers,
+    sha256_verified,
     write_manifest,
     write_parquet,
 )
@@ -101,12 +102,10 @@ def _verify_existing(
     out_dir: Path, fp: str, n_shards: int, shard_ids: list[pa.Array], recorded: dict
 ) -> set[int]:
     """Indices of finished shards; clear errors for anything corrupted or foreign."""
+    remove_leftovers(out_dir)  # of a killed write; we hold the cache's lock
     done = set()
     for path in sorted(out_dir.iterdir()):
         name = path.name
-        if name.startswith(".tmp-"):
-            path.unlink()  # our own leftover from a killed write; never a valid file
-            continue
         if name == MANIFEST:
             continue
         match = SHARD_RE.match(name)
@@ -119,7 +118,7 @@ def _verify_existing(
         index = int(match.group(1))
         fix = f"delete {path} and run `dpo score` again to rescore that shard"
         if name in recorded:
-            if sha256_file(path, use_cache=False) != recorded[name].get("sha256"):
+            if sha256_verified(path) != recorded[name].get("sha256"):
                 raise ScoreError(f"corrupted shard {path}: its sha256 differs from the manifest; {fix}")
         else:  # written, but the run died before recording it: check what it says it is
             try:
@@ -242,7 +241,7 @@ def _finished_shards(out_dir: Path, inputs: dict, n_shards: int, shard_ids: list
         if entry is None or "chosen_tokens" not in entry:  # written, but its run died before recording it
             counts = pq.read_table(path, columns=["chosen_tokens", "rejected_tokens"])
             entry = {"file": path.name, "first_row": index * shard_rows, "rows": len(shard_ids[index]),
-                     "sha256": sha256_file(path, use_cache=False),
+                     "sha256": sha256_verified(path),
                      "chosen_tokens": int(pc.sum(counts.column("chosen_tokens")).as_py()),
                      "rejected_tokens": int(pc.sum(counts.column("rejected_tokens")).as_py())}
         shards[index] = entry
