@@ -2,7 +2,7 @@
 
     dpo prepare -c run.yaml [--set tokenize.max_length=512 ...]
     dpo score -c run.yaml [--set score.backend=transformers ...]
-    dpo train -c run.yaml [--resume] [--set train.max_steps=100 ...]
+    dpo train -c run.yaml [--resume] [--set train.max_steps=100 ...] [--nproc-per-node 4]
     dpo demo [--storage DIR]
 
 Progress and summaries go to stderr; the last line of stdout is the stage's output directory,
@@ -14,20 +14,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from pipeline import STAGES, layout
 from pipeline.audit import AuditFailed
-from pipeline.config import ConfigError, config_from_dict, load_config
+from pipeline import distributed
+from pipeline.config import ConfigError, config_from_dict, load_config, world_size
 from pipeline.data import DataError
+from pipeline.distributed import DistributedError
 from pipeline.layout import CacheError
 from pipeline.models import ModelError
 from pipeline.prepare import REJECT_REASONS, PrepareError, PrepareResult, prepare
 from pipeline.score import ScoreResult, score
 from pipeline.scorers import ScoreError
 from pipeline.store import LockBusy, StorageError
-from pipeline.train import TrainError, TrainResult, train
+from pipeline.train import TrainError, TrainResult, finished_run, train
 
 class NoServer(RuntimeError):
     """Scheduling needs a Prefect server and none is configured; says how to start one."""
@@ -35,7 +38,7 @@ class NoServer(RuntimeError):
 
 # Errors a user can fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ConfigError, DataError, ModelError, PrepareError, ScoreError, TrainError, AuditFailed,
-               CacheError, StorageError, LockBusy, NoServer)
+               CacheError, StorageError, LockBusy, NoServer, DistributedError)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="DPO training on the prepared data and cached reference scores")
     _add_config_args(t)
     t.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    t.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="train on N processes of this machine, one per GPU, under torchrun (DDP or FSDP2: "
+                        "train.distributed); sets train.nproc_per_node")
     r = sub.add_parser("run", help="the whole pipeline as a Prefect flow; up-to-date stages skipped")
     _add_config_args(r)
     r.add_argument("--only", choices=STAGES, action="append", help="run only this stage (repeatable)")
@@ -350,10 +356,42 @@ def summarize_train(result: TrainResult) -> str:
 
 
 def cmd_train(args) -> Path:
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume, show_progress=not args.no_progress)
-    print(summarize_train(result), file=sys.stderr)
+    overrides = list(args.overrides)
+    if args.nproc_per_node is not None:
+        overrides.append(f"train.nproc_per_node={args.nproc_per_node}")
+    cfg = load_config(args.config, overrides)
+    if world_size(cfg.train) > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
+        result = launch_train(cfg, args.config, overrides, args.resume, args.no_progress)
+    else:
+        result = train(cfg, resume=args.resume, show_progress=not args.no_progress)
+    if _rank() == 0 and not os.environ.get(LAUNCHED):  # a launcher prints it once
+        print(summarize_train(result), file=sys.stderr)
     return result.run_dir
+
+
+def launch_train(cfg, config_path: str, overrides: list[str], resume: bool, no_progress: bool) -> TrainResult:
+    """`dpo train` as train.nproc_per_node processes under torchrun (this command, in each)."""
+    if cfg.train.nnodes > 1:
+        raise ConfigError(
+            f"train.nnodes={cfg.train.nnodes}: start torchrun on every node yourself, e.g. `torchrun "
+            f"--nnodes {cfg.train.nnodes} --node-rank R --nproc-per-node {cfg.train.nproc_per_node} "
+            "--rdzv-backend c10d --rdzv-endpoint HOST:29400 --rdzv-id RUN -m flows.cli train -c CONFIG` (README)"
+        )
+    done = finished_run(cfg)
+    if done is not None:
+        return done  # up to date: no processes to start
+    argv = ["-m", "flows.cli", "train", "-c", config_path]
+    for override in overrides:
+        argv += ["--set", override]
+    argv += ["--resume"] * resume + ["--no-progress"] * no_progress
+    log_dir = distributed.launch_log_dir(cfg.storage)
+    print(f"train: {cfg.train.nproc_per_node} processes under torchrun ({cfg.train.distributed}); "
+          f"their logs: {log_dir}", file=sys.stderr)
+    distributed.launch(argv, cfg.train.nproc_per_node, log_dir, env={LAUNCHED: "1"})
+    result = finished_run(cfg)
+    if result is None:
+        raise TrainError(f"torchrun finished but the run is not complete; see the logs in {log_dir}")
+    return TrainResult(result.run_dir, result.summary, skipped=False)
 
 
 def cmd_prepare(args) -> Path:
@@ -394,16 +432,30 @@ COMMANDS = {"prepare": cmd_prepare, "score": cmd_score, "train": cmd_train, "run
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO if _rank() == 0 else logging.WARNING,
+                        format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's API calls, one line each
     try:
         output_dir = COMMANDS[args.command](args)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
+        distributed.record_failure(exc)  # under torchrun: which rank failed, for the launcher
         return 2 if isinstance(exc, ConfigError) else 1
-    if output_dir is not None:
+    except BaseException as exc:
+        distributed.record_failure(exc)
+        raise
+    if output_dir is not None and _rank() == 0:
         print(output_dir)
     return 0
+
+
+LAUNCHED = "DPO_LAUNCHED"
+"""Set in the processes `dpo train` starts under torchrun: the launcher reports for them."""
+
+
+def _rank() -> int:
+    """This process's rank under torchrun, else 0."""
+    return int(os.environ.get("RANK", "0")) if "LOCAL_RANK" in os.environ else 0
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""Checkpoints as plain functions: weights (safetensors), optimizer, scheduler, RNG, a JSON state.
+"""Checkpoints as plain files: weights (safetensors), optimizer, scheduler, RNG, a JSON state.
 
-    save_checkpoint(run_dir / "checkpoints" / "step-000100", model, optimizer, scheduler, state)
-    state = load_checkpoint(path, model, optimizer, scheduler)
+    save_checkpoint(run_dir / "checkpoints" / "step-000100", Checkpoint(weights, optimizer, ...))
+    checkpoint = read_checkpoint(path)
 
 A checkpoint is written into a temporary folder and renamed into place, so a folder named
-step-NNNNNN is always whole. Checkpoints hold only what is trained: the whole model
-(model.safetensors), or, when some parameters are frozen (LoRA), the trainable ones by name
-(trained.safetensors). Optimizer/scheduler/RNG files hold only tensors and plain values
-and are read back with torch.load(weights_only=True).
+step-NNNNNN is always whole. It holds only what is trained: the whole model (model.safetensors),
+or, when some parameters are frozen (LoRA), the trainable ones (trained.safetensors). Weights and
+optimizer state are full (unsharded) tensors keyed by parameter name (distributed.full_state),
+whatever the number of processes that trained: a run resumes on another number of GPUs.
+Optimizer/scheduler/RNG files hold only tensors and plain values and are read back with
+torch.load(weights_only=True). This module only reads and writes; train.py gathers the state
+and puts it back.
 """
 
 from __future__ import annotations
@@ -18,47 +21,63 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 log = logging.getLogger("dpo.train")
 
 STEP_RE = re.compile(r"^step-(\d{6})$")
 
-
+MODEL = "model.safetensors"
 TRAINED = "trained.safetensors"
 
 
-def _trained(model) -> dict | None:
-    """The trainable parameters by name when some are frozen; None when the whole model trains."""
-    params = dict(model.named_parameters())
-    trained = {name: p for name, p in params.items() if p.requires_grad}
-    return None if len(trained) == len(params) else trained
+@dataclass
+class Checkpoint:
+    weights: dict
+    """Tensors by parameter name: all of the model's, or only the trained ones (``partial``)."""
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+    state: dict
+    partial: bool = False
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
+def _dedupe(weights: dict) -> tuple[dict, dict]:
+    """(tensors with tied ones stored once, {alias: stored name}): safetensors refuses shared memory."""
+    kept, aliases, seen = {}, {}, {}
+    for name, tensor in weights.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        kept[name] = tensor.detach().contiguous()
+    return kept, aliases
+
+
+def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
     try:
-        trained = _trained(model)
-        if trained is None:
-            save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
-        else:
-            save_file({name: p.detach().contiguous() for name, p in trained.items()}, str(tmp / TRAINED))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        tensors, aliases = _dedupe(checkpoint.weights)
+        save_file(tensors, str(tmp / (TRAINED if checkpoint.partial else MODEL)),
+                  metadata={"format": "pt", "aliases": json.dumps(aliases, sort_keys=True)})
+        torch.save(checkpoint.optimizer, tmp / "optimizer.pt")
+        torch.save(checkpoint.scheduler, tmp / "scheduler.pt")
+        torch.save(checkpoint.rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(checkpoint.state, indent=2, sort_keys=True) + "\n")
         for file in tmp.iterdir():
             with open(file, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -70,40 +89,42 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> Non
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def read_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
-    trained = _trained(model)
-    if trained is None:
-        load_model(model, str(path / "model.safetensors"))
-    else:
-        tensors = load_file(str(path / TRAINED))
-        if set(tensors) != set(trained):
-            raise ValueError(f"{TRAINED} holds other tensors than the model trains")
-        with torch.no_grad():
-            for name, p in trained.items():
-                p.copy_(tensors[name])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "state.json").read_text())
+    partial = (path / TRAINED).is_file()
+    weights = {}
+    with safe_open(str(path / (TRAINED if partial else MODEL)), framework="pt") as fh:
+        for name in fh.keys():
+            weights[name] = fh.get_tensor(name)
+        aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
+    for alias, name in aliases.items():
+        weights[alias] = weights[name]
+    state = json.loads((path / "state.json").read_text())
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError("state.json has no step")
+    return Checkpoint(
+        weights,
+        torch.load(path / "optimizer.pt", weights_only=True),
+        torch.load(path / "scheduler.pt", weights_only=True),
+        torch.load(path / "rng.pt", weights_only=True),
+        state,
+        partial,
+    )
 
 
-def load_latest_checkpoint(run_dir: Path, model, optimizer, scheduler) -> tuple[Path, dict] | None:
-    """Load the newest checkpoint that loads whole; a damaged one (truncated weights, bad
-    state.json) is skipped with a warning. None when no checkpoint loads."""
+def load_latest_checkpoint(run_dir: Path, restore: Callable[[Checkpoint], None]) -> tuple[Path, dict] | None:
+    """Read the newest checkpoint that reads whole and ``restore`` it; a damaged one (truncated
+    weights, bad state.json, tensors that do not fit the model) is skipped with a warning.
+    Returns (path, state), None when no checkpoint loads."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            state = load_checkpoint(path, model, optimizer, scheduler)
-            if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-                raise ValueError("state.json has no step")
+            checkpoint = read_checkpoint(path)
+            restore(checkpoint)
         except Exception as exc:  # safetensors, torch and json raise many types; all mean "damaged"
             log.warning("checkpoint %s cannot be loaded (%s: %s); trying the one before",
                         path, type(exc).__name__, str(exc)[:200])
             continue
-        return path, state
+        return path, checkpoint.state
     return None
 
 

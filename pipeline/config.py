@@ -216,6 +216,15 @@ class TrainConfig:
     """LoRA adapters on the policy (see PeftConfig); null: full fine-tuning."""
     merge_adapter: bool = False
     """With train.peft: also write final/merged/, the model with the adapters merged in."""
+    nproc_per_node: int = 1
+    """Training processes on this machine, one per GPU (torchrun's --nproc-per-node); > 1:
+    `dpo train` starts torchrun. World size = nproc_per_node x nnodes: it sets the effective
+    batch, so it is part of the run's identity."""
+    nnodes: int = 1
+    """Machines of a multi-node run (each starts torchrun itself, see README)."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """With world size > 1: DDP (a full replica per process) or FSDP2 (weights, gradients and
+    optimizer states sharded over the processes: fully_shard per decoder layer, then the root)."""
 
     def validate(self) -> None:
         if self.peft is not None:
@@ -231,7 +240,7 @@ class TrainConfig:
         _check_range("train.label_smoothing", self.label_smoothing, 0.0, 0.5, hi_open=True)
         _check_range("train.rpo_alpha", self.rpo_alpha, 0.0, None)
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                    "logging_steps", "save_total_limit"):
+                    "logging_steps", "save_total_limit", "nproc_per_node", "nnodes"):
             _check_range(f"train.{key}", getattr(self, key), 1, None)
         if self.max_steps is not None:
             _check_range("train.max_steps", self.max_steps, 1, None)
@@ -268,6 +277,11 @@ RENAMED = {
     "train.sft_weight": "train.rpo_alpha",
     "tokenize.prompt_truncation": "tokenize.truncation_mode",
 }
+
+
+def world_size(train_cfg: TrainConfig) -> int:
+    """Processes of a training run: train.nproc_per_node x train.nnodes."""
+    return train_cfg.nproc_per_node * train_cfg.nnodes
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import __version__, precision
 from .adapters import is_adapter_dir
-from .config import Config, ConfigError, ModelConfig
+from .config import Config, ConfigError, ModelConfig, world_size
 from .data import input_sha256
 from .models import model_fingerprint, tokenizer_files
 from .store import MANIFEST, fingerprint, read_json, sha256_verified
@@ -166,7 +166,7 @@ def refscores_identity(cfg: Config, dataset_fp: str, backend: str) -> dict:
 # train keys that change no weight: where to write, how often to report, what to check.
 RUN_KEYS_NOT_IN_IDENTITY = ("run_name", "ref_cache", "logging_steps", "eval_steps", "save_steps",
                             "save_total_limit", "per_device_eval_batch_size", "step0_check", "step0_tolerance",
-                            "device")
+                            "device", "nproc_per_node", "nnodes", "distributed")
 
 
 def policy_init(cfg: Config) -> ModelConfig:
@@ -204,7 +204,9 @@ def run_identity(cfg: Config, dataset_fp: str, cache_fp: str, init_fp: dict) -> 
     train = dataclasses.asdict(cfg.train)
     for key in RUN_KEYS_NOT_IN_IDENTITY:
         train.pop(key)
-    train.update(precision=precision.resolve(cfg), save_dtype=precision.save_dtype(cfg))  # resolved
+    # resolved; the world size sets the effective batch (DDP and FSDP2 compute the same step)
+    train.update(precision=precision.resolve(cfg), save_dtype=precision.save_dtype(cfg),
+                 world_size=world_size(cfg.train))
     return {"kind": "run", "schema_version": RUN_SCHEMA_VERSION, "dataset": dataset_fp,
             "refscores": cache_fp, "init": init_fp, "dtype": cfg.model.dtype, "train": train}
 

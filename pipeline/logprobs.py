@@ -239,17 +239,41 @@ def sequence_sums(values: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     )
 
 
+class ResponseLogps(torch.nn.Module):
+    """``response_logps`` of a causal LM as one module's forward, for the engines that need the
+    whole computation inside a module call: DDP (its forward prepares the gradient all-reduce)
+    and FSDP2 (the root's forward gathers the weights used outside the decoder layers: embedding,
+    final norm, LM head)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, rows, cols, targets, position_ids=None):
+        batch = PackedBatch(input_ids, attention_mask, rows, cols, targets, [], position_ids)
+        return response_logps(self.model, batch)
+
+
+def _logps(model, batch: PackedBatch) -> torch.Tensor:
+    if hasattr(model, "get_decoder"):  # a causal LM (or a peft model around one)
+        return response_logps(model, batch)
+    # a ResponseLogps, possibly wrapped by DDP / fully_shard
+    return model(batch.input_ids, batch.attention_mask, batch.rows, batch.cols, batch.targets,
+                 batch.position_ids)
+
+
 def pair_logps(model, prompts, chosens, rejecteds, shared: bool = True, device="cpu"):
     """Sequence log-probs of both responses of each pair in ONE forward pass.
 
+    model: a causal LM, or a ``ResponseLogps`` around one (wrapped by DDP or FSDP2 or not).
     shared: one row per pair (prompt computed once, see pack_shared); else the chosen and the
     rejected sequences as rows of the same batch. Returns (chosen [B], rejected [B]) float32
     sums, differentiable.
     """
     if shared:
         batch = pack_shared(prompts, chosens, rejecteds, pad_id=0).to(device)
-        sums = sequence_sums(response_logps(model, batch), batch.lengths)
+        sums = sequence_sums(_logps(model, batch), batch.lengths)
         return sums[0::2], sums[1::2]
     batch = pack(prompts + prompts, chosens + rejecteds, pad_id=0).to(device)
-    sums = sequence_sums(response_logps(model, batch), batch.lengths)
+    sums = sequence_sums(_logps(model, batch), batch.lengths)
     return sums[: len(prompts)], sums[len(prompts) :]

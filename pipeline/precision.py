@@ -91,18 +91,25 @@ class BF16AdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 step = float(state["step"])
-                grad = p.grad.float()
-                exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                # Elementwise: on an FSDP2 shard (DTensor), the same update on the local part.
+                param, moment1, moment2 = _local(p), _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+                grad = _local(p.grad).float()
+                exp_avg = moment1.float().lerp_(grad, 1 - beta1)
+                exp_avg_sq = moment2.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 del grad
                 denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
-                weight = p.float().mul_(1 - group["lr"] * group["weight_decay"])
+                weight = param.float().mul_(1 - group["lr"] * group["weight_decay"])
                 weight.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1**step))
                 del denom
-                p.copy_(stochastic_round(weight))
-                state["exp_avg"].copy_(exp_avg)
-                state["exp_avg_sq"].copy_(exp_avg_sq)
+                param.copy_(stochastic_round(weight))
+                moment1.copy_(exp_avg)
+                moment2.copy_(exp_avg_sq)
         return None
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a tensor this rank holds (an FSDP2 DTensor's local shard), or the tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def stochastic_round(x: torch.Tensor) -> torch.Tensor:

@@ -40,9 +40,11 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from . import adapters, layout, precision
-from .checkpoint import checkpoint_dir, list_checkpoints, load_latest_checkpoint, prune_checkpoints, save_checkpoint
-from .config import Config
+from . import adapters, distributed, layout, precision
+from .checkpoint import (Checkpoint, checkpoint_dir, list_checkpoints, load_latest_checkpoint, prune_checkpoints,
+                         save_checkpoint)
+from .config import Config, world_size
+from .distributed import World
 from .logprobs import pair_logps, supports_shared_prefix
 from .losses import LOSSES, rewards
 from .models import load_causal_lm, load_tokenizer, model_fingerprint
@@ -235,10 +237,13 @@ def _tokens(split: Split, index: list[int]) -> int:
 
 @dataclass
 class Trainer:
-    """The state of one run: policy, optimizer, schedule, data, where to write."""
+    """The state of one run: policy, optimizer, schedule, data, where to write, which rank."""
 
     cfg: Config
     policy: torch.nn.Module
+    """The causal LM (a peft model with LoRA); under FSDP2 its parameters are shards."""
+    engine: torch.nn.Module
+    """What runs the forward: logprobs.ResponseLogps(policy), under DDP or FSDP2 when distributed."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     splits: dict[str, Split]
@@ -247,53 +252,77 @@ class Trainer:
     reference: Callable = cached_reference
     """reference(split, index) -> (ref_chosen, ref_rejected); the benchmark swaps in a live model."""
     autocast: Callable = contextlib.nullcontext
+    world: World = field(default_factory=World)
     shared: bool = field(init=False)
     micro: int = field(init=False)
 
     def __post_init__(self):
         self.shared = supports_shared_prefix(self.policy)
         self.micro = self.cfg.train.per_device_train_batch_size
-        self.batch = effective_batch_size(self.cfg.train)
+        self.batch = effective_batch_size(self.cfg.train, self.world.size)
 
     def pair_logps(self, split: Split, index: list[int]):
         picked = [split.prompts[i] for i in index], [split.chosens[i] for i in index], [split.rejecteds[i] for i in index]
         with self.autocast():
-            return pair_logps(self.policy, *picked, shared=self.shared, device=self.device)
+            return pair_logps(self.engine, *picked, shared=self.shared, device=self.device)
+
+    def micro_batch(self, index: list[int], accumulation_step: int) -> list[int]:
+        """This rank's pairs of one micro-batch of the global batch ``index``: micro-batch a of
+        rank r is the (a x world + r)-th run of per_device_train_batch_size pairs."""
+        start = (accumulation_step * self.world.size + self.world.rank) * self.micro
+        return index[start : start + self.micro]
 
     def evaluate(self, step: int) -> dict:
+        """Eval-split metrics, each rank scoring every world-size-th pair (all ranks make the same
+        number of forward passes, as FSDP2 needs; a rank with no pair left repeats pair 0 and
+        discards it)."""
         split = self.splits["eval"]
         if not len(split):
             return {}
-        self.policy.eval()
+        self.engine.eval()
         totals: dict = {}
+        share = list(range(self.world.rank, len(split), self.world.size))
+        longest = math.ceil(len(split) / self.world.size)
+        size = self.cfg.train.per_device_eval_batch_size
         with torch.no_grad():
-            size = self.cfg.train.per_device_eval_batch_size
-            for start in range(0, len(split), size):
-                index = list(range(start, min(start + size, len(split))))
-                chosen, rejected = self.pair_logps(split, index)
+            for start in range(0, longest, size):
+                index = share[start : start + size]
+                chosen, rejected = self.pair_logps(split, index or [0])
+                if not index:
+                    continue
                 _, sums = compute_loss(self.cfg, split, index, chosen.float(), rejected.float(), 1.0,
                                        self.reference)
                 for key, value in sums.items():
                     totals[key] = totals.get(key, 0.0) + value
-        self.policy.train()
+        self.engine.train()
+        totals = self.world.sum(totals)
         return {"step": step, **{f"eval/{k}": v / len(split) for k, v in totals.items()}}
 
+    def log(self, path: Path, record: dict) -> None:
+        """Append a metrics record (rank 0 writes; the others computed the same record)."""
+        if self.world.main:
+            _append(path, record)
 
-def build_trainer(cfg: Config, splits: dict[str, Split], policy) -> Trainer:
-    """Optimizer (AdamW) and schedule around a loaded policy, for train.precision (precision.py)."""
+
+def build_trainer(cfg: Config, splits: dict[str, Split], policy, world: World = World()) -> Trainer:
+    """The engine (DDP / FSDP2 when distributed), then the optimizer (AdamW) and schedule, for
+    train.precision (precision.py)."""
     train_cfg = cfg.train
-    steps_per_epoch = len(splits["train"]) / effective_batch_size(train_cfg)
+    steps_per_epoch = len(splits["train"]) / effective_batch_size(train_cfg, world.size)
     total_steps = train_cfg.max_steps or math.ceil(train_cfg.num_train_epochs * steps_per_epoch)
     warmup = warmup_steps(train_cfg, total_steps)
     device = next(policy.parameters()).device.type
     mode = precision.resolve(cfg)
-    trained = [p for p in policy.parameters() if p.requires_grad]  # all, or LoRA's adapters
+    engine = distributed.wrap(policy, world, train_cfg.distributed, mode)
+    trained = [p for p in engine.parameters() if p.requires_grad]  # all, or LoRA's adapters (shards under FSDP2)
     optimizer = precision.make_optimizer(mode, trained, train_cfg.learning_rate, train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup, total_steps, train_cfg.lr_scheduler_type)
     )
-    return Trainer(cfg, policy, optimizer, scheduler, splits, device, total_steps,
-                   autocast=precision.autocast(mode, device))
+    autocast = precision.autocast(mode, device) if distributed.uses_autocast(world, train_cfg.distributed) \
+        else contextlib.nullcontext
+    return Trainer(cfg, policy, engine, optimizer, scheduler, splits, device, total_steps,
+                   autocast=autocast, world=world)
 
 
 def train_step(trainer: Trainer, step: int) -> dict:
@@ -303,20 +332,24 @@ def train_step(trainer: Trainer, step: int) -> dict:
     """
     cfg, train_cfg, split = trainer.cfg, trainer.cfg.train, trainer.splits["train"]
     started = time.perf_counter()
-    index = batch_indices(step, trainer.batch, len(split), train_cfg.seed)
+    index = batch_indices(step, trainer.batch, len(split), train_cfg.seed)  # the global batch
     totals: dict = {}
-    for micro in range(train_cfg.gradient_accumulation_steps):
-        micro_index = index[micro * trainer.micro : (micro + 1) * trainer.micro]
-        chosen, rejected = trainer.pair_logps(split, micro_index)
-        # Sum of per-pair losses / effective batch: the micro-batch gradients add up to the
-        # gradient of the mean loss over the whole batch.
-        loss, sums = compute_loss(cfg, split, micro_index, chosen.float(), rejected.float(), 1.0 / trainer.batch,
-                                  trainer.reference)
-        loss.backward()
+    accumulation = train_cfg.gradient_accumulation_steps
+    # Sum of per-pair losses x world size / effective batch: the micro-batch gradients add up, and
+    # DDP / FSDP2 average them over the ranks, to the gradient of the mean loss over the batch.
+    scale = trainer.world.size / trainer.batch
+    for micro in range(accumulation):
+        micro_index = trainer.micro_batch(index, micro)
+        with distributed.accumulating(trainer.engine, sync=micro == accumulation - 1):
+            chosen, rejected = trainer.pair_logps(split, micro_index)
+            loss, sums = compute_loss(cfg, split, micro_index, chosen.float(), rejected.float(), scale,
+                                      trainer.reference)
+            loss.backward()
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + value
+    totals = trainer.world.sum(totals)
     clip = train_cfg.max_grad_norm if train_cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainer.policy.parameters(), clip))
+    grad_norm = distributed.clip_grad_norm(trainer.engine.parameters(), clip)
     if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
         trainer.optimizer.zero_grad(set_to_none=True)
         ids = ", ".join(split.ids[i] for i in index[:8])
@@ -340,20 +373,20 @@ def train_step(trainer: Trainer, step: int) -> dict:
 def step0_check(trainer: Trainer, cfg: Config, cache: dict, cache_dir: Path) -> dict:
     """Compare the policy's log-probs on the first batch with the cache (policy == reference)."""
     split = trainer.splits["train"]
-    index = batch_indices(0, trainer.batch, len(split), cfg.train.seed)[: trainer.micro]
+    index = trainer.micro_batch(batch_indices(0, trainer.batch, len(split), cfg.train.seed), 0)
     tolerance = cfg.train.step0_tolerance
     if tolerance is None:
         compute = precision.compute_dtype(precision.resolve(cfg))
         tolerance = layout.logprob_tolerance((compute, cache["inputs"]["dtype"]), cache["inputs"]["backend"])
-    trainer.policy.eval()
+    trainer.engine.eval()
     with torch.no_grad():
         chosen, rejected = trainer.pair_logps(split, index)
-    trainer.policy.train()
+    trainer.engine.train()
     tokens = torch.tensor([len(split.chosens[i]) + len(split.rejecteds[i]) for i in index], dtype=torch.float64)
     diff = (chosen.double().cpu() - split.ref_chosen[index]).abs() + (rejected.double().cpu() - split.ref_rejected[index]).abs()
     # Per-token mean |diff| of each pair, bounded below by the per-sequence evidence.
-    per_token = float((diff / tokens).max())
-    per_sequence = float(diff.max())
+    per_token = trainer.world.max(float((diff / tokens).max()))  # over every rank's first micro-batch
+    per_sequence = trainer.world.max(float(diff.max()))
     report = {"step0/max_seq_diff": per_sequence, "step0/max_mean_token_diff": per_token, "step0/tolerance": tolerance}
     message = (
         f"step-0 check: policy log-probs differ from the cache {cache_dir.name[:12]} by up to "
@@ -400,29 +433,57 @@ class _Run:
 
 
 def _plan_run(cfg: Config) -> _Run:
-    dataset_dir = layout.locate_dataset(cfg)
-    dataset_fp = layout.verified_dataset(dataset_dir)["fingerprint"]
-    cache_dir = layout.locate_ref_cache(cfg, dataset_fp)
+    dataset_dir, dataset_fp, cache_dir, init_fp, run_fp, run_dir = _identify(cfg)
     splits, cache = load_split_data(dataset_dir, cache_dir)
     if not len(splits["train"]):
         raise TrainError(f"the dataset {dataset_dir} has no train examples")
-    init_fp = model_fingerprint(layout.policy_init(cfg))
     identity = layout.run_identity(cfg, dataset_fp, cache["fingerprint"], init_fp)
-    run_fp, run_dir = layout.run_dir_for(cfg, dataset_fp, cache["fingerprint"], init_fp)
     return _Run(dataset_dir, cache_dir, cache, splits, init_fp, identity, run_fp, run_dir)
 
 
+def _identify(cfg: Config):
+    """(dataset dir, its fingerprint, cache dir, init fingerprint, run fingerprint, run dir)."""
+    dataset_dir = layout.locate_dataset(cfg)
+    dataset_fp = layout.verified_dataset(dataset_dir)["fingerprint"]
+    cache_dir = layout.locate_ref_cache(cfg, dataset_fp)
+    cache_fp = layout.verified_refscores(cache_dir)["fingerprint"]
+    init_fp = model_fingerprint(layout.policy_init(cfg))
+    run_fp, run_dir = layout.run_dir_for(cfg, dataset_fp, cache_fp, init_fp)
+    return dataset_dir, dataset_fp, cache_dir, init_fp, run_fp, run_dir
+
+
+def finished_run(cfg: Config) -> TrainResult | None:
+    """The finished run of ``cfg`` when it exists and verifies, without loading data or model
+    (what a launcher reports after its torchrun child, or before starting one)."""
+    *_, run_fp, run_dir = _identify(cfg)
+    return _finished(run_dir, run_fp, quiet=True)
+
+
 def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    """Train one run (see the module docstring). Under torchrun every rank calls this: rank 0
+    writes, all compute; with train.nproc_per_node > 1 outside torchrun, use ``dpo train``,
+    which starts torchrun (distributed.launch)."""
     if cfg.model.dtype == "float16" and cfg.train.precision is None:
         raise TrainError("model.dtype=float16 is not supported for training: use bfloat16 or float32")
+    device = _device(cfg)
+    try:
+        world = distributed.start(world_size(cfg.train), device)
+    except distributed.DistributedError as exc:
+        raise TrainError(str(exc)) from None
+    try:
+        return _train(cfg, world, distributed.device_of(world, device), resume, show_progress and world.main)
+    finally:
+        distributed.stop(world)
+
+
+def _train(cfg: Config, world: World, device: str, resume: bool, show_progress: bool) -> TrainResult:
     run = _plan_run(cfg)
-    done = _finished(run)
+    done = _finished(run.run_dir, run.fingerprint)
     if done is not None:
         return done
     # One writer per run folder: a second `dpo train` with the same run name refuses at once.
-    lock = lock_path(cfg.storage, "runs", run.run_dir.name)
-    with exclusive(lock, f"run {run.run_dir}", wait=False):
-        done = _finished(run)
+    with _run_lock(cfg, run, world):
+        done = _finished(run.run_dir, run.fingerprint)
         if done is not None:
             return done
         checkpoints = list_checkpoints(run.run_dir)
@@ -431,37 +492,58 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> Trai
                 f"{run.run_dir} has checkpoints of an unfinished run: pass --resume to continue it, "
                 "or delete the folder or set another train.run_name to start over"
             )
-        ensure_dir(run.run_dir)
-        for folder in (run.run_dir, run.run_dir / "checkpoints"):
-            remove_leftovers(folder)  # of a killed run; we hold the lock
-        atomic_write_text(run.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if world.main:
+            ensure_dir(run.run_dir)
+            for folder in (run.run_dir, run.run_dir / "checkpoints"):
+                remove_leftovers(folder)  # of a killed run; we hold the lock
+            atomic_write_text(run.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         torch.manual_seed(cfg.train.seed)
-        policy = load_causal_lm(layout.policy_init(cfg), _device(cfg)).train()
+        policy = load_causal_lm(layout.policy_init(cfg), device).train()
         if cfg.train.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.train.peft is not None:  # LoRA: only the adapters train (B = 0: still the reference)
             policy = adapters.with_lora(policy, cfg.train.peft)
-        trainer = build_trainer(cfg, run.splits, policy)
+        trainer = build_trainer(cfg, run.splits, policy, world)
         start_step = _start(trainer, run, resume and bool(checkpoints))
         last_eval = _loop(trainer, run, start_step, show_progress)
         return _finish(trainer, run, last_eval)
 
 
-def _finished(run: _Run) -> TrainResult | None:
-    previous = layout.verified_run(run.run_dir)
+@contextlib.contextmanager
+def _run_lock(cfg: Config, run: "_Run", world: World):
+    """The run's lock, taken by rank 0 without waiting; every rank learns whether it got it."""
+    lock = lock_path(cfg.storage, "runs", run.run_dir.name)
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if world.main:
+            try:
+                stack.enter_context(exclusive(lock, f"run {run.run_dir}", wait=False))
+            except Exception as exc:  # LockBusy, StorageError: the other ranks must stop too
+                refused = exc
+        reason = world.broadcast(None if refused is None else str(refused))
+        if refused is not None:
+            raise refused
+        if reason is not None:
+            raise TrainError(f"rank 0 could not lock the run: {reason}")
+        yield
+
+
+def _finished(run_dir: Path, run_fp: str, quiet: bool = False) -> TrainResult | None:
+    previous = layout.verified_run(run_dir)
     if previous is None:
         return None
-    if previous.get("fingerprint") != run.fingerprint:
-        raise TrainError(f"{run.run_dir} holds a finished run of another configuration: set another train.run_name")
-    log.info("train: up to date, %s", run.run_dir)
-    return TrainResult(run.run_dir, previous, skipped=True)
+    if previous.get("fingerprint") != run_fp:
+        raise TrainError(f"{run_dir} holds a finished run of another configuration: set another train.run_name")
+    if not quiet:
+        log.info("train: up to date, %s", run_dir)
+    return TrainResult(run_dir, previous, skipped=True)
 
 
 def _start(trainer: Trainer, run: _Run, resume: bool) -> int:
     """Resume from the newest loadable checkpoint, or start: step-0 check and first eval."""
     metrics_path = run.run_dir / "metrics.jsonl"
     if resume:
-        loaded = load_latest_checkpoint(run.run_dir, trainer.policy, trainer.optimizer, trainer.scheduler)
+        loaded = load_latest_checkpoint(run.run_dir, lambda checkpoint: _restore(trainer, checkpoint))
         if loaded is None:
             raise TrainError(
                 f"no checkpoint of {run.run_dir} can be loaded (all are damaged): delete the folder "
@@ -470,19 +552,52 @@ def _start(trainer: Trainer, run: _Run, resume: bool) -> int:
         path, state = loaded
         if state.get("run_fingerprint") != run.fingerprint:
             raise TrainError(f"the checkpoint {path} belongs to another configuration")
-        _truncate_metrics(metrics_path, state["step"])
+        if trainer.world.main:
+            _truncate_metrics(metrics_path, state["step"])
         log.info("train: resumed from %s (step %d of %d)", path.name, state["step"], trainer.total_steps)
         return state["step"]
-    metrics_path.unlink(missing_ok=True)
+    if trainer.world.main:
+        metrics_path.unlink(missing_ok=True)
     cfg = trainer.cfg
     if run.init_fp == run.cache["inputs"]["model"] and cfg.train.step0_check != "off":
-        _append(metrics_path, {"step": 0, **step0_check(trainer, cfg, run.cache, run.cache_dir)})
+        trainer.log(metrics_path, {"step": 0, **step0_check(trainer, cfg, run.cache, run.cache_dir)})
     elif cfg.train.step0_check != "off":
         log.info("train: policy starts from other weights than the reference; no step-0 check")
     first_eval = trainer.evaluate(0)
     if first_eval:
-        _append(metrics_path, first_eval)
+        trainer.log(metrics_path, first_eval)
     return 0
+
+
+def _save(trainer: Trainer, run: _Run, step: int) -> None:
+    """A checkpoint of ``step``: the full state gathered from every rank, written by rank 0."""
+    weights, optim = distributed.full_state(trainer.engine, trainer.optimizer, trainer.world)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state(trainer.device)
+    ranks = trainer.world.gather(rng)  # each rank's generators, to resume exactly (dropout)
+    if not trainer.world.main:
+        return
+    trained = set(distributed.get_trained_names(distributed.inner(trainer.engine)))
+    partial = len(trained) < len(list(trainer.policy.parameters()))
+    if partial:
+        weights = {name: tensor for name, tensor in weights.items() if name in trained}
+    state = {"step": step, "run_fingerprint": run.fingerprint, "total_steps": trainer.total_steps,
+             "world_size": trainer.world.size}
+    save_checkpoint(checkpoint_dir(run.run_dir, step), Checkpoint(
+        weights, optim, trainer.scheduler.state_dict(), {**rng, "ranks": ranks}, state, partial))
+    prune_checkpoints(run.run_dir, trainer.cfg.train.save_total_limit)
+
+
+def _restore(trainer: Trainer, checkpoint: Checkpoint) -> None:
+    distributed.load_full_state(trainer.engine, trainer.optimizer, trainer.world, checkpoint.weights,
+                                checkpoint.optimizer)
+    trainer.scheduler.load_state_dict(checkpoint.scheduler)
+    ranks = checkpoint.rng.get("ranks") or [checkpoint.rng]
+    rng = ranks[trainer.world.rank] if len(ranks) == trainer.world.size else checkpoint.rng
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"], trainer.device)
 
 
 def _loop(trainer: Trainer, run: _Run, start_step: int, show_progress: bool) -> dict:
@@ -491,7 +606,8 @@ def _loop(trainer: Trainer, run: _Run, start_step: int, show_progress: bool) -> 
     train_cfg, total = trainer.cfg.train, trainer.total_steps
     metrics_path = run.run_dir / "metrics.jsonl"
     bar = tqdm(total=total, initial=start_step, unit="step", desc="train", file=sys.stderr,
-               disable=not show_progress, dynamic_ncols=True)
+               disable=not show_progress, dynamic_ncols=True,
+               mininterval=10 if trainer.world.size > 1 else 0.1)  # torchrun's tee prints each refresh
     last_eval: dict = {}
     window: list[dict] = []  # step records since the last logged one (train.logging_steps)
     with bar:
@@ -504,19 +620,16 @@ def _loop(trainer: Trainer, run: _Run, start_step: int, show_progress: bool) -> 
             done = step + 1
             saving = train_cfg.save_steps and done % train_cfg.save_steps == 0 and done < total
             if done % train_cfg.logging_steps == 0 or done == total or saving:
-                _append(metrics_path, _averaged(window))
+                trainer.log(metrics_path, _averaged(window))
                 window = []
             if train_cfg.eval_steps and done % train_cfg.eval_steps == 0 and done < total:
                 last_eval = trainer.evaluate(done)
                 if last_eval:
-                    _append(metrics_path, last_eval)
+                    trainer.log(metrics_path, last_eval)
                     log.info("eval step %d: loss %.4f, reward accuracy %.3f", done,
                              last_eval["eval/loss"], last_eval["eval/rewards/accuracies"])
             if saving:
-                state = {"step": done, "run_fingerprint": run.fingerprint, "total_steps": total}
-                save_checkpoint(checkpoint_dir(run.run_dir, done), trainer.policy, trainer.optimizer,
-                                trainer.scheduler, state)
-                prune_checkpoints(run.run_dir, train_cfg.save_total_limit)
+                _save(trainer, run, done)
     return last_eval
 
 
@@ -525,13 +638,37 @@ def _finish(trainer: Trainer, run: _Run, last_eval: dict) -> TrainResult:
     metrics_path = run.run_dir / "metrics.jsonl"
     last_eval = trainer.evaluate(trainer.total_steps)
     if last_eval:
-        _append(metrics_path, last_eval)
+        trainer.log(metrics_path, last_eval)
+    policy = _whole_policy(trainer)  # a collective under FSDP2
+    if trainer.world.main:
+        summary = _write_final(trainer, run, policy, last_eval)
+    return TrainResult(run.run_dir, trainer.world.broadcast(summary if trainer.world.main else None), skipped=False)
+
+
+def _whole_policy(trainer: Trainer):
+    """The trained policy with whole weights, on rank 0: the policy itself, or under FSDP2 a CPU
+    copy loaded with the gathered weights (None on the other ranks)."""
+    if trainer.world.size == 1 or trainer.cfg.train.distributed == "ddp":  # whole on every rank
+        return trainer.policy
+    weights, _ = distributed.full_state(trainer.engine, trainer.optimizer, trainer.world)
+    if not trainer.world.main:
+        return None
+    cfg = trainer.cfg
+    policy = load_causal_lm(layout.policy_init(cfg), "cpu")
+    if cfg.train.peft is not None:
+        policy = adapters.with_lora(policy, cfg.train.peft)
+    policy.load_state_dict(weights)
+    return policy
+
+
+def _write_final(trainer: Trainer, run: _Run, policy, last_eval: dict) -> dict:
+    metrics_path = run.run_dir / "metrics.jsonl"
     final = run.run_dir / "final"
-    trainer.policy.to(getattr(torch, precision.save_dtype(trainer.cfg)))  # train.save_dtype
+    policy.to(getattr(torch, precision.save_dtype(trainer.cfg)))  # train.save_dtype
     if trainer.cfg.train.peft is not None:  # the adapter in peft's format (+ final/merged/)
-        adapters.save_final(trainer.policy, final, load_tokenizer(trainer.cfg.model), trainer.cfg.train.merge_adapter)
+        adapters.save_final(policy, final, load_tokenizer(trainer.cfg.model), trainer.cfg.train.merge_adapter)
     else:
-        trainer.policy.save_pretrained(final, safe_serialization=True)
+        policy.save_pretrained(final, safe_serialization=True)
         load_tokenizer(trainer.cfg.model).save_pretrained(final)
     first_eval = next((r for r in _read_metrics(metrics_path) if r["step"] == 0 and "eval/loss" in r), None)
     files = {str(p.relative_to(run.run_dir)): sha256_file(p, use_cache=False)
@@ -551,12 +688,14 @@ def _finish(trainer: Trainer, run: _Run, last_eval: dict) -> TrainResult:
         "files": files,
         # Not in the identity (they change low-order bits only), recorded resolved.
         "settings": {"device": trainer.device, "precision": precision.resolve(trainer.cfg),
-                     "autocast_dtype": precision.compute_dtype(precision.resolve(trainer.cfg))},
+                     "autocast_dtype": precision.compute_dtype(precision.resolve(trainer.cfg)),
+                     "world_size": trainer.world.size,
+                     "distributed": trainer.cfg.train.distributed if trainer.world.size > 1 else None},
         "versions": layout.library_versions(),
         "complete": True,
     }
     atomic_write_json(run.run_dir / layout.RUN_SUMMARY, summary)
-    return TrainResult(run.run_dir, summary, skipped=False)
+    return summary
 
 
 def _averaged(records: list[dict]) -> dict:
