@@ -337,7 +337,45 @@ def cmd_status(args) -> Path:
             state = "complete" if stage_complete(cfg, stage, directory) else "incomplete"
             size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
         print(f"{stage:<8} {state:<10} {size / 1e6:>10.1f} MB  {directory}")
+        if stage == "train" and directory.exists():
+            print(f"         {run_progress(cfg, directory)}")
     return Path(cfg.storage)
+
+
+def run_progress(cfg, run_dir: Path) -> str:
+    """One line on a run: finished, or running / stopped at which step, on how many processes."""
+    from pipeline.checkpoint import list_checkpoints
+    from pipeline.store import exclusive, lock_path
+
+    summary = layout.verified_run(run_dir)
+    if summary is not None:
+        settings = summary.get("settings", {})
+        processes = settings.get("world_size", 1)
+        engine = f" ({settings['distributed']})" if settings.get("distributed") else ""
+        return f"finished: {summary['steps']} steps on {processes} process(es){engine}"
+    steps = [r.get("step", 0) for r in _metrics(run_dir) if "loss" in r]
+    checkpoints = list_checkpoints(run_dir)
+    try:
+        with exclusive(lock_path(cfg.storage, "runs", run_dir.name), f"run {run_dir}", wait=False):
+            activity = "stopped"
+    except LockBusy as exc:
+        activity = f"running ({str(exc).split('(', 1)[-1].split(')', 1)[0]})"
+    last = f"last logged step {max(steps)}" if steps else "no step logged yet"
+    resume = f"resumable from {checkpoints[-1].name} (--resume)" if checkpoints else "no checkpoint"
+    return (f"{activity}: {last}; {resume}; {world_size(cfg.train)} process(es) "
+            f"({cfg.train.distributed if world_size(cfg.train) > 1 else 'single'})")
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    records = []
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a kill
+    return records
 
 
 def summarize_train(result: TrainResult) -> str:

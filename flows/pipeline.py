@@ -35,12 +35,12 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from pipeline import STAGES, layout  # noqa: E402
+from pipeline import STAGES, distributed, layout  # noqa: E402
 from pipeline.audit import AuditFailed, audit, current_full_audit, save_report  # noqa: E402
-from pipeline.config import Config, config_from_dict  # noqa: E402
+from pipeline.config import Config, config_from_dict, world_size  # noqa: E402
 from pipeline.prepare import prepare  # noqa: E402
 from pipeline.store import exclusive, lock_path  # noqa: E402
-from pipeline.train import train  # noqa: E402
+from pipeline.train import TrainResult, finished_run, train  # noqa: E402
 
 
 def api_url() -> str | None:
@@ -169,9 +169,28 @@ def audit_task(config: dict, cache_dir: str) -> dict:
     return {"output_dir": cache_dir, "passed": report.passed}
 
 
+def run_train_child(config: dict) -> TrainResult:
+    """`dpo train --resume` as train.nproc_per_node processes under torchrun, in a child process;
+    a failure names the rank that failed first, with its last lines."""
+    cfg = config_from_dict(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "config.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        argv = ["-m", "flows.cli", "train", "-c", str(config_path), "--resume", "--no-progress"]
+        distributed.launch(argv, cfg.train.nproc_per_node, distributed.launch_log_dir(cfg.storage), echo=False)
+    result = finished_run(cfg)
+    if result is None:
+        raise RuntimeError("the distributed training finished but its run is not complete")
+    return result
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(config: dict) -> dict:
-    result = train(config_from_dict(config), resume=True, show_progress=False)
+    cfg = config_from_dict(config)
+    if world_size(cfg.train) > 1:  # torchrun: DDP / FSDP2 processes
+        result = run_train_child(config)
+    else:
+        result = train(cfg, resume=True, show_progress=False)
     summary = result.summary
     rows = []
     for name in ("first_eval", "final_eval"):

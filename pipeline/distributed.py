@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,9 @@ import torch
 import torch.distributed as dist
 
 from .logprobs import ResponseLogps
+
+FAILED_AT = "failed_at"
+"""Beside a rank's error file: when it failed (seconds since the epoch, float)."""
 
 FAILED_LINES = 30
 """Lines of a failed rank's stderr quoted in the launcher's error."""
@@ -263,11 +266,10 @@ def failure_report(log_dir: Path, returncode: int, launcher_stderr: str) -> str:
     """Which rank failed first (the earliest error file torchrun's ranks wrote) and the last
     lines of its stderr; torchrun's own last lines when no rank left an error file (killed)."""
     errors = []
-    for path in Path(log_dir).rglob("error.json"):
+    for path in Path(log_dir).rglob(FAILED_AT):
         try:
-            message = json.loads(path.read_text())["message"]
-            when = int(message["extraInfo"]["timestamp"])
-        except (OSError, ValueError, KeyError, TypeError):
+            when = float(path.read_text())
+        except (OSError, ValueError):
             continue
         errors.append((when, path))
     if not errors:
@@ -284,9 +286,14 @@ def failure_report(log_dir: Path, returncode: int, launcher_stderr: str) -> str:
 def record_failure(exc: BaseException) -> None:
     """In a torchrun rank: write ``exc`` to the error file torchrun named for this rank (as
     torch's @record does for uncaught exceptions), so the launcher can say which rank failed."""
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
         from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
+        # torchrun's error file has whole seconds; the failure time to the microsecond beside it
+        # tells which rank failed first when others fail in the same second (their peers gone).
+        Path(error_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(error_file).with_name(FAILED_AT).write_text(repr(time.time()))
         ErrorHandler().record_exception(exc)
 
 

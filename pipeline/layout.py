@@ -166,7 +166,8 @@ def refscores_identity(cfg: Config, dataset_fp: str, backend: str) -> dict:
 # train keys that change no weight: where to write, how often to report, what to check.
 RUN_KEYS_NOT_IN_IDENTITY = ("run_name", "ref_cache", "logging_steps", "eval_steps", "save_steps",
                             "save_total_limit", "per_device_eval_batch_size", "step0_check", "step0_tolerance",
-                            "device", "nproc_per_node", "nnodes", "distributed")
+                            "device", "nproc_per_node", "nnodes", "distributed", "per_device_train_batch_size",
+                            "gradient_accumulation_steps")
 
 
 def policy_init(cfg: Config) -> ModelConfig:
@@ -204,9 +205,12 @@ def run_identity(cfg: Config, dataset_fp: str, cache_fp: str, init_fp: dict) -> 
     train = dataclasses.asdict(cfg.train)
     for key in RUN_KEYS_NOT_IN_IDENTITY:
         train.pop(key)
-    # resolved; the world size sets the effective batch (DDP and FSDP2 compute the same step)
+    # Resolved. What a step computes is the mean over effective_batch_size pairs, however they
+    # are split into micro-batches and processes (DDP, FSDP2): a run resumes on another number
+    # of GPUs at the same effective batch.
+    effective = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * world_size(cfg.train)
     train.update(precision=precision.resolve(cfg), save_dtype=precision.save_dtype(cfg),
-                 world_size=world_size(cfg.train))
+                 effective_batch_size=effective)
     return {"kind": "run", "schema_version": RUN_SCHEMA_VERSION, "dataset": dataset_fp,
             "refscores": cache_fp, "init": init_fp, "dtype": cfg.model.dtype, "train": train}
 
