@@ -1,15 +1,20 @@
-"""GPU train check: the demo's prepare -> score -> train on CUDA, in float32 and in bfloat16.
+"""GPU train check: the demo's prepare -> score -> train on CUDA, in each training mode.
 
-The train stage had never run on a GPU. This calls the stage functions directly (no Prefect, no
-polars: the lent GPU machine has neither) on the built-in demo assets with the demo's settings
-(pipeline.assets.DEMO_TRAIN, cmd_demo's tokenize limits and eval split), once per dtype, each in its
-own storage folder, and prints per dtype: wall seconds of the train stage, seconds per optimizer
-step (median of metrics.jsonl's per-step times), first and final eval reward accuracy, the
-step-0 check's max mean per-token |diff| against the reference cache, and peak CUDA memory.
+This calls the stage functions directly (no Prefect, no polars: the lent GPU machine has neither)
+on the built-in demo assets with the demo's settings (pipeline.assets.DEMO_TRAIN, cmd_demo's
+tokenize limits and eval split), once per mode, each in its own storage folder, and prints per
+mode: wall seconds of the train stage, seconds per optimizer step (median of metrics.jsonl's
+per-step times), first and final eval reward accuracy, the step-0 check's max mean per-token
+|diff| against the reference cache, and peak CUDA memory (the largest over the ranks).
+
+Modes (--modes): float32; bfloat16 (model.dtype bfloat16: bf16-mixed autocast); bf16 (pure);
+bf16-lora (pure bf16 + LoRA r 8); and with more than one visible GPU, ddp and fsdp (pure bf16,
+one process per GPU under torchrun, this script as the worker: the path a user's own torchrun
+takes).
 
   GPU:   PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/gpu_train_check.py
-  here:  PYTHONPATH=. .venv/bin/python bench/gpu_train_check.py --device cpu --max-steps 4
-         (a dry run of the same code path on CPU)
+  here:  PYTHONPATH=. .venv/bin/python bench/gpu_train_check.py --device cpu --max-steps 4 --nproc 2
+         (a dry run of the same code paths on CPU; ddp/fsdp with gloo)
 
 Writes JSON to $OUT/gpu_train_check.json (or --out).
 """
@@ -31,29 +36,64 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def run_dtype(dtype: str, assets: dict, root: Path, device: str, max_steps: int | None) -> dict:
-    import torch
+MODES = {  # name: (model.dtype, train overrides, distributed)
+    "float32": ("float32", {}, None),
+    "bfloat16": ("bfloat16", {}, None),
+    "bf16": ("float32", {"precision": "bf16"}, None),
+    "bf16-lora": ("float32", {"precision": "bf16", "learning_rate": 1e-2,
+                              "peft": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}}, None),
+    "ddp": ("float32", {"precision": "bf16"}, "ddp"),
+    "fsdp": ("float32", {"precision": "bf16"}, "fsdp"),
+}
 
+
+def mode_config(mode: str, assets: dict, root: Path, device: str, max_steps: int | None, nproc: int) -> dict:
     from pipeline.assets import DEMO_TRAIN
-    from pipeline.config import config_from_dict
-    from pipeline.prepare import prepare
-    from pipeline.score import score
-    from pipeline.train import train
 
-    train_cfg = {**DEMO_TRAIN, "device": device, "run_name": f"demo-{dtype}"}
+    dtype, overrides, engine = MODES[mode]
+    train_cfg = {**DEMO_TRAIN, **overrides, "device": device, "run_name": f"demo-{mode}"}
+    if engine:  # the same effective batch (16 pairs) split over the processes
+        train_cfg.update(distributed=engine, nproc_per_node=nproc,
+                         per_device_train_batch_size=DEMO_TRAIN["per_device_train_batch_size"] // nproc)
     if max_steps is not None:
         train_cfg["max_steps"] = max_steps
-    cfg = config_from_dict(
-        {
-            "storage": str(root / dtype),
-            "data": {"path": str(assets["data"]), "eval_fraction": 0.1},
-            "model": {"path": str(assets["model"]), "dtype": dtype},
-            "tokenize": {"max_length": 128, "max_prompt_length": 64},
-            "score": {"backend": "transformers", "device": device},
-            "train": train_cfg,
-        }
-    )
-    row: dict = {"dtype": dtype}
+    return {
+        "storage": str(root / mode),
+        "data": {"path": str(assets["data"]), "eval_fraction": 0.1},
+        "model": {"path": str(assets["model"]), "dtype": dtype},
+        "tokenize": {"max_length": 128, "max_prompt_length": 64},
+        "score": {"backend": "transformers", "device": device},
+        "train": train_cfg,
+    }
+
+
+def worker(config_path: Path) -> int:
+    """One torchrun rank: train, then write this rank's peak CUDA memory beside the config."""
+    import torch
+
+    from pipeline.config import config_from_dict
+    from pipeline.train import train
+
+    config = json.loads(config_path.read_text())
+    train(config_from_dict(config), show_progress=False)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    (config_path.parent / f"peak-rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(peak))
+    return 0
+
+
+def run_mode(mode: str, assets: dict, root: Path, device: str, max_steps: int | None, nproc: int) -> dict:
+    import torch
+
+    from pipeline.config import config_from_dict
+    from pipeline.distributed import launch
+    from pipeline.prepare import prepare
+    from pipeline.score import score
+    from pipeline.train import finished_run, train
+
+    config = mode_config(mode, assets, root, device, max_steps, nproc)
+    cfg = config_from_dict(config)
+    distributed = MODES[mode][2] is not None
+    row: dict = {"dtype": mode}
     started = time.perf_counter()
     prepared = prepare(cfg, show_progress=False)
     row["prepare_s"] = time.perf_counter() - started
@@ -69,11 +109,19 @@ def run_dtype(dtype: str, assets: dict, root: Path, device: str, max_steps: int 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = train(cfg, show_progress=False)
+    if distributed:
+        config_path = root / mode / "worker.json"
+        config_path.write_text(json.dumps(config))
+        launch([str(Path(__file__).resolve()), "--worker", str(config_path)], nproc, root / mode / "logs")
+        result = finished_run(cfg)
+        peaks = [json.loads(p.read_text()) for p in (root / mode).glob("peak-rank*.json")]
+        row["peak_cuda_mib"] = max(peaks) if cuda and peaks else None
+    else:
+        result = train(cfg, show_progress=False)
+        row["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     if cuda:
         torch.cuda.synchronize()
     row["train_s"] = time.perf_counter() - started
-    row["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
 
     metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [m for m in metrics if "loss" in m and "eval/loss" not in m]
@@ -109,12 +157,17 @@ def _fmt(value, spec: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)}")
+    parser.add_argument("--nproc", type=int, help="processes of ddp/fsdp (default: the visible GPUs; "
+                        "those modes are skipped with fewer than 2)")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--max-steps", type=int, help="override DEMO_TRAIN's max_steps (dry runs)")
     parser.add_argument("--root", type=Path, help="working folder (default: a fresh temporary one)")
     parser.add_argument("--out", type=Path,
                         default=Path(os.environ.get("OUT", ROOT / "bench" / "results")) / "gpu_train_check.json")
     args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker)
 
     import logging
 
@@ -136,10 +189,14 @@ def main() -> int:
         report["transformers"] = transformers.__version__
     except ImportError:
         pass
-    for dtype in args.dtypes.split(","):
+    nproc = args.nproc or (torch.cuda.device_count() if args.device == "cuda" else 1)
+    for dtype in args.modes.split(","):
+        if MODES[dtype][2] and nproc < 2:
+            report["skipped"] = report.get("skipped", []) + [f"{dtype}: one device (--nproc)"]
+            continue
         print(f"\n=== {dtype} ===", file=sys.stderr)
         try:
-            report["results"].append(run_dtype(dtype, assets, root, args.device, args.max_steps))
+            report["results"].append(run_mode(dtype, assets, root, args.device, args.max_steps, nproc))
         except Exception as exc:  # report and go on: one failing dtype must not hide the other
             traceback.print_exc()
             report["failures"][dtype] = repr(exc)
@@ -154,7 +211,7 @@ def main() -> int:
               f"{_fmt(r['step0_diff'], '.2e'):>12}{_fmt(r['peak_cuda_mib'], '.1f'):>10}{r['score_s']:>9.2f}")
     for dtype, error in report["failures"].items():
         print(f"{dtype}: FAILED {error}")
-    print(f"modules never imported: {report['modules_absent']}")
+    print(f"modules never imported: {report['modules_absent']}; skipped: {report.get('skipped', [])}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"wrote {args.out}")
