@@ -65,14 +65,32 @@ class TrainResult:
     skipped: bool
 
 
+class TokenLists:
+    """The token-id lists of one column, as one int32 array and offsets: ~4.5 bytes per token
+    instead of ~41 as Python lists (measured: 9.6M tokens, 43 MB vs 394 MB), which every rank
+    of a distributed run holds. ``lists[i]`` is the i-th list (a Python list of ints)."""
+
+    def __init__(self, column):
+        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        self.values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> list[int]:
+        return self.values[self.offsets[i] : self.offsets[i + 1]].tolist()
+
+
 @dataclass
 class Split:
     """Token ids and cached reference log-probs of one split, aligned by row."""
 
     ids: list[str]
-    prompts: list[list[int]]
-    chosens: list[list[int]]
-    rejecteds: list[list[int]]
+    prompts: TokenLists | list[list[int]]
+    chosens: TokenLists | list[list[int]]
+    rejecteds: TokenLists | list[list[int]]
     ref_chosen: torch.Tensor  # [N] float64 -> used as float32 in the loss
     ref_rejected: torch.Tensor
 
@@ -131,9 +149,9 @@ def load_split_data(dataset_dir: Path, cache_dir: Path) -> tuple[dict[str, Split
         ex, sc = examples.filter(keep), scores.filter(keep)
         splits[name] = Split(
             ex.column("id").to_pylist(),
-            ex.column("prompt_ids").to_pylist(),
-            ex.column("chosen_ids").to_pylist(),
-            ex.column("rejected_ids").to_pylist(),
+            TokenLists(ex.column("prompt_ids")),
+            TokenLists(ex.column("chosen_ids")),
+            TokenLists(ex.column("rejected_ids")),
             torch.tensor(sc.column("chosen_logp").to_numpy(), dtype=torch.float64),
             torch.tensor(sc.column("rejected_logp").to_numpy(), dtype=torch.float64),
         )
