@@ -61,9 +61,15 @@ def _two_processes(config_path, *extra) -> int:
                      "--set", "train.per_device_train_batch_size=2", *extra])
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_two_processes_train_as_one(prepared_demo, tmp_path, engine):
-    cfg = prepared_demo({**TRAIN, "run_name": "one"})
+LORA = {"learning_rate": 1e-2, "peft": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}}
+
+
+@pytest.mark.parametrize("engine,lora", [("ddp", False), ("fsdp", False), ("ddp", True), ("fsdp", True)],
+                         ids=["ddp", "fsdp", "ddp-lora", "fsdp-lora"])
+def test_two_processes_train_as_one(prepared_demo, tmp_path, engine, lora):
+    """Full fine-tuning and LoRA (frozen and trained parameters in the same FSDP2 units; the
+    adapter saved whole) on 2 processes equal 1 process at the same effective batch."""
+    cfg = prepared_demo({**TRAIN, **(LORA if lora else {}), "run_name": "one"})
     one = train(cfg, show_progress=False)
     assert one.summary["settings"]["world_size"] == 1
     config_path = _write(cfg, tmp_path / "two.yaml")
@@ -73,18 +79,8 @@ def test_two_processes_train_as_one(prepared_demo, tmp_path, engine):
     assert summary["settings"] == {**one.summary["settings"], "world_size": 2, "distributed": engine}
     # the same computation: the same identity (effective batch 4), hence the same fingerprint
     assert summary["fingerprint"] == one.summary["fingerprint"]
-    _assert_same_run(one.run_dir, two)
+    _assert_same_run(one.run_dir, two, weights="adapter_model.safetensors" if lora else "model.safetensors")
     assert summary["final_eval"]["eval/loss"] == pytest.approx(one.summary["final_eval"]["eval/loss"], abs=TOLERANCE)
-
-
-def test_fsdp_lora_trains_as_one_process(prepared_demo, tmp_path):
-    """LoRA under FSDP2: frozen and trained parameters sharded together; the adapter saved whole."""
-    lora = {**TRAIN, "learning_rate": 1e-2, "peft": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}}
-    cfg = prepared_demo({**lora, "run_name": "one"})
-    one = train(cfg, show_progress=False)
-    config_path = _write(cfg, tmp_path / "two.yaml")
-    assert _two_processes(config_path, "--set", "train.distributed=fsdp", "--set", "train.run_name=two") == 0
-    _assert_same_run(one.run_dir, tmp_path / "storage" / "runs" / "two", weights="adapter_model.safetensors")
 
 
 FAIL_HOOK = """
@@ -103,10 +99,12 @@ if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_
 """
 
 
-def test_failed_rank_is_named_and_the_run_resumes_on_one_process(prepared_demo, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("engine,resume_on", [("ddp", 1), ("fsdp", 2)])
+def test_failed_rank_is_named_and_the_run_resumes(prepared_demo, tmp_path, monkeypatch, capsys, engine, resume_on):
     """Rank 1 fails at step 3 (after the step-2 checkpoint): the launcher names rank 1 and quotes
-    its last lines; the run then resumes from that checkpoint on ONE process (same effective
-    batch) and ends where an uninterrupted run ends."""
+    its last lines; the run then resumes from that checkpoint, on one process (same effective
+    batch) or again on two under FSDP2 (the full checkpoint sharded back), and ends where an
+    uninterrupted run ends."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(textwrap.dedent(FAIL_HOOK))
@@ -115,7 +113,7 @@ def test_failed_rank_is_named_and_the_run_resumes_on_one_process(prepared_demo, 
     monkeypatch.setenv("DPO_TEST_FAIL_STEP", "2")
     cfg = prepared_demo({**TRAIN, "run_name": "resumed"})
     config_path = _write(cfg, tmp_path / "run.yaml")
-    assert _two_processes(config_path) == 1
+    assert _two_processes(config_path, "--set", f"train.distributed={engine}") == 1
     message = capsys.readouterr().err.split("error: ", 1)[1]
     assert message.startswith("rank 1 failed first")
     assert "simulated failure of rank 1 at step 3" in message
@@ -128,10 +126,13 @@ def test_failed_rank_is_named_and_the_run_resumes_on_one_process(prepared_demo, 
     line = cli.run_progress(cfg, resumed_dir)
     assert line.startswith("stopped: last logged step 2; resumable from step-000002"), line
     monkeypatch.delenv("DPO_TEST_FAIL_RANK")
-    resumed = train(cfg, resume=True, show_progress=False)  # one process, 4 pairs per step
+    if resume_on == 1:  # one process, 4 pairs per step
+        resumed_dir = train(cfg, resume=True, show_progress=False).run_dir
+    else:
+        assert _two_processes(config_path, "--set", f"train.distributed={engine}", "--resume") == 0
     straight = train(config_from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "run_name": "straight"}}),
                      show_progress=False)
-    _assert_same_run(straight.run_dir, resumed.run_dir)
+    _assert_same_run(straight.run_dir, resumed_dir)
 
 
 def test_world_size_must_match_the_config(prepared_demo, monkeypatch):
