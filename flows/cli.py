@@ -140,10 +140,15 @@ def summarize_score(result: ScoreResult) -> str:
         f"rejected {m['tokens']['rejected']}",
     ]
     if not result.skipped and st["rows_scored"]:
+        workers = f" by {st['workers']} {st['runner']} workers" if st.get("workers", 1) > 1 or st.get("runner") == "ray" else ""
         lines.append(
             f"  this run scored {st['rows_scored']} rows ({st['sequence_tokens']} tokens through "
-            f"the model) in {st['seconds']:.1f} s, {st['tokens_per_s']:,.0f} tok/s on {st.get('device')}"
+            f"the model){workers} in {st['seconds']:.1f} s, {st['tokens_per_s']:,.0f} tok/s on {st.get('device')}"
         )
+    if not result.skipped and st.get("rows_reused"):
+        donors = ", ".join(f"{n} from {fp[:12]}" for fp, n in m.get("reused_from", {}).items())
+        lines.append(f"  reused {st['rows_reused']} rows already scored in other caches ({donors}); "
+                     f"scored {st['rows_scored']} new")
     return "\n".join(lines)
 
 

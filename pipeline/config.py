@@ -121,8 +121,21 @@ class ScoreConfig:
     """vllm backend: share of GPU memory vLLM may take."""
     max_num_batched_tokens: int = 16384
     """vllm backend: tokens per engine step."""
+    workers: Optional[int] = None
+    """Scoring workers, each loading the model once and taking shards until none is left, each on
+    its own tensor_parallel_size GPUs; null: one per visible GPU, 1 on the CPU."""
+    runner: Literal["local", "ray"] = "local"
+    """local: worker processes on this machine; ray: Ray actors on a Ray cluster."""
+    ray_address: Optional[str] = None
+    """With runner ray: the cluster to join (e.g. 10.0.0.5:6379 or "auto"); null: a local Ray
+    started on 127.0.0.1 for the run."""
+    reuse: bool = True
+    """Copy the rows a complete cache of another dataset already holds (same model, tokenizer,
+    dtype, backend; verified) instead of scoring them again."""
 
     def validate(self) -> None:
+        if self.workers is not None:
+            _check_range("score.workers", self.workers, 1, None)
         if self.tokens_per_batch is not None:
             _check_range("score.tokens_per_batch", self.tokens_per_batch, 1, None)
         _check_range("score.shard_rows", self.shard_rows, 1, None)

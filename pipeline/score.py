@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -32,7 +31,10 @@ from . import layout
 from .config import Config
 from .layout import SHARD_RE, shard_name
 from .models import ModelError, check_causal_lm
-from .scorers import ScoreError, Scorer, make_scorer, resolve_backend
+from .runners import default_workers, run_shards
+from .scorers import ScoreError, Scorer, resolve_backend
+from .scorers.transformers_backend import resolve_device
+from .shards import META, ShardJob, ShardPlan, find_donors, scores_schema, shard_tokens
 from .store import (
     MANIFEST,
     ensure_dir,
@@ -43,28 +45,11 @@ from .store import (
     remove_leftovers,
     sha256_verified,
     write_manifest,
-    write_parquet,
 )
 
 log = logging.getLogger("dpo.score")
 
-META = "dpo_pipeline."
-
-
-def scores_schema(store_token_logps: bool) -> pa.Schema:
-    fields = [
-        ("id", pa.string()),
-        ("chosen_logp", pa.float64()),
-        ("rejected_logp", pa.float64()),
-        ("chosen_tokens", pa.int32()),
-        ("rejected_tokens", pa.int32()),
-    ]
-    if store_token_logps:
-        fields += [
-            ("chosen_token_logps", pa.list_(pa.float32())),
-            ("rejected_token_logps", pa.list_(pa.float32())),
-        ]
-    return pa.schema(fields)
+__all__ = ["ScoreResult", "score", "scores_schema"]
 
 
 @dataclass
@@ -134,29 +119,6 @@ def _verify_existing(
     return done
 
 
-def _shard_table(ids: pa.Array, chosen: list[np.ndarray], rejected: list[np.ndarray], schema):
-    def sums(values):
-        return pa.array([float(np.sum(v, dtype=np.float64)) for v in values], pa.float64())
-
-    def lists(values):
-        offsets = np.zeros(len(values) + 1, dtype=np.int32)
-        np.cumsum([len(v) for v in values], out=offsets[1:])
-        flat = np.concatenate(values).astype(np.float32, copy=False)
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
-
-    columns = {
-        "id": ids,
-        "chosen_logp": sums(chosen),
-        "rejected_logp": sums(rejected),
-        "chosen_tokens": pa.array([len(v) for v in chosen], pa.int32()),
-        "rejected_tokens": pa.array([len(v) for v in rejected], pa.int32()),
-    }
-    if "chosen_token_logps" in schema.names:
-        columns["chosen_token_logps"] = lists(chosen)
-        columns["rejected_token_logps"] = lists(rejected)
-    return pa.table(columns, schema=schema)
-
-
 # --- the stage ---------------------------------------------------------------------------------
 
 
@@ -189,7 +151,7 @@ def score(cfg: Config, show_progress: bool = True, scorer: Scorer | None = None)
 
 
 def _score_missing(cfg, dataset_dir, dataset_manifest, inputs, out_dir, scorer, stats, show_progress) -> dict:
-    """Score the shards not yet on disk (a killed run resumes here) and write the manifest."""
+    """Write the shards not yet on disk (a killed run resumes here) and then the manifest."""
     examples = pq.read_table(dataset_dir / layout.EXAMPLES, columns=["id", "prompt_ids", "chosen_ids", "rejected_ids"])
     if examples.num_rows == 0:
         raise ScoreError(f"the prepared dataset {dataset_dir} has no examples to score")
@@ -214,20 +176,79 @@ def _score_missing(cfg, dataset_dir, dataset_manifest, inputs, out_dir, scorer, 
         # settings: how the numbers were computed, resolved (device, batch budget, sharing). They
         # change low-order bits only, so they are recorded here rather than in the fingerprint.
         manifest = {**base, "settings": settings, "shards": listed, "tokens": tokens, "complete": complete}
+        reused = {}
+        for entry in listed:
+            for donor, rows in entry.get("reused_from", {}).items():
+                reused[donor] = reused.get(donor, 0) + rows
+        if reused:
+            manifest["reused_from"] = reused  # rows copied from each donor cache (per shard: shards[])
         write_manifest(out_dir, manifest)
         return manifest
 
     settings = previous.get("settings") or {}
     if missing:
-        scorer = scorer or make_scorer(inputs["backend"], cfg, dataset_manifest["tokens"]["max_sequence"])
-        if settings and settings != scorer.settings and shards:
-            log.warning("score: resuming with other settings (%s) than the finished shards (%s)",
-                        scorer.settings, settings)
-        settings = scorer.settings
-        stats["device"] = scorer.device
-        _score_shards(cfg, examples, missing, shard_ids, inputs, out_dir, scorer, shards, stats,
-                      lambda: write_progress(False, settings), show_progress)
+        plan = ShardPlan(cfg.to_dict(), str(dataset_dir), str(out_dir), inputs, examples.num_rows,
+                         dataset_manifest["tokens"]["max_sequence"])
+        if cfg.score.reuse:
+            plan.donors = find_donors(cfg.storage, out_dir.name, inputs, dataset_manifest["inputs"])
+        settings = _run_missing(cfg, plan, missing, shard_ids, scorer, examples, shards, settings, stats,
+                                lambda s: write_progress(False, s), show_progress)
+        if not settings and plan.donors:  # every row copied, no model loaded: the donor's settings
+            settings = (read_manifest(Path(plan.donors[0])) or {}).get("settings") or {}
     return write_progress(True, settings)
+
+
+def _workers(cfg, backend: str) -> tuple[int, int]:
+    """(workers, GPUs per worker) of this run."""
+    gpus = cfg.score.tensor_parallel_size if backend == "vllm" else 1
+    device = "cuda" if backend == "vllm" else resolve_device(cfg.score.device)
+    return cfg.score.workers or default_workers(device, gpus), gpus
+
+
+def _run_missing(cfg, plan, missing, shard_ids, scorer, examples, shards, settings, stats, write_progress,
+                 show_progress) -> dict:
+    """Run the missing shards on the configured workers; record each as it lands."""
+    from tqdm.auto import tqdm
+
+    workers, gpus = _workers(cfg, plan.inputs["backend"])
+    workers = min(workers, len(missing))
+    stats.update(workers=workers, runner=cfg.score.runner, rows_reused=0)
+    if plan.donors:
+        log.info("score: rows already scored in %d other cache(s) are copied: %s", len(plan.donors),
+                 ", ".join(Path(d).name[:12] for d in plan.donors))
+    if workers > 1 or cfg.score.runner == "ray":
+        log.info("score: %d shards on %d %s worker(s)", len(missing), workers, cfg.score.runner)
+    todo_rows = sum(len(shard_ids[k]) for k in missing)
+    bar = tqdm(total=todo_rows, unit="rows", desc=f"score ({plan.inputs['backend']})", file=sys.stderr,
+               disable=not show_progress, dynamic_ncols=True)
+    clock = time.perf_counter()
+    here = ShardJob(plan, scorer)  # used when one local worker: this process
+    here._examples = examples
+
+    def progress(sequences: int, response_tokens: int, sequence_tokens: int) -> None:
+        bar.update(sequences / 2)  # two sequences (chosen, rejected) per row
+        live = stats["sequence_tokens"] + sequence_tokens
+        elapsed = time.perf_counter() - clock
+        if elapsed > 0:
+            bar.set_postfix_str(f"{live / elapsed:,.0f} tok/s", refresh=False)
+
+    with bar:
+        results = run_shards(plan, missing, cfg.score.runner, workers, gpus, cfg.score.ray_address, here, progress)
+        for entry, shard_stats, worker_settings in results:
+            index = int(SHARD_RE.match(entry["file"]).group(1))
+            shards[index] = entry
+            for key in ("rows_scored", "rows_reused", "tokens_scored", "sequence_tokens"):
+                stats[key] += shard_stats[key]
+            if worker_settings is not None:
+                if settings and worker_settings != settings:
+                    log.warning("score: a worker scored with other settings (%s) than the cache records (%s)",
+                                worker_settings, settings)
+                settings = settings or worker_settings
+                stats.setdefault("device", worker_settings.get("device"))
+            if workers > 1 or cfg.score.runner == "ray":
+                bar.update(entry["rows"])
+            write_progress(settings)
+    return settings
 
 
 def _finished_shards(out_dir: Path, inputs: dict, n_shards: int, shard_ids: list[pa.Array], recorded: dict,
@@ -239,70 +260,7 @@ def _finished_shards(out_dir: Path, inputs: dict, n_shards: int, shard_ids: list
         path = out_dir / shard_name(index)
         entry = recorded.get(path.name)
         if entry is None or "chosen_tokens" not in entry:  # written, but its run died before recording it
-            counts = pq.read_table(path, columns=["chosen_tokens", "rejected_tokens"])
             entry = {"file": path.name, "first_row": index * shard_rows, "rows": len(shard_ids[index]),
-                     "sha256": sha256_verified(path),
-                     "chosen_tokens": int(pc.sum(counts.column("chosen_tokens")).as_py()),
-                     "rejected_tokens": int(pc.sum(counts.column("rejected_tokens")).as_py())}
+                     "sha256": sha256_verified(path), **shard_tokens(path)}
         shards[index] = entry
     return shards
-
-
-def _score_shards(cfg, examples, missing, shard_ids, inputs, out_dir, scorer, shards, stats, write_progress,
-                  show_progress) -> None:
-    from tqdm.auto import tqdm
-
-    shard_rows = cfg.score.shard_rows
-    schema = scores_schema(cfg.score.store_token_logps)
-    todo_rows = sum(len(shard_ids[k]) for k in missing)
-    bar = tqdm(total=todo_rows, unit="rows", desc=f"score ({scorer.name})", file=sys.stderr,
-               disable=not show_progress, dynamic_ncols=True)
-    clock = time.perf_counter()
-
-    def progress(sequences: int, response_tokens: int, sequence_tokens: int) -> None:
-        stats["tokens_scored"] += response_tokens
-        stats["sequence_tokens"] += sequence_tokens
-        bar.update(sequences / 2)  # two sequences (chosen, rejected) per row
-        elapsed = time.perf_counter() - clock
-        if elapsed > 0:
-            bar.set_postfix_str(f"{stats['sequence_tokens'] / elapsed:,.0f} tok/s", refresh=False)
-
-    with bar:
-        for index in missing:
-            part = examples.slice(index * shard_rows, shard_rows)
-            token_ids = [part.column(f"{name}_ids").to_pylist() for name in ("prompt", "chosen", "rejected")]
-            chosen, rejected = scorer.score_pairs(*token_ids, progress)
-            _check_values(scorer.name, index, shard_ids[index], token_ids[1:], (chosen, rejected))
-            table = _shard_table(shard_ids[index], chosen, rejected, schema)
-            metadata = {
-                f"{META}fingerprint": out_dir.name,
-                f"{META}schema_version": str(inputs["schema_version"]),
-                f"{META}shard": str(index),
-                f"{META}first_row": str(index * shard_rows),
-                f"{META}dataset_fingerprint": inputs["dataset_fingerprint"],
-                f"{META}backend": inputs["backend"],
-                f"{META}dtype": inputs["dtype"],
-            }
-            # One row group per shard: a shard is read whole (by training, audit, resume checks).
-            sha = write_parquet(table, out_dir / shard_name(index), table.num_rows, metadata)
-            shards[index] = {"file": shard_name(index), "first_row": index * shard_rows, "rows": table.num_rows,
-                             "sha256": sha, "chosen_tokens": int(sum(len(v) for v in chosen)),
-                             "rejected_tokens": int(sum(len(v) for v in rejected))}
-            stats["rows_scored"] += table.num_rows
-            write_progress()
-
-
-def _check_values(backend: str, index: int, ids: pa.Array, token_ids, values) -> None:
-    """Every response got one finite log-prob per token, or nothing is written for the shard."""
-    for name, ref, got in zip(("chosen", "rejected"), token_ids, values):
-        if any(len(a) != len(b) for a, b in zip(ref, got)):
-            raise ScoreError(f"backend {backend} returned the wrong number of {name} log-probs")
-    chosen, rejected = values
-    bad = [ids[i].as_py() for i in range(len(ids))
-           if not (np.isfinite(chosen[i]).all() and np.isfinite(rejected[i]).all())]
-    if bad:
-        raise ScoreError(
-            f"non-finite (NaN or inf) reference log-probs for {len(bad)} examples, e.g. ids "
-            f"{', '.join(bad[:5])}; nothing was written for shard {index}. Check the model "
-            "weights and dtype (float16 overflows: try model.dtype=bfloat16 or float32)"
-        )

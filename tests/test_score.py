@@ -159,7 +159,7 @@ def test_resume_after_crash_is_byte_identical(scored_setup, monkeypatch, tmp_pat
     expected = {p.name: p.read_bytes() for p in reference.output_dir.iterdir()}
     assert len(expected) == 7  # 6 shards + manifest
 
-    import pipeline.score as score_module
+    import pipeline.shards as score_module
 
     # Crash (as a kill would) right after the 3rd shard file is renamed into place, before the
     # progress manifest records it; and once more, after a recorded shard.
