@@ -142,12 +142,18 @@ def ray_cluster(tmp_path, monkeypatch):
     try:
         yield f"127.0.0.1:{port}"
     finally:
+        ours = []  # the head's processes (their command lines name our temp dir) and their children
         for process in psutil.process_iter(["pid", "cmdline"]):
-            if str(temp) in " ".join(process.info["cmdline"] or []):
-                try:
-                    process.kill()
-                except psutil.NoSuchProcess:
-                    pass
+            try:
+                if str(temp) in " ".join(process.info["cmdline"] or []):
+                    ours += [process, *process.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for process in ours:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
         shutil.rmtree(temp, ignore_errors=True)
 
 
