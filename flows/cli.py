@@ -330,7 +330,7 @@ def _print_audit(report, cache: Path) -> None:
 
 
 def cmd_status(args) -> Path:
-    from .pipeline import plan, stage_complete
+    from .plan import plan, stage_complete
 
     cfg = load_config(args.config, args.overrides)
     planned = plan(cfg)

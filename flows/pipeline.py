@@ -36,11 +36,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from pipeline import STAGES, distributed, layout  # noqa: E402
-from pipeline.audit import AuditFailed, audit, current_full_audit, save_report  # noqa: E402
-from pipeline.config import Config, config_from_dict, world_size  # noqa: E402
+from pipeline.audit import AuditFailed, audit, save_report  # noqa: E402
+from pipeline.config import config_from_dict, world_size  # noqa: E402
 from pipeline.prepare import prepare  # noqa: E402
 from pipeline.store import exclusive, lock_path  # noqa: E402
 from pipeline.train import TrainResult, finished_run, train  # noqa: E402
+
+from .plan import plan, stage_complete  # noqa: E402,F401  (plan: part of this module's API)
 
 
 def api_url() -> str | None:
@@ -48,35 +50,6 @@ def api_url() -> str | None:
     from prefect.settings import PREFECT_API_URL
 
     return PREFECT_API_URL.value()
-
-
-# --- where each stage's output is, and whether it is complete -----------------------------------
-
-
-def plan(cfg: Config) -> dict[str, Path]:
-    """The output directory of every stage for this config (the audit's: the cache it checks)."""
-    # With data.path gone, the later stages still find the dataset prepared from it.
-    dataset_dir = layout.plan_dataset_dir(cfg) if Path(cfg.data.path).exists() else layout.locate_dataset(cfg)
-    refscores_dir = layout.plan_refscores_dir(cfg, dataset_dir.name)
-    cache_dir = Path(cfg.train.ref_cache) if cfg.train.ref_cache else refscores_dir
-    return {
-        "prepare": dataset_dir,
-        "score": refscores_dir,
-        "audit": cache_dir,
-        "train": layout.plan_run_dir(cfg, dataset_dir.name, cache_dir),
-    }
-
-
-def stage_complete(cfg: Config, stage: str, directory: Path) -> bool:
-    """Whether the stage's output exists, is complete and its files match their manifest; for
-    the audit: a passed full audit of exactly the bytes of the cache on disk now."""
-    if stage == "prepare":
-        return layout.is_verified(layout.verified_dataset, directory)
-    if stage == "score":
-        return layout.is_verified(layout.verified_refscores, directory)
-    if stage == "audit":
-        return current_full_audit(directory, cfg.audit.rescore_rows) is not None
-    return layout.verified_run(directory) is not None
 
 
 def _remove_output(stage: str, directory: Path) -> None:

@@ -51,6 +51,11 @@ log = logging.getLogger("dpo.score")
 
 __all__ = ["ScoreResult", "score", "scores_schema"]
 
+PROGRESS_EVERY_S = 2.0
+"""The progress manifest is rewritten at most this often (it lists every finished shard: with
+10,000 shards, once per shard would write gigabytes). A shard written but not yet listed is
+found and checked on resume all the same."""
+
 
 @dataclass
 class ScoreResult:
@@ -222,6 +227,7 @@ def _run_missing(cfg, plan, missing, shard_ids, scorer, examples, shards, settin
     bar = tqdm(total=todo_rows, unit="rows", desc=f"score ({plan.inputs['backend']})", file=sys.stderr,
                disable=not show_progress, dynamic_ncols=True)
     clock = time.perf_counter()
+    last_write = time.perf_counter()
     here = ShardJob(plan, scorer)  # used when one local worker: this process
     here._examples = examples
 
@@ -247,7 +253,9 @@ def _run_missing(cfg, plan, missing, shard_ids, scorer, examples, shards, settin
                 stats.setdefault("device", worker_settings.get("device"))
             if workers > 1 or cfg.score.runner == "ray":
                 bar.update(entry["rows"])
-            write_progress(settings)
+            if time.perf_counter() - last_write >= PROGRESS_EVERY_S:
+                write_progress(settings)
+                last_write = time.perf_counter()
     return settings
 
 

@@ -108,9 +108,8 @@ def sha256_verified(path: str | Path) -> str:
     can restore), this memo lives only in this process and is keyed by inode and ctime too: any
     write to the file, even one that restores its mtime, changes ctime and so forces a re-hash.
     """
-    path = Path(path).resolve()
-    st = path.stat()
-    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    st = os.stat(path)  # the file itself, by device and inode: no path resolution per call
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _VERIFIED:
         _VERIFIED[key] = sha256_file(path, use_cache=False)
     return _VERIFIED[key]

@@ -36,6 +36,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pa_dataset
 import pyarrow.parquet as pq
 import torch
 import yaml
@@ -118,9 +119,10 @@ def load_split_data(dataset_dir: Path, cache_dir: Path) -> tuple[dict[str, Split
         columns=["id", "split", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_tokens", "rejected_tokens"],
     )
     columns = ["id", "chosen_logp", "rejected_logp", "chosen_tokens", "rejected_tokens"]
-    scores = pa.concat_tables(
-        [pq.read_table(cache_dir / shard["file"], columns=columns) for shard in cache["shards"]]
-    )
+    # One multithreaded scan over the shards, in manifest order (10,000 one-row shards: 4 s,
+    # against 9 s file by file; bench/shards_bench.py).
+    scores = pa_dataset.dataset([str(cache_dir / shard["file"]) for shard in cache["shards"]],
+                                format="parquet").to_table(columns=columns)
     ex_ids, sc_ids = examples.column("id"), scores.column("id")
     if pc.count_distinct(sc_ids).as_py() != len(sc_ids):
         raise TrainError(f"the reference cache {cache_dir} lists some ids twice: {fix}")

@@ -159,8 +159,12 @@ def test_resume_after_crash_is_byte_identical(scored_setup, monkeypatch, tmp_pat
     expected = {p.name: p.read_bytes() for p in reference.output_dir.iterdir()}
     assert len(expected) == 7  # 6 shards + manifest
 
+    import pipeline.score
     import pipeline.shards as score_module
 
+    # The progress manifest after every shard (by default at most every 2 s), so that both cases
+    # happen: a shard on disk and listed, and one on disk but not yet listed.
+    monkeypatch.setattr(pipeline.score, "PROGRESS_EVERY_S", 0.0)
     # Crash (as a kill would) right after the 3rd shard file is renamed into place, before the
     # progress manifest records it; and once more, after a recorded shard.
     for crash_after in (3, 5):
@@ -188,7 +192,7 @@ def test_resume_after_crash_is_byte_identical(scored_setup, monkeypatch, tmp_pat
             lambda self, p, c, r, progress=None, rows=None: scored.append(len(p)) or real_pairs(self, p, c, r, progress),
         )
         resumed = score(cfg, show_progress=False)
-        monkeypatch.undo()
+        monkeypatch.setattr(TransformersScorer, "score_pairs", real_pairs)
         assert len(scored) == 6 - crash_after  # only the missing shards were scored
         assert {p.name: p.read_bytes() for p in resumed.output_dir.iterdir()} == expected
 

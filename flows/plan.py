@@ -1,0 +1,36 @@
+"""Where each stage's output is for a config, and whether it is complete: what the flow skips
+and what `dpo status` shows. No Prefect here, so `dpo status` starts fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import layout
+from pipeline.audit import current_full_audit
+from pipeline.config import Config
+
+
+def plan(cfg: Config) -> dict[str, Path]:
+    """The output directory of every stage for this config (the audit's: the cache it checks)."""
+    # With data.path gone, the later stages still find the dataset prepared from it.
+    dataset_dir = layout.plan_dataset_dir(cfg) if Path(cfg.data.path).exists() else layout.locate_dataset(cfg)
+    refscores_dir = layout.plan_refscores_dir(cfg, dataset_dir.name)
+    cache_dir = Path(cfg.train.ref_cache) if cfg.train.ref_cache else refscores_dir
+    return {
+        "prepare": dataset_dir,
+        "score": refscores_dir,
+        "audit": cache_dir,
+        "train": layout.plan_run_dir(cfg, dataset_dir.name, cache_dir),
+    }
+
+
+def stage_complete(cfg: Config, stage: str, directory: Path) -> bool:
+    """Whether the stage's output exists, is complete and its files match their manifest; for
+    the audit: a passed full audit of exactly the bytes of the cache on disk now."""
+    if stage == "prepare":
+        return layout.is_verified(layout.verified_dataset, directory)
+    if stage == "score":
+        return layout.is_verified(layout.verified_refscores, directory)
+    if stage == "audit":
+        return current_full_audit(directory, cfg.audit.rescore_rows) is not None
+    return layout.verified_run(directory) is not None
