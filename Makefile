@@ -14,7 +14,7 @@ LOCK_VENV := .venv-lock
 PIP_TOOLS := pip-tools==7.6.2
 LOCKFLAGS ?=
 
-.PHONY: demo test test-slow bench-prepare bench-score bench-train bench-memory bench-verify clean-venv lock
+.PHONY: demo test test-slow bench-prepare bench-score bench-train bench-memory bench-verify bench-shards clean-venv lock
 
 # The lock is complete (pip check proves it), so nothing is resolved here: --no-deps everywhere, and
 # the project builds with the lock's setuptools and wheel (--no-build-isolation), not floating ones.
@@ -67,6 +67,9 @@ bench-verify: $(STAMP)
 
 bench-score: $(STAMP)
 	$(VENV)/bin/python bench/score_bench.py
+
+bench-shards: $(STAMP)
+	$(VENV)/bin/python bench/shards_bench.py
 
 clean-venv:
 	rm -rf $(VENV) $(LOCK_VENV)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 STEP = """
 import sys, time, json
@@ -65,6 +66,7 @@ def main() -> int:
 
     import yaml
 
+    from _common import write_report
     from pipeline.assets import build_demo_assets, demo_preferences
     from pipeline.config import config_from_dict
     from pipeline.prepare import prepare
@@ -110,9 +112,7 @@ def main() -> int:
     print(f"{'step':<12}{'seconds':>10}")
     for step in ("score", "up to date", "resume", "status", "train read"):
         print(f"{step:<12}{results[step]:>10.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, results)
     return 0
 
 

@@ -86,6 +86,7 @@ class ShardJob:
         self.cfg = config_from_dict(plan.config)
         self._scorer = scorer
         self._examples: pa.Table | None = None
+        self._groups: tuple | None = None
         self._donors: dict | None = None
 
     @property
@@ -98,11 +99,20 @@ class ShardJob:
     def loaded_scorer(self):
         return self._scorer
 
-    @property
-    def examples(self) -> pa.Table:
-        if self._examples is None:
-            self._examples = pq.read_table(Path(self.plan.dataset_dir) / layout.EXAMPLES, columns=EXAMPLE_COLUMNS)
-        return self._examples
+    def rows(self, start: int, count: int) -> pa.Table:
+        """Rows [start, start + count) of the prepared examples, reading only the row groups
+        that hold them (a worker never holds the whole dataset; the last groups read are kept
+        for the next shard, usually the following rows)."""
+        if self._examples is not None:  # given whole (the coordinator's own job)
+            return self._examples.slice(start, count)
+        file = pq.ParquetFile(Path(self.plan.dataset_dir) / layout.EXAMPLES)
+        bounds = np.cumsum([0] + [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)])
+        first = int(np.searchsorted(bounds, start, side="right") - 1)
+        last = int(np.searchsorted(bounds, start + count, side="left"))
+        key = (first, last)
+        if self._groups is None or self._groups[0] != key:
+            self._groups = (key, file.read_row_groups(list(range(first, last)), columns=EXAMPLE_COLUMNS))
+        return self._groups[1].slice(start - int(bounds[first]), count)
 
     def donor_rows(self) -> dict:
         """id -> (donor cache dir, shard file, row in it), over every donor."""
@@ -119,7 +129,7 @@ class ShardJob:
     def run(self, index: int, progress: Progress | None = None) -> tuple[dict, dict]:
         """Write shard ``index``; returns (its manifest entry, this call's stats)."""
         plan, started = self.plan, time.perf_counter()
-        part = self.examples.slice(index * plan.shard_rows, plan.shard_rows)
+        part = self.rows(index * plan.shard_rows, min(plan.shard_rows, plan.rows - index * plan.shard_rows))
         ids = part.column("id").combine_chunks()
         token_ids = [part.column(f"{name}_ids").to_pylist() for name in ("prompt", "chosen", "rejected")]
         stats = {"rows_scored": 0, "rows_reused": 0, "tokens_scored": 0, "sequence_tokens": 0}
