@@ -8,7 +8,9 @@ Two steps, because the lent GPU machine reaches no network and takes at most 64 
   GPU:        PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/gpu_check.py --bundle .gpu_bundle
               (device run with carry [".gpu_bundle"]; finishes in a few minutes)
 
-On the GPU the model is SmolLM2-135M's architecture. Its weights (540 MB in float32) cannot
+Model shapes (--shapes): SmolLM2-135M's architecture, and a ~1B Llama (hidden 2048, 16 layers,
+GQA 32/8 heads) with SmolLM2's vocabulary, for vLLM's speed-up over transformers where it counts
+(the goal: 10x the tokens/s on the same card). SmolLM2's weights (540 MB in float32) cannot
 travel, so unless ``--weights DIR`` points at a folder with them, the model is built from the
 config with a seeded random init: the backends' agreement and their speed are still measured on
 the real shapes and token ids. Prints per-token and per-sequence max/mean |diff| and tokens/s of
@@ -57,13 +59,22 @@ def make_bundle(bundle: Path, rows: int) -> None:
     print(f"bundle written to {bundle} ({sum(f.stat().st_size for f in bundle.iterdir()) / 1e6:.1f} MB)")
 
 
-def build_model(bundle: Path, weights: Path | None, target: Path) -> Path:
+SHAPES = {  # name: overrides of SmolLM2's config (its vocabulary and tokenizer are kept)
+    "smollm2-135m": {},
+    "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": True},
+}
+
+
+def build_model(bundle: Path, weights: Path | None, target: Path, shape: str = "smollm2-135m") -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if weights is not None:
+    if weights is not None and shape == "smollm2-135m":
         return weights
     config = AutoConfig.from_pretrained(str(bundle))
+    for key, value in SHAPES[shape].items():
+        setattr(config, key, value)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(target, safe_serialization=True)
@@ -106,6 +117,8 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--bundle", type=Path, default=ROOT / ".gpu_bundle")
     parser.add_argument("--weights", type=Path, help="a SmolLM2 folder with weights, if one is there")
+    parser.add_argument("--shapes", default="smollm2-135m,llama-1b",
+                        help=f"model shapes (random weights but SmolLM2's with --weights): {', '.join(SHAPES)}")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "results")) / "gpu_check.json")
     args = parser.parse_args()
     if args.make_bundle:
@@ -124,25 +137,43 @@ def main() -> int:
     data = (table["prompt_ids"], table["chosen_ids"], table["rejected_ids"])
     max_sequence = int((args.bundle / "max_sequence.txt").read_text())
     tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(*data))
-    model_dir = build_model(args.bundle, args.weights, Path(tempfile.mkdtemp()) / "model")
-    runs = {}
     backends = ["transformers"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
+    report = {"device": torch.cuda.get_device_name(0), "rows": len(data[0]), "tokens": tokens,
+              "random_weights": args.weights is None, "vllm_installed": "vllm" in backends, "results": []}
+    for shape in args.shapes.split(","):
+        model_dir = build_model(args.bundle, args.weights, Path(tempfile.mkdtemp()) / "model", shape)
+        report_shape(report, shape, backends, model_dir, data, max_sequence, tokens)
+    if "vllm" not in backends:
+        print("vLLM is not installed on this machine: only the transformers backend was measured")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"(differences are against transformers/float32 on the same GPU and shape)\nwrote {args.out}")
+    return 0
+
+
+def report_shape(report: dict, shape: str, backends: list[str], model_dir: Path, data, max_sequence: int,
+                 tokens: int) -> None:
+    """Run every backend x dtype on one model shape; rows (tokens/s, drift against
+    transformers/float32, vLLM's speed-up over transformers in the same dtype) into ``report``."""
+    runs = {}
     for dtype in ("float32", "bfloat16"):
         for backend in backends:
             try:
                 values, seconds = run_backend(backend, model_dir, dtype, data, max_sequence)
             except Exception as exc:  # report and go on: one broken backend must not hide the rest
-                print(f"{backend}/{dtype} failed: {exc!r}", file=sys.stderr)
+                print(f"{shape} {backend}/{dtype} failed: {exc!r}", file=sys.stderr)
                 continue
             runs[(backend, dtype)] = {"values": values, "seconds": seconds}
     reference = runs.get(("transformers", "float32"))
-    report = {"device": torch.cuda.get_device_name(0), "rows": len(data[0]), "tokens": tokens,
-              "random_weights": args.weights is None, "vllm_installed": "vllm" in backends, "results": []}
-    print(f"\n{report['device']}: {len(data[0])} HH rows, {tokens} sequence tokens; "
-          f"{'random' if args.weights is None else 'real'} SmolLM2-135M weights")
+    print(f"\n{report['device']}: {len(data[0])} HH rows, {tokens} sequence tokens; shape {shape}, "
+          f"{'random' if report['random_weights'] or shape != 'smollm2-135m' else 'real'} weights")
     print(f"{'backend/dtype':<24}{'tok/s':>10}{'tok maxdiff':>13}{'tok meandiff':>13}{'seq maxdiff':>13}{'seq meandiff':>13}")
     for (backend, dtype), run in runs.items():
-        row = {"backend": backend, "dtype": dtype, "seconds": run["seconds"], "tokens_per_s": tokens / run["seconds"]}
+        row = {"shape": shape, "backend": backend, "dtype": dtype, "seconds": run["seconds"],
+               "tokens_per_s": tokens / run["seconds"]}
+        baseline = runs.get(("transformers", dtype))
+        if backend == "vllm" and baseline is not None:
+            row["speedup_over_transformers"] = baseline["seconds"] / run["seconds"]
         if reference is not None:
             tok = np.concatenate([np.abs(a - b) for a, b in zip(run["values"], reference["values"])])
             seq = np.array([abs(float(a.sum(dtype=np.float64) - b.sum(dtype=np.float64)))
@@ -151,12 +182,8 @@ def main() -> int:
         report["results"].append(row)
         print(f"{backend + '/' + dtype:<24}{row['tokens_per_s']:>10.0f}{row.get('token_max', float('nan')):>13.2e}"
               f"{row.get('token_mean', float('nan')):>13.2e}{row.get('seq_max', float('nan')):>13.2e}{row.get('seq_mean', float('nan')):>13.2e}")
-    if "vllm" not in backends:
-        print("vLLM is not installed on this machine: only the transformers backend was measured")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"(differences are against transformers/float32 on the same GPU)\nwrote {args.out}")
-    return 0
+        if "speedup_over_transformers" in row:
+            print(f"{'':<24}vLLM {row['speedup_over_transformers']:.1f}x the tokens/s of transformers ({dtype})")
 
 
 if __name__ == "__main__":

@@ -193,6 +193,11 @@ def test_incremental_scores_only_new_rows_and_equals_a_full_rescore(tmp_path, co
     assert incremental.stats["rows_scored"] == len(new)
     manifest = json.loads((incremental.output_dir / "manifest.json").read_text())
     assert manifest["reused_from"] == {cache_a.name: len(kept)}
+    from flows.cli import summarize_score
+
+    said = summarize_score(incremental)
+    assert f"reused {len(kept)} rows already scored in other caches ({len(kept)} from {cache_a.name[:12]})" in said
+    assert f"scored {len(new)} new" in said
     assert sum(sum(s.get("reused_from", {}).values()) for s in manifest["shards"]) == len(kept)
     shards = {n: d for n, d in _files(incremental.output_dir).items() if n != "manifest.json"}
     assert shards == {n: d for n, d in _files(fresh.output_dir).items() if n != "manifest.json"}
