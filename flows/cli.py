@@ -258,7 +258,8 @@ def _audit_show(args, example_id: str) -> Path | None:
 
     cache = Path(args.cache) if args.cache else _cache_from(args)
     manifest = layout.verified_refscores(cache)
-    shown = example_tokens(cache, example_id, load_tokenizer(ModelConfig(path=manifest["model_path"])))
+    shown = example_tokens(cache, example_id, load_tokenizer(ModelConfig(
+        path=manifest["model_path"], revision=(manifest.get("model_source") or {}).get("revision"))))
     if args.json:
         print(json.dumps(shown))
         return None

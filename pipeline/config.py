@@ -60,7 +60,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     path: str = REQUIRED
-    """Local folder of a Hugging Face causal LM (the reference model; its tokenizer is used)."""
+    """A Hugging Face causal LM (the reference model; its tokenizer is used): a local folder, or
+    a Hub id (org/name), resolved through the local Hugging Face cache (HF_HOME, HF_HUB_OFFLINE,
+    the usual token) and downloaded when missing and online."""
+    revision: Optional[str] = None
+    """With a Hub id: the branch, tag or commit to use (null: main)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     """Run code shipped with the model folder. Off unless you trust its author."""
@@ -467,12 +471,19 @@ def config_from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
     cfg.storage = str(Path(cfg.storage).resolve())
     for section, key in PATH_KEYS:
         value = getattr(getattr(cfg, section), key)
-        if value:
+        if value and not (section == "model" and is_hub_id(value)):
             setattr(getattr(cfg, section), key, str(Path(value).resolve()))
     return cfg
 
 
 PATH_KEYS = (("data", "path"), ("model", "path"), ("train", "init_from"), ("train", "ref_cache"))
+
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def is_hub_id(value: str, base: Path | None = None) -> bool:
+    """``org/name`` that is not an existing path (relative to ``base``, else the current folder)."""
+    return bool(HUB_ID.fullmatch(str(value))) and not ((base or Path.cwd()) / str(value)).exists()
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -500,6 +511,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         for section, key in PATH_KEYS:
             value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
             if isinstance(value, str) and value and not Path(value).is_absolute():
+                if section == "model" and is_hub_id(value, base):
+                    continue  # a Hub id, not a folder next to the config
                 raw[section][key] = str((base / value).resolve())
         if isinstance(raw.get("storage"), str) and not Path(raw["storage"]).is_absolute():
             raw["storage"] = str((base / raw["storage"]).resolve())

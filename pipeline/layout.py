@@ -190,13 +190,15 @@ def policy_init(cfg: Config) -> ModelConfig:
                 "train.merge_adapter: true writes final/merged/), then " + fix + " (train.peft trains a new "
                 "adapter on it)"
             )
-        reference = ModelConfig(path=cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        reference = ModelConfig(path=cfg.model.path, revision=cfg.model.revision,
+                                trust_remote_code=cfg.model.trust_remote_code)
         if model_fingerprint(ModelConfig(path=init)) != model_fingerprint(reference):
             raise ConfigError(
                 f"train.init_from {init} holds other weights than model.path {cfg.model.path}, whose "
                 f"log-probs the reference cache holds: to start from {init}, {fix}"
             )
     return ModelConfig(path=cfg.train.init_from or cfg.model.path,
+                       revision=None if cfg.train.init_from else cfg.model.revision,
                        dtype=precision.param_dtype(precision.resolve(cfg)),
                        trust_remote_code=cfg.model.trust_remote_code)
 

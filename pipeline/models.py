@@ -1,10 +1,20 @@
-"""Loading tokenizers (and, in later stages, models) from local folders, with content fingerprints."""
+"""Loading tokenizers and models from local folders or Hub ids, with content fingerprints.
+
+``model.path`` is a local Hugging Face model folder, or a Hub id (``org/name``, with
+``model.revision``) resolved by ``huggingface_hub.snapshot_download`` to a snapshot folder in the
+local Hugging Face cache: HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE and the usual token (HF_TOKEN or
+`hf auth login`) apply as everywhere in the Hugging Face stack, and the token is never logged.
+Only configs, tokenizer files and safetensors weights are fetched (never pickles). Everything
+downstream sees the snapshot folder; the commit it holds is recorded (``model_source``).
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 from pathlib import Path
 
-from .config import ModelConfig
+from .config import ModelConfig, is_hub_id
 from .store import sha256_file
 
 # Files that determine how text becomes token ids. Hashing the files (not the loaded object)
@@ -26,14 +36,66 @@ class ModelError(ValueError):
     """The model or tokenizer folder is unusable; the message says what to fix."""
 
 
+log = logging.getLogger("dpo")
+
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+"""What is fetched of a Hub model: configs, tokenizer files, safetensors weights (no pickles)."""
+
+
 def check_model_path(model: ModelConfig) -> Path:
+    """The local folder of ``model.path``: the folder itself, or a Hub id's snapshot."""
     path = Path(model.path)
-    if not path.is_dir():
+    if path.is_dir():
+        if model.revision:
+            raise ModelError(f"model.revision {model.revision!r} applies to a Hub id, but model.path {path} "
+                             "is a local folder: remove model.revision")
+        return path
+    if is_hub_id(model.path):
+        return hub_snapshot(str(model.path), model.revision)
+    raise ModelError(
+        f"model.path {path} is neither a folder nor a Hub id (org/name): point it at a local Hugging Face "
+        "model folder (config.json, tokenizer files, safetensors weights) or a model on the Hub"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The snapshot folder of a Hub model in the local Hugging Face cache (downloaded if needed
+    and possible). Its name is the commit."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    shown = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise ModelError(f"{shown} is gated on the Hub: accept its terms on its page, then log in "
+                         "(`hf auth login`, or set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise ModelError(f"{repo_id} has no revision {revision!r}: set model.revision to a branch, tag or "
+                         "commit it has (or null for main)") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"no model {repo_id} on the Hub (or it is private: log in with `hf auth login` or "
+                         "set HF_TOKEN); for a local folder, check model.path") from None
+    except LocalEntryNotFoundError:
         raise ModelError(
-            f"model.path {path} is not a folder: point it at a local Hugging Face model folder "
-            "(config.json, tokenizer files, safetensors weights)"
-        )
-    return path
+            f"{shown} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub cannot be "
+            f"reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}, or no network): download it where "
+            f"there is network with `hf download {repo_id}` into the same cache (HF_HOME), or point "
+            "model.path at a local folder"
+        ) from None
+    log.debug("model %s: %s", shown, folder)
+    return folder
+
+
+def model_source(model: ModelConfig) -> dict:
+    """Where the model came from, for manifests: the path as configured, and for a Hub id the
+    revision asked for and the commit resolved."""
+    if not is_hub_id(model.path):
+        return {"path": str(model.path)}
+    folder = check_model_path(model)
+    return {"path": str(model.path), "hub_id": str(model.path), "revision": model.revision, "commit": folder.name}
 
 
 def load_tokenizer(model: ModelConfig):

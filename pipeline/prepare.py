@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from . import layout
 from .config import Config
 from .data import RawRow, check_input, input_kind, open_parquet, read_rows
-from .models import ModelError, load_tokenizer
+from .models import ModelError, load_tokenizer, model_source
 from .store import (
     atomic_path,
     ensure_dir,
@@ -411,6 +411,7 @@ def prepare(cfg: Config, show_progress: bool = True) -> PrepareResult:
             "fingerprint": fp,
             "inputs": inputs,
             "source": {"path": str(data_path)},
+            "tokenizer_source": model_source(cfg.model),
             **written,
             "contract": _contract(cfg, tokenizer, written["chat_template_applied"]),
             "versions": layout.library_versions(),

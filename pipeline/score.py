@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from . import layout
 from .config import Config
 from .layout import SHARD_RE, shard_name
-from .models import ModelError, check_causal_lm
+from .models import ModelError, check_causal_lm, model_source
 from .runners import default_workers, run_shards
 from .scorers import ScoreError, Scorer, resolve_backend
 from .scorers.transformers_backend import resolve_device
@@ -172,6 +172,7 @@ def _score_missing(cfg, dataset_dir, dataset_manifest, inputs, out_dir, scorer, 
     if shards:
         log.info("score: resuming, %d of %d shards already scored", len(shards), n_shards)
     base = {"kind": "refscores", "fingerprint": out_dir.name, "inputs": inputs, "model_path": str(cfg.model.path),
+            "model_source": model_source(cfg.model),
             "rows": examples.num_rows, "columns": scores_schema(cfg.score.store_token_logps).names,
             "versions": layout.library_versions()}
 
