@@ -37,7 +37,7 @@ $(STAMP): $(LOCK) pyproject.toml
 PIP_GLOBAL_CONSTRAINTS := $(wildcard /etc/xdg/pip/constraints.txt)
 lock: $(LOCK_VENV)/bin/pip-compile
 	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile -q --allow-unsafe --strip-extras \
-	  --extra dev --extra ray --no-emit-index-url --no-emit-find-links $(addprefix -c ,$(PIP_GLOBAL_CONSTRAINTS)) \
+	  --extra dev --extra ray --extra tensorboard --extra mlflow --no-emit-index-url --no-emit-find-links $(addprefix -c ,$(PIP_GLOBAL_CONSTRAINTS)) \
 	  $(LOCKFLAGS) -o $(LOCK) pyproject.toml $(LOCK_IN)
 
 $(LOCK_VENV)/bin/pip-compile:

@@ -239,6 +239,9 @@ class TrainConfig:
     batch, so it is part of the run's identity."""
     nnodes: int = 1
     """Machines of a multi-node run (each starts torchrun itself, see README)."""
+    report_to: Union[list[str], str] = "none"
+    """Experiment trackers, as TRL's report_to: none, tensorboard, mlflow, wandb, trackio, or a
+    list; each needs its library (pip install -e '.[tensorboard]' ...)."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """With world size > 1: DDP (a full replica per process) or FSDP2 (weights, gradients and
     optimizer states sharded over the processes: fully_shard per decoder layer, then the root)."""
@@ -249,6 +252,11 @@ class TrainConfig:
         elif self.merge_adapter:
             raise ConfigError("train.merge_adapter: true needs train.peft (LoRA); there is no adapter to merge")
         _check_range("train.beta", self.beta, 1e-12, None)
+        self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        unknown = [r for r in self.report_to if r not in REPORT_TO]
+        if unknown or ("none" in self.report_to and len(self.report_to) > 1):
+            raise ConfigError(f"train.report_to: {self.report_to!r}: use none, or any of "
+                              f"{', '.join(REPORT_TO[1:])} (a name or a list)")
         if self.learning_rate <= 0:
             raise ConfigError(
                 f"train.learning_rate: {self.learning_rate!r} trains nothing (the weights would not "
@@ -475,6 +483,8 @@ def config_from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
             setattr(getattr(cfg, section), key, str(Path(value).resolve()))
     return cfg
 
+
+REPORT_TO = ("none", "tensorboard", "mlflow", "wandb", "trackio")
 
 PATH_KEYS = (("data", "path"), ("model", "path"), ("train", "init_from"), ("train", "ref_cache"))
 

@@ -167,7 +167,7 @@ def refscores_identity(cfg: Config, dataset_fp: str, backend: str) -> dict:
 RUN_KEYS_NOT_IN_IDENTITY = ("run_name", "ref_cache", "logging_steps", "eval_steps", "save_steps",
                             "save_total_limit", "per_device_eval_batch_size", "step0_check", "step0_tolerance",
                             "device", "nproc_per_node", "nnodes", "distributed", "per_device_train_batch_size",
-                            "gradient_accumulation_steps")
+                            "gradient_accumulation_steps", "report_to")
 
 
 def policy_init(cfg: Config) -> ModelConfig:

@@ -51,6 +51,7 @@ from .losses import LOSSES, rewards
 from .models import load_causal_lm, load_tokenizer, model_fingerprint
 from .store import (atomic_write_json, atomic_write_text, ensure_dir, exclusive, lock_path, remove_leftovers,
                     sha256_file)
+from .trackers import TrackerError, Trackers, open_trackers
 
 log = logging.getLogger("dpo.train")
 
@@ -273,6 +274,8 @@ class Trainer:
     """reference(split, index) -> (ref_chosen, ref_rejected); the benchmark swaps in a live model."""
     autocast: Callable = contextlib.nullcontext
     world: World = field(default_factory=World)
+    trackers: Trackers = field(default_factory=lambda: Trackers([]))
+    """train.report_to's trackers (rank 0 only); they see every record metrics.jsonl gets."""
     shared: bool = field(init=False)
     micro: int = field(init=False)
 
@@ -322,6 +325,7 @@ class Trainer:
         """Append a metrics record (rank 0 writes; the others computed the same record)."""
         if self.world.main:
             _append(path, record)
+            self.trackers.log(record, record["step"])
 
 
 def build_trainer(cfg: Config, splits: dict[str, Split], policy, world: World = World()) -> Trainer:
@@ -386,7 +390,7 @@ def train_step(trainer: Trainer, step: int) -> dict:
     precision.release_memory(trainer.device)  # RSS flat across steps on CPU
     seconds = time.perf_counter() - started
     return {"step": step + 1, "epoch": (step + 1) * trainer.batch / len(split),
-            **{k: v / trainer.batch for k, v in totals.items()}, "grad_norm": grad_norm, "lr": lr,
+            **{k: v / trainer.batch for k, v in totals.items()}, "grad_norm": grad_norm, "learning_rate": lr,
             "tokens/s": _tokens(split, index) / seconds, "seconds": seconds}
 
 
@@ -524,9 +528,17 @@ def _train(cfg: Config, world: World, device: str, resume: bool, show_progress: 
         if cfg.train.peft is not None:  # LoRA: only the adapters train (B = 0: still the reference)
             policy = adapters.with_lora(policy, cfg.train.peft)
         trainer = build_trainer(cfg, run.splits, policy, world)
-        start_step = _start(trainer, run, resume and bool(checkpoints))
-        last_eval = _loop(trainer, run, start_step, show_progress)
-        return _finish(trainer, run, last_eval)
+        if world.main:
+            try:
+                trainer.trackers = open_trackers(cfg.train.report_to, run.run_dir, cfg.to_dict())
+            except TrackerError as exc:
+                raise TrainError(str(exc)) from None
+        try:
+            start_step = _start(trainer, run, resume and bool(checkpoints))
+            last_eval = _loop(trainer, run, start_step, show_progress)
+            return _finish(trainer, run, last_eval)
+        finally:
+            trainer.trackers.close()
 
 
 @contextlib.contextmanager
@@ -636,7 +648,7 @@ def _loop(trainer: Trainer, run: _Run, start_step: int, show_progress: bool) -> 
             window.append(record)
             bar.update(1)
             bar.set_postfix_str(f"loss {record['loss']:.4f} acc {record['rewards/accuracies']:.2f} "
-                                f"lr {record['lr']:.2e} {record['tokens/s']:,.0f} tok/s", refresh=False)
+                                f"lr {record['learning_rate']:.2e} {record['tokens/s']:,.0f} tok/s", refresh=False)
             done = step + 1
             saving = train_cfg.save_steps and done % train_cfg.save_steps == 0 and done < total
             if done % train_cfg.logging_steps == 0 or done == total or saving:
@@ -719,11 +731,11 @@ def _write_final(trainer: Trainer, run: _Run, policy, last_eval: dict) -> dict:
 
 
 def _averaged(records: list[dict]) -> dict:
-    """One metrics record for several steps: means, with the last step's step, epoch and lr (as
+    """One metrics record for several steps: means, with the last step's step, epoch and learning_rate (as
     Hugging Face logs every logging_steps)."""
     last = records[-1]
     out = {key: sum(r[key] for r in records) / len(records) for key in last}
-    out.update(step=last["step"], epoch=last["epoch"], lr=last["lr"])
+    out.update(step=last["step"], epoch=last["epoch"], learning_rate=last["learning_rate"])
     return out
 
 

@@ -168,7 +168,7 @@ def test_training_learns_the_demo_rule_with_one_model(demo_config, monkeypatch):
     assert final["eval/rewards/accuracies"] > 0.75  # chance is 0.5
     assert final["eval/loss"] < math.log(2) - 0.2
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens/s"):
+                "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens/s"):
         assert key in first_step
     reloaded = AutoModelForCausalLM.from_pretrained(result.summary["final_dir"])
     initial = AutoModelForCausalLM.from_pretrained(cfg.model.path)

@@ -1,0 +1,67 @@
+"""train.report_to: TensorBoard event files and an MLflow file store, written and read back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.train import train
+
+TRAIN = {"learning_rate": 1e-3, "per_device_train_batch_size": 8, "max_steps": 4, "eval_steps": 2, "save_steps": 0,
+         "warmup_steps": 2, "lr_scheduler_type": "linear"}
+
+
+def _records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tensorboard_and_mlflow_get_what_metrics_jsonl_gets(prepared_demo, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    cfg = prepared_demo({**TRAIN, "report_to": ["tensorboard", "mlflow"], "run_name": "tracked"})
+    result = train(cfg, show_progress=False)
+    records = _records(result.run_dir)
+    train_steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval/loss" in r]
+    assert [r["step"] for r in train_steps] == [1, 2, 3, 4] and [r["step"] for r in evals] == [0, 2, 4]
+    # TRL's names: learning_rate (warmup from 0: 0, then lr / 2 at step 2 of 2 warmup steps)
+    assert [r["learning_rate"] for r in train_steps][:2] == [0.0, pytest.approx(5e-4)]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(result.run_dir / "runs"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/rewards/accuracies", "eval/loss"} <= tags
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert loss == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in train_steps]
+    assert [e.step for e in events.Scalars("eval/loss")] == [0, 2, 4]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(result.run_dir / "mlruns").resolve().as_uri())
+    experiment = client.get_experiment_by_name("dpo-pipeline")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(r["step"], pytest.approx(r["loss"], rel=1e-6))
+                                                          for r in train_steps]
+    eval_accuracy = client.get_metric_history(run.info.run_id, "eval/rewards/accuracies")
+    assert sorted(m.step for m in eval_accuracy) == [0, 2, 4]
+    assert run.data.params["train.learning_rate"] == "0.001"
+
+
+def test_report_to_names_are_checked(prepared_demo):
+    with pytest.raises(ConfigError, match="train.report_to"):
+        prepared_demo({**TRAIN, "report_to": "tensorbord"})
+    with pytest.raises(ConfigError, match="use none, or any of"):
+        prepared_demo({**TRAIN, "report_to": ["none", "mlflow"]})
+
+
+def test_no_tracker_by_default(prepared_demo):
+    result = train(prepared_demo({**TRAIN, "run_name": "plain"}), show_progress=False)
+    assert not (result.run_dir / "runs").exists() and not (result.run_dir / "mlruns").exists()
