@@ -13,7 +13,7 @@ from pipeline.config import Config
 def plan(cfg: Config) -> dict[str, Path]:
     """The output directory of every stage for this config (the audit's: the cache it checks)."""
     # With data.path gone, the later stages still find the dataset prepared from it.
-    dataset_dir = layout.plan_dataset_dir(cfg) if Path(cfg.data.path).exists() else layout.locate_dataset(cfg)
+    dataset_dir = layout.plan_dataset_dir(cfg) if layout.source_exists(cfg) else layout.locate_dataset(cfg)
     refscores_dir = layout.plan_refscores_dir(cfg, dataset_dir.name)
     cache_dir = Path(cfg.train.ref_cache) if cfg.train.ref_cache else refscores_dir
     return {

@@ -30,7 +30,16 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     path: str = REQUIRED
-    """Preference data: .jsonl, .jsonl.gz, .parquet, or a `datasets` save_to_disk folder."""
+    """Preference data: .jsonl, .jsonl.gz, .parquet, a `datasets` save_to_disk folder, or a Hub
+    dataset id (org/name; with name, data_dir, split, revision), read with datasets.load_dataset."""
+    name: Optional[str] = None
+    """Hub dataset: its configuration (load_dataset's name)."""
+    data_dir: Optional[str] = None
+    """Hub dataset: the folder of the repository to read (e.g. harmless-base)."""
+    split: str = "train"
+    """Hub dataset: the split to read."""
+    revision: Optional[str] = None
+    """Hub dataset: branch, tag or commit (null: main)."""
     format: Literal["auto", "standard", "conversational", "implicit"] = "auto"
     eval_fraction: float = 0.05
     """Share of examples (chosen deterministically by id) that goes to the eval split."""
@@ -479,7 +488,7 @@ def config_from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
     cfg.storage = str(Path(cfg.storage).resolve())
     for section, key in PATH_KEYS:
         value = getattr(getattr(cfg, section), key)
-        if value and not (section == "model" and is_hub_id(value)):
+        if value and not (section in ("model", "data") and is_hub_id(value)):
             setattr(getattr(cfg, section), key, str(Path(value).resolve()))
     return cfg
 
@@ -521,7 +530,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         for section, key in PATH_KEYS:
             value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
             if isinstance(value, str) and value and not Path(value).is_absolute():
-                if section == "model" and is_hub_id(value, base):
+                if section in ("model", "data") and is_hub_id(value, base):
                     continue  # a Hub id, not a folder next to the config
                 raw[section][key] = str((base / value).resolve())
         if isinstance(raw.get("storage"), str) and not Path(raw["storage"]).is_absolute():

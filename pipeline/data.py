@@ -7,9 +7,12 @@ ends up either used or rejected, never dropped.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
+import os
 import re
+import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from .config import is_hub_id
 from .store import fingerprint, sha256_file
 
 
@@ -62,6 +66,74 @@ def input_kind(path: Path) -> str:
     raise DataError(
         f"{path}: unsupported file type; use .jsonl, .jsonl.gz, .parquet or a `datasets` folder"
     )
+
+
+def resolve_input(data_cfg, storage: str | Path) -> Path:
+    """The local input of ``data.path``: the path itself, or for a Hub dataset id the split
+    read with ``datasets.load_dataset`` from the repository's snapshot in the local Hugging Face
+    cache (HF_HOME, HF_HUB_OFFLINE, the usual token; downloaded when missing and online) and
+    saved once as a `datasets` folder under <storage>/hub/datasets/ (per commit, config, folder
+    and split), which the readers below then read like any `datasets` folder."""
+    if not is_hub_id(data_cfg.path):
+        for key in ("name", "data_dir", "revision"):
+            if getattr(data_cfg, key):
+                raise DataError(f"data.{key} applies to a Hub dataset id, but data.path {data_cfg.path} is local: "
+                                f"remove data.{key}")
+        return Path(data_cfg.path)
+    return hub_dataset(str(data_cfg.path), data_cfg.name, data_cfg.data_dir, data_cfg.split, data_cfg.revision,
+                       str(storage))
+
+
+def hub_source(data_cfg, storage: str | Path) -> dict | None:
+    """For a Hub dataset: what was read (id, config, folder, split, revision asked, commit)."""
+    if not is_hub_id(data_cfg.path):
+        return None
+    folder = resolve_input(data_cfg, storage)
+    return {"hub_id": str(data_cfg.path), "name": data_cfg.name, "data_dir": data_cfg.data_dir,
+            "split": data_cfg.split, "revision": data_cfg.revision, "commit": folder.parts[-4]}
+
+
+@functools.lru_cache(maxsize=None)
+def hub_dataset(repo_id: str, name: str | None, data_dir: str | None, split: str, revision: str | None,
+                storage: str) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    shown = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        snapshot = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision))
+    except RevisionNotFoundError:
+        raise DataError(f"the Hub dataset {repo_id} has no revision {revision!r}: set data.revision") from None
+    except RepositoryNotFoundError:
+        raise DataError(f"no dataset {repo_id} on the Hub (or it is private or gated: log in with `hf auth "
+                        "login` or set HF_TOKEN); for a local file, check data.path") from None
+    except LocalEntryNotFoundError:
+        raise DataError(
+            f"the dataset {shown} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
+            f"cannot be reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}, or no network): download it "
+            f"where there is network with `hf download {repo_id} --repo-type dataset` into the same cache "
+            "(HF_HOME), or point data.path at a local file"
+        ) from None
+    parts = [repo_id.replace("/", "--"), snapshot.name, name or "default", (data_dir or "all").replace("/", "--"), split]
+    target = Path(storage, "hub", "datasets", *parts)
+    if (target / "state.json").is_file():
+        return target
+    from .store import exclusive, lock_path
+
+    with exclusive(lock_path(storage, "hub", "--".join(parts)), f"Hub dataset {shown} ({split})", wait=True):
+        if not (target / "state.json").is_file():
+            import datasets
+
+            try:
+                table = datasets.load_dataset(str(snapshot), name=name, data_dir=data_dir, split=split)
+            except ValueError as exc:  # unknown split or config: datasets says which exist
+                raise DataError(f"cannot read {shown} (data.name={name}, data.data_dir={data_dir}, "
+                                f"data.split={split}): {exc}") from None
+            tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            table.save_to_disk(str(tmp))
+            os.replace(tmp, target)
+    return target
 
 
 def check_input(path: str | Path) -> Path:
@@ -279,4 +351,5 @@ def read_rows(path: str | Path) -> Iterator[RawRow]:
     return _table_rows(_arrow_batches(_datasets_files(path)), path, "`datasets` folder")
 
 
-__all__ = ["DataError", "RawRow", "check_input", "input_sha256", "open_parquet", "read_rows"]
+__all__ = ["DataError", "RawRow", "check_input", "hub_source", "input_sha256", "open_parquet", "read_rows",
+           "resolve_input"]

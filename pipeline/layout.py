@@ -24,8 +24,8 @@ from pathlib import Path
 
 from . import __version__, precision
 from .adapters import is_adapter_dir
-from .config import Config, ConfigError, ModelConfig, world_size
-from .data import input_sha256
+from .config import Config, ConfigError, ModelConfig, is_hub_id, world_size
+from .data import input_sha256, resolve_input
 from .models import model_fingerprint, tokenizer_files
 from .store import MANIFEST, fingerprint, read_json, sha256_verified
 
@@ -141,7 +141,7 @@ def dataset_identity(cfg: Config, data_sha256: str | None = None) -> dict:
     return {
         "kind": "dataset",
         "schema_version": DATASET_SCHEMA_VERSION,
-        "data_sha256": data_sha256 or input_sha256(cfg.data.path),
+        "data_sha256": data_sha256 or input_sha256(resolve_input(cfg.data, cfg.storage)),
         "data_settings": data_settings(cfg),
         "tokenizer_files": tokenizer_files(cfg.model),
         "tokenize_settings": tokenize_settings(cfg),
@@ -322,6 +322,11 @@ def plan_dataset_dir(cfg: Config) -> Path:
     return dataset_dir(cfg.storage, fingerprint(dataset_identity(cfg)))
 
 
+def source_exists(cfg: Config) -> bool:
+    """Whether data.path can be read: an existing path, or a Hub dataset id."""
+    return Path(cfg.data.path).exists() or is_hub_id(cfg.data.path)
+
+
 def locate_dataset(cfg: Config) -> Path:
     """The verified prepared dataset for ``cfg``, or a CacheError that says what to run.
 
@@ -329,7 +334,7 @@ def locate_dataset(cfg: Config) -> Path:
     data.path is gone the dataset prepared from that path with the same settings and tokenizer
     files is used, if there is exactly one.
     """
-    if not Path(cfg.data.path).exists():
+    if not source_exists(cfg):
         return _dataset_without_source(cfg)
     planned = plan_dataset_dir(cfg)
     if not is_verified(verified_dataset, planned):

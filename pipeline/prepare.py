@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from . import layout
 from .config import Config
-from .data import RawRow, check_input, input_kind, open_parquet, read_rows
+from .data import RawRow, check_input, hub_source, input_kind, open_parquet, read_rows, resolve_input
 from .models import ModelError, load_tokenizer, model_source
 from .store import (
     atomic_path,
@@ -391,7 +391,7 @@ def _count_rows(path: Path) -> int | None:
 
 def prepare(cfg: Config, show_progress: bool = True) -> PrepareResult:
     """Run the prepare stage (or find its complete output) and return where the dataset lives."""
-    data_path = check_input(cfg.data.path)
+    data_path = check_input(resolve_input(cfg.data, cfg.storage))
     inputs = layout.dataset_identity(cfg)
     fp = fingerprint(inputs)
     out_dir = layout.dataset_dir(cfg.storage, fp)
@@ -405,12 +405,14 @@ def prepare(cfg: Config, show_progress: bool = True) -> PrepareResult:
         _clear(out_dir)
         started = time.perf_counter()
         tokenizer = load_tokenizer(cfg.model)
+        hub = hub_source(cfg.data, cfg.storage)
         written = _write_dataset(cfg, data_path, tokenizer, out_dir, show_progress)
         manifest = {
             "kind": "dataset",
             "fingerprint": fp,
             "inputs": inputs,
-            "source": {"path": str(data_path)},
+            "source": {"path": str(cfg.data.path) if hub else str(data_path), **({"hub": hub, "local": str(data_path)}
+                                                                               if hub else {})},
             "tokenizer_source": model_source(cfg.model),
             **written,
             "contract": _contract(cfg, tokenizer, written["chat_template_applied"]),

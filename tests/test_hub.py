@@ -21,17 +21,23 @@ REPO = "test-org/tiny-dpo"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def hub_cache(hf_home: Path, repo_id: str, folder: Path, commit: str = COMMIT) -> Path:
-    """The local Hub cache layout of ``folder`` as model ``repo_id`` at ``commit``."""
-    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+DATASET = "test-org/prefs"
+DATASET_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def hub_cache(hf_home: Path, repo_id: str, files: dict[str, bytes], commit: str = COMMIT,
+              kind: str = "models") -> Path:
+    """The local Hub cache layout (as `hf download` leaves it) of ``files`` (relative path ->
+    bytes) as repository ``repo_id`` at ``commit``; kind: models or datasets."""
+    repo = hf_home / "hub" / f"{kind}--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / commit
     (repo / "blobs").mkdir(parents=True)
-    snapshot.mkdir(parents=True)
-    for file in sorted(folder.iterdir()):
-        if file.is_file():
-            blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
-            blob.write_bytes(file.read_bytes())
-            (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    for name, data in sorted(files.items()):
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     return snapshot
@@ -39,8 +45,18 @@ def hub_cache(hf_home: Path, repo_id: str, folder: Path, commit: str = COMMIT) -
 
 @pytest.fixture
 def offline_hub(tmp_path, demo_assets):
+    """HF_HOME with the demo model as test-org/tiny-dpo and the demo's parseable rows as the
+    dataset test-org/prefs (data/train.jsonl), and HF_HUB_OFFLINE=1."""
     hf_home = tmp_path / "hf"
-    snapshot = hub_cache(hf_home, REPO, demo_assets["model"])
+    model = {f.name: f.read_bytes() for f in sorted(demo_assets["model"].iterdir()) if f.is_file()}
+    snapshot = hub_cache(hf_home, REPO, model)
+    rows = []
+    for line in demo_assets["data"].read_text().splitlines():
+        try:
+            rows.append(json.dumps(json.loads(line)))
+        except ValueError:
+            continue  # the demo's deliberately broken lines
+    hub_cache(hf_home, DATASET, {"data/train.jsonl": ("\n".join(rows) + "\n").encode()}, DATASET_COMMIT, "datasets")
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
     return env, snapshot
@@ -50,12 +66,12 @@ def _run(command: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([DPO, *command, "--no-progress"], capture_output=True, text=True, env=env)
 
 
-def test_hub_id_end_to_end_offline(tmp_path, demo_assets, offline_hub):
+def test_hub_model_and_dataset_end_to_end_offline(tmp_path, demo_assets, offline_hub):
     env, snapshot = offline_hub
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
-        "storage": str(tmp_path / "storage"),
-        "data": {"path": str(demo_assets["data"]), "eval_fraction": 0.1},
+        "storage": "storage",  # relative to the config; the Hub ids must stay ids
+        "data": {"path": DATASET, "split": "train", "eval_fraction": 0.1},
         "model": {"path": REPO},
         "tokenize": {"max_length": 128, "max_prompt_length": 64},
         "train": {"max_steps": 2, "per_device_train_batch_size": 4, "eval_steps": 0, "save_steps": 0,
@@ -67,7 +83,19 @@ def test_hub_id_end_to_end_offline(tmp_path, demo_assets, offline_hub):
         assert done.returncode == 0, done.stderr
         outputs[stage] = Path(done.stdout.strip().splitlines()[-1])
     source = {"path": REPO, "hub_id": REPO, "revision": None, "commit": COMMIT}
-    assert json.loads((outputs["prepare"] / "manifest.json").read_text())["tokenizer_source"] == source
+    dataset = json.loads((outputs["prepare"] / "manifest.json").read_text())
+    assert dataset["tokenizer_source"] == source
+    assert dataset["source"]["path"] == DATASET
+    assert dataset["source"]["hub"] == {"hub_id": DATASET, "name": None, "data_dir": None, "split": "train",
+                                        "revision": None, "commit": DATASET_COMMIT}
+    parseable = 0
+    for line in demo_assets["data"].read_text().splitlines():
+        try:
+            json.loads(line)
+            parseable += 1
+        except ValueError:
+            pass
+    assert dataset["counts"]["rows_read"] == parseable  # every row of the Hub split, read through datasets
     scores = json.loads((outputs["score"] / "manifest.json").read_text())
     assert scores["model_source"] == source and scores["model_path"] == REPO
     # the same content as the local folder: the same fingerprint as scoring the folder itself
@@ -92,6 +120,15 @@ def test_hub_id_missing_offline_says_how_to_get_it(tmp_path, demo_assets, offlin
                                       "model": {"path": str(demo_assets["model"]), "revision": "v1"}}))
     done = _run(["prepare", "-c", str(config)], env)
     assert "applies to a Hub id" in done.stderr
+    config.write_text(yaml.safe_dump({"storage": str(tmp_path / "s"), "data": {"path": "test-org/no-such-data"},
+                                      "model": {"path": REPO}}))
+    done = _run(["prepare", "-c", str(config)], env)
+    assert done.returncode == 1
+    assert "the dataset test-org/no-such-data is not in the local Hugging Face cache" in done.stderr
+    assert "hf download test-org/no-such-data --repo-type dataset" in done.stderr
+    config.write_text(yaml.safe_dump({"storage": str(tmp_path / "s"), "model": {"path": REPO},
+                                      "data": {"path": str(demo_assets["data"]), "data_dir": "x"}}))
+    assert "data.data_dir applies to a Hub dataset id" in _run(["prepare", "-c", str(config)], env).stderr
 
 
 def test_revision_pins_a_commit(tmp_path, demo_assets, offline_hub, monkeypatch):
