@@ -66,7 +66,9 @@ def _dedupe(weights: dict) -> tuple[dict, dict]:
     return kept, aliases
 
 
-def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+def save_checkpoint(path: Path, checkpoint: Checkpoint, extra: Callable[[Path], None] | None = None) -> None:
+    """Write ``checkpoint`` to ``path`` atomically; ``extra(folder)`` adds files first (the
+    config and tokenizer that make a full model's checkpoint load with from_pretrained)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
@@ -78,6 +80,8 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         torch.save(checkpoint.scheduler, tmp / "scheduler.pt")
         torch.save(checkpoint.rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(checkpoint.state, indent=2, sort_keys=True) + "\n")
+        if extra is not None:
+            extra(tmp)
         for file in tmp.iterdir():
             with open(file, "rb") as fh:
                 os.fsync(fh.fileno())

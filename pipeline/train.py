@@ -616,8 +616,15 @@ def _save(trainer: Trainer, run: _Run, step: int) -> None:
         weights = {name: tensor for name, tensor in weights.items() if name in trained}
     state = {"step": step, "run_fingerprint": run.fingerprint, "total_steps": trainer.total_steps,
              "world_size": trainer.world.size}
+    def loadable(folder: Path) -> None:  # full fine-tuning: from_pretrained(checkpoint) works
+        if not partial:
+            trainer.policy.config.save_pretrained(folder)
+            if getattr(trainer.policy, "generation_config", None) is not None:
+                trainer.policy.generation_config.save_pretrained(folder)
+            load_tokenizer(trainer.cfg.model).save_pretrained(folder)
+
     save_checkpoint(checkpoint_dir(run.run_dir, step), Checkpoint(
-        weights, optim, trainer.scheduler.state_dict(), {**rng, "ranks": ranks}, state, partial))
+        weights, optim, trainer.scheduler.state_dict(), {**rng, "ranks": ranks}, state, partial), loadable)
     prune_checkpoints(run.run_dir, trainer.cfg.train.save_total_limit)
 
 
@@ -702,7 +709,9 @@ def _write_final(trainer: Trainer, run: _Run, policy, last_eval: dict) -> dict:
     else:
         policy.save_pretrained(final, safe_serialization=True)
         load_tokenizer(trainer.cfg.model).save_pretrained(final)
-    first_eval = next((r for r in _read_metrics(metrics_path) if r["step"] == 0 and "eval/loss" in r), None)
+    records = _read_metrics(metrics_path)
+    first_eval = next((r for r in records if r["step"] == 0 and "eval/loss" in r), None)
+    atomic_write_text(final / "README.md", model_card(trainer.cfg, run, records, first_eval, last_eval))
     files = {str(p.relative_to(run.run_dir)): sha256_file(p, use_cache=False)
              for p in sorted(final.rglob("*")) if p.is_file()}
     summary = {
@@ -728,6 +737,37 @@ def _write_final(trainer: Trainer, run: _Run, policy, last_eval: dict) -> dict:
     }
     atomic_write_json(run.run_dir / layout.RUN_SUMMARY, summary)
     return summary
+
+
+def model_card(cfg: Config, run: _Run, records: list[dict], first_eval: dict | None, last_eval: dict) -> str:
+    """final/README.md: a Hugging Face model card (metadata header + what was trained, on what,
+    how, with what result)."""
+    hub_data = (layout.verified_dataset(run.dataset_dir).get("source") or {}).get("hub") or {}
+    header = {"base_model": str(cfg.model.path), "library_name": "peft" if cfg.train.peft else "transformers",
+              "tags": ["dpo", "dpo-pipeline"]}
+    if hub_data:
+        header["datasets"] = [hub_data["hub_id"]]
+    step0 = next((r for r in records if "step0/max_mean_token_diff" in r), None)
+    rows = ["| metric | start | end |", "|---|---|---|"]
+    for key in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"):
+        start = (first_eval or {}).get(key)
+        rows.append(f"| {key} | {'-' if start is None else f'{start:.4f}'} | {last_eval.get(key, float('nan')):.4f} |")
+    lines = [
+        "---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
+        f"# {run.run_dir.name}", "",
+        f"DPO ({cfg.train.loss_type}, beta {cfg.train.beta}) of `{cfg.model.path}` with "
+        f"{'LoRA adapters (r ' + str(cfg.train.peft.r) + ')' if cfg.train.peft else 'full fine-tuning'}, "
+        f"trained by dpo-pipeline with reference log-probs precomputed once "
+        f"(cache `{run.cache_dir.name[:12]}`, dataset `{run.dataset_dir.name[:12]}`: "
+        f"{len(run.splits['train'])} train / {len(run.splits['eval'])} eval pairs).", "",
+        "## Eval", "", *rows, "",
+    ]
+    if step0:
+        lines += [f"Step-0 check: the policy reproduced the cached reference log-probs within "
+                  f"{step0['step0/max_mean_token_diff']:.3g} nats/token (tolerance {step0['step0/tolerance']:g}).", ""]
+    lines += ["## Training configuration", "", "```yaml", yaml.safe_dump({"train": cfg.to_dict()["train"]},
+                                                                          sort_keys=False).strip(), "```", ""]
+    return "\n".join(lines)
 
 
 def _averaged(records: list[dict]) -> dict:

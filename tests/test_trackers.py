@@ -65,3 +65,23 @@ def test_report_to_names_are_checked(prepared_demo):
 def test_no_tracker_by_default(prepared_demo):
     result = train(prepared_demo({**TRAIN, "run_name": "plain"}), show_progress=False)
     assert not (result.run_dir / "runs").exists() and not (result.run_dir / "mlruns").exists()
+
+
+def test_checkpoints_load_with_from_pretrained_and_final_has_a_model_card(prepared_demo):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = prepared_demo({**TRAIN, "save_steps": 2, "run_name": "carded"})
+    result = train(cfg, show_progress=False)
+    checkpoint = result.run_dir / "checkpoints" / "step-000002"
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint))  # config and weights beside each other
+    AutoTokenizer.from_pretrained(str(checkpoint))
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    for name, tensor in model.state_dict().items():
+        if name in saved:
+            assert torch.equal(tensor, saved[name]), name
+    card = (result.run_dir / "final" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "library_name: transformers" in card
+    assert "| eval/rewards/accuracies |" in card and "Step-0 check" in card and "learning_rate: 0.001" in card
+    assert "final/README.md" in result.summary["files"]  # part of what run.json vouches for
