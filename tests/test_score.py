@@ -228,8 +228,10 @@ def test_kill_9_then_resume_is_byte_identical(tmp_path, demo_assets):
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    manifest = json.loads((out_b / "manifest.json").read_text())
-    assert manifest["complete"] is False, "the run finished before it could be killed"
+    # The progress manifest is written at most every 2 s: it may list some shards or none yet.
+    if (out_b / "manifest.json").exists():
+        manifest = json.loads((out_b / "manifest.json").read_text())
+        assert manifest["complete"] is False, "the run finished before it could be killed"
     again = subprocess.run([dpo, "score", "-c", config("b"), "--no-progress"], check=True,
                            capture_output=True, text=True, env=env)
     assert again.stdout.strip().splitlines()[-1] == str(out_b)
