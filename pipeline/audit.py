@@ -16,9 +16,7 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ from .config import Config
 from .data import DataError
 from .layout import MANIFEST, SHARD_RE, CacheError
 from .models import ModelError
+from .run_report import png_base64
 from .store import (atomic_write_json, atomic_write_text, ensure_dir, exclusive, read_json, remove_leftovers,
                     sha256_verified)
 
@@ -374,12 +373,6 @@ def example_tokens(cache_dir: str | Path, example_id: str, tokenizer) -> dict:
 # --- report ---------------------------------------------------------------------------------------
 
 
-def _png(fig) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def plots(scores: pl.DataFrame) -> dict[str, str]:
     """Base64 PNGs: log-prob histograms, margin histogram, length vs log-prob."""
     import matplotlib
@@ -400,14 +393,14 @@ def plots(scores: pl.DataFrame) -> dict[str, str]:
         ax.set_xlabel("sequence reference log-prob (nats)")
     ax.set_ylabel("count")
     ax.legend()
-    images["Log-prob histogram"] = _png(fig)
+    images["Log-prob histogram"] = png_base64(fig)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist((scores["chosen_logp"] - scores["rejected_logp"]).to_numpy(), bins=60, color="tab:green")
     ax.axvline(0, color="black", lw=1)
     ax.set_xlabel("reference margin: log pi_ref(chosen) - log pi_ref(rejected)")
     ax.set_ylabel("pairs")
-    images["Margin histogram"] = _png(fig)
+    images["Margin histogram"] = png_base64(fig)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for side in ("chosen", "rejected"):
@@ -415,7 +408,7 @@ def plots(scores: pl.DataFrame) -> dict[str, str]:
     ax.set_xlabel("response tokens")
     ax.set_ylabel("sequence log-prob (nats)")
     ax.legend()
-    images["Length vs log-prob"] = _png(fig)
+    images["Length vs log-prob"] = png_base64(fig)
     plt.close(fig)
     return images
 

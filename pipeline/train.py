@@ -49,6 +49,7 @@ from .distributed import World
 from .logprobs import pair_logps, supports_shared_prefix
 from .losses import LOSSES, rewards
 from .models import load_causal_lm, load_tokenizer, model_fingerprint
+from .run_report import write_run_report
 from .store import (atomic_write_json, atomic_write_text, ensure_dir, exclusive, lock_path, remove_leftovers,
                     sha256_file)
 from .trackers import TrackerError, Trackers, open_trackers
@@ -326,6 +327,8 @@ class Trainer:
         if self.world.main:
             _append(path, record)
             self.trackers.log(record, record["step"])
+            if "eval/loss" in record and record["step"] > 0:  # report.html: watchable during the run
+                write_run_report(path.parent, _read_metrics(path), self.cfg.to_dict())
 
 
 def build_trainer(cfg: Config, splits: dict[str, Split], policy, world: World = World()) -> Trainer:
@@ -712,6 +715,7 @@ def _write_final(trainer: Trainer, run: _Run, policy, last_eval: dict) -> dict:
     records = _read_metrics(metrics_path)
     first_eval = next((r for r in records if r["step"] == 0 and "eval/loss" in r), None)
     atomic_write_text(final / "README.md", model_card(trainer.cfg, run, records, first_eval, last_eval))
+    write_run_report(run.run_dir, records, trainer.cfg.to_dict(), final=last_eval or {"steps": trainer.total_steps})
     files = {str(p.relative_to(run.run_dir)): sha256_file(p, use_cache=False)
              for p in sorted(final.rglob("*")) if p.is_file()}
     summary = {

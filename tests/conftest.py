@@ -102,3 +102,25 @@ def write_jsonl(path: Path, rows: list, gz: bool = False) -> Path:
 
 def requires_hh():
     return pytest.mark.skipif(not HH_TEST.is_file(), reason=f"{HH_TEST} not present")
+
+
+def assert_plots_render(page: Path, tmp_path: Path) -> None:
+    """Open an HTML report in headless Chromium (Debian's; skip when absent) and check that
+    matplotlib's default plot colours are on the screenshot: the embedded PNGs rendered."""
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    shot = tmp_path / f"{page.stem}.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                    f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    colors = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
+    palette = {(31, 119, 180), (255, 127, 14), (44, 160, 44)}  # matplotlib's first default colours
+    present = {c for _, c in colors} if colors else set()
+    assert any(sum(abs(a - b) for a, b in zip(p, c)) < 60 for p in palette for c in present)

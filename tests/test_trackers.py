@@ -85,3 +85,26 @@ def test_checkpoints_load_with_from_pretrained_and_final_has_a_model_card(prepar
     assert card.startswith("---\nbase_model: ") and "library_name: transformers" in card
     assert "| eval/rewards/accuracies |" in card and "Step-0 check" in card and "learning_rate: 0.001" in card
     assert "final/README.md" in result.summary["files"]  # part of what run.json vouches for
+
+
+def test_report_html_is_written_at_evals_and_at_the_end(prepared_demo, monkeypatch):
+    import pipeline.train as train_module
+
+    written = []
+    real = train_module.write_run_report
+    monkeypatch.setattr(train_module, "write_run_report",
+                        lambda run_dir, records, config, final=None: written.append(
+                            (max(r["step"] for r in records), final is not None)) or real(run_dir, records, config, final))
+    result = train(prepared_demo({**TRAIN, "run_name": "reported"}), show_progress=False)
+    assert written == [(2, False), (4, False), (4, True)]  # eval at step 2, eval at 4, the end
+    page = (result.run_dir / "report.html").read_text()
+    assert page.count("src='data:image/png;base64,") == 4 and "finished" in page
+    assert "Step-0 check" in page and "learning_rate: 0.001" in page and "<td>0.0" in page
+
+
+@pytest.mark.slow  # a headless browser: CI runs it in make test-slow
+def test_report_html_renders_in_chromium(prepared_demo, tmp_path):
+    from tests.conftest import assert_plots_render
+
+    result = train(prepared_demo({**TRAIN, "run_name": "browsed"}), show_progress=False)
+    assert_plots_render(result.run_dir / "report.html", tmp_path)
