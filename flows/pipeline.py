@@ -80,6 +80,23 @@ def prepare_task(config: dict) -> dict:
     return {"output_dir": str(result.output_dir), "counts": counts}
 
 
+class StageRefused(RuntimeError):
+    """A stage refused its input (the child printed `error: ...`, a user error such as a bad
+    config or a missing model): running it again cannot help, so it is not retried."""
+
+
+def retry_unless_refused(task, task_run, state) -> bool:
+    """Prefect's retry_condition_fn: retry what a retry can fix (a child killed, out of memory,
+    a crash), never a refusal."""
+    return not isinstance(state.data, StageRefused)
+
+
+def _child_failure(what: str, returncode: int, stderr: str) -> Exception:
+    if "error: " in stderr and returncode in (1, 2):  # the dpo command's report of a user error
+        return StageRefused(f"{what} refused: {stderr[stderr.rindex('error: ') + 7:].strip()}")
+    return RuntimeError(f"{what} failed (exit {returncode}):\n{stderr[-4000:]}")
+
+
 def run_score_child(config: dict) -> tuple[str, dict]:
     """`dpo score` in a child process; returns (output dir, run stats)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,12 +106,12 @@ def run_score_child(config: dict) -> tuple[str, dict]:
                    "--no-progress", "--stats-json", str(stats_path)]
         done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"dpo score failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+            raise _child_failure("dpo score", done.returncode, done.stderr)
         stats = json.loads(stats_path.read_text())
     return done.stdout.strip().splitlines()[-1], stats
 
 
-@task(name="score", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="score", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_refused, cache_policy=NO_CACHE)
 def score_task(config: dict) -> dict:
     logger = get_run_logger()
     output_dir, stats = run_score_child(config)

@@ -234,3 +234,20 @@ def test_flow_trains_on_two_processes_and_names_a_failed_rank(prefect_harness, t
     assert done["ran"]["train"] is True
     run = json.loads((Path(done["outputs"]["train"]) / "run.json").read_text())
     assert run["settings"]["world_size"] == 2 and run["steps"] == 4
+
+
+def test_a_refusal_is_not_retried(prefect_harness, tmp_path, demo_assets, monkeypatch):
+    """score.device=cuda on a machine without one: the score child refuses; the task fails at
+    once (its retries are for crashes), with the child's message."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: score.device=cuda is no refusal here")
+    config = demo_config(tmp_path, demo_assets)
+    config["score"]["device"] = "cuda"
+    calls = []
+    real_child = pipeline_flows.run_score_child
+    monkeypatch.setattr(pipeline_flows, "run_score_child", lambda c: calls.append(1) or real_child(c))
+    with pytest.raises(pipeline_flows.StageRefused, match="score.device=cuda but no CUDA GPU is visible"):
+        pipeline_flows.dpo_pipeline(config=config, stages=["prepare", "score"])
+    assert calls == [1]
