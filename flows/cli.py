@@ -157,11 +157,21 @@ def cmd_score(args) -> Path:
     result = score(cfg, show_progress=not args.no_progress)
     print(summarize_score(result), file=sys.stderr)
     if args.stats_json:
-        Path(args.stats_json).write_text(json.dumps(result.stats))
+        Path(args.stats_json).write_text(json.dumps({**result.stats, "output_dir": str(result.output_dir)}))
     return result.output_dir
 
 
+def _prefect_defaults() -> None:
+    """For the Prefect processes this command starts (not for anyone importing flows/): quiet
+    and offline unless the user's settings say otherwise, and time for a fresh ephemeral server
+    to start on a small machine (seen to need more than the default 20 s on 2 cores)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
 def cmd_run(args) -> Path:
+    _prefect_defaults()
     from .pipeline import dpo_pipeline
 
     cfg = load_config(args.config, args.overrides)
@@ -179,6 +189,7 @@ def _print_flow_result(result: dict) -> None:
 
 
 def cmd_serve(args) -> Path:
+    _prefect_defaults()
     from .pipeline import api_url, dpo_pipeline
 
     cfg = load_config(args.config, args.overrides)

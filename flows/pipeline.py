@@ -15,34 +15,27 @@ cheaply: it resumes from its finished shards.
 
 from __future__ import annotations
 
-import os
+import contextlib
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
-# Quiet and offline by default; the user's own settings win. A fresh PREFECT_HOME's ephemeral
-# server was seen to need more than the default 20 s to start on a 2-core machine.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+from pipeline import STAGES, distributed, layout
+from pipeline.audit import AuditFailed, audit, save_report
+from pipeline.config import config_from_dict, world_size
+from pipeline.prepare import prepare
+from pipeline.store import exclusive, lock_path
+from pipeline.train import TrainResult, finished_run, train
 
-import yaml  # noqa: E402
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-from pipeline import STAGES, distributed, layout  # noqa: E402
-from pipeline.audit import AuditFailed, audit, save_report  # noqa: E402
-from pipeline.config import config_from_dict, world_size  # noqa: E402
-from pipeline.prepare import prepare  # noqa: E402
-from pipeline.store import exclusive, lock_path  # noqa: E402
-from pipeline.train import TrainResult, finished_run, train  # noqa: E402
-
-from .plan import plan, stage_complete  # noqa: E402,F401  (plan: part of this module's API)
+from .plan import plan, stage_complete  # noqa: F401  (plan: part of this module's API)
 
 
 def api_url() -> str | None:
@@ -70,7 +63,8 @@ def _remove_output(stage: str, directory: Path) -> None:
 
 @task(name="prepare", cache_policy=NO_CACHE)
 def prepare_task(config: dict) -> dict:
-    result = prepare(config_from_dict(config), show_progress=False)
+    with stage_logs():
+        result = prepare(config_from_dict(config), show_progress=False)
     counts = result.manifest["counts"]
     rows = [{"outcome": "kept", "reason": "", "rows": counts["kept"]}] + [
         {"outcome": "rejected", "reason": reason, "rows": n}
@@ -97,18 +91,53 @@ def _child_failure(what: str, returncode: int, stderr: str) -> Exception:
     return RuntimeError(f"{what} failed (exit {returncode}):\n{stderr[-4000:]}")
 
 
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """This task run's Prefect logger; the `dpo` logger outside a run."""
+    try:
+        return get_run_logger()
+    except Exception:  # MissingContextError: called outside a flow or task run
+        return logging.getLogger("dpo")
+
+
+@contextlib.contextmanager
+def stage_logs():
+    """While a stage runs in this process: the `dpo` loggers' records go to the task run's
+    Prefect logger (the run's logs in the UI, and the terminal under `dpo run`), not twice."""
+    target = _run_logger()
+    if not isinstance(target, logging.LoggerAdapter):
+        yield
+        return
+
+    class ToRunLogger(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            target.log(record.levelno, self.format(record))
+
+    dpo = logging.getLogger("dpo")
+    handler, propagate, level = ToRunLogger(), dpo.propagate, dpo.level
+    dpo.addHandler(handler)
+    dpo.propagate = False
+    dpo.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        dpo.removeHandler(handler)
+        dpo.propagate, dpo.level = propagate, level
+
+
 def run_score_child(config: dict) -> tuple[str, dict]:
-    """`dpo score` in a child process; returns (output dir, run stats)."""
+    """`dpo score` in a child process, its output lines into this run's log as they come;
+    returns (output dir, run stats)."""
+    logger = _run_logger()
     with tempfile.TemporaryDirectory() as tmp:
         config_path, stats_path = Path(tmp) / "config.yaml", Path(tmp) / "stats.json"
         config_path.write_text(yaml.safe_dump(config))
         command = [sys.executable, "-m", "flows.cli", "score", "-c", str(config_path),
                    "--no-progress", "--stats-json", str(stats_path)]
-        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if done.returncode != 0:
-            raise _child_failure("dpo score", done.returncode, done.stderr)
+        returncode, tail = distributed.run_streaming(command, lambda line: logger.info("%s", line))
+        if returncode != 0:
+            raise _child_failure("dpo score", returncode, tail)
         stats = json.loads(stats_path.read_text())
-    return done.stdout.strip().splitlines()[-1], stats
+    return stats.pop("output_dir"), stats
 
 
 @task(name="score", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_refused, cache_policy=NO_CACHE)
@@ -137,8 +166,9 @@ def score_task(config: dict) -> dict:
 def audit_task(config: dict, cache_dir: str) -> dict:
     """Integrity and statistics always, a re-score sample of audit.rescore_rows rows."""
     cfg = config_from_dict(config)
-    report = audit(cache_dir, cfg, rescore_rows=cfg.audit.rescore_rows, seed=cfg.audit.seed,
-                   tolerance=cfg.audit.tolerance)
+    with stage_logs():
+        report = audit(cache_dir, cfg, rescore_rows=cfg.audit.rescore_rows, seed=cfg.audit.seed,
+                       tolerance=cfg.audit.tolerance)
     html_path = save_report(report)
     lines = [f"# Audit of `{cache_dir}`", "", f"**{'passed' if report.passed else 'FAILED'}**", "",
              "| check | result | detail |", "|---|---|---|"]
@@ -167,7 +197,9 @@ def run_train_child(config: dict) -> TrainResult:
         config_path = Path(tmp) / "config.yaml"
         config_path.write_text(yaml.safe_dump(config))
         argv = ["-m", "flows.cli", "train", "-c", str(config_path), "--resume", "--no-progress"]
-        distributed.launch(argv, cfg.train.nproc_per_node, distributed.launch_log_dir(cfg.storage), echo=False)
+        logger = _run_logger()
+        distributed.launch(argv, cfg.train.nproc_per_node, distributed.launch_log_dir(cfg.storage), echo=False,
+                           lines=lambda line: logger.info("%s", line))
     result = finished_run(cfg)
     if result is None:
         raise RuntimeError("the distributed training finished but its run is not complete")
@@ -180,7 +212,8 @@ def train_task(config: dict) -> dict:
     if world_size(cfg.train) > 1:  # torchrun: DDP / FSDP2 processes
         result = run_train_child(config)
     else:
-        result = train(cfg, resume=True, show_progress=False)
+        with stage_logs():
+            result = train(cfg, resume=True, show_progress=False)
     summary = result.summary
     rows = []
     for name in ("first_eval", "final_eval"):

@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -243,23 +244,46 @@ def get_trained_names(module) -> list[str]:
 # --- starting the processes: torchrun as a child -------------------------------------------------
 
 
-def launch(argv: list[str], nproc: int, log_dir: Path, echo: bool = True, env: dict | None = None) -> None:
+def launch(argv: list[str], nproc: int, log_dir: Path, echo: bool = True, env: dict | None = None,
+           lines: Callable[[str], None] | None = None) -> None:
     """Run ``python <argv>`` as ``nproc`` processes on this machine under torchrun
     (torch.distributed.run, a single-node rendezvous on 127.0.0.1). Each rank's output also
-    goes to ``log_dir``; ``echo`` shows it here (ranks' lines prefixed). Raises
-    DistributedError naming the rank that failed first, with the last lines it wrote."""
+    goes to ``log_dir``; ``echo`` shows it here (ranks' lines prefixed), or ``lines`` gets each
+    line (a Prefect run's logger). Raises DistributedError naming the rank that failed first,
+    with the last lines it wrote."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
                "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--max-restarts", "0",
-               "--log-dir", str(log_dir), "--redirects", "3", "--tee", "3" if echo else "0", *argv]
+               "--log-dir", str(log_dir), "--redirects", "3", "--tee", "3" if echo or lines else "0", *argv]
     env = {**os.environ, **(env or {})}
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: gloo talks over the loopback
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    done = subprocess.run(command, env=env, stdout=None if echo else subprocess.DEVNULL,
-                          stderr=None if echo else subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise DistributedError(failure_report(log_dir, done.returncode, done.stderr or ""))
+    if lines is not None:
+        returncode, tail = run_streaming(command, lines, env)
+    else:
+        done = subprocess.run(command, env=env, stdout=None if echo else subprocess.DEVNULL,
+                              stderr=None if echo else subprocess.PIPE, text=True)
+        returncode, tail = done.returncode, done.stderr or ""
+    if returncode != 0:
+        raise DistributedError(failure_report(log_dir, returncode, tail))
+
+
+def run_streaming(command: list[str], lines: Callable[[str], None], env: dict | None = None,
+                  keep: int = 200) -> tuple[int, str]:
+    """Run ``command`` with its stdout and stderr merged, handing each line to ``lines`` as it
+    comes; returns (exit status, its last ``keep`` lines)."""
+    import collections
+
+    tail: collections.deque = collections.deque(maxlen=keep)
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace", bufsize=1) as process:
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            if line.strip():
+                lines(line)
+    return process.returncode, "\n".join(tail)
 
 
 def failure_report(log_dir: Path, returncode: int, launcher_stderr: str) -> str:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from . import layout
 from .config import Config
 from .data import RawRow, check_input, hub_source, input_kind, open_parquet, read_rows, resolve_input
 from .models import ModelError, load_tokenizer, model_source
+from .progress import Progress
 from .store import (
     atomic_path,
     ensure_dir,
@@ -370,17 +370,8 @@ def _chunks(rows: Iterator[RawRow], size: int) -> Iterator[list[RawRow]]:
         yield chunk
 
 
-def _progress(total: int | None, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        unit="rows",
-        desc="prepare",
-        file=sys.stderr,
-        disable=not enabled,
-        dynamic_ncols=True,
-    )
+def _progress(total: int | None, enabled: bool) -> Progress:
+    return Progress(total, "prepare", "rows", enabled, log)
 
 
 def _count_rows(path: Path) -> int | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from . import layout
 from .config import Config
 from .layout import SHARD_RE, shard_name
 from .models import ModelError, check_causal_lm, model_source
+from .progress import Progress
 from .runners import default_workers, run_shards
 from .scorers import ScoreError, Scorer, resolve_backend
 from .scorers.transformers_backend import resolve_device
@@ -214,8 +214,6 @@ def _workers(cfg, backend: str) -> tuple[int, int]:
 def _run_missing(cfg, plan, missing, shard_ids, scorer, examples, shards, settings, stats, write_progress,
                  show_progress) -> dict:
     """Run the missing shards on the configured workers; record each as it lands."""
-    from tqdm.auto import tqdm
-
     workers, gpus = _workers(cfg, plan.inputs["backend"])
     workers = min(workers, len(missing))
     stats.update(workers=workers, runner=cfg.score.runner, rows_reused=0)
@@ -225,8 +223,7 @@ def _run_missing(cfg, plan, missing, shard_ids, scorer, examples, shards, settin
     if workers > 1 or cfg.score.runner == "ray":
         log.info("score: %d shards on %d %s worker(s)", len(missing), workers, cfg.score.runner)
     todo_rows = sum(len(shard_ids[k]) for k in missing)
-    bar = tqdm(total=todo_rows, unit="rows", desc=f"score ({plan.inputs['backend']})", file=sys.stderr,
-               disable=not show_progress, dynamic_ncols=True)
+    bar = Progress(todo_rows, f"score ({plan.inputs['backend']})", "rows", show_progress, log)
     clock = time.perf_counter()
     last_write = time.perf_counter()
     here = ShardJob(plan, scorer)  # used when one local worker: this process

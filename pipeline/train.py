@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from .distributed import World
 from .logprobs import pair_logps, supports_shared_prefix
 from .losses import LOSSES, rewards
 from .models import load_causal_lm, load_tokenizer, model_fingerprint
+from .progress import Progress
 from .run_report import write_run_report
 from .store import (atomic_write_json, atomic_write_text, ensure_dir, exclusive, lock_path, remove_leftovers,
                     sha256_file)
@@ -643,13 +643,11 @@ def _restore(trainer: Trainer, checkpoint: Checkpoint) -> None:
 
 
 def _loop(trainer: Trainer, run: _Run, start_step: int, show_progress: bool) -> dict:
-    from tqdm.auto import tqdm
-
     train_cfg, total = trainer.cfg.train, trainer.total_steps
     metrics_path = run.run_dir / "metrics.jsonl"
-    bar = tqdm(total=total, initial=start_step, unit="step", desc="train", file=sys.stderr,
-               disable=not show_progress, dynamic_ncols=True,
-               mininterval=10 if trainer.world.size > 1 else 0.1)  # torchrun's tee prints each refresh
+    bar = Progress(total, "train", "steps", show_progress, log if trainer.world.main else logging.getLogger("dpo.quiet"),
+                   initial=start_step,
+                   mininterval=10 if trainer.world.size > 1 else 0.1)  # torchrun's tee prints each refresh
     last_eval: dict = {}
     window: list[dict] = []  # step records since the last logged one (train.logging_steps)
     with bar:

@@ -251,3 +251,20 @@ def test_a_refusal_is_not_retried(prefect_harness, tmp_path, demo_assets, monkey
     with pytest.raises(pipeline_flows.StageRefused, match="score.device=cuda but no CUDA GPU is visible"):
         pipeline_flows.dpo_pipeline(config=config, stages=["prepare", "score"])
     assert calls == [1]
+
+
+def test_stage_logs_reach_the_prefect_run(prefect_harness, tmp_path, demo_assets):
+    """The dpo loggers of in-process stages and the score child's lines are in the flow run's
+    logs (what the Prefect UI shows), including each stage's closing progress line."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    config = demo_config(tmp_path, demo_assets)
+    state = pipeline_flows.dpo_pipeline(config=config, return_state=True)
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    text = "\n".join(log.message for log in logs)
+    assert "prepare: " in text and "rows (100%)" in text           # prepare's progress line
+    assert "score: done:" in text and "tok/s on cpu" in text       # the score child's own summary
+    assert "step-0 check:" in text and "train: 20/20 steps (100%)" in text

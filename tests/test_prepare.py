@@ -293,7 +293,7 @@ def test_unusable_inputs_fail_clearly(tmp_path, make_config):
     with pytest.raises(DataError, match="unsupported file type"):
         prepare(make_config(tmp_path / "d.csv"), show_progress=False)
     path = write_jsonl(tmp_path / "d.jsonl", standard_rows(2))
-    with pytest.raises(ModelError, match="not a folder"):
+    with pytest.raises(ModelError, match="neither a folder nor a Hub id"):
         prepare(make_config(path, model_path=tmp_path / "no-model"), show_progress=False)
     odd = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(PrepareError, match="cannot tell the data format"):
