@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from . import layout
 from .config import Config
-from .data import DataError
+from .data import DataError, resolve_input
 from .layout import MANIFEST, SHARD_RE, CacheError
 from .models import ModelError
 from .run_report import png_base64
@@ -177,7 +177,7 @@ def _compare_sources(report: AuditReport, cfg: Config, manifest: dict) -> None:
     dataset_manifest = read_json(dataset_dir_of(Path(report.cache_dir), manifest) / MANIFEST) or {}
     then = dataset_manifest.get("inputs") or {}
     if then:
-        if Path(cfg.data.path).exists() and input_sha256(cfg.data.path) != then["data_sha256"]:
+        if layout.source_exists(cfg) and input_sha256(resolve_input(cfg.data, cfg.storage)) != then["data_sha256"]:
             report.fail("staleness", f"the data file changed since it was prepared ({cfg.data.path})")
         now_files, then_files = tokenizer_files(cfg.model), then["tokenizer_files"]
         for name in sorted(set(now_files) | set(then_files)):

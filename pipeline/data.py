@@ -7,7 +7,9 @@ ends up either used or rejected, never dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import glob
 import gzip
 import json
 import os
@@ -136,13 +138,36 @@ def hub_dataset(repo_id: str, name: str | None, data_dir: str | None, split: str
     return target
 
 
+def is_pattern(path: str | Path) -> bool:
+    """Whether data.path is a glob pattern (several files), e.g. data/part-*.jsonl.gz."""
+    return any(char in str(path) for char in "*?[")
+
+
+def input_files(path: str | Path) -> list[Path]:
+    """The files of data.path: the path itself, or the files a glob pattern matches, sorted
+    (rows are read file after file in that order)."""
+    if not is_pattern(path):
+        return [Path(path)]
+    files = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+    if not files:
+        raise DataError(f"data.path {path} matches no file: check the pattern (e.g. data/train-*.jsonl)")
+    return files
+
+
 def check_input(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data.path {path} does not exist: set data.path to your preference data")
-    if input_kind(path) == "datasets":
-        _datasets_files(path)  # a broken state.json or a missing data file fails here, early
-    return path
+    """``path`` (a file, a `datasets` folder or a glob pattern of either), after checking that
+    everything it names exists and is of one readable kind."""
+    kinds = set()
+    for file in input_files(path):
+        if not file.exists():
+            raise DataError(f"data.path {file} does not exist: set data.path to your preference data")
+        kinds.add(input_kind(file))
+        if kinds == {"datasets"}:
+            _datasets_files(file)  # a broken state.json or a missing data file fails here, early
+    if len(kinds) > 1:
+        raise DataError(f"data.path {path} matches files of different kinds ({', '.join(sorted(kinds))}): "
+                        "narrow the pattern to one kind (e.g. *.jsonl)")
+    return Path(path)
 
 
 def _datasets_files(path: Path) -> list[Path]:
@@ -176,7 +201,10 @@ def _datasets_files(path: Path) -> list[Path]:
 
 
 def input_sha256(path: str | Path) -> str:
-    """Content hash of the input: the file's bytes, or for a `datasets` folder its data files."""
+    """Content hash of the input: the file's bytes, or for a `datasets` folder its data files;
+    for a glob pattern, of every matched file's name and hash, in reading order."""
+    if is_pattern(path):
+        return fingerprint([[f.name, input_sha256(f)] for f in input_files(path)])
     path = Path(path)
     if input_kind(path) == "datasets":
         parts = [sha256_file(f) for f in _datasets_files(path)]
@@ -338,7 +366,10 @@ def _arrow_batches(files: list[Path]) -> Iterator[pa.RecordBatch]:
 
 
 def read_rows(path: str | Path) -> Iterator[RawRow]:
-    """All rows of the input, in order, parsed or not; a damaged file raises DataError."""
+    """All rows of the input, in order, parsed or not; a damaged file raises DataError. Rows of
+    a glob pattern's files are numbered on from one file to the next (source_row)."""
+    if is_pattern(path):
+        return _chained_rows(input_files(path))
     path = Path(path)
     kind = input_kind(path)
     if kind == "jsonl":
@@ -351,5 +382,23 @@ def read_rows(path: str | Path) -> Iterator[RawRow]:
     return _table_rows(_arrow_batches(_datasets_files(path)), path, "`datasets` folder")
 
 
-__all__ = ["DataError", "RawRow", "check_input", "hub_source", "input_sha256", "open_parquet", "read_rows",
+def _chained_rows(files: list[Path]) -> Iterator[RawRow]:
+    offset = 0
+    for file in files:
+        last = -1
+        for row in read_rows(file):
+            last = row.source_row
+            yield dataclasses.replace(row, source_row=offset + row.source_row)
+        offset += last + 1
+
+
+def count_rows(path: str | Path) -> int | None:
+    """Rows of a Parquet input (from its metadata; a progress bar's total), else None."""
+    files = input_files(path)
+    if not all(input_kind(f) == "parquet" for f in files):
+        return None
+    return sum(open_parquet(f).metadata.num_rows for f in files)
+
+
+__all__ = ["DataError", "RawRow", "check_input", "count_rows", "hub_source", "input_sha256", "open_parquet", "read_rows",
            "resolve_input"]

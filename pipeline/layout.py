@@ -17,6 +17,7 @@ check presence and sha256 of every file against the manifest before any byte is 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import re
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 from . import __version__, precision
 from .adapters import is_adapter_dir
 from .config import Config, ConfigError, ModelConfig, is_hub_id, world_size
-from .data import input_sha256, resolve_input
+from .data import input_sha256, is_pattern, resolve_input
 from .models import model_fingerprint, tokenizer_files
 from .store import MANIFEST, fingerprint, read_json, sha256_verified
 
@@ -323,7 +324,10 @@ def plan_dataset_dir(cfg: Config) -> Path:
 
 
 def source_exists(cfg: Config) -> bool:
-    """Whether data.path can be read: an existing path, or a Hub dataset id."""
+    """Whether data.path can be read: an existing path, a glob pattern matching files, or a Hub
+    dataset id."""
+    if is_pattern(cfg.data.path):
+        return bool(glob.glob(str(cfg.data.path), recursive=True))
     return Path(cfg.data.path).exists() or is_hub_id(cfg.data.path)
 
 

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from . import layout
 from .config import Config
-from .data import RawRow, check_input, hub_source, input_kind, open_parquet, read_rows, resolve_input
+from .data import RawRow, check_input, count_rows, hub_source, input_files, is_pattern, read_rows, resolve_input
 from .models import ModelError, load_tokenizer, model_source
 from .progress import Progress
 from .store import (
@@ -374,12 +374,6 @@ def _progress(total: int | None, enabled: bool) -> Progress:
     return Progress(total, "prepare", "rows", enabled, log)
 
 
-def _count_rows(path: Path) -> int | None:
-    if input_kind(path) == "parquet":
-        return open_parquet(path).metadata.num_rows
-    return None
-
-
 def prepare(cfg: Config, show_progress: bool = True) -> PrepareResult:
     """Run the prepare stage (or find its complete output) and return where the dataset lives."""
     data_path = check_input(resolve_input(cfg.data, cfg.storage))
@@ -402,8 +396,7 @@ def prepare(cfg: Config, show_progress: bool = True) -> PrepareResult:
             "kind": "dataset",
             "fingerprint": fp,
             "inputs": inputs,
-            "source": {"path": str(cfg.data.path) if hub else str(data_path), **({"hub": hub, "local": str(data_path)}
-                                                                               if hub else {})},
+            "source": _source(cfg, data_path, hub),
             "tokenizer_source": model_source(cfg.model),
             **written,
             "contract": _contract(cfg, tokenizer, written["chat_template_applied"]),
@@ -420,6 +413,15 @@ def _clear(out_dir: Path) -> None:
     ensure_dir(out_dir)
     for leftover in out_dir.iterdir():
         leftover.unlink()
+
+
+def _source(cfg: Config, data_path: Path, hub: dict | None) -> dict:
+    """What was read: the path (a Hub id with what it resolved to, or a pattern with its files)."""
+    if hub:
+        return {"path": str(cfg.data.path), "hub": hub, "local": str(data_path)}
+    if is_pattern(data_path):
+        return {"path": str(data_path), "files": [str(f) for f in input_files(data_path)]}
+    return {"path": str(data_path)}
 
 
 def _write_dataset(cfg: Config, data_path: Path, tokenizer, out_dir: Path, show_progress: bool) -> dict:
@@ -442,7 +444,7 @@ def _write_dataset(cfg: Config, data_path: Path, tokenizer, out_dir: Path, show_
             rejects[name].append(value)
 
     examples_path = out_dir / layout.EXAMPLES
-    with _progress(_count_rows(data_path), show_progress) as bar:
+    with _progress(count_rows(data_path), show_progress) as bar:
         stats = _write_examples(examples_path, itertools.chain(sample, rows), fmt, cfg, encoder, reject, bar)
     kept, rejected, rows_read = stats["kept"], len(rejects["reason"]), stats["rows_read"]
     if kept + rejected != rows_read:  # an internal invariant; never expected to fire

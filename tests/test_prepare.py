@@ -298,3 +298,39 @@ def test_unusable_inputs_fail_clearly(tmp_path, make_config):
     odd = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(PrepareError, match="cannot tell the data format"):
         prepare(make_config(odd), show_progress=False)
+
+
+def test_glob_pattern_reads_several_files_in_order(tmp_path, make_config):
+    """data.path as a glob: the files it matches, sorted, read one after the other (rows
+    numbered on across them), equal to the same rows in one file; the manifest lists the files."""
+    rows = standard_rows(12)
+    lines = [*rows[:5], "{not json", *rows[5:]]
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    write_jsonl(parts / "part-0.jsonl", lines[:4])
+    write_jsonl(parts / "part-1.jsonl", lines[4:9])
+    write_jsonl(parts / "part-2.jsonl", lines[9:])
+    write_jsonl(parts / "other.txt", ["not matched"])
+    several = prepare(make_config(str(parts / "part-*.jsonl")), show_progress=False)
+    one = prepare(make_config(write_jsonl(tmp_path / "all.jsonl", lines)), show_progress=False)
+    assert read_examples(several) == read_examples(one)  # same rows, ids, token ids, source rows
+    assert read_rejects(several) == read_rejects(one) and read_rejects(one)[0]["source_row"] == 5
+    source = several.manifest["source"]
+    assert source["path"] == str(parts / "part-*.jsonl")
+    assert source["files"] == [str(parts / f"part-{i}.jsonl") for i in range(3)]
+    assert several.output_dir != one.output_dir  # another input, another fingerprint
+    again = prepare(make_config(str(parts / "part-*.jsonl")), show_progress=False)
+    assert again.skipped
+    write_jsonl(parts / "part-3.jsonl", [standard_rows(13)[12]])  # a new file: a new dataset
+    assert prepare(make_config(str(parts / "part-*.jsonl")), show_progress=False).output_dir != several.output_dir
+
+
+def test_glob_pattern_errors(tmp_path, make_config):
+    from pipeline.data import DataError
+
+    with pytest.raises(DataError, match="matches no file"):
+        prepare(make_config(str(tmp_path / "none-*.jsonl")), show_progress=False)
+    write_jsonl(tmp_path / "a.jsonl", standard_rows(2))
+    pq.write_table(pa.Table.from_pylist(standard_rows(2)), tmp_path / "b.parquet")
+    with pytest.raises(DataError, match="different kinds"):
+        prepare(make_config(str(tmp_path / "[ab].*")), show_progress=False)
