@@ -1,0 +1,444 @@
+"""The `dpo` commands: what each subcommand does, on top of `pipeline/` and `flows/`.
+
+`flows/cli.py` parses the command line without importing any of this (so `dpo --help` answers
+at once), then hands the parsed arguments to ``run``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pipeline import STAGES, distributed, layout
+from pipeline.audit import AuditFailed
+from pipeline.config import ConfigError, config_from_dict, load_config, world_size
+from pipeline.data import DataError
+from pipeline.distributed import DistributedError
+from pipeline.layout import CacheError
+from pipeline.models import ModelError
+from pipeline.prepare import REJECT_REASONS, PrepareError, PrepareResult, prepare
+from pipeline.score import ScoreResult, score
+from pipeline.scorers import ScoreError
+from pipeline.store import LockBusy, StorageError
+from pipeline.train import TrainError, TrainResult, finished_run, train
+
+
+class NoServer(RuntimeError):
+    """Scheduling needs a Prefect server and none is configured; says how to start one."""
+
+
+# Errors a user can fix; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, ModelError, PrepareError, ScoreError, TrainError, AuditFailed,
+               CacheError, StorageError, LockBusy, NoServer, DistributedError)
+
+
+def summarize_prepare(result: PrepareResult) -> str:
+    m = result.manifest
+    c, t = m["counts"], m["tokens"]
+    lines = [
+        f"prepare: {'up to date' if result.skipped else 'done'}: {result.output_dir}",
+        f"  format {m['format']}; {c['rows_read']} rows read = {c['kept']} kept "
+        f"({c['train']} train, {c['eval']} eval) + {c['rejected']} rejected",
+    ]
+    for reason, count in c["rejected_by_reason"].items():
+        lines.append(f"    {count:>7}  {reason}: {REJECT_REASONS.get(reason, '')}")
+    lines.append(
+        f"  tokens: prompt {t['prompt']}, chosen {t['chosen']}, rejected {t['rejected']}; "
+        f"longest sequence {t['max_sequence']}"
+    )
+    cut = c["prompt_truncated"], c["chosen_truncated"], c["rejected_truncated"]
+    if any(cut):
+        lines.append(f"  truncated: {cut[0]} prompts, {cut[1]} chosen, {cut[2]} rejected")
+    if c["chat_boundary_retokenized"]:
+        lines.append(
+            f"  {c['chat_boundary_retokenized']} chat rows tokenize differently across the "
+            "prompt/response boundary; the separate tokenization (as in generation) is kept"
+        )
+    if c["rejected"]:
+        lines.append(f"  rejected rows and reasons: {result.output_dir / 'rejects.parquet'}")
+    return "\n".join(lines)
+
+
+def summarize_score(result: ScoreResult) -> str:
+    m, st = result.manifest, result.stats
+    inputs = m["inputs"]
+    lines = [
+        f"score: {'up to date' if result.skipped else 'done'}: {result.output_dir}",
+        f"  {m['rows']} examples, {len(m['shards'])} shards; backend {inputs['backend']}, "
+        f"dtype {inputs['dtype']}; response tokens: chosen {m['tokens']['chosen']}, "
+        f"rejected {m['tokens']['rejected']}",
+    ]
+    if not result.skipped and st["rows_scored"]:
+        workers = f" by {st['workers']} {st['runner']} workers" if st.get("workers", 1) > 1 or st.get("runner") == "ray" else ""
+        lines.append(
+            f"  this run scored {st['rows_scored']} rows ({st['sequence_tokens']} tokens through "
+            f"the model){workers} in {st['seconds']:.1f} s, {st['tokens_per_s']:,.0f} tok/s on {st.get('device')}"
+        )
+    if not result.skipped and st.get("rows_reused"):
+        donors = ", ".join(f"{n} from {fp[:12]}" for fp, n in m.get("reused_from", {}).items())
+        lines.append(f"  reused {st['rows_reused']} rows already scored in other caches ({donors}); "
+                     f"scored {st['rows_scored']} new")
+    return "\n".join(lines)
+
+
+def cmd_score(args) -> Path:
+    cfg = load_config(args.config, args.overrides)
+    result = score(cfg, show_progress=not args.no_progress)
+    print(summarize_score(result), file=sys.stderr)
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps({**result.stats, "output_dir": str(result.output_dir)}))
+    return result.output_dir
+
+
+def _prefect_defaults() -> None:
+    """For the Prefect processes this command starts (not for anyone importing flows/): quiet
+    and offline unless the user's settings say otherwise, and time for a fresh ephemeral server
+    to start on a small machine (seen to need more than the default 20 s on 2 cores)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def cmd_run(args) -> Path:
+    _prefect_defaults()
+    from .pipeline import dpo_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    stages = list(args.only or STAGES)
+    if args.from_stage:
+        stages = [s for s in stages if STAGES.index(s) >= STAGES.index(args.from_stage)]
+    result = dpo_pipeline(config=cfg.to_dict(), stages=stages, force=args.force)
+    _print_flow_result(result)
+    return Path(result["outputs"][stages[-1]])
+
+
+def _print_flow_result(result: dict) -> None:
+    for stage, output in result["outputs"].items():
+        print(f"{stage}: {'ran' if result['ran'][stage] else 'up to date'}: {output}", file=sys.stderr)
+
+
+def cmd_serve(args) -> Path:
+    _prefect_defaults()
+    from .pipeline import api_url, dpo_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    if not api_url():
+        raise NoServer(
+            "scheduling needs a running Prefect server, and only the ephemeral API is available. "
+            "Start one with `prefect server start --host 127.0.0.1` (in another terminal), then "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api` and run `dpo serve` again"
+        )
+    print(f"serving deployment {args.name} on {api_url()} with cron {args.cron!r}; "
+          "Ctrl-C stops it", file=sys.stderr)
+    dpo_pipeline.serve(name=args.name, cron=args.cron, parameters={"config": cfg.to_dict()},
+                       print_starting_message=False)
+    return Path(cfg.storage)
+
+
+def _cache_from(args) -> Path:
+    """The cache a config names: train.ref_cache, or the one `dpo score` makes for it (audited
+    even when damaged), or a cache of the same dataset and model made with another backend."""
+    if not args.config:
+        raise ConfigError("give a cache directory or -c CONFIG")
+    cfg = load_config(args.config, args.overrides)
+    if cfg.train.ref_cache:
+        return Path(cfg.train.ref_cache)
+    dataset_fp = layout.plan_dataset_dir(cfg).name
+    planned = layout.plan_refscores_dir(cfg, dataset_fp)
+    return planned if planned.exists() else layout.locate_ref_cache(cfg, dataset_fp)
+
+
+def cmd_audit(args) -> Path | None:
+    """dpo audit [PATH | -c CONFIG] | dpo audit diff A B | dpo audit show ID."""
+    target = list(args.target)
+    if target[:1] == ["diff"]:
+        if len(target) != 3:
+            raise ConfigError("usage: dpo audit diff CACHE_A CACHE_B")
+        return _audit_diff(args, Path(target[1]), Path(target[2]))
+    if target[:1] == ["show"]:
+        if len(target) != 2:
+            raise ConfigError("usage: dpo audit show ID -c CONFIG (or --cache DIR)")
+        return _audit_show(args, target[1])
+    if len(target) > 1:
+        raise ConfigError("usage: dpo audit [CACHE_DIR] [-c CONFIG] [--rescore K]")
+    return _audit_report(args, Path(target[0]) if target else None)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _audit_diff(args, cache_a: Path, cache_b: Path) -> Path | None:
+    from rich.table import Table
+
+    from pipeline.audit import diff_caches
+
+    result = diff_caches(cache_a, cache_b)
+    table = Table(title=f"{cache_a.name[:12]} vs {cache_b.name[:12]} ({result['rows']} rows)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if not isinstance(value, (list, dict)):
+            table.add_row(key, f"{value:.3g}" if isinstance(value, float) else str(value))
+    _console().print(table)
+    if args.json:
+        print(json.dumps(result, default=str))
+    return None if args.json else cache_a
+
+
+def _audit_show(args, example_id: str) -> Path | None:
+    """One example token by token; the lowest decile of log-probs in red."""
+    from rich.table import Table
+
+    from pipeline.audit import example_tokens
+    from pipeline.config import ModelConfig
+    from pipeline.models import load_tokenizer
+
+    cache = Path(args.cache) if args.cache else _cache_from(args)
+    manifest = layout.verified_refscores(cache)
+    shown = example_tokens(cache, example_id, load_tokenizer(ModelConfig(
+        path=manifest["model_path"], revision=(manifest.get("model_source") or {}).get("revision"))))
+    if args.json:
+        print(json.dumps(shown))
+        return None
+    console = _console()
+    console.print(f"[bold]{shown['id']}[/bold] prompt:\n{shown['prompt'][-500:]}", highlight=False, markup=False)
+    for side in ("chosen", "rejected"):
+        tokens = shown[side]["tokens"]
+        values = sorted(token["logp"] for token in tokens if token["logp"] is not None)
+        low = values[max(0, len(values) // 10 - 1)] if values else None
+        console.print(f"\n[bold]{side}[/bold]: log pi_ref = {shown[side]['logp']:.3f} over {len(tokens)} tokens")
+        table = Table(show_header=True)
+        for column in ("#", "token", "id", "log-prob"):
+            table.add_column(column)
+        for i, token in enumerate(tokens):
+            logp = token["logp"]
+            style = "bold red" if low is not None and logp is not None and logp <= low else None
+            table.add_row(str(i), repr(token["token"]), str(token["id"]), "" if logp is None else f"{logp:.3f}",
+                          style=style)
+        console.print(table)
+    return cache
+
+
+def _audit_report(args, cache: Path | None) -> Path | None:
+    from pipeline.audit import audit, save_report
+
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    cache = cache or _cache_from(args)
+    if args.rescore and cfg is None:
+        raise ConfigError("--rescore needs -c CONFIG (the model to re-score with)")
+    report = audit(cache, cfg, rescore_rows=args.rescore, seed=args.seed, dtype=args.dtype, tolerance=args.tolerance)
+    html_path = save_report(report, args.report_dir)
+    _print_audit(report, cache)
+    _console().print(f"report: {html_path}")
+    if args.json:  # stdout is then the JSON document alone
+        print(json.dumps(report.to_dict(), default=str))
+    if not report.passed:
+        failed = [f.message for f in report.findings if not f.ok]
+        raise AuditFailed(f"audit failed ({len(failed)} problems): " + "; ".join(failed))
+    return None if args.json else cache
+
+
+def _print_audit(report, cache: Path) -> None:
+    from rich.table import Table
+
+    console = _console()
+    table = Table(title=f"audit of {cache}")
+    for column in ("check", "result", "detail"):
+        table.add_column(column)
+    for finding in report.findings:
+        table.add_row(finding.check, "[green]ok[/green]" if finding.ok else "[red]FAIL[/red]", finding.message)
+    console.print(table)
+    stats = report.stats
+    if not stats:
+        return
+    summary = Table(title="statistics")
+    summary.add_column("quantity")
+    columns = ("mean", "p01", "p50", "p99", "min", "max")
+    for column in columns:
+        summary.add_column(column, justify="right")
+    rows = [("chosen log-prob", stats["sequence_logp"]["chosen"]),
+            ("rejected log-prob", stats["sequence_logp"]["rejected"]),
+            ("margin", stats["margin"]), ("chosen tokens", stats["lengths"]["chosen"])]
+    if "token_logp" in stats:
+        rows.insert(0, ("per-token log-prob", stats["token_logp"]))
+    for name, described in rows:
+        summary.add_row(name, *(f"{described.get(k, float('nan')):.3f}" for k in columns))
+    console.print(summary)
+    console.print(f"reference already prefers the chosen response in {stats['reference_prefers_chosen']:.1%} of pairs")
+
+
+def cmd_status(args) -> Path:
+    from .plan import plan, stage_complete
+
+    cfg = load_config(args.config, args.overrides)
+    planned = plan(cfg)
+    for stage in STAGES:
+        directory = planned[stage]
+        if not directory.exists():
+            state, size = "missing", 0
+        else:  # complete means verified: every file present and matching its manifest
+            state = "complete" if stage_complete(cfg, stage, directory) else "incomplete"
+            size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        print(f"{stage:<8} {state:<10} {size / 1e6:>10.1f} MB  {directory}")
+        if stage == "train" and directory.exists():
+            print(f"         {run_progress(cfg, directory)}")
+    return Path(cfg.storage)
+
+
+def run_progress(cfg, run_dir: Path) -> str:
+    """One line on a run: finished, or running / stopped at which step, on how many processes."""
+    from pipeline.checkpoint import list_checkpoints
+    from pipeline.store import exclusive, lock_path
+
+    summary = layout.verified_run(run_dir)
+    if summary is not None:
+        settings = summary.get("settings", {})
+        processes = settings.get("world_size", 1)
+        engine = f" ({settings['distributed']})" if settings.get("distributed") else ""
+        return f"finished: {summary['steps']} steps on {processes} process(es){engine}"
+    steps = [r.get("step", 0) for r in _metrics(run_dir) if "loss" in r]
+    checkpoints = list_checkpoints(run_dir)
+    try:
+        with exclusive(lock_path(cfg.storage, "runs", run_dir.name), f"run {run_dir}", wait=False):
+            activity = "stopped"
+    except LockBusy as exc:
+        activity = f"running ({str(exc).split('(', 1)[-1].split(')', 1)[0]})"
+    last = f"last logged step {max(steps)}" if steps else "no step logged yet"
+    resume = f"resumable from {checkpoints[-1].name} (--resume)" if checkpoints else "no checkpoint"
+    return (f"{activity}: {last}; {resume}; {world_size(cfg.train)} process(es) "
+            f"({cfg.train.distributed if world_size(cfg.train) > 1 else 'single'})")
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    records = []
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a kill
+    return records
+
+
+def summarize_train(result: TrainResult) -> str:
+    s = result.summary
+    lines = [f"train: {'up to date' if result.skipped else 'done'}: {result.run_dir}",
+             f"  {s['steps']} steps on {s['train_examples']} train pairs; weights in {s['final_dir']}"]
+    first, last = s.get("first_eval"), s.get("final_eval")
+    if last:
+        before = f"{first['eval/rewards/accuracies']:.3f} -> " if first else ""
+        lines.append(
+            f"  eval ({s['eval_examples']} pairs): reward accuracy {before}"
+            f"{last['eval/rewards/accuracies']:.3f}, margin {last['eval/rewards/margins']:.3f}, "
+            f"loss {last['eval/loss']:.4f}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> Path:
+    overrides = list(args.overrides)
+    if args.nproc_per_node is not None:
+        overrides.append(f"train.nproc_per_node={args.nproc_per_node}")
+    cfg = load_config(args.config, overrides)
+    if world_size(cfg.train) > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
+        result = launch_train(cfg, args.config, overrides, args.resume, args.no_progress)
+    else:
+        result = train(cfg, resume=args.resume, show_progress=not args.no_progress)
+    if _rank() == 0 and not os.environ.get(LAUNCHED):  # a launcher prints it once
+        print(summarize_train(result), file=sys.stderr)
+    return result.run_dir
+
+
+def launch_train(cfg, config_path: str, overrides: list[str], resume: bool, no_progress: bool) -> TrainResult:
+    """`dpo train` as train.nproc_per_node processes under torchrun (this command, in each)."""
+    if cfg.train.nnodes > 1:
+        raise ConfigError(
+            f"train.nnodes={cfg.train.nnodes}: start torchrun on every node yourself, e.g. `torchrun "
+            f"--nnodes {cfg.train.nnodes} --node-rank R --nproc-per-node {cfg.train.nproc_per_node} "
+            "--rdzv-backend c10d --rdzv-endpoint HOST:29400 --rdzv-id RUN -m flows.cli train -c CONFIG` (README)"
+        )
+    done = finished_run(cfg)
+    if done is not None:
+        return done  # up to date: no processes to start
+    argv = ["-m", "flows.cli", "train", "-c", config_path]
+    for override in overrides:
+        argv += ["--set", override]
+    argv += ["--resume"] * resume + ["--no-progress"] * no_progress
+    log_dir = distributed.launch_log_dir(cfg.storage)
+    print(f"train: {cfg.train.nproc_per_node} processes under torchrun ({cfg.train.distributed}); "
+          f"their logs: {log_dir}", file=sys.stderr)
+    distributed.launch(argv, cfg.train.nproc_per_node, log_dir, env={LAUNCHED: "1"})
+    result = finished_run(cfg)
+    if result is None:
+        raise TrainError(f"torchrun finished but the run is not complete; see the logs in {log_dir}")
+    return TrainResult(result.run_dir, result.summary, skipped=False)
+
+
+def cmd_prepare(args) -> Path:
+    cfg = load_config(args.config, args.overrides)
+    result = prepare(cfg, show_progress=not args.no_progress)
+    print(summarize_prepare(result), file=sys.stderr)
+    return result.output_dir
+
+
+def cmd_demo(args) -> Path:
+    from pipeline.assets import DEMO_TRAIN, build_demo_assets
+
+    storage = Path(args.storage).resolve()
+    assets = build_demo_assets(storage / "demo")
+    print(f"demo assets: model {assets['model']}, data {assets['data']}", file=sys.stderr)
+    cfg = config_from_dict(
+        {
+            "storage": str(storage),
+            "data": {"path": str(assets["data"]), "eval_fraction": 0.1},
+            "model": {"path": str(assets["model"])},
+            "tokenize": {"max_length": 128, "max_prompt_length": 64},
+            "train": DEMO_TRAIN,
+        }
+    )
+    from .pipeline import dpo_pipeline
+
+    result = dpo_pipeline(config=cfg.to_dict())
+    _print_flow_result(result)
+    run_dir = Path(result["outputs"]["train"])
+    print(summarize_train(TrainResult(run_dir, json.loads((run_dir / "run.json").read_text()), False)),
+          file=sys.stderr)
+    return run_dir
+
+
+COMMANDS = {"prepare": cmd_prepare, "score": cmd_score, "train": cmd_train, "run": cmd_run,
+            "serve": cmd_serve, "status": cmd_status, "audit": cmd_audit, "demo": cmd_demo}
+
+
+LAUNCHED = "DPO_LAUNCHED"
+"""Set in the processes `dpo train` starts under torchrun: the launcher reports for them."""
+
+
+
+def run(args) -> int:
+    """Run a parsed command; a user's error is one `error: ...` line and exit status 1 (2 for a
+    config error), anything else keeps its traceback."""
+    try:
+        output_dir = COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        distributed.record_failure(exc)  # under torchrun: which rank failed, for the launcher
+        return 2 if isinstance(exc, ConfigError) else 1
+    except BaseException as exc:
+        distributed.record_failure(exc)
+        raise
+    if output_dir is not None and _rank() == 0:
+        print(output_dir)
+    return 0
+
+
+def _rank() -> int:
+    """This process's rank under torchrun, else 0."""
+    return int(os.environ.get("RANK", "0")) if "LOCAL_RANK" in os.environ else 0
