@@ -99,18 +99,24 @@ if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_
 """
 
 
+def fail_rank_at(tmp_path, monkeypatch, rank: int, step: int) -> None:
+    """Make rank ``rank`` of the torchrun children this test starts fail at (0-based) ``step``:
+    FAIL_HOOK as their sitecustomize; delenv DPO_TEST_FAIL_RANK to stop it."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent(FAIL_HOOK))
+    monkeypatch.setenv("PYTHONPATH", f"{hook}:{':'.join(sys.path)}")
+    monkeypatch.setenv("DPO_TEST_FAIL_RANK", str(rank))
+    monkeypatch.setenv("DPO_TEST_FAIL_STEP", str(step))
+
+
 @pytest.mark.parametrize("engine,resume_on", [("ddp", 1), ("fsdp", 2)])
 def test_failed_rank_is_named_and_the_run_resumes(prepared_demo, tmp_path, monkeypatch, capsys, engine, resume_on):
     """Rank 1 fails at step 3 (after the step-2 checkpoint): the launcher names rank 1 and quotes
     its last lines; the run then resumes from that checkpoint, on one process (same effective
     batch) or again on two under FSDP2 (the full checkpoint sharded back), and ends where an
     uninterrupted run ends."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(textwrap.dedent(FAIL_HOOK))
-    monkeypatch.setenv("PYTHONPATH", f"{hook}:{':'.join(sys.path)}")
-    monkeypatch.setenv("DPO_TEST_FAIL_RANK", "1")
-    monkeypatch.setenv("DPO_TEST_FAIL_STEP", "2")
+    fail_rank_at(tmp_path, monkeypatch, rank=1, step=2)
     cfg = prepared_demo({**TRAIN, "run_name": "resumed"})
     config_path = _write(cfg, tmp_path / "run.yaml")
     assert _two_processes(config_path, "--set", f"train.distributed={engine}") == 1

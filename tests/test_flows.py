@@ -215,18 +215,11 @@ def test_run_command_stage_selection(tmp_path, demo_assets):
 def test_flow_trains_on_two_processes_and_names_a_failed_rank(prefect_harness, tmp_path, demo_assets, monkeypatch):
     """train.nproc_per_node 2: the train task launches torchrun as a child; a rank's failure
     fails the task with that rank and its last lines; without it the run completes on 2 processes."""
-    import textwrap
-
-    from tests.test_distributed import FAIL_HOOK
+    from tests.test_distributed import fail_rank_at
 
     config = demo_config(tmp_path, demo_assets)
     config["train"].update(nproc_per_node=2, per_device_train_batch_size=8, max_steps=4, eval_steps=2)
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(textwrap.dedent(FAIL_HOOK))
-    monkeypatch.setenv("PYTHONPATH", f"{hook}:{':'.join(sys.path)}")
-    monkeypatch.setenv("DPO_TEST_FAIL_RANK", "0")
-    monkeypatch.setenv("DPO_TEST_FAIL_STEP", "1")
+    fail_rank_at(tmp_path, monkeypatch, rank=0, step=1)
     with pytest.raises(Exception, match=r"rank 0 failed first(.|\n)*simulated failure of rank 0 at step 2"):
         pipeline_flows.dpo_pipeline(config=config)
     monkeypatch.delenv("DPO_TEST_FAIL_RANK")
