@@ -201,6 +201,8 @@ def _score_missing(cfg, dataset_dir, dataset_manifest, inputs, out_dir, scorer, 
                                 lambda s: write_progress(False, s), show_progress)
         if not settings and plan.donors:  # every row copied, no model loaded: the donor's settings
             settings = (read_manifest(Path(plan.donors[0])) or {}).get("settings") or {}
+        # Every worker has stopped: a temporary file left now is a killed worker's half shard.
+        remove_leftovers(out_dir)
     return write_progress(True, settings)
 
 
