@@ -210,3 +210,24 @@ def test_incremental_scores_only_new_rows_and_equals_a_full_rescore(tmp_path, co
     off = config(data_b, "inc", tokens_per_batch=1, reuse=False)
     shutil.rmtree(incremental.output_dir)
     assert score(off, show_progress=False).stats["rows_reused"] == 0
+
+
+def test_a_dead_workers_half_shard_is_not_left_in_the_cache(tmp_path, config, monkeypatch):
+    """A worker killed while writing leaves a `.tmp-part-*` file; the coordinator, once every
+    worker has stopped, removes it before the cache is complete (as a kill -9 can leave it)."""
+    import pipeline.shards as shards_module
+    from pipeline.layout import verified_refscores
+
+    data = write_jsonl(tmp_path / "d.jsonl", varied_rows(40))
+    cfg = config(data, "dead")
+    prepare(cfg, show_progress=False)
+    real_run = shards_module.ShardJob.run
+
+    def run_and_leave_a_half_shard(self, index, progress=None):
+        (Path(self.plan.out_dir) / f".tmp-part-{index:05d}.parquet.dead").write_bytes(b"PAR1 half")
+        return real_run(self, index, progress)
+
+    monkeypatch.setattr(shards_module.ShardJob, "run", run_and_leave_a_half_shard)
+    result = score(cfg, show_progress=False)
+    assert not list(result.output_dir.glob(".tmp-*"))
+    verified_refscores(result.output_dir)  # every file accounted for
