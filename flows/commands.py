@@ -23,7 +23,7 @@ from pipeline.prepare import REJECT_REASONS, PrepareError, PrepareResult, prepar
 from pipeline.score import ScoreResult, score
 from pipeline.scorers import ScoreError
 from pipeline.store import LockBusy, StorageError
-from pipeline.train import TrainError, TrainResult, finished_run, train
+from pipeline.train import TrainError, TrainResult, finished_run, launch, train
 
 
 class NoServer(RuntimeError):
@@ -374,11 +374,7 @@ def launch_train(cfg, config_path: str, overrides: list[str], resume: bool, no_p
     log_dir = distributed.launch_log_dir(cfg.storage)
     print(f"train: {cfg.train.nproc_per_node} processes under torchrun ({cfg.train.distributed}); "
           f"their logs: {log_dir}", file=sys.stderr)
-    distributed.launch(argv, cfg.train.nproc_per_node, log_dir, env={LAUNCHED: "1"})
-    result = finished_run(cfg)
-    if result is None:
-        raise TrainError(f"torchrun finished but the run is not complete; see the logs in {log_dir}")
-    return TrainResult(result.run_dir, result.summary, skipped=False)
+    return launch(cfg, argv, log_dir, env={LAUNCHED: "1"})
 
 
 def cmd_prepare(args) -> Path:

@@ -33,7 +33,7 @@ from pipeline.audit import AuditFailed, audit, save_report
 from pipeline.config import config_from_dict, world_size
 from pipeline.prepare import prepare
 from pipeline.store import exclusive, lock_path
-from pipeline.train import TrainResult, finished_run, train
+from pipeline.train import TrainResult, launch, train
 
 from .plan import plan, stage_complete  # noqa: F401  (plan: part of this module's API)
 
@@ -198,12 +198,8 @@ def run_train_child(config: dict) -> TrainResult:
         config_path.write_text(yaml.safe_dump(config))
         argv = ["-m", "flows.cli", "train", "-c", str(config_path), "--resume", "--no-progress"]
         logger = _run_logger()
-        distributed.launch(argv, cfg.train.nproc_per_node, distributed.launch_log_dir(cfg.storage), echo=False,
-                           lines=lambda line: logger.info("%s", line))
-    result = finished_run(cfg)
-    if result is None:
-        raise RuntimeError("the distributed training finished but its run is not complete")
-    return result
+        return launch(cfg, argv, distributed.launch_log_dir(cfg.storage), echo=False,
+                      lines=lambda line: logger.info("%s", line))
 
 
 @task(name="train", cache_policy=NO_CACHE)

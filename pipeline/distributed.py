@@ -119,9 +119,17 @@ def start(expected: int, device: str) -> World:
     return world
 
 
-def stop(world: World) -> None:
+def stop(world: World, finished: bool = True) -> None:
+    """Leave the process group. After a finished run all ranks meet at a barrier first (a rank
+    tearing its connections down while a peer's gloo threads still use them can abort that
+    peer); after a failure no barrier (the others may be waiting in another collective, and
+    torchrun stops them)."""
     if world.size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if finished:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def device_of(world: World, device: str) -> str:

@@ -479,6 +479,26 @@ def _identify(cfg: Config):
     return dataset_dir, dataset_fp, cache_dir, init_fp, run_fp, run_dir
 
 
+def launch(cfg: Config, argv: list[str], log_dir: Path, **options) -> TrainResult:
+    """Train ``cfg`` as train.nproc_per_node processes under torchrun (``distributed.launch``
+    running ``python <argv>`` in each) and return the finished run. A rank that crashes after
+    the run is complete and verified (run.json and the sha256 of every file in final/: seen
+    once, a gloo rank aborting at exit) is reported, not fatal; any other failure raises."""
+    try:
+        distributed.launch(argv, cfg.train.nproc_per_node, log_dir, **options)
+    except distributed.DistributedError as exc:
+        done = finished_run(cfg)
+        if done is None:
+            raise
+        log.warning("train: the run is complete and verifies, but a process failed as it ended: %s",
+                    str(exc).splitlines()[0])
+        return TrainResult(done.run_dir, done.summary, skipped=False)
+    done = finished_run(cfg)
+    if done is None:
+        raise TrainError(f"torchrun finished but the run is not complete; see the logs in {log_dir}")
+    return TrainResult(done.run_dir, done.summary, skipped=False)
+
+
 def finished_run(cfg: Config) -> TrainResult | None:
     """The finished run of ``cfg`` when it exists and verifies, without loading data or model
     (what a launcher reports after its torchrun child, or before starting one)."""
@@ -498,9 +518,12 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> Trai
     except distributed.DistributedError as exc:
         raise TrainError(str(exc)) from None
     try:
-        return _train(cfg, world, distributed.device_of(world, device), resume, show_progress and world.main)
-    finally:
-        distributed.stop(world)
+        result = _train(cfg, world, distributed.device_of(world, device), resume, show_progress and world.main)
+    except BaseException:
+        distributed.stop(world, finished=False)
+        raise
+    distributed.stop(world)
+    return result
 
 
 def _train(cfg: Config, world: World, device: str, resume: bool, show_progress: bool) -> TrainResult:
