@@ -95,10 +95,6 @@ class ShardJob:
             self._scorer = make_scorer(self.plan.inputs["backend"], self.cfg, self.plan.max_sequence)
         return self._scorer
 
-    @property
-    def loaded_scorer(self):
-        return self._scorer
-
     def rows(self, start: int, count: int) -> pa.Table:
         """Rows [start, start + count) of the prepared examples, reading only the row groups
         that hold them (a worker never holds the whole dataset; the last groups read are kept
