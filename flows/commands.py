@@ -192,36 +192,42 @@ def _audit_diff(args, cache_a: Path, cache_b: Path) -> Path | None:
 
 
 def _audit_show(args, example_id: str) -> Path | None:
-    """One example token by token; the lowest decile of log-probs in red."""
+    """One example token by token: each response token on a background coloured by its reference
+    log-prob (on pipeline.audit.LOGP_SCALE), then the lowest tokens of each response."""
     from rich.table import Table
+    from rich.text import Text
 
-    from pipeline.audit import example_tokens
-    from pipeline.config import ModelConfig
-    from pipeline.models import load_tokenizer
+    from pipeline.audit import LOGP_LEGEND, cache_tokenizer, example_tokens, logp_color, shown_token
 
     cache = Path(args.cache) if args.cache else _cache_from(args)
-    manifest = layout.verified_refscores(cache)
-    shown = example_tokens(cache, example_id, load_tokenizer(ModelConfig(
-        path=manifest["model_path"], revision=(manifest.get("model_source") or {}).get("revision"))))
+    tokenizer, decoded = cache_tokenizer(cache, layout.verified_refscores(cache))
+    shown = example_tokens(cache, example_id, tokenizer)
     if args.json:
         print(json.dumps(shown))
         return None
     console = _console()
-    console.print(f"[bold]{shown['id']}[/bold] prompt:\n{shown['prompt'][-500:]}", highlight=False, markup=False)
+    prompt = shown["prompt"] if len(shown["prompt"]) <= 500 else "…" + shown["prompt"][-500:]
+    truncated = ", truncated" if shown["prompt_truncated"] else ""
+    console.print(Text.assemble((shown["id"], "bold"), f" prompt ({shown['prompt_tokens']} tokens{truncated}):"))
+    console.print(Text(prompt))
+    legend = [(f" {v:g} ", f"black on {logp_color(v)}") for v in LOGP_LEGEND]
+    console.print(Text.assemble("\ntoken log-prob (nats): ", *legend, f"  ({decoded})"))
     for side in ("chosen", "rejected"):
         tokens = shown[side]["tokens"]
-        values = sorted(token["logp"] for token in tokens if token["logp"] is not None)
-        low = values[max(0, len(values) // 10 - 1)] if values else None
-        console.print(f"\n[bold]{side}[/bold]: log pi_ref = {shown[side]['logp']:.3f} over {len(tokens)} tokens")
-        table = Table(show_header=True)
-        for column in ("#", "token", "id", "log-prob"):
-            table.add_column(column)
-        for i, token in enumerate(tokens):
-            logp = token["logp"]
-            style = "bold red" if low is not None and logp is not None and logp <= low else None
-            table.add_row(str(i), repr(token["token"]), str(token["id"]), "" if logp is None else f"{logp:.3f}",
-                          style=style)
-        console.print(table)
+        truncated = ", truncated" if shown[side]["truncated"] else ""
+        console.print(Text.assemble("\n", (side, "bold"), f": log pi_ref = {shown[side]['logp']:.3f} over "
+                                    f"{len(tokens)} tokens{truncated}"))
+        console.print(Text.assemble(*[(shown_token(t), f"black on {logp_color(t['logp'])}") for t in tokens]))
+        lowest = sorted((t["logp"], i) for i, t in enumerate(tokens) if t["logp"] is not None)[:5]
+        if lowest:
+            table = Table(title=f"lowest {side} tokens", title_justify="left")
+            for column in ("#", "token", "id", "log-prob"):
+                table.add_column(column)
+            for logp, i in lowest:
+                token = tokens[i]
+                table.add_row(str(i), Text(repr(token["token"]) if token["token"] is not None else ""),
+                              str(token["id"]), Text(f"{logp:.3f}", style=f"black on {logp_color(logp)}"))
+            console.print(table)
     return cache
 
 
@@ -235,7 +241,7 @@ def _audit_report(args, cache: Path | None) -> Path | None:
     report = audit(cache, cfg, rescore_rows=args.rescore, seed=args.seed, dtype=args.dtype, tolerance=args.tolerance)
     html_path = save_report(report, args.report_dir)
     _print_audit(report, cache)
-    _console().print(f"report: {html_path}")
+    _console().print(f"report: {html_path}", markup=False, highlight=False)
     if args.json:  # stdout is then the JSON document alone
         print(json.dumps(report.to_dict(), default=str))
     if not report.passed:
@@ -246,13 +252,16 @@ def _audit_report(args, cache: Path | None) -> Path | None:
 
 def _print_audit(report, cache: Path) -> None:
     from rich.table import Table
+    from rich.text import Text
+
+    from pipeline.audit import outlier_ids
 
     console = _console()
-    table = Table(title=f"audit of {cache}")
+    table = Table(title=Text(f"audit of {cache}"))  # Text: paths and messages are not markup
     for column in ("check", "result", "detail"):
         table.add_column(column)
     for finding in report.findings:
-        table.add_row(finding.check, "[green]ok[/green]" if finding.ok else "[red]FAIL[/red]", finding.message)
+        table.add_row(finding.check, Text("ok", "green") if finding.ok else Text("FAIL", "red"), Text(finding.message))
     console.print(table)
     stats = report.stats
     if not stats:
@@ -271,6 +280,9 @@ def _print_audit(report, cache: Path) -> None:
         summary.add_row(name, *(f"{described.get(k, float('nan')):.3f}" for k in columns))
     console.print(summary)
     console.print(f"reference already prefers the chosen response in {stats['reference_prefers_chosen']:.1%} of pairs")
+    if ids := outlier_ids(stats, 5):
+        console.print(Text(f"outliers (`dpo audit show ID --cache {cache}` shows one, token by token): "
+                           + ", ".join(ids)))
 
 
 def cmd_status(args) -> Path:

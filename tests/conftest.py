@@ -104,23 +104,39 @@ def requires_hh():
     return pytest.mark.skipif(not HH_TEST.is_file(), reason=f"{HH_TEST} not present")
 
 
-def assert_plots_render(page: Path, tmp_path: Path) -> None:
-    """Open an HTML report in headless Chromium (Debian's; skip when absent) and check that
-    matplotlib's default plot colours are on the screenshot: the embedded PNGs rendered."""
+def chromium(tmp_path: Path, *args: str) -> str:
+    """Run Debian's headless Chromium with ``args`` (skip the test when it is absent) and return its
+    stdout; a crash or a hang (120 s) fails the test."""
     import shutil
     import subprocess
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    done = subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                           "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                           *args], check=True, capture_output=True, text=True, timeout=120)
+    return done.stdout
+
+
+def assert_plots_render(page: Path, tmp_path: Path, fragment: str = "", height: int = 2400,
+                        keep: Path | None = None) -> Path:
+    """Open an HTML report (at ``#fragment``, if given) in headless Chromium and check that
+    matplotlib's default plot colours are on the screenshot: the embedded PNGs rendered. ``keep``:
+    copy the screenshot there too (a CI artifact). Returns the screenshot."""
+    import shutil
+
+    assert page.is_file(), page  # Chromium would show (and screenshot) an error page
     shot = tmp_path / f"{page.stem}.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                    f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
-                   check=True, capture_output=True, timeout=120)
+    chromium(tmp_path, f"--screenshot={shot}", f"--window-size=1200,{height}",
+             page.as_uri() + (f"#{fragment}" if fragment else ""))
     from PIL import Image
 
-    colors = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
+    colors = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 22)
     palette = {(31, 119, 180), (255, 127, 14), (44, 160, 44)}  # matplotlib's first default colours
     present = {c for _, c in colors} if colors else set()
     assert any(sum(abs(a - b) for a, b in zip(p, c)) < 60 for p in palette for c in present)
+    if keep is not None:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, keep)
+    return shot
