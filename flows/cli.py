@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sv)
     sv.add_argument("--cron", required=True, help='schedule, e.g. "0 3 * * *" (03:00 every day)')
     sv.add_argument("--name", default="dpo-pipeline", help="deployment name (default: dpo-pipeline)")
+    sv.add_argument("--work-pool", metavar="POOL",
+                    help="register the deployment on this work pool (Flow.deploy) and return: a worker "
+                         "(`prefect worker start --pool POOL`, on this or another machine) runs it; "
+                         "default: serve it from this process")
+    sv.add_argument("--work-queue", metavar="QUEUE", help="--work-pool: the pool's queue (default: its default queue)")
+    sv.add_argument("--source", metavar="DIR_OR_GIT_URL",
+                    help="--work-pool: where the worker finds this project's code: a folder its machine "
+                         "can read (default: this checkout) or a git URL")
     st = sub.add_parser("status", help="which stage outputs exist for this config")
     _add_config_args(st)
     a = sub.add_parser(

@@ -131,10 +131,39 @@ def cmd_serve(args) -> Path:
             "Start one with `prefect server start --host 127.0.0.1` (in another terminal), then "
             "`export PREFECT_API_URL=http://127.0.0.1:4200/api` and run `dpo serve` again"
         )
+    if args.work_pool:
+        return _deploy(args, cfg, dpo_pipeline)
     print(f"serving deployment {args.name} on {api_url()} with cron {args.cron!r}; "
           "Ctrl-C stops it", file=sys.stderr)
     dpo_pipeline.serve(name=args.name, cron=args.cron, parameters={"config": cfg.to_dict()},
                        print_starting_message=False)
+    return Path(cfg.storage)
+
+
+def _deploy(args, cfg, dpo_pipeline) -> Path:
+    """`dpo serve --work-pool POOL`: register the deployment on a work pool with Flow.deploy
+    (code from --source, no image built or pushed) and return; a worker polling the pool runs
+    the flow, on this machine or another one that sees the same code, storage and model paths."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from .pipeline import api_url
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(args.work_pool)
+        except ObjectNotFound:
+            raise NoServer(f"work pool {args.work_pool!r} does not exist on {api_url()}: create it with "
+                           f"`prefect work-pool create --type process {args.work_pool}`, then run dpo serve again")
+    source = args.source or str(Path(__file__).resolve().parent.parent)  # the folder that holds flows/
+    # a module path: loaded as a script, flows/pipeline.py would be module `pipeline`, shadowing the package
+    flow = dpo_pipeline.from_source(source=source, entrypoint="flows.pipeline.dpo_pipeline")
+    flow.deploy(name=args.name, work_pool_name=args.work_pool, work_queue_name=args.work_queue,
+                cron=args.cron, parameters={"config": cfg.to_dict()}, build=False, push=False,
+                print_next_steps=False, ignore_warnings=True)
+    print(f"deployment dpo-pipeline/{args.name} registered on work pool {args.work_pool} ({api_url()}) "
+          f"with cron {args.cron!r}, code from {source}. Start a worker where it should run: "
+          f"prefect worker start --pool {args.work_pool}", file=sys.stderr)
     return Path(cfg.storage)
 
 

@@ -7,14 +7,15 @@
 The tasks only wrap `pipeline/` functions (which never import Prefect). A stage is skipped when
 its content-addressed output is complete and its files still match their manifest (for the
 audit: a passed full audit of exactly the shards on disk now), decided before its task runs:
-the flow logs "up to date" with the directory. ``force`` reruns a stage from scratch, and every
+the stage's task run still appears, in a Completed state named "Skipped" whose message names
+the directory it reused (and the flow logs "up to date" with it). ``force`` reruns a stage from scratch, and every
 stage after it, since they consume its output. The score stage runs in a child process, so a
 GPU's memory (vLLM keeps it until its process ends) is free again before training, and retries
 cheaply: it resumes from its finished shards.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Prefect builds the parameter model from the flow's
+# annotations, and a deployment loads this file outside its package, where strings do not resolve.
 import contextlib
 import json
 import logging
@@ -27,6 +28,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 
 from pipeline import STAGES, distributed, layout
 from pipeline.audit import AuditFailed, audit, save_report
@@ -35,6 +37,7 @@ from pipeline.prepare import prepare
 from pipeline.store import exclusive, lock_path
 from pipeline.train import TrainResult, launch, train
 
+from .params import PipelineConfig, Stage, config_dict
 from .plan import plan, stage_complete  # noqa: F401  (plan: part of this module's API)
 
 
@@ -61,8 +64,18 @@ def _remove_output(stage: str, directory: Path) -> None:
 # --- tasks: thin wrappers around pipeline/ --------------------------------------------------------
 
 
+def skipped(stage: str, directory: str) -> State:
+    """The final state of a stage's task when its output is already complete: Completed, named
+    Skipped, the reused directory in its message and its result."""
+    get_run_logger().info("%s: up to date, reusing %s", stage, directory)
+    return Completed(name="Skipped", message=f"up to date: reused {directory}",
+                     data={"output_dir": directory, "skipped": True})
+
+
 @task(name="prepare", cache_policy=NO_CACHE)
-def prepare_task(config: dict) -> dict:
+def prepare_task(config: dict, reuse: str | None = None) -> dict:
+    if reuse:
+        return skipped("prepare", reuse)
     with stage_logs():
         result = prepare(config_from_dict(config), show_progress=False)
     counts = result.manifest["counts"]
@@ -141,7 +154,9 @@ def run_score_child(config: dict) -> tuple[str, dict]:
 
 
 @task(name="score", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_refused, cache_policy=NO_CACHE)
-def score_task(config: dict) -> dict:
+def score_task(config: dict, reuse: str | None = None) -> dict:
+    if reuse:
+        return skipped("score", reuse)
     logger = get_run_logger()
     output_dir, stats = run_score_child(config)
     manifest = layout.verified_refscores(output_dir)
@@ -163,8 +178,10 @@ def score_task(config: dict) -> dict:
 
 
 @task(name="audit", cache_policy=NO_CACHE)
-def audit_task(config: dict, cache_dir: str) -> dict:
+def audit_task(config: dict, cache_dir: str, reuse: str | None = None) -> dict:
     """Integrity and statistics always, a re-score sample of audit.rescore_rows rows."""
+    if reuse:
+        return skipped("audit", reuse)
     cfg = config_from_dict(config)
     with stage_logs():
         report = audit(cache_dir, cfg, rescore_rows=cfg.audit.rescore_rows, seed=cfg.audit.seed,
@@ -203,7 +220,9 @@ def run_train_child(config: dict) -> TrainResult:
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train_task(config: dict) -> dict:
+def train_task(config: dict, reuse: str | None = None) -> dict:
+    if reuse:
+        return skipped("train", reuse)
     cfg = config_from_dict(config)
     if world_size(cfg.train) > 1:  # torchrun: DDP / FSDP2 processes
         result = run_train_child(config)
@@ -234,10 +253,14 @@ def _stages_to_run(stages: list[str] | None) -> list[str]:
 
 
 @flow(name="dpo-pipeline", log_prints=True)
-def dpo_pipeline(config: dict, stages: list[str] | None = None, force: list[str] | None = None) -> dict:
-    """prepare -> score -> audit -> train for one configuration; up-to-date stages are skipped."""
-    logger = get_run_logger()
-    cfg = config_from_dict(config)
+def dpo_pipeline(config: PipelineConfig, stages: list[Stage] | None = None, force: list[Stage] | None = None) -> dict:
+    """prepare -> score -> audit -> train for one configuration; up-to-date stages are skipped.
+
+    config: the run's configuration (the sections of a dpo YAML file).
+    stages: the stages to run (default: all, in pipeline order).
+    force: stages to rerun from scratch, with every stage after them.
+    """
+    cfg = config_from_dict(config_dict(config))
     config = cfg.to_dict()  # resolved: absolute paths, every default filled in
     force = _stages_to_run(force) if force else []
     first_forced = min((STAGES.index(s) for s in force), default=len(STAGES))
@@ -247,18 +270,17 @@ def dpo_pipeline(config: dict, stages: list[str] | None = None, force: list[str]
     for stage in _stages_to_run(stages):
         directory = planned[stage]
         forced = STAGES.index(stage) >= first_forced
+        reuse = None
         if not forced and stage_complete(cfg, stage, directory):
-            logger.info("%s: up to date, %s", stage, directory)
-            outputs[stage], ran[stage] = str(directory), False
-            continue
-        if forced:
-            logger.info("%s: forced, removing its output", stage)
+            reuse = str(directory)
+        elif forced:
+            get_run_logger().info("%s: forced, removing its output", stage)
             _remove_output(stage, directory)
-        if stage == "audit":  # stops the flow before training when the cache fails it
-            outputs[stage] = audit_task(config, str(directory))["output_dir"]
-        else:
-            outputs[stage] = TASKS[stage](config)["output_dir"]
-        ran[stage] = True
+        # the state, since a skipped task's is not its return value; .result() raises a failure
+        # (a failed audit stops the flow before training)
+        args = (config, str(directory)) if stage == "audit" else (config,)
+        outputs[stage] = TASKS[stage](*args, reuse=reuse, return_state=True).result()["output_dir"]
+        ran[stage] = reuse is None
     lines = ["# dpo-pipeline", "", "| stage | ran | output |", "|---|---|---|"]
     lines += [f"| {s} | {'yes' if ran[s] else 'no, up to date'} | `{outputs[s]}` |" for s in outputs]
     create_markdown_artifact("\n".join(lines), key="dpo-pipeline", description="stage outputs")

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 import flows.pipeline as pipeline_flows
+from pipeline import STAGES
 from pipeline.config import config_from_dict
 
 DPO = str(Path(sys.executable).parent / "dpo")
+PREFECT = str(Path(sys.executable).parent / "prefect")
 TRAIN = {"learning_rate": 3e-3, "per_device_train_batch_size": 16, "max_steps": 20, "eval_steps": 10, "save_steps": 0, "run_name": "flow"}
 
 
@@ -62,9 +64,16 @@ def test_flow_end_to_end_skips_and_forces(prefect_harness, tmp_path, demo_assets
     monkeypatch.setattr(pipeline_flows, "run_score_child", lambda *a, **k: calls.append("score"))
     monkeypatch.setattr(pipeline_flows, "train", lambda *a, **k: calls.append("train"))
     before = {stage: mtimes(path) for stage, path in outputs.items()}
-    second = pipeline_flows.dpo_pipeline(config=config)
+    state = pipeline_flows.dpo_pipeline(config=config, return_state=True)
+    second = state.result()
     assert second["ran"] == {"prepare": False, "score": False, "audit": False, "train": False}
     assert calls == []
+    # every skipped stage is a task run of its own, Completed as "Skipped", naming what it reused
+    task_states = {run.name.rsplit("-", 1)[0]: run.state for run in task_runs_of(state)}
+    assert set(task_states) == set(STAGES)
+    for stage, task_state in task_states.items():
+        assert task_state.is_completed() and task_state.name == "Skipped", (stage, task_state)
+        assert str(outputs[stage]) in task_state.message
     assert {stage: mtimes(path) for stage, path in outputs.items()} == before
     monkeypatch.undo()
 
@@ -80,6 +89,42 @@ def test_flow_end_to_end_skips_and_forces(prefect_harness, tmp_path, demo_assets
 
     only = pipeline_flows.dpo_pipeline(config=config, stages=["score"])
     assert only["ran"] == {"score": False}
+
+
+def task_runs_of(flow_state) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
+        return client.read_task_runs(flow_run_filter=flow_runs)
+
+
+def test_the_flow_parameters_are_a_typed_form():
+    """Prefect's parameter schema (the UI's form) has every config section and key, with types,
+    choices, defaults and the descriptions written in pipeline/config.py."""
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(pipeline_flows.dpo_pipeline.fn).model_dump_for_openapi()
+    defs = schema["definitions"]
+    config_ref = schema["properties"]["config"]
+    assert config_ref.get("$ref", "").endswith("/ConfigParams") or "allOf" in config_ref
+    config = defs["ConfigParams"]
+    assert config["required"] == ["data", "model"]
+    train = defs["TrainConfigParams"]["properties"]
+    assert train["beta"]["default"] == 0.1 and train["beta"]["type"] == "number"
+    assert "sigmoid" in train["loss_type"]["enum"]
+    assert "Hub" in defs["DataConfigParams"]["properties"]["path"]["description"]
+    assert defs["DataConfigParams"]["required"] == ["path"]
+    stages = schema["properties"]["stages"]["anyOf"][0]["items"]
+    assert stages["enum"] == list(STAGES)
+
+
+def test_flow_parameters_refuse_unknown_keys(prefect_harness, tmp_path, demo_assets):
+    config = demo_config(tmp_path, demo_assets)
+    config["train"] = {**config.get("train", {}), "no_such_key": 1}
+    with pytest.raises(Exception, match="no_such_key"):
+        pipeline_flows.dpo_pipeline(config=config)
 
 
 def test_status_command(tmp_path, demo_assets):
@@ -121,25 +166,49 @@ def _wait(predicate, seconds: float, what: str):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-@pytest.mark.slow
-def test_serve_against_a_real_server(tmp_path, demo_assets):
-    """`prefect server start` on a free port of 127.0.0.1, `dpo serve` with a cron schedule; the
-    deployment exists with that schedule and a manual run of it completes."""
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on a free port of 127.0.0.1; yields the environment that talks to it."""
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": api,
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    prefect = str(Path(sys.executable).parent / "prefect")
-    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    served = None
     try:
         _wait(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, 180, "the server")
-        config = tmp_path / "run.yaml"
-        config.write_text(json.dumps(demo_config(tmp_path, demo_assets)))
-        served = subprocess.Popen([DPO, "serve", "-c", str(config), "--cron", "0 3 * * *"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        check = """
+        yield env
+    finally:
+        _stop(server)
+
+
+def _stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _python(code: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _deployment_exists(env: dict, name: str) -> bool:
+    return _python("from prefect.client.orchestration import get_client\n"
+                   f"with get_client(sync_client=True) as c: c.read_deployment_by_name({name!r})", env).returncode == 0
+
+
+@pytest.mark.slow
+def test_serve_against_a_real_server(prefect_server, tmp_path, demo_assets):
+    """`dpo serve` with a cron schedule against a real server; the deployment exists with that
+    schedule and a manual run of it completes."""
+    env = prefect_server
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(demo_config(tmp_path, demo_assets)))
+    served = subprocess.Popen([DPO, "serve", "-c", str(config), "--cron", "0 3 * * *"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    check = """
 import asyncio, json
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
@@ -153,26 +222,54 @@ async def main():
 
 asyncio.run(main())
 """
-        def deployment_ready():
-            out = subprocess.run([sys.executable, "-c", "from prefect.client.orchestration import get_client\n"
-                                  "with get_client(sync_client=True) as c: c.read_deployment_by_name('dpo-pipeline/dpo-pipeline')"],
-                                 capture_output=True, env=env, timeout=60)
-            return out.returncode == 0
-
-        _wait(deployment_ready, 180, "the deployment")
-        done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=900)
+    try:
+        _wait(lambda: _deployment_exists(env, "dpo-pipeline/dpo-pipeline"), 180, "the deployment")
+        done = _python(check, env, timeout=900)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         assert result["crons"] == ["0 3 * * *"]
         assert result["state"] == "COMPLETED"
         assert (tmp_path / "storage" / "runs" / "flow" / "run.json").exists()
     finally:
-        for proc in (served, server):
-            if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        _stop(served)
+
+
+@pytest.mark.slow
+def test_deploy_on_a_work_pool_and_a_worker_runs_it(prefect_server, tmp_path, demo_assets):
+    """`dpo serve --work-pool` registers the deployment (Flow.deploy) and returns; a process
+    worker polling that pool runs it to completion. A missing pool is a clear error."""
+    env = prefect_server
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(demo_config(tmp_path, demo_assets)))
+    serve = [DPO, "serve", "-c", str(config), "--cron", "0 4 * * *", "--name", "pooled", "--work-pool", "gpu-box"]
+    missing = subprocess.run(serve, capture_output=True, text=True, env=env, timeout=300)
+    assert missing.returncode == 1 and "prefect work-pool create --type process gpu-box" in missing.stderr
+    subprocess.run([PREFECT, "work-pool", "create", "--type", "process", "gpu-box"], check=True,
+                   capture_output=True, env=env, timeout=120)
+    done = subprocess.run(serve, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "prefect worker start --pool gpu-box" in done.stderr
+    check = """
+import json
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+
+with get_client(sync_client=True) as client:
+    d = client.read_deployment_by_name("dpo-pipeline/pooled")
+run = run_deployment("dpo-pipeline/pooled", timeout=0)
+print(json.dumps({"pool": d.work_pool_name, "crons": [s.schedule.cron for s in d.schedules],
+                  "run": str(run.id), "params": sorted(d.parameters["config"])}))
+"""
+    created = _python(check, env, timeout=120)
+    info = json.loads(created.stdout.strip().splitlines()[-1])
+    assert info["pool"] == "gpu-box" and info["crons"] == ["0 4 * * *"]
+    assert {"data", "model", "train", "storage"} <= set(info["params"])
+    worker = subprocess.run([PREFECT, "worker", "start", "--pool", "gpu-box", "--run-once"],
+                            capture_output=True, text=True, env=env, timeout=900)
+    state = _python("from prefect.client.orchestration import get_client\n"
+                    f"with get_client(sync_client=True) as c: print(c.read_flow_run({info['run']!r}).state.type.value)",
+                    env)
+    assert state.stdout.strip() == "COMPLETED", worker.stdout[-3000:] + worker.stderr[-3000:]
+    assert (tmp_path / "storage" / "runs" / "flow" / "run.json").exists()
 
 
 def test_pipeline_modules_never_import_prefect():
