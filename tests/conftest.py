@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -140,3 +141,21 @@ def assert_plots_render(page: Path, tmp_path: Path, fragment: str = "", height: 
         keep.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, keep)
     return shot
+
+
+def hub_cache(hf_home: Path, repo_id: str, files: dict[str, bytes], commit: str,
+              kind: str = "models") -> Path:
+    """The local Hub cache layout (as `hf download` leaves it) of ``files`` (relative path ->
+    bytes) as repository ``repo_id`` at ``commit``; kind: models or datasets."""
+    repo = hf_home / "hub" / f"{kind}--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    for name, data in sorted(files.items()):
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

@@ -6,7 +6,6 @@ real code path with HF_HUB_OFFLINE=1: huggingface_hub resolves the id to the sna
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from .conftest import hub_cache
 
 DPO = str(Path(sys.executable).parent / "dpo")
 REPO = "test-org/tiny-dpo"
@@ -25,31 +26,13 @@ DATASET = "test-org/prefs"
 DATASET_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 
 
-def hub_cache(hf_home: Path, repo_id: str, files: dict[str, bytes], commit: str = COMMIT,
-              kind: str = "models") -> Path:
-    """The local Hub cache layout (as `hf download` leaves it) of ``files`` (relative path ->
-    bytes) as repository ``repo_id`` at ``commit``; kind: models or datasets."""
-    repo = hf_home / "hub" / f"{kind}--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    (repo / "blobs").mkdir(parents=True)
-    for name, data in sorted(files.items()):
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        link = snapshot / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
-
-
 @pytest.fixture
 def offline_hub(tmp_path, demo_assets):
     """HF_HOME with the demo model as test-org/tiny-dpo and the demo's parseable rows as the
     dataset test-org/prefs (data/train.jsonl), and HF_HUB_OFFLINE=1."""
     hf_home = tmp_path / "hf"
     model = {f.name: f.read_bytes() for f in sorted(demo_assets["model"].iterdir()) if f.is_file()}
-    snapshot = hub_cache(hf_home, REPO, model)
+    snapshot = hub_cache(hf_home, REPO, model, COMMIT)
     rows = []
     for line in demo_assets["data"].read_text().splitlines():
         try:
