@@ -34,3 +34,20 @@ def test_readme_documents_every_config_key_and_reject_reason():
             assert f"`{name}.{key.name}`" in text, f"{name}.{key.name} is not in README"
     for reason in REJECT_REASONS:
         assert f"`{reason}`" in text, reason
+
+
+def test_readme_puts_your_model_and_data_first():
+    """What it is, Quick start (exactly `make demo` and `make test`), then "Train on your model
+    and data" with commands on a config that exists, before the reference sections."""
+    text = README.read_text()
+    headings = re.findall(r"(?m)^## (.+)$", text)
+    assert headings[:2] == ["Quick start", "Train on your model and data"]
+    assert headings.index("Train on your model and data") < headings.index("Install")
+    quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", quick, re.S)
+    assert [line.split("#")[0].strip() for line in block.strip().splitlines()] == ["make demo", "make test"]
+    yours = text.split("## Train on your model and data", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"(?m)^dpo (prepare|score|train) +-c (\S+)", yours)
+    assert [c for c, _ in commands] == ["prepare", "score", "train"]
+    for _, path in commands:
+        assert (README.parent / path).is_file(), path
