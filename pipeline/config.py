@@ -186,10 +186,28 @@ class TrainConfig:
     """Names and meanings of Hugging Face `TrainingArguments` / TRL `DPOConfig`, so that a TRL
     recipe can be copied over (see RENAMED for the names this project used before)."""
 
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    loss_type: Union[list[LossType], LossType] = "sigmoid"
+    """A loss of pipeline/losses.py (docs/losses.md), or a list of them, summed with loss_weights
+    (TRL's MPO-style mixtures): TRL 1.16's sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair,
+    sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, and dpop, simpo,
+    orpo (simpo and orpo are reference-free)."""
+    loss_weights: Optional[list[float]] = None
+    """Weight of each loss of a loss_type list (same length); null: 1.0 each."""
     beta: float = 0.1
     label_smoothing: float = 0.0
-    """sigmoid: cDPO label smoothing; robust: the assumed label-flip rate (< 0.5)."""
+    """sigmoid: cDPO label smoothing; robust: the assumed label-flip rate (< 0.5); exo_pair: the
+    label smoothing eps (> 0; the paper uses 1e-3); aot, aot_unpaired, simpo: label smoothing."""
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    """f-DPO: the divergence to the reference that the scores come from (reverse_kl is DPO); other
+    values only with sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft (as TRL)."""
+    f_alpha_divergence_coef: float = 0.5
+    """alpha of f_divergence_type alpha_divergence."""
+    discopop_tau: float = 0.05
+    """discopop: the temperature of its log-ratio modulation (the paper's 0.05)."""
+    dpop_lambda: float = 50.0
+    """dpop: weight of the penalty on the chosen log-prob falling below the reference's (the paper's 50)."""
+    simpo_gamma: float = 0.5
+    """simpo: the target reward margin gamma (TRL's CPOConfig default)."""
     rpo_alpha: float = 0.0
     """Weight of an added NLL term on the chosen response, mean over its tokens (TRL's RPO)."""
     learning_rate: float = 1e-6
@@ -272,6 +290,7 @@ class TrainConfig:
                 "change): set a positive learning rate, e.g. train.learning_rate=1e-6"
             )
         _check_range("train.label_smoothing", self.label_smoothing, 0.0, 0.5, hi_open=True)
+        self._validate_losses()
         _check_range("train.rpo_alpha", self.rpo_alpha, 0.0, None)
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps", "save_total_limit", "nproc_per_node", "nnodes"):
@@ -295,6 +314,37 @@ class TrainConfig:
                 "digit (e.g. train.run_name=beta0.1-run2), or null for a name from the fingerprint"
             )
 
+    def _validate_losses(self) -> None:
+        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        if not names:
+            raise ConfigError("train.loss_type: name at least one loss, e.g. sigmoid")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"train.loss_type: {names} names a loss twice: give each loss once, with its weight "
+                              "in train.loss_weights")
+        if self.loss_weights is not None and len(self.loss_weights) != len(names):
+            raise ConfigError(
+                f"train.loss_weights: {len(self.loss_weights)} weights for {len(names)} losses in train.loss_type "
+                f"({', '.join(names)}): give one weight per loss, in the same order, or null for 1.0 each"
+            )
+        if "exo_pair" in names and self.label_smoothing == 0.0:
+            raise ConfigError("train.label_smoothing: exo_pair needs label smoothing above 0 (log eps); the EXO "
+                              "paper uses 1e-3: set train.label_smoothing=0.001")
+        if self.f_divergence_type != "reverse_kl":
+            unsupported = [n for n in names if n not in F_DIVERGENCE_LOSSES]
+            if unsupported:
+                raise ConfigError(
+                    f"train.f_divergence_type: {self.f_divergence_type} has no valid form for "
+                    f"{', '.join(unsupported)} (only for {', '.join(F_DIVERGENCE_LOSSES)}, as TRL): use reverse_kl"
+                )
+        _check_range("train.discopop_tau", self.discopop_tau, 1e-12, None)
+        _check_range("train.dpop_lambda", self.dpop_lambda, 0.0, None)
+
+
+LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "dpop", "simpo", "orpo"]
+"""pipeline/losses.py's LOSSES (a test keeps the two equal)."""
+
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 # Keys renamed to their Hugging Face / TRL names; the old name is an error that names the new one.
 RENAMED = {

@@ -170,6 +170,10 @@ RUN_KEYS_NOT_IN_IDENTITY = ("run_name", "ref_cache", "logging_steps", "eval_step
                             "device", "nproc_per_node", "nnodes", "distributed", "per_device_train_batch_size",
                             "gradient_accumulation_steps", "report_to")
 
+# Run-identity keys left out while at these values (the identity of a run from before them).
+LOSS_KEYS_AT_DEFAULT = {"loss_weights": None, "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5,
+                        "discopop_tau": 0.05, "dpop_lambda": 50.0, "simpo_gamma": 0.5}
+
 
 def policy_init(cfg: Config) -> ModelConfig:
     """The weights the policy starts from: train.init_from, else the reference model itself.
@@ -208,6 +212,13 @@ def run_identity(cfg: Config, dataset_fp: str, cache_fp: str, init_fp: dict) -> 
     train = dataclasses.asdict(cfg.train)
     for key in RUN_KEYS_NOT_IN_IDENTITY:
         train.pop(key)
+    # Loss keys added after runs existed: absent at their defaults, so those runs keep their
+    # fingerprints; a one-loss list is that loss (TRL's [name] is name).
+    if isinstance(train["loss_type"], list) and len(train["loss_type"]) == 1 and train["loss_weights"] is None:
+        train["loss_type"] = train["loss_type"][0]
+    for key, default in LOSS_KEYS_AT_DEFAULT.items():
+        if train[key] == default:
+            train.pop(key)
     # Resolved. What a step computes is the mean over effective_batch_size pairs, however they
     # are split into micro-batches and processes (DDP, FSDP2): a run resumes on another number
     # of GPUs at the same effective batch.

@@ -46,7 +46,7 @@ from .checkpoint import (Checkpoint, checkpoint_dir, list_checkpoints, load_late
 from .config import Config, world_size
 from .distributed import World
 from .logprobs import pair_logps, supports_shared_prefix
-from .losses import LOSSES, rewards
+from .losses import LOSSES, combined_loss, rewards
 from .models import load_causal_lm, load_tokenizer, model_fingerprint
 from .progress import Progress
 from .run_report import write_run_report
@@ -216,31 +216,40 @@ def cached_reference(split: Split, index: list[int]) -> tuple[torch.Tensor, torc
     return split.ref_chosen[index], split.ref_rejected[index]
 
 
+def loss_names(train_cfg) -> list[str]:
+    """train.loss_type as a list (TRL's DPOConfig makes a name a one-element list)."""
+    return [train_cfg.loss_type] if isinstance(train_cfg.loss_type, str) else list(train_cfg.loss_type)
+
+
 def compute_loss(cfg: Config, split: Split, index: list[int], policy_chosen, policy_rejected, scale: float,
                  reference: Callable = cached_reference):
     """Loss of a micro-batch (scaled by ``scale``) and the per-pair sums of its metrics.
 
-    policy_chosen, policy_rejected: [B] float32 sequence log-probs under the policy.
+    policy_chosen, policy_rejected: [B] float32 sequence log-probs under the policy. The loss is
+    sum_k train.loss_weights[k] x train.loss_type[k] (TRL's mixture), each loss getting the summed
+    log-probs and the response token counts (length-normalized losses divide by them themselves).
     """
     train_cfg = cfg.train
-    ref_chosen, ref_rejected = (v.to(policy_chosen.device, torch.float32) for v in reference(split, index))
-    loss_fn = LOSSES[train_cfg.loss_type]
-    chosen_len = torch.tensor([len(split.chosens[i]) for i in index], device=policy_chosen.device,
-                              dtype=torch.float32)
-    # What the loss sees: sums, or per-token means for length-normalized losses (IPO).
-    if loss_fn.length_normalized:
-        rejected_len = torch.tensor([len(split.rejecteds[i]) for i in index], device=policy_chosen.device,
-                                    dtype=torch.float32)
-        seen = (policy_chosen / chosen_len, policy_rejected / rejected_len,
-                ref_chosen / chosen_len, ref_rejected / rejected_len)
-    else:
-        seen = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    seen_policy_chosen, seen_policy_rejected, seen_ref_chosen, seen_ref_rejected = seen
-    per_pair = loss_fn.fn(*seen, train_cfg.beta, train_cfg.label_smoothing)
+    device = policy_chosen.device
+    ref_chosen, ref_rejected = (v.to(device, torch.float32) for v in reference(split, index))
+    names = loss_names(train_cfg)
+    chosen_len = torch.tensor([len(split.chosens[i]) for i in index], device=device, dtype=torch.float32)
+    rejected_len = torch.tensor([len(split.rejecteds[i]) for i in index], device=device, dtype=torch.float32)
+    per_pair = combined_loss(names, train_cfg.loss_weights, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                             train_cfg.beta, train_cfg.label_smoothing, chosen_tokens=chosen_len,
+                             rejected_tokens=rejected_len, f_divergence_type=train_cfg.f_divergence_type,
+                             f_alpha_divergence_coef=train_cfg.f_alpha_divergence_coef,
+                             discopop_tau=train_cfg.discopop_tau, dpop_lambda=train_cfg.dpop_lambda,
+                             simpo_gamma=train_cfg.simpo_gamma)
     if train_cfg.rpo_alpha:
         per_pair = per_pair + train_cfg.rpo_alpha * (-policy_chosen / chosen_len)
-    reward_chosen = rewards(seen_policy_chosen, seen_ref_chosen, train_cfg.beta)
-    reward_rejected = rewards(seen_policy_rejected, seen_ref_rejected, train_cfg.beta)
+    if all(LOSSES[name].reference_free for name in names):
+        # TRL's CPO / ORPO trainers: beta x the (length-normalized) policy log-prob.
+        reward_chosen = train_cfg.beta * policy_chosen / chosen_len.clamp(min=1.0)
+        reward_rejected = train_cfg.beta * policy_rejected / rejected_len.clamp(min=1.0)
+    else:  # TRL's DPOTrainer: beta x the summed log-ratio, whatever the loss
+        reward_chosen = rewards(policy_chosen, ref_chosen, train_cfg.beta)
+        reward_rejected = rewards(policy_rejected, ref_rejected, train_cfg.beta)
     sums = {
         "loss": per_pair.detach().sum().item(),
         "rewards/chosen": reward_chosen.detach().sum().item(),

@@ -113,7 +113,9 @@ def test_the_flow_parameters_are_a_typed_form():
     assert config["required"] == ["data", "model"]
     train = defs["TrainConfigParams"]["properties"]
     assert train["beta"]["default"] == 0.1 and train["beta"]["type"] == "number"
-    assert "sigmoid" in train["loss_type"]["enum"]
+    loss_type = train["loss_type"]  # a name or a list of names
+    choices = [option.get("enum") or option["items"]["enum"] for option in loss_type["anyOf"]]
+    assert all("sigmoid" in c and "simpo" in c for c in choices) and loss_type["default"] == "sigmoid"
     assert "Hub" in defs["DataConfigParams"]["properties"]["path"]["description"]
     assert defs["DataConfigParams"]["required"] == ["path"]
     stages = schema["properties"]["stages"]["anyOf"][0]["items"]
