@@ -102,8 +102,16 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+def _flow_progress(no_progress: bool) -> None:
+    """Progress bars for the stages of a flow this command runs in a terminal, with the progress
+    log lines still going to the flow run's logs (see pipeline/progress.py)."""
+    if not no_progress and sys.stderr.isatty():
+        os.environ["DPO_PROGRESS_BARS"] = os.environ["DPO_PROGRESS_LOG"] = "1"
+
+
 def cmd_run(args) -> Path:
     _prefect_defaults()
+    _flow_progress(args.no_progress)
     from .pipeline import dpo_pipeline
 
     cfg = load_config(args.config, args.overrides)
@@ -442,6 +450,7 @@ def cmd_demo(args) -> Path:
     )
     from .pipeline import dpo_pipeline
 
+    _flow_progress(args.no_progress)
     result = dpo_pipeline(config=cfg.to_dict())
     _print_flow_result(result)
     run_dir = Path(result["outputs"]["train"])

@@ -19,6 +19,7 @@ cheaply: it resumes from its finished shards.
 import contextlib
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -64,6 +65,13 @@ def _remove_output(stage: str, directory: Path) -> None:
 # --- tasks: thin wrappers around pipeline/ --------------------------------------------------------
 
 
+def progress_bars() -> bool:
+    """Terminal progress bars for the stages: only when `dpo run` / `dpo demo` started this flow in
+    a terminal (they set DPO_PROGRESS_BARS=1, and DPO_PROGRESS_LOG=1 so that the log lines for the
+    flow run's logs are written too); never for a deployment's or a worker's runs."""
+    return os.environ.get("DPO_PROGRESS_BARS") == "1"
+
+
 def skipped(stage: str, directory: str) -> State:
     """The final state of a stage's task when its output is already complete: Completed, named
     Skipped, the reused directory in its message and its result."""
@@ -77,7 +85,7 @@ def prepare_task(config: dict, reuse: str | None = None) -> dict:
     if reuse:
         return skipped("prepare", reuse)
     with stage_logs():
-        result = prepare(config_from_dict(config), show_progress=False)
+        result = prepare(config_from_dict(config), show_progress=progress_bars())
     counts = result.manifest["counts"]
     rows = [{"outcome": "kept", "reason": "", "rows": counts["kept"]}] + [
         {"outcome": "rejected", "reason": reason, "rows": n}
@@ -144,9 +152,13 @@ def run_score_child(config: dict) -> tuple[str, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         config_path, stats_path = Path(tmp) / "config.yaml", Path(tmp) / "stats.json"
         config_path.write_text(yaml.safe_dump(config))
-        command = [sys.executable, "-m", "flows.cli", "score", "-c", str(config_path),
-                   "--no-progress", "--stats-json", str(stats_path)]
-        returncode, tail = distributed.run_streaming(command, lambda line: logger.info("%s", line))
+        command = [sys.executable, "-m", "flows.cli", "score", "-c", str(config_path), "--stats-json", str(stats_path)]
+        env = None
+        if progress_bars():  # the child's bar to the terminal, its lines (captured) to the run's logs
+            env = {**os.environ, "DPO_PROGRESS_TTY": "1", "DPO_PROGRESS_LOG": "1"}
+        else:
+            command.append("--no-progress")
+        returncode, tail = distributed.run_streaming(command, lambda line: logger.info("%s", line), env=env)
         if returncode != 0:
             raise _child_failure("dpo score", returncode, tail)
         stats = json.loads(stats_path.read_text())
@@ -228,7 +240,7 @@ def train_task(config: dict, reuse: str | None = None) -> dict:
         result = run_train_child(config)
     else:
         with stage_logs():
-            result = train(cfg, resume=True, show_progress=False)
+            result = train(cfg, resume=True, show_progress=progress_bars())
     summary = result.summary
     rows = []
     for name in ("first_eval", "final_eval"):

@@ -3,15 +3,19 @@
     with Progress(total, "score (vllm)", "rows", show_bar, log) as bar:
         bar.update(n); bar.set_postfix_str("3,100 tok/s")
 
-With the bar hidden (``--no-progress``, the Prefect flow, a torchrun rank, a child process), the
-same progress goes to the stage's logger every ``LOG_EVERY_S`` seconds and once at the end
-("score (transformers): 1,200/5,000 rows (24%), 3,100 tok/s, 40 s"), which is what
-`dpo run` prints and Prefect's run logs show for hours-long stages.
+With the bar hidden (``--no-progress``, a torchrun rank, a child process), the same progress
+goes to the stage's logger every ``LOG_EVERY_S`` seconds and once at the end
+("score (transformers): 1,200/5,000 rows (24%), 3,100 tok/s, 40 s"), which is what Prefect's run
+logs show for hours-long stages. Under `dpo run` in a terminal both happen: the command sets
+``DPO_PROGRESS_LOG=1`` (log lines even with a bar, for the flow run's logs) and, for the score
+child whose output is captured line by line, ``DPO_PROGRESS_TTY=1`` (its bar goes to the
+terminal, /dev/tty, not into the captured stream).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -23,11 +27,13 @@ class Progress:
                  initial: float = 0, **bar_options):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, disable=not show_bar,
-                        dynamic_ncols=True, **bar_options)
+        self.tty = _terminal() if show_bar and os.environ.get("DPO_PROGRESS_TTY") == "1" else None
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.tty or sys.stderr,
+                        disable=not show_bar, dynamic_ncols=True, **bar_options)
         self.total, self.desc, self.unit, self.logger = total, desc, unit, logger
         self.n = self.initial = initial
-        self.logging = not show_bar  # a bar on the terminal says it already
+        # a bar on the terminal says it already, unless the lines are wanted too (a flow run's logs)
+        self.logging = not show_bar or os.environ.get("DPO_PROGRESS_LOG") == "1"
         self.started = self.last_log = time.perf_counter()
         self.postfix = ""
 
@@ -56,3 +62,13 @@ class Progress:
         if self.logging and self.n > self.initial and exc[0] is None:
             self.log()
         self.bar.close()
+        if self.tty is not None:
+            self.tty.close()
+
+
+def _terminal():
+    """The controlling terminal for writing, or None (no terminal: the bar goes to stderr)."""
+    try:
+        return open("/dev/tty", "w")
+    except OSError:
+        return None

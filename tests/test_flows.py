@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -290,6 +293,29 @@ def test_failing_audit_stops_the_flow_before_training(prefect_harness, tmp_path,
     with pytest.raises(Exception, match="foreign file stray.txt"):
         pipeline_flows.dpo_pipeline(config=config)
     assert not (tmp_path / "storage" / "runs" / "flow").exists()
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="util-linux `script` (a terminal for the command) is absent")
+def test_run_in_a_terminal_shows_progress_bars_and_logs_progress(tmp_path, demo_assets):
+    """`dpo run` in a terminal (a pseudo-terminal from `script`): tqdm bars for prepare, the score
+    child (written to the terminal, not into the captured lines) and training, and still the
+    progress log lines that go to the flow run's logs."""
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(demo_config(tmp_path, demo_assets)))
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    # script's terminal has 0 columns, where tqdm draws nothing: give it a width
+    command = "stty cols 160 rows 50; " + " ".join(shlex.quote(part) for part in [DPO, "run", "-c", str(config)])
+    done = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True, text=True, env=env,
+                          timeout=900, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout[-3000:]
+    screen = done.stdout
+    assert re.search(r"(?m)^prepare: [\d,]+ ?rows \[", screen)  # a tqdm counter (rows not counted ahead here)
+    for bar in ("score (transformers)", "train"):
+        assert re.search(r"(?m)^" + re.escape(bar) + r": +100%\|", screen), bar  # a finished tqdm bar
+    # the progress lines for the flow run's logs, from the score child and the in-process stages
+    assert re.search(r"score \(transformers\): [\d,]+/[\d,]+ rows \(100%\)", screen)
+    assert re.search(r"train: [\d,]+/[\d,]+ steps \(100%\)", screen)
 
 
 def test_run_command_stage_selection(tmp_path, demo_assets):
