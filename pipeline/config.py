@@ -426,12 +426,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        for option in inner[:-1]:  # the first type the value fits; the last one's error otherwise
+        errors = []
+        for option in inner:  # the first type the value fits
             try:
                 return _coerce(key, value, option)
-            except ConfigError:
-                pass
-        return _coerce(key, value, inner[-1])
+            except ConfigError as exc:
+                errors.append((option, exc))
+        # Else the error of the list option for a list (it names the bad item), else the last one's.
+        listy = isinstance(value, list) or (isinstance(value, str) and value.startswith("["))
+        for option, exc in errors:
+            if listy and typing.get_origin(option) is list:
+                raise exc
+        raise errors[-1][1]
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str) and value.startswith("["):  # --set key=[a,b] arrives as text

@@ -147,6 +147,11 @@ def discopop_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta
     z = beta * Delta and tau = discopop_tau (0.05):
 
         m = sigma(z / tau),  L = (1 - m) * (-log sigma(z)) + m * exp(-z)
+
+    Not convex (the paper says so): with tau 0.05, dL/dz at z = 0 is 5 - 5 ln 2 - 3/4 = +0.78,
+    so a policy starting at the reference (z = 0) descends to the local minimum at z = -0.12
+    (rejected slightly above chosen); the descent towards large z starts beyond the local maximum
+    at z = +0.07.
     """
     logits = beta * _delta(policy_chosen, policy_rejected, ref_chosen, ref_rejected, o)
     modulation = torch.sigmoid(logits / o.get("discopop_tau", 0.05))
