@@ -187,8 +187,8 @@ class TrainConfig:
     recipe can be copied over (see RENAMED for the names this project used before)."""
 
     loss_type: Union[list[LossType], LossType] = "sigmoid"
-    """A loss of pipeline/losses.py (docs/losses.md), or a list of them, summed with loss_weights
-    (TRL's MPO-style mixtures): TRL 1.16's sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair,
+    """A loss of pipeline/losses.py (the table: README, train), or a list of them summed with
+    loss_weights (TRL's MPO-style mixtures): TRL 1.16's sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair,
     sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, and dpop, simpo,
     orpo (simpo and orpo are reference-free)."""
     loss_weights: Optional[list[float]] = None
