@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline import layout
 
 from .test_prepare import standard_rows
@@ -47,6 +49,7 @@ def test_errors_exit_nonzero_with_a_fix(tmp_path, demo_assets):
     assert missing.returncode == 1 and "set data.path" in missing.stderr
 
 
+@pytest.mark.slow  # what `make demo` does in CI too
 def test_demo_runs_offline_end_to_end(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)

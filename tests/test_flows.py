@@ -295,6 +295,7 @@ def test_failing_audit_stops_the_flow_before_training(prefect_harness, tmp_path,
     assert not (tmp_path / "storage" / "runs" / "flow").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("script") is None, reason="util-linux `script` (a terminal for the command) is absent")
 def test_run_in_a_terminal_shows_progress_bars_and_logs_progress(tmp_path, demo_assets):
     """`dpo run` in a terminal (a pseudo-terminal from `script`): tqdm bars for prepare, the score
