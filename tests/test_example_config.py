@@ -16,7 +16,7 @@ from pipeline.config import is_hub_id, load_config
 from .conftest import HH_TEST, hub_cache, requires_hh
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "configs" / "hh-rlhf-smollm2.yaml"
+EXAMPLE = ROOT / "configs" / "smollm2-anthropic-hh.yaml"
 DPO = str(Path(sys.executable).parent / "dpo")
 COMMIT = "1" * 40
 
@@ -32,7 +32,7 @@ def test_the_example_config_is_valid_and_names_hub_ids():
 @pytest.mark.slow
 @requires_hh()
 def test_the_example_prepares_hh_rlhf_and_smollm2_from_a_local_hub_cache(tmp_path):
-    """`dpo prepare -c configs/hh-rlhf-smollm2.yaml` as the README says, HF_HUB_OFFLINE=1 with a
+    """`dpo prepare -c configs/smollm2-anthropic-hh.yaml` as the README says, HF_HUB_OFFLINE=1 with a
     Hub cache holding the real SmolLM2-135M-Instruct (converted from the GGUF) as
     HuggingFaceTB/SmolLM2-135M-Instruct and the real harmless-base test split as Anthropic/hh-rlhf."""
     from pipeline.assets import smollm2_folder
