@@ -39,10 +39,6 @@ def attribute_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _is_section(tp) -> bool:
-    return dataclasses.is_dataclass(tp)
-
-
 def model_of(cls: type) -> type[BaseModel]:
     """A pydantic model with the dataclass's fields, types, defaults and descriptions; nested
     config sections become nested models (optional sections stay optional)."""
@@ -51,15 +47,15 @@ def model_of(cls: type) -> type[BaseModel]:
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         args = typing.get_args(tp)
-        if _is_section(tp):
+        if dataclasses.is_dataclass(tp):
             tp = model_of(tp)
-        elif type(None) in args and len(args) == 2 and _is_section(args[0]):
+        elif type(None) in args and len(args) == 2 and dataclasses.is_dataclass(args[0]):
             tp = Optional[model_of(args[0])]
         description = docs.get(f.name)
         if f.default is not dataclasses.MISSING:
             fields[f.name] = (tp, Field(f.default, description=description))
         elif f.default_factory is not dataclasses.MISSING:
-            factory = tp if _is_section(f.default_factory) else f.default_factory
+            factory = tp if dataclasses.is_dataclass(f.default_factory) else f.default_factory
             fields[f.name] = (tp, Field(default_factory=factory, description=description))
         else:
             fields[f.name] = (tp, Field(description=description))

@@ -314,8 +314,12 @@ class TrainConfig:
                 "digit (e.g. train.run_name=beta0.1-run2), or null for a name from the fingerprint"
             )
 
+    def loss_names(self) -> list[str]:
+        """loss_type as a list (TRL's DPOConfig makes a name a one-element list)."""
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
     def _validate_losses(self) -> None:
-        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        names = self.loss_names()
         if not names:
             raise ConfigError("train.loss_type: name at least one loss, e.g. sigmoid")
         if len(set(names)) != len(names):

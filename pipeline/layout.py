@@ -170,9 +170,9 @@ RUN_KEYS_NOT_IN_IDENTITY = ("run_name", "ref_cache", "logging_steps", "eval_step
                             "device", "nproc_per_node", "nnodes", "distributed", "per_device_train_batch_size",
                             "gradient_accumulation_steps", "report_to")
 
-# Run-identity keys left out while at these values (the identity of a run from before them).
-LOSS_KEYS_AT_DEFAULT = {"loss_weights": None, "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5,
-                        "discopop_tau": 0.05, "dpop_lambda": 50.0, "simpo_gamma": 0.5}
+# Run-identity keys left out while at their defaults (the identity of a run from before them).
+LOSS_KEYS_AT_DEFAULT = ("loss_weights", "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau",
+                        "dpop_lambda", "simpo_gamma")
 
 
 def policy_init(cfg: Config) -> ModelConfig:
@@ -214,10 +214,12 @@ def run_identity(cfg: Config, dataset_fp: str, cache_fp: str, init_fp: dict) -> 
         train.pop(key)
     # Loss keys added after runs existed: absent at their defaults, so those runs keep their
     # fingerprints; a one-loss list is that loss (TRL's [name] is name).
-    if isinstance(train["loss_type"], list) and len(train["loss_type"]) == 1 and train["loss_weights"] is None:
-        train["loss_type"] = train["loss_type"][0]
-    for key, default in LOSS_KEYS_AT_DEFAULT.items():
-        if train[key] == default:
+    names = cfg.train.loss_names()
+    if len(names) == 1 and train["loss_weights"] is None:
+        train["loss_type"] = names[0]
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg.train)}
+    for key in LOSS_KEYS_AT_DEFAULT:
+        if train[key] == defaults[key]:
             train.pop(key)
     # Resolved. What a step computes is the mean over effective_batch_size pairs, however they
     # are split into micro-batches and processes (DDP, FSDP2): a run resumes on another number

@@ -216,11 +216,6 @@ def cached_reference(split: Split, index: list[int]) -> tuple[torch.Tensor, torc
     return split.ref_chosen[index], split.ref_rejected[index]
 
 
-def loss_names(train_cfg) -> list[str]:
-    """train.loss_type as a list (TRL's DPOConfig makes a name a one-element list)."""
-    return [train_cfg.loss_type] if isinstance(train_cfg.loss_type, str) else list(train_cfg.loss_type)
-
-
 def compute_loss(cfg: Config, split: Split, index: list[int], policy_chosen, policy_rejected, scale: float,
                  reference: Callable = cached_reference):
     """Loss of a micro-batch (scaled by ``scale``) and the per-pair sums of its metrics.
@@ -232,7 +227,7 @@ def compute_loss(cfg: Config, split: Split, index: list[int], policy_chosen, pol
     train_cfg = cfg.train
     device = policy_chosen.device
     ref_chosen, ref_rejected = (v.to(device, torch.float32) for v in reference(split, index))
-    names = loss_names(train_cfg)
+    names = train_cfg.loss_names()
     chosen_len = torch.tensor([len(split.chosens[i]) for i in index], device=device, dtype=torch.float32)
     rejected_len = torch.tensor([len(split.rejecteds[i]) for i in index], device=device, dtype=torch.float32)
     per_pair = combined_loss(names, train_cfg.loss_weights, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
