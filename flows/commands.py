@@ -120,11 +120,15 @@ def cmd_run(args) -> Path:
         stages = [s for s in stages if STAGES.index(s) >= STAGES.index(args.from_stage)]
     result = dpo_pipeline(config=cfg.to_dict(), stages=stages, force=args.force)
     _print_flow_result(result)
-    return Path(result["outputs"][stages[-1]])
+    last = result["outputs"][stages[-1]]
+    return Path(last) if last else Path(cfg.storage)
 
 
 def _print_flow_result(result: dict) -> None:
     for stage, output in result["outputs"].items():
+        if stage in result.get("not_needed", {}):  # a reference-free loss: no score, no audit
+            print(f"{stage}: skipped: {result['not_needed'][stage]}", file=sys.stderr)
+            continue
         print(f"{stage}: {'ran' if result['ran'][stage] else 'up to date'}: {output}", file=sys.stderr)
 
 

@@ -80,6 +80,21 @@ def skipped(stage: str, directory: str) -> State:
                      data={"output_dir": directory, "skipped": True})
 
 
+def not_needed(stage: str, reason: str) -> State:
+    """The final state of a stage the config does not need (score and audit for a reference-free
+    loss): Completed, named Skipped, the reason in its message and the log; no output."""
+    message = f"{stage} skipped: {reason}"
+    get_run_logger().info("%s", message)
+    return Completed(name="Skipped", message=message, data={"output_dir": None, "skipped": True})
+
+
+def unneeded_reason(cfg) -> str | None:
+    """Why the score and audit stages are not needed for this config (None: they are)."""
+    if cfg.train.needs_reference():
+        return None
+    return f"loss_type {'+'.join(cfg.train.loss_names())} is reference-free, no reference cache needed"
+
+
 @task(name="prepare", cache_policy=NO_CACHE)
 def prepare_task(config: dict, reuse: str | None = None) -> dict:
     if reuse:
@@ -166,7 +181,9 @@ def run_score_child(config: dict) -> tuple[str, dict]:
 
 
 @task(name="score", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_refused, cache_policy=NO_CACHE)
-def score_task(config: dict, reuse: str | None = None) -> dict:
+def score_task(config: dict, reuse: str | None = None, skip: str | None = None) -> dict:
+    if skip:
+        return not_needed("score", skip)
     if reuse:
         return skipped("score", reuse)
     logger = get_run_logger()
@@ -190,8 +207,10 @@ def score_task(config: dict, reuse: str | None = None) -> dict:
 
 
 @task(name="audit", cache_policy=NO_CACHE)
-def audit_task(config: dict, cache_dir: str, reuse: str | None = None) -> dict:
+def audit_task(config: dict, cache_dir: str, reuse: str | None = None, skip: str | None = None) -> dict:
     """Integrity and statistics always, a re-score sample of audit.rescore_rows rows."""
+    if skip:
+        return not_needed("audit", skip)
     if reuse:
         return skipped("audit", reuse)
     cfg = config_from_dict(config)
@@ -276,11 +295,18 @@ def dpo_pipeline(config: PipelineConfig, stages: list[Stage] | None = None, forc
     config = cfg.to_dict()  # resolved: absolute paths, every default filled in
     force = _stages_to_run(force) if force else []
     first_forced = min((STAGES.index(s) for s in force), default=len(STAGES))
-    outputs: dict[str, str] = {}
+    outputs: dict[str, str | None] = {}
     ran: dict[str, bool] = {}
+    not_run: dict[str, str] = {}  # stages the config does not need, and why
     planned = plan(cfg)  # fingerprints come from the inputs, so they are known before any work
+    unneeded = unneeded_reason(cfg)
     for stage in _stages_to_run(stages):
         directory = planned[stage]
+        if unneeded and stage in ("score", "audit"):  # a reference-free loss: no cache to make or check
+            args = (config, str(directory)) if stage == "audit" else (config,)
+            outputs[stage] = TASKS[stage](*args, skip=unneeded, return_state=True).result()["output_dir"]
+            ran[stage], not_run[stage] = False, unneeded
+            continue
         forced = STAGES.index(stage) >= first_forced
         reuse = None
         if not forced and stage_complete(cfg, stage, directory):
@@ -294,6 +320,7 @@ def dpo_pipeline(config: PipelineConfig, stages: list[Stage] | None = None, forc
         outputs[stage] = TASKS[stage](*args, reuse=reuse, return_state=True).result()["output_dir"]
         ran[stage] = reuse is None
     lines = ["# dpo-pipeline", "", "| stage | ran | output |", "|---|---|---|"]
-    lines += [f"| {s} | {'yes' if ran[s] else 'no, up to date'} | `{outputs[s]}` |" for s in outputs]
+    lines += [f"| {s} | {'yes' if ran[s] else f'no, {not_run[s]}' if s in not_run else 'no, up to date'} | "
+              f"`{outputs[s]}` |" for s in outputs]
     create_markdown_artifact("\n".join(lines), key="dpo-pipeline", description="stage outputs")
-    return {"outputs": outputs, "ran": ran}
+    return {"outputs": outputs, "ran": ran, "not_needed": not_run}

@@ -20,7 +20,8 @@ def plan(cfg: Config) -> dict[str, Path]:
         "prepare": dataset_dir,
         "score": refscores_dir,
         "audit": cache_dir,
-        "train": layout.plan_run_dir(cfg, dataset_dir.name, cache_dir),
+        # a reference-free run reads no cache (train.needs_reference() false): none in its identity
+        "train": layout.plan_run_dir(cfg, dataset_dir.name, cache_dir if cfg.train.needs_reference() else None),
     }
 
 

@@ -210,6 +210,18 @@ class TrainConfig:
     """simpo: the target reward margin gamma (TRL's CPOConfig default)."""
     rpo_alpha: float = 0.0
     """Weight of an added NLL term on the chosen response, mean over its tokens (TRL's RPO)."""
+    ld_alpha: Optional[float] = None
+    """LD-DPO (Liu et al. 2024, arXiv:2409.06411): the log-probs of the longer response's tokens
+    beyond the shorter one's length are weighted by ld_alpha (TRL's ld_alpha; 1 is DPO); null: off.
+    Needs the reference's per-token log-probs (a cache scored with score.store_token_logps: true)."""
+    use_weighting: bool = False
+    """WPO (Zhou et al. 2024, arXiv:2406.11827): weight each pair's loss by the policy's
+    probability of its two responses, as TRL's use_weighting."""
+    max_completion_length: Optional[int] = None
+    """Cut each response to its first this many tokens at training time (TRL's name), shorter than
+    what was scored: the reference sums are recomputed from the cached per-token log-probs of
+    that prefix, without rescoring (needs a cache scored with score.store_token_logps: true).
+    null: the responses as prepared (tokenize.max_completion_length)."""
     learning_rate: float = 1e-6
     per_device_train_batch_size: int = 8
     """Preference pairs per device per forward/backward pass. One optimizer step sees
@@ -292,6 +304,8 @@ class TrainConfig:
         _check_range("train.label_smoothing", self.label_smoothing, 0.0, 0.5, hi_open=True)
         self._validate_losses()
         _check_range("train.rpo_alpha", self.rpo_alpha, 0.0, None)
+        if self.max_completion_length is not None:
+            _check_range("train.max_completion_length", self.max_completion_length, 1, None)
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps", "save_total_limit", "nproc_per_node", "nnodes"):
             _check_range(f"train.{key}", getattr(self, key), 1, None)
@@ -317,6 +331,17 @@ class TrainConfig:
     def loss_names(self) -> list[str]:
         """loss_type as a list (TRL's DPOConfig makes a name a one-element list)."""
         return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    def needs_reference(self) -> bool:
+        """Whether the losses read the reference's log-probs: False when every loss of loss_type
+        is reference-free (simpo, orpo), and then no reference cache is needed, scored or read."""
+        return not all(name in REFERENCE_FREE_LOSSES for name in self.loss_names())
+
+    def needs_token_reference(self) -> bool:
+        """Whether training needs the reference's per-token log-probs (a cache scored with
+        score.store_token_logps: true): max_completion_length (the reference sums of the kept
+        prefix) or ld_alpha (LD-DPO's split at the shared length)."""
+        return self.needs_reference() and (self.max_completion_length is not None or self.ld_alpha is not None)
 
     def _validate_losses(self) -> None:
         names = self.loss_names()
@@ -347,6 +372,9 @@ class TrainConfig:
 LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "dpop", "simpo", "orpo"]
 """pipeline/losses.py's LOSSES (a test keeps the two equal)."""
+
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+"""The losses of LOSSES that never read the reference (Loss.reference_free; a test keeps the two equal)."""
 
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 

@@ -172,7 +172,7 @@ RUN_KEYS_NOT_IN_IDENTITY = ("run_name", "ref_cache", "logging_steps", "eval_step
 
 # Run-identity keys left out while at their defaults (the identity of a run from before them).
 LOSS_KEYS_AT_DEFAULT = ("loss_weights", "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau",
-                        "dpop_lambda", "simpo_gamma")
+                        "dpop_lambda", "simpo_gamma", "ld_alpha", "use_weighting", "max_completion_length")
 
 
 def policy_init(cfg: Config) -> ModelConfig:
@@ -208,7 +208,9 @@ def policy_init(cfg: Config) -> ModelConfig:
                        trust_remote_code=cfg.model.trust_remote_code)
 
 
-def run_identity(cfg: Config, dataset_fp: str, cache_fp: str, init_fp: dict) -> dict:
+def run_identity(cfg: Config, dataset_fp: str, cache_fp: str | None, init_fp: dict) -> dict:
+    """What determines a run's weights. ``cache_fp``: the reference cache's fingerprint, None for
+    a reference-free run (train.needs_reference() false: no cache is read, so none is named)."""
     train = dataclasses.asdict(cfg.train)
     for key in RUN_KEYS_NOT_IN_IDENTITY:
         train.pop(key)
@@ -457,14 +459,17 @@ def _check_reference(path: Path, manifest: dict, dataset_fp: str, model_fp: dict
         )
 
 
-def plan_run_dir(cfg: Config, dataset_fp: str, cache_dir: Path) -> Path:
-    """Where the train stage puts (or put) the run for ``cfg`` and this reference cache."""
-    manifest = read_json(Path(cache_dir) / MANIFEST)
-    cache_fp = manifest.get("fingerprint") if manifest else Path(cache_dir).name
+def plan_run_dir(cfg: Config, dataset_fp: str, cache_dir: Path | None) -> Path:
+    """Where the train stage puts (or put) the run for ``cfg`` and this reference cache (None: a
+    reference-free run, which reads no cache)."""
+    cache_fp = None
+    if cache_dir is not None:
+        manifest = read_json(Path(cache_dir) / MANIFEST)
+        cache_fp = manifest.get("fingerprint") if manifest else Path(cache_dir).name
     return run_dir_for(cfg, dataset_fp, cache_fp, model_fingerprint(policy_init(cfg)))[1]
 
 
-def run_dir_for(cfg: Config, dataset_fp: str, cache_fp: str, init_fp: dict) -> tuple[str, Path]:
+def run_dir_for(cfg: Config, dataset_fp: str, cache_fp: str | None, init_fp: dict) -> tuple[str, Path]:
     """(run fingerprint, run directory): train.run_name, else named after the fingerprint."""
     run_fp = fingerprint(run_identity(cfg, dataset_fp, cache_fp, init_fp))
     return run_fp, run_dir(cfg.storage, cfg.train.run_name or f"dpo-{run_fp[:12]}")

@@ -85,29 +85,110 @@ class TokenLists:
     def __getitem__(self, i: int) -> list[int]:
         return self.values[self.offsets[i] : self.offsets[i + 1]].tolist()
 
+    def truncated(self, n: int) -> "TokenLists":
+        """Each list cut to its first ``n`` ids."""
+        return _cut(self, n)
+
+
+class ValueLists:
+    """Per-token values of one column (the reference's per-token log-probs, list<float32> in the
+    cache), stored as TokenLists stores ids: one float32 array and offsets (~4 bytes per token).
+    ``lists[i]`` is the i-th list, a float32 numpy array (a view: do not write to it)."""
+
+    def __init__(self, column):
+        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False)
+        self.values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def truncated(self, n: int) -> "ValueLists":
+        """Each list cut to its first ``n`` values."""
+        return _cut(self, n)
+
+    def sums(self) -> np.ndarray:
+        """The sum of each list, in float64 ([N]; 0 for an empty list)."""
+        values = np.append(self.values.astype(np.float64), 0.0)  # reduceat needs starts < len
+        sums = np.add.reduceat(values, self.offsets[:-1]) if len(self) else np.zeros(0)
+        return np.where(self.lengths() > 0, sums, 0.0)
+
+
+def _cut(lists, n: int):
+    """A copy of TokenLists / ValueLists ``lists`` with each list cut to its first ``n`` items."""
+    lengths = np.diff(lists.offsets)
+    position = np.arange(lists.offsets[-1], dtype=np.int64) - np.repeat(lists.offsets[:-1], lengths)
+    out = object.__new__(type(lists))
+    out.values = lists.values[position < n]
+    out.offsets = np.concatenate([[0], np.cumsum(np.minimum(lengths, n), dtype=np.int64)])
+    return out
+
 
 @dataclass
 class Split:
-    """Token ids and cached reference log-probs of one split, aligned by row."""
+    """Token ids and cached reference log-probs of one split, aligned by row.
+
+    ref_chosen / ref_rejected are None for a reference-free run (train.needs_reference() false:
+    no cache is read; cached_reference then gives NaN, so a loss that read them would stop the run
+    as non-finite instead of training on made-up values). ref_chosen_token_logps /
+    ref_rejected_token_logps: the reference's per-token log-probs (float32, aligned with chosens /
+    rejecteds), loaded only when train.needs_token_reference() (else None)."""
 
     ids: list[str]
     prompts: TokenLists | list[list[int]]
     chosens: TokenLists | list[list[int]]
     rejecteds: TokenLists | list[list[int]]
-    ref_chosen: torch.Tensor  # [N] float64 -> used as float32 in the loss
-    ref_rejected: torch.Tensor
+    ref_chosen: torch.Tensor | None  # [N] float64 -> used as float32 in the loss
+    ref_rejected: torch.Tensor | None
+    ref_chosen_token_logps: ValueLists | None = None
+    ref_rejected_token_logps: ValueLists | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def truncated(self, n: int) -> "Split":
+        """train.max_completion_length: every response cut to its first ``n`` tokens, and the
+        reference sums of the cut ones recomputed from the cached per-token log-probs of the kept
+        prefix (float64 sums; the responses already within ``n`` keep their cached sums)."""
+        if self.ref_chosen is None:  # reference-free: only what the policy sees
+            return Split(self.ids, self.prompts, self.chosens.truncated(n), self.rejecteds.truncated(n), None, None)
+        if self.ref_chosen_token_logps is None or self.ref_rejected_token_logps is None:
+            raise TrainError("train.max_completion_length needs the reference's per-token log-probs; "
+                             "load the split with token_reference=True")
+        sides = {}
+        for side, ids, sums, per_token in (
+                ("chosen", self.chosens, self.ref_chosen, self.ref_chosen_token_logps),
+                ("rejected", self.rejecteds, self.ref_rejected, self.ref_rejected_token_logps)):
+            cut = per_token.truncated(n)
+            longer = torch.from_numpy(per_token.lengths() > n)
+            sides[side] = (ids.truncated(n), torch.where(longer, torch.from_numpy(cut.sums()), sums), cut)
+        (chosens, ref_chosen, chosen_tokens), (rejecteds, ref_rejected, rejected_tokens) = sides["chosen"], sides["rejected"]
+        return Split(self.ids, self.prompts, chosens, rejecteds, ref_chosen, ref_rejected, chosen_tokens,
+                     rejected_tokens)
 
 
 # --- 1. inputs and their contract ----------------------------------------------------------------
 
 
-def load_split_data(dataset_dir: Path, cache_dir: Path) -> tuple[dict[str, Split], dict]:
-    """Examples joined with their cached reference log-probs, after checking the contract."""
+def load_split_data(dataset_dir: Path, cache_dir: Path | None,
+                    token_reference: bool = False) -> tuple[dict[str, Split], dict | None]:
+    """Examples joined with their cached reference log-probs, after checking the contract.
+
+    cache_dir None: a reference-free run; the examples alone (Split.ref_* None), and no cache
+    manifest (None). token_reference: also the reference's per-token log-probs (Split.ref_*_token_logps),
+    which the cache has only when scored with score.store_token_logps: true (else TrainError).
+    """
     # Both verified: every file is present and hashes as its manifest says, before a byte is read.
     dataset = layout.verified_dataset(dataset_dir)
+    if cache_dir is None:
+        return _examples_only(dataset_dir), None
     cache = layout.verified_refscores(cache_dir)
     fix = "rescore with `dpo score -c CONFIG` (or point train.ref_cache at the cache of this dataset)"
     if cache["inputs"]["dataset_fingerprint"] != dataset["fingerprint"]:
@@ -123,8 +204,19 @@ def load_split_data(dataset_dir: Path, cache_dir: Path) -> tuple[dict[str, Split
     columns = ["id", "chosen_logp", "rejected_logp", "chosen_tokens", "rejected_tokens"]
     # One multithreaded scan over the shards, in manifest order (10,000 one-row shards: 4 s,
     # against 9 s file by file; bench/shards_bench.py).
-    scores = pa_dataset.dataset([str(cache_dir / shard["file"]) for shard in cache["shards"]],
-                                format="parquet").to_table(columns=columns)
+    shards = pa_dataset.dataset([str(cache_dir / shard["file"]) for shard in cache["shards"]], format="parquet")
+    if token_reference:
+        per_token = ["chosen_token_logps", "rejected_token_logps"]
+        if not set(per_token) <= set(shards.schema.names):
+            raise TrainError(
+                f"train.max_completion_length and train.ld_alpha need the reference's per-token log-probs, "
+                f"but the reference cache {cache_dir} was scored without them (score.store_token_logps: "
+                "false): set score.store_token_logps: true and run `dpo score -c CONFIG` again (a new "
+                "cache, used from then on; no other stage reruns), or drop train.max_completion_length / "
+                "train.ld_alpha"
+            )
+        columns += per_token
+    scores = shards.to_table(columns=columns)
     ex_ids, sc_ids = examples.column("id"), scores.column("id")
     if pc.count_distinct(sc_ids).as_py() != len(sc_ids):
         raise TrainError(f"the reference cache {cache_dir} lists some ids twice: {fix}")
@@ -147,6 +239,15 @@ def load_split_data(dataset_dir: Path, cache_dir: Path) -> tuple[dict[str, Split
                 f"{len(bad)} examples have a different {side} token count in the cache than in the "
                 f"dataset (e.g. id {bad[0]}): the cache was computed from other token ids; {fix}"
             )
+        if token_reference:
+            counted = pc.list_value_length(scores.column(f"{side}_token_logps")).fill_null(-1)
+            differs = pc.not_equal(pc.cast(counted, pa.int64()), pc.cast(scores.column(f"{side}_tokens"), pa.int64()))
+            if pc.any(differs).as_py():
+                bad = ex_ids.filter(differs).to_pylist()
+                raise TrainError(
+                    f"{len(bad)} examples of the reference cache {cache_dir} have not one per-token "
+                    f"{side} log-prob per token (e.g. id {bad[0]}): {fix}"
+                )
     splits = {}
     for name in ("train", "eval"):
         keep = pc.equal(examples.column("split"), name)
@@ -158,8 +259,22 @@ def load_split_data(dataset_dir: Path, cache_dir: Path) -> tuple[dict[str, Split
             TokenLists(ex.column("rejected_ids")),
             torch.tensor(sc.column("chosen_logp").to_numpy(), dtype=torch.float64),
             torch.tensor(sc.column("rejected_logp").to_numpy(), dtype=torch.float64),
+            ValueLists(sc.column("chosen_token_logps")) if token_reference else None,
+            ValueLists(sc.column("rejected_token_logps")) if token_reference else None,
         )
     return splits, cache
+
+
+def _examples_only(dataset_dir: Path) -> dict[str, Split]:
+    """The splits of a prepared dataset without reference values (a reference-free run)."""
+    examples = pq.read_table(dataset_dir / layout.EXAMPLES,
+                             columns=["id", "split", "prompt_ids", "chosen_ids", "rejected_ids"])
+    splits = {}
+    for name in ("train", "eval"):
+        ex = examples.filter(pc.equal(examples.column("split"), name))
+        splits[name] = Split(ex.column("id").to_pylist(), TokenLists(ex.column("prompt_ids")),
+                             TokenLists(ex.column("chosen_ids")), TokenLists(ex.column("rejected_ids")), None, None)
+    return splits
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -212,7 +327,12 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 def cached_reference(split: Split, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference log-probs of the pairs ``index`` from the cache: [B] float64 each."""
+    """Reference log-probs of the pairs ``index`` from the cache: [B] float64 each. A split without
+    reference (a reference-free run) gives NaN: the reference-free losses and their rewards never
+    read it, and anything that did would stop the run as non-finite."""
+    if split.ref_chosen is None or split.ref_rejected is None:
+        missing = torch.full((len(index),), float("nan"), dtype=torch.float64)
+        return missing, missing.clone()
     return split.ref_chosen[index], split.ref_rejected[index]
 
 
@@ -454,8 +574,9 @@ class _Run:
     """What a run is: its inputs (verified), its identity and its folder."""
 
     dataset_dir: Path
-    cache_dir: Path
-    cache: dict
+    cache_dir: Path | None
+    """None for a reference-free run (train.needs_reference() false): no cache is read."""
+    cache: dict | None
     splits: dict[str, Split]
     init_fp: dict
     identity: dict
@@ -465,19 +586,32 @@ class _Run:
 
 def _plan_run(cfg: Config) -> _Run:
     dataset_dir, dataset_fp, cache_dir, init_fp, run_fp, run_dir = _identify(cfg)
-    splits, cache = load_split_data(dataset_dir, cache_dir)
+    if cache_dir is None:
+        log.info("train: loss_type %s is reference-free: no reference cache is read",
+                 "+".join(cfg.train.loss_names()))
+    splits, cache = load_split_data(dataset_dir, cache_dir, token_reference=cfg.train.needs_token_reference())
     if not len(splits["train"]):
         raise TrainError(f"the dataset {dataset_dir} has no train examples")
-    identity = layout.run_identity(cfg, dataset_fp, cache["fingerprint"], init_fp)
+    cut = cfg.train.max_completion_length
+    if cut is not None:  # responses cut at training time; reference sums of the kept prefix
+        longer = sum(int((np.diff(split.chosens.offsets) > cut).sum() + (np.diff(split.rejecteds.offsets) > cut).sum())
+                     for split in splits.values())
+        splits = {name: split.truncated(cut) for name, split in splits.items()}
+        log.info("train: max_completion_length %d: %d responses cut", cut, longer)
+    identity = layout.run_identity(cfg, dataset_fp, None if cache is None else cache["fingerprint"], init_fp)
     return _Run(dataset_dir, cache_dir, cache, splits, init_fp, identity, run_fp, run_dir)
 
 
 def _identify(cfg: Config):
-    """(dataset dir, its fingerprint, cache dir, init fingerprint, run fingerprint, run dir)."""
+    """(dataset dir, its fingerprint, cache dir, init fingerprint, run fingerprint, run dir); the
+    cache dir is None for a reference-free run (no cache is looked for, and none is named in
+    the run's identity)."""
     dataset_dir = layout.locate_dataset(cfg)
     dataset_fp = layout.verified_dataset(dataset_dir)["fingerprint"]
-    cache_dir = layout.locate_ref_cache(cfg, dataset_fp)
-    cache_fp = layout.verified_refscores(cache_dir)["fingerprint"]
+    cache_dir = cache_fp = None
+    if cfg.train.needs_reference():
+        cache_dir = layout.locate_ref_cache(cfg, dataset_fp)
+        cache_fp = layout.verified_refscores(cache_dir)["fingerprint"]
     init_fp = model_fingerprint(layout.policy_init(cfg))
     run_fp, run_dir = layout.run_dir_for(cfg, dataset_fp, cache_fp, init_fp)
     return dataset_dir, dataset_fp, cache_dir, init_fp, run_fp, run_dir
@@ -621,7 +755,10 @@ def _start(trainer: Trainer, run: _Run, resume: bool) -> int:
     if trainer.world.main:
         metrics_path.unlink(missing_ok=True)
     cfg = trainer.cfg
-    if run.init_fp == run.cache["inputs"]["model"] and cfg.train.step0_check != "off":
+    if run.cache is None:
+        log.info("train: loss_type %s is reference-free: no reference cache, so no step-0 check",
+                 "+".join(cfg.train.loss_names()))
+    elif run.init_fp == run.cache["inputs"]["model"] and cfg.train.step0_check != "off":
         trainer.log(metrics_path, {"step": 0, **step0_check(trainer, cfg, run.cache, run.cache_dir)})
     elif cfg.train.step0_check != "off":
         log.info("train: policy starts from other weights than the reference; no step-0 check")
@@ -748,7 +885,7 @@ def _write_final(trainer: Trainer, run: _Run, policy, last_eval: dict) -> dict:
         "fingerprint": run.fingerprint,
         "inputs": run.identity,
         "dataset_dir": str(run.dataset_dir),
-        "refscores_dir": str(run.cache_dir),
+        "refscores_dir": None if run.cache_dir is None else str(run.cache_dir),
         "steps": trainer.total_steps,
         "train_examples": len(run.splits["train"]),
         "eval_examples": len(run.splits["eval"]),
@@ -777,6 +914,8 @@ def model_card(cfg: Config, run: _Run, records: list[dict], first_eval: dict | N
     if hub_data:
         header["datasets"] = [hub_data["hub_id"]]
     step0 = next((r for r in records if "step0/max_mean_token_diff" in r), None)
+    reference = ("reference-free (no reference model, no cache" if run.cache_dir is None else
+                 f"with reference log-probs precomputed once (cache `{run.cache_dir.name[:12]}`")
     rows = ["| metric | start | end |", "|---|---|---|"]
     for key in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"):
         start = (first_eval or {}).get(key)
@@ -786,8 +925,7 @@ def model_card(cfg: Config, run: _Run, records: list[dict], first_eval: dict | N
         f"# {run.run_dir.name}", "",
         f"DPO ({cfg.train.loss_type}, beta {cfg.train.beta}) of `{cfg.model.path}` with "
         f"{'LoRA adapters (r ' + str(cfg.train.peft.r) + ')' if cfg.train.peft else 'full fine-tuning'}, "
-        f"trained by dpo-pipeline with reference log-probs precomputed once "
-        f"(cache `{run.cache_dir.name[:12]}`, dataset `{run.dataset_dir.name[:12]}`: "
+        f"trained by dpo-pipeline {reference}, dataset `{run.dataset_dir.name[:12]}`: "
         f"{len(run.splits['train'])} train / {len(run.splits['eval'])} eval pairs).", "",
         "## Eval", "", *rows, "",
     ]

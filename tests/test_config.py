@@ -85,7 +85,7 @@ FLOAT_KEYS = [
     "train.beta", "train.label_smoothing", "train.rpo_alpha", "train.learning_rate", "train.num_train_epochs",
     "train.warmup_ratio",
     "train.weight_decay", "train.max_grad_norm", "train.step0_tolerance", "audit.tolerance",
-    "train.f_alpha_divergence_coef", "train.discopop_tau", "train.dpop_lambda", "train.simpo_gamma",
+    "train.f_alpha_divergence_coef", "train.discopop_tau", "train.dpop_lambda", "train.simpo_gamma", "train.ld_alpha",
 ]
 
 

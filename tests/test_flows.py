@@ -387,3 +387,29 @@ def test_stage_logs_reach_the_prefect_run(prefect_harness, tmp_path, demo_assets
     assert "prepare: " in text and "rows (100%)" in text           # prepare's progress line
     assert "score: done:" in text and "tok/s on cpu" in text       # the score child's own summary
     assert "step-0 check:" in text and "train: 20/20 steps (100%)" in text
+
+
+def test_flow_skips_score_and_audit_for_a_reference_free_loss(prefect_harness, tmp_path, demo_assets, capsys):
+    """loss_type simpo reads no reference: the flow trains a dataset that was never scored, the score
+    and audit tasks end Skipped with the reason (and `dpo run` prints it); nothing is scored."""
+    from flows.commands import _print_flow_result
+
+    config = demo_config(tmp_path, demo_assets)
+    config["train"].update(loss_type="simpo", beta=1.0, max_steps=3, eval_steps=0)
+    state = pipeline_flows.dpo_pipeline(config=config, return_state=True)
+    result = state.result()
+    reason = "loss_type simpo is reference-free, no reference cache needed"
+    assert result["ran"] == {"prepare": True, "score": False, "audit": False, "train": True}
+    assert result["not_needed"] == {"score": reason, "audit": reason}
+    assert result["outputs"]["score"] is None and result["outputs"]["audit"] is None
+    assert not (tmp_path / "storage" / "refscores").exists()
+    assert json.loads((Path(result["outputs"]["train"]) / "run.json").read_text())["refscores_dir"] is None
+    task_states = {run.name.rsplit("-", 1)[0]: run.state for run in task_runs_of(state)}
+    for stage in ("score", "audit"):
+        assert task_states[stage].is_completed() and task_states[stage].name == "Skipped"
+        assert task_states[stage].message == f"{stage} skipped: {reason}"
+    _print_flow_result(result)
+    assert f"score: skipped: {reason}" in capsys.readouterr().err
+    # asked for alone, or forced, the score stage still scores nothing for this config
+    assert pipeline_flows.dpo_pipeline(config=config, stages=["score"], force=["score"])["ran"] == {"score": False}
+    assert not (tmp_path / "storage" / "refscores").exists()

@@ -39,8 +39,8 @@ def test_non_finite_loss_stops_with_step_and_ids(small, monkeypatch):
     cfg = small(run_name="nan", step0_check="off")
     real = train_module.load_split_data
 
-    def with_a_nan(dataset_dir, cache_dir):
-        splits, cache = real(dataset_dir, cache_dir)
+    def with_a_nan(dataset_dir, cache_dir, **options):
+        splits, cache = real(dataset_dir, cache_dir, **options)
         splits["train"].ref_chosen[:] = float("nan")
         return splits, cache
 
