@@ -77,6 +77,11 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     """Run code shipped with the model folder. Off unless you trust its author."""
+    attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"
+    """The attention kernel scoring and training use (transformers' name). auto: sdpa (a dense
+    mask, pairs packed into rows as long as the longest pair), measured fastest on CPU and on an
+    H200 GPU; flex_attention: a block-sparse mask over one flat row per batch (compiled per
+    shape); eager: the slow fallback. See README, "Padding-free batches"."""
 
 
 @dataclass
@@ -122,6 +127,10 @@ class ScoreConfig:
     prefix_sharing: bool = True
     """transformers backend: run each prompt once for both responses (prompt + chosen + rejected
     in one row, the rejected tokens masked from the chosen ones). Off: two separate sequences."""
+    padding_free: bool = True
+    """transformers backend, with prefix_sharing: pack pairs into rows without padding but at a
+    row's end (logprobs.pack_pairs; one flat row per batch with flex_attention). Off: one
+    right-padded row per pair."""
     store_token_logps: bool = True
     """Also store per-token log-probs (list<float32>) for auditing and length-normalized losses."""
     shard_rows: int = 4096
@@ -228,6 +237,11 @@ class TrainConfig:
     per_device_train_batch_size x gradient_accumulation_steps x world size pairs, as in TRL."""
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
+    padding_free: bool = True
+    """Padding-free micro-batches (TRL's name): several pairs per row, each pair's positions
+    restarting at 0 and its attention confined to its own prompt and response, padding only at the
+    end of a row (logprobs.pack_pairs; the layout follows model.attn_implementation). Same
+    log-probs as padded batches within float rounding; off: one right-padded row per pair."""
     max_steps: Optional[int] = None
     """Optimizer steps; null: num_train_epochs over the train split."""
     num_train_epochs: float = 1.0
@@ -367,6 +381,11 @@ class TrainConfig:
                 )
         _check_range("train.discopop_tau", self.discopop_tau, 1e-12, None)
         _check_range("train.dpop_lambda", self.dpop_lambda, 0.0, None)
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(names):
+            raise ConfigError("train.use_weighting: WPO's per-pair weights are undefined for aot and aot_unpaired "
+                              "(their loss is over the sorted batch, not per pair; TRL refuses too): drop one")
+        if self.ld_alpha is not None:
+            _check_range("train.ld_alpha", self.ld_alpha, 0.0, None)
 
 
 LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",

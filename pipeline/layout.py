@@ -168,7 +168,7 @@ def refscores_identity(cfg: Config, dataset_fp: str, backend: str) -> dict:
 RUN_KEYS_NOT_IN_IDENTITY = ("run_name", "ref_cache", "logging_steps", "eval_steps", "save_steps",
                             "save_total_limit", "per_device_eval_batch_size", "step0_check", "step0_tolerance",
                             "device", "nproc_per_node", "nnodes", "distributed", "per_device_train_batch_size",
-                            "gradient_accumulation_steps", "report_to")
+                            "gradient_accumulation_steps", "report_to", "padding_free")
 
 # Run-identity keys left out while at their defaults (the identity of a run from before them).
 LOSS_KEYS_AT_DEFAULT = ("loss_weights", "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau",
@@ -205,7 +205,8 @@ def policy_init(cfg: Config) -> ModelConfig:
     return ModelConfig(path=cfg.train.init_from or cfg.model.path,
                        revision=None if cfg.train.init_from else cfg.model.revision,
                        dtype=precision.param_dtype(precision.resolve(cfg)),
-                       trust_remote_code=cfg.model.trust_remote_code)
+                       trust_remote_code=cfg.model.trust_remote_code,
+                       attn_implementation=cfg.model.attn_implementation)
 
 
 def run_identity(cfg: Config, dataset_fp: str, cache_fp: str | None, init_fp: dict) -> dict:

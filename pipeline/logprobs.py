@@ -24,35 +24,40 @@ LOGSOFTMAX_CHUNK = 2048
 
 @dataclass
 class PackedBatch:
-    """Right-padded sequences plus where their response tokens are.
+    """Token rows plus where their response tokens are.
 
     input_ids: [B, T]
-    attention_mask: [B, T] padding mask, or [B, 1, T, T] bool (True = may attend) for
-        prefix-shared rows, which also carry position_ids [B, T].
+    attention_mask: [B, T] padding mask of ``pack``'s one-sequence-per-row batches; None for pair
+        batches, whose attention follows from ``segments``.
     rows, cols: [N] position (batch row, time step) of the hidden state predicting each
         response token, in response order, response after response.
     targets: [N] the response token ids.
     lengths: [S] tokens per response; sum(lengths) == N.
+    position_ids: [B, T] for pair batches (restarting at 0 for each pair).
+    segments: [B, T] for pair batches: 4 x (pair's slot in its row) + part (0 prompt, 1 chosen,
+        2 rejected); -1 at padding. ``attention_masks`` turns it into the kernel's mask.
     """
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     rows: torch.Tensor
     cols: torch.Tensor
     targets: torch.Tensor
     lengths: list[int]
     position_ids: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
 
     def to(self, device) -> "PackedBatch":
-        return PackedBatch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.rows.to(device),
-            self.cols.to(device),
-            self.targets.to(device),
-            self.lengths,
-            None if self.position_ids is None else self.position_ids.to(device),
-        )
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PackedBatch(move(self.input_ids), move(self.attention_mask), move(self.rows), move(self.cols),
+                           move(self.targets), self.lengths, move(self.position_ids), move(self.segments))
+
+    @property
+    def real_tokens(self) -> int:
+        """Positions that hold a token (not padding)."""
+        if self.segments is not None:
+            return int((self.segments >= 0).sum())
+        return int(self.attention_mask.sum())
 
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> PackedBatch:
@@ -82,51 +87,127 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> P
     )
 
 
-def pack_shared(
-    prompts: list[list[int]], chosens: list[list[int]], rejecteds: list[list[int]], pad_id: int
-) -> PackedBatch:
-    """One row per example, ``prompt + chosen + rejected``, the prompt computed once for both.
+PACKING = ("none", "fit", "flat")
+"""How pair batches are laid out (``pack_pairs``):
+none: one pair per row, right-padded to the longest (the layout before padding-free batches);
+fit: pairs first-fit into rows as long as the longest pair, longest first: padding only at the end
+    of a row, and the attention work of each row bounded by the longest pair's (for kernels that
+    compute masked blocks: SDPA, eager);
+flat: all pairs in one row, no padding at all (for block-sparse kernels that skip what the mask
+    hides: FlexAttention)."""
 
-    The rejected tokens get the positions they would have right after the prompt
-    (P .. P+Rr-1) and an attention mask that hides the chosen tokens from them, so every
+
+def plan_rows(totals: list[int], packing: str = "fit") -> list[list[int]]:
+    """Pair indices of each row: first-fit decreasing into rows of the longest pair's length
+    (``fit``), one row (``flat``), or one pair per row (``none``)."""
+    if packing not in PACKING:
+        raise ValueError(f"packing must be one of {PACKING}, not {packing!r}")
+    if packing == "none":
+        return [[i] for i in range(len(totals))]
+    if packing == "flat":
+        return [list(range(len(totals)))]
+    capacity = max(totals)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(totals)), key=lambda i: (-totals[i], i)):
+        for r, left in enumerate(room):
+            if totals[i] <= left:
+                rows[r].append(i)
+                room[r] -= totals[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - totals[i])
+    return rows
+
+
+def pack_pairs(
+    prompts: list[list[int]], chosens: list[list[int]], rejecteds: list[list[int]], pad_id: int = 0,
+    packing: str = "fit",
+) -> PackedBatch:
+    """Pairs as ``prompt + chosen + rejected`` runs, the prompt computed once for both, several
+    pairs per row (``packing``, see PACKING).
+
+    In each pair the rejected tokens get the positions they would have right after the prompt
+    (P .. P+R-1) and may not see the chosen tokens; no token sees another pair. So every
     response sees exactly ``prompt + its own earlier tokens``, as in two separate sequences,
-    while the prompt's work is done once. Lengths come in pairs: chosen_b, rejected_b, ...
+    while the prompt's work is done once and rows carry no padding but at their end. Response
+    order (``lengths``, ``rows``/``cols``/``targets``) is pair order whatever the rows:
+    chosen_0, rejected_0, chosen_1, ...
     """
     if not (len(prompts) == len(chosens) == len(rejecteds)) or not prompts:
-        raise ValueError("pack_shared needs equally many prompts, chosen and rejected, at least one")
+        raise ValueError("pack_pairs needs equally many prompts, chosen and rejected, at least one")
+    if not all(prompts):
+        raise ValueError("every sequence needs at least one prompt token to condition on")
     totals = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosens, rejecteds)]
-    width = max(totals)
-    batch = len(prompts)
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((batch, width), dtype=torch.long)
-    # Padding rows attend to themselves only: a query with nothing to attend to gives NaN.
-    mask = torch.eye(width, dtype=torch.bool).repeat(batch, 1, 1, 1)  # [B, 1, T, T]
+    layout = plan_rows(totals, packing)
+    width = max(sum(totals[i] for i in row) for row in layout)
+    input_ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(layout), width), dtype=torch.long)
+    segments = torch.full((len(layout), width), -1, dtype=torch.long)
+    place = [(0, 0)] * len(prompts)  # (row, start) of each pair
+    for b, row in enumerate(layout):
+        start = 0
+        for slot, i in enumerate(row):
+            P, C, R = len(prompts[i]), len(chosens[i]), len(rejecteds[i])
+            end = start + P + C + R
+            input_ids[b, start:end] = torch.tensor(prompts[i] + chosens[i] + rejecteds[i], dtype=torch.long)
+            position_ids[b, start:end] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
+            segments[b, start:end] = torch.tensor([4 * slot] * P + [4 * slot + 1] * C + [4 * slot + 2] * R)
+            place[i] = (b, start)
+            start = end
     rows, cols, targets, lengths = [], [], [], []
-    for b, (prompt, chosen, rejected) in enumerate(zip(prompts, chosens, rejecteds)):
-        if not prompt:
-            raise ValueError("every sequence needs at least one prompt token to condition on")
-        P, C, R, T = len(prompt), len(chosen), len(rejected), totals[b]
-        input_ids[b, :T] = torch.tensor(prompt + chosen + rejected, dtype=torch.long)
-        position_ids[b, :T] = torch.cat(
-            [torch.arange(P + C), torch.arange(P, P + R)]
-        )
-        index = torch.arange(T)
-        causal = index[:, None] >= index[None, :]
-        is_chosen = (index >= P) & (index < P + C)
-        is_rejected = index >= P + C
-        mask[b, 0, :T, :T] = causal & ~(is_rejected[:, None] & is_chosen[None, :])
+    for i, (b, s) in enumerate(place):
+        P, C, R = len(prompts[i]), len(chosens[i]), len(rejecteds[i])
         # Response token j is predicted by the hidden state just before it in its own stream:
         # the last prompt token for j == 0.
-        chosen_cols = torch.cat([torch.tensor([P - 1]), torch.arange(P, P + C - 1)])
-        rejected_cols = torch.cat([torch.tensor([P - 1]), torch.arange(P + C, P + C + R - 1)])
-        for response, response_cols in ((chosen, chosen_cols[:C]), (rejected, rejected_cols[:R])):
+        chosen_cols = torch.cat([torch.tensor([s + P - 1]), torch.arange(s + P, s + P + C - 1)])[:C]
+        rejected_cols = torch.cat([torch.tensor([s + P - 1]), torch.arange(s + P + C, s + P + C + R - 1)])[:R]
+        for response, response_cols in ((chosens[i], chosen_cols), (rejecteds[i], rejected_cols)):
             rows.append(torch.full((len(response),), b, dtype=torch.long))
             cols.append(response_cols)
             targets.append(torch.tensor(response, dtype=torch.long))
             lengths.append(len(response))
-    return PackedBatch(
-        input_ids, mask, torch.cat(rows), torch.cat(cols), torch.cat(targets), lengths, position_ids
-    )
+    return PackedBatch(input_ids, None, torch.cat(rows), torch.cat(cols), torch.cat(targets), lengths,
+                       position_ids, segments)
+
+
+def pack_shared(
+    prompts: list[list[int]], chosens: list[list[int]], rejecteds: list[list[int]], pad_id: int
+) -> PackedBatch:
+    """One row per pair, ``prompt + chosen + rejected`` (``pack_pairs`` with packing none)."""
+    return pack_pairs(prompts, chosens, rejecteds, pad_id, packing="none")
+
+
+def dense_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] bool (True = may attend) of a pair batch: causal within a pair, the rejected
+    tokens blind to the chosen ones, nothing across pairs; padding attends to itself only (a
+    query with nothing to attend to gives NaN)."""
+    T = segments.shape[1]
+    pair, part = segments // 4, segments % 4
+    index = torch.arange(T, device=segments.device)
+    causal = index[:, None] >= index[None, :]
+    same = (pair[:, :, None] == pair[:, None, :]) & (segments >= 0)[:, :, None]
+    blind = (part == 2)[:, :, None] & (part == 1)[:, None, :]
+    mask = (same & causal & ~blind) | torch.eye(T, dtype=torch.bool, device=segments.device)
+    return mask[:, None]
+
+
+def flex_block_mask(segments: torch.Tensor):
+    """The same rule as ``dense_mask`` as a FlexAttention BlockMask: blocks the rule hides
+    entirely (other pairs, the future) are skipped, not computed and masked."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    pair, part = segments // 4, segments % 4
+    real = segments >= 0
+
+    def mask_mod(b, h, q, kv):
+        same = (pair[b, q] == pair[b, kv]) & real[b, q] & (kv <= q)
+        return (same & ~((part[b, q] == 2) & (part[b, kv] == 1))) | (q == kv)
+
+    B, T = segments.shape
+    return create_block_mask(mask_mod, B, None, T, T, device=segments.device,
+                             _compile=segments.device.type == "cuda")
 
 
 def token_logps(
@@ -136,15 +217,17 @@ def token_logps(
     targets: torch.Tensor,
     lm_head,
     logit_transform=None,
-) -> torch.Tensor:
+    log_sum_sq: bool = False,
+):
     """log p(target | context) at the given positions, in float32.
 
     hidden: [B, T, H] last hidden states (any dtype); rows, cols, targets: [N];
     lm_head: maps [n, H] -> [n, V]; logit_transform: optional function applied to those logits
-    (e.g. a model's final soft-capping). Returns [N] float32. Differentiable.
+    (e.g. a model's final soft-capping). Returns [N] float32, differentiable; with
+    ``log_sum_sq`` also [N] log sum_v p(v | context)^2 (no gradient: WPO's weights).
     """
     selected = hidden[rows, cols]  # [N, H]
-    out = []
+    out, squares = [], []
     for start in range(0, selected.shape[0], LOGSOFTMAX_CHUNK):
         logits = lm_head(selected[start : start + LOGSOFTMAX_CHUNK])
         if logit_transform is not None:
@@ -152,9 +235,14 @@ def token_logps(
         logps = torch.log_softmax(logits.float(), dim=-1)  # [n, V] float32
         chunk_targets = targets[start : start + LOGSOFTMAX_CHUNK].unsqueeze(-1)
         out.append(logps.gather(-1, chunk_targets).squeeze(-1))
-    if not out:
-        return hidden.new_zeros((0,), dtype=torch.float32)
-    return torch.cat(out)
+        if log_sum_sq:
+            with torch.no_grad():
+                squares.append(torch.logsumexp(2 * logps, dim=-1))
+    empty = hidden.new_zeros((0,), dtype=torch.float32)
+    values = torch.cat(out) if out else empty
+    if log_sum_sq:
+        return values, (torch.cat(squares) if squares else empty)
+    return values
 
 
 def _logit_transform(model):
@@ -169,30 +257,45 @@ def _logit_transform(model):
     return None
 
 
-def _attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
-    if mask.ndim == 2:
-        return mask
-    # A custom 4D mask goes to the attention kernel as is: bool (True = attend) for SDPA and
-    # flex, additive float for eager attention.
-    if model.config._attn_implementation == "eager":
+def attention_implementation(model) -> str:
+    return model.config._attn_implementation
+
+
+def _attention_mask(model, batch: PackedBatch):
+    """The batch's mask as the model's attention kernel takes it: the 2D padding mask of
+    one-sequence rows; for pair rows a BlockMask (flex), a [B, 1, T, T] bool (SDPA), or an
+    additive float mask (eager)."""
+    if batch.segments is None:
+        return batch.attention_mask
+    kind = attention_implementation(model)
+    if kind == "flex_attention":
+        return flex_block_mask(batch.segments)
+    mask = dense_mask(batch.segments)
+    if kind == "eager":
         dtype = model.get_output_embeddings().weight.dtype
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-            ~mask, torch.finfo(dtype).min
-        )
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask
 
 
 def supports_shared_prefix(model) -> bool:
-    """Whether the model's attention takes a custom 4D mask (flash-attention kernels do not)."""
-    return model.config._attn_implementation in ("sdpa", "eager", "flex_attention")
+    """Whether the model's attention takes a custom mask (flash-attention kernels do not)."""
+    return attention_implementation(model) in ("sdpa", "eager", "flex_attention")
 
 
-def response_logps(model, batch: PackedBatch) -> torch.Tensor:
-    """[N] float32 per-token log-probs of the batch's response tokens under ``model``."""
+def default_packing(model) -> str:
+    """The pair layout for this model's attention kernel: one flat row for FlexAttention (its
+    block-sparse mask skips other pairs' blocks), rows as long as the longest pair otherwise
+    (SDPA and eager compute every position of a row against every other, masked or not)."""
+    return "flat" if attention_implementation(model) == "flex_attention" else "fit"
+
+
+def response_logps(model, batch: PackedBatch, log_sum_sq: bool = False):
+    """[N] float32 per-token log-probs of the batch's response tokens under ``model`` (and with
+    ``log_sum_sq`` the [N] log sum_v p^2 of the same positions, see token_logps)."""
     decoder = model.get_decoder()
     hidden = decoder(
         input_ids=batch.input_ids,
-        attention_mask=_attention_mask(model, batch.attention_mask),
+        attention_mask=_attention_mask(model, batch),
         position_ids=batch.position_ids,
         use_cache=False,
     ).last_hidden_state
@@ -203,6 +306,7 @@ def response_logps(model, batch: PackedBatch) -> torch.Tensor:
         batch.targets,
         model.get_output_embeddings(),
         _logit_transform(model),
+        log_sum_sq,
     )
 
 
@@ -227,13 +331,15 @@ def check_head_path(model, token_ids: list[int]) -> float:
     return float((ours - reference).abs().max())
 
 
-
-def sequence_sums(values: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """[S] float32 sums of consecutive runs of ``values`` ([N]) of the given lengths."""
+def sequence_sums(values: torch.Tensor, lengths: list[int], weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[S] sums of consecutive runs of ``values`` ([N]) of the given lengths (each value times
+    its ``weights`` entry when given)."""
     index = torch.repeat_interleave(
         torch.arange(len(lengths), device=values.device),
         torch.tensor(lengths, device=values.device),
     )
+    if weights is not None:
+        values = values * weights.to(values.device, values.dtype)
     return torch.zeros(len(lengths), dtype=values.dtype, device=values.device).index_add(
         0, index, values
     )
@@ -249,31 +355,70 @@ class ResponseLogps(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, rows, cols, targets, position_ids=None):
-        batch = PackedBatch(input_ids, attention_mask, rows, cols, targets, [], position_ids)
-        return response_logps(self.model, batch)
+    def forward(self, input_ids, attention_mask, rows, cols, targets, position_ids=None, segments=None,
+                log_sum_sq: bool = False):
+        batch = PackedBatch(input_ids, attention_mask, rows, cols, targets, [], position_ids, segments)
+        return response_logps(self.model, batch, log_sum_sq)
 
 
-def _logps(model, batch: PackedBatch) -> torch.Tensor:
+def _logps(model, batch: PackedBatch, log_sum_sq: bool = False):
     if hasattr(model, "get_decoder"):  # a causal LM (or a peft model around one)
-        return response_logps(model, batch)
+        return response_logps(model, batch, log_sum_sq)
     # a ResponseLogps, possibly wrapped by DDP / fully_shard
     return model(batch.input_ids, batch.attention_mask, batch.rows, batch.cols, batch.targets,
-                 batch.position_ids)
+                 batch.position_ids, batch.segments, log_sum_sq)
 
 
-def pair_logps(model, prompts, chosens, rejecteds, shared: bool = True, device="cpu"):
-    """Sequence log-probs of both responses of each pair in ONE forward pass.
+def _causal_lm(model):
+    """The causal LM inside a ResponseLogps (wrapped by DDP / FSDP2 or not), or the model."""
+    inner = getattr(model, "module", model)  # DDP
+    return getattr(inner, "model", inner) if isinstance(inner, ResponseLogps) else inner
+
+
+@dataclass
+class PairTokens:
+    """Per-token log-probs of the responses of B pairs: ``values`` [N] float32 (differentiable),
+    responses in pair order chosen_0, rejected_0, chosen_1, ... with ``lengths`` [2B];
+    ``log_sum_sq`` [N] (no gradient) when asked for."""
+
+    values: torch.Tensor
+    lengths: list[int]
+    log_sum_sq: torch.Tensor | None = None
+
+    def sums(self, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen [B], rejected [B]) sums, each token times its ``weights`` entry when given."""
+        sums = sequence_sums(self.values, self.lengths, weights)
+        return sums[0::2], sums[1::2]
+
+
+def pair_token_logps(model, prompts, chosens, rejecteds, shared: bool = True, device="cpu",
+                     packing: str | None = None, log_sum_sq: bool = False) -> PairTokens:
+    """Per-token log-probs of both responses of each pair in ONE forward pass.
 
     model: a causal LM, or a ``ResponseLogps`` around one (wrapped by DDP or FSDP2 or not).
-    shared: one row per pair (prompt computed once, see pack_shared); else the chosen and the
-    rejected sequences as rows of the same batch. Returns (chosen [B], rejected [B]) float32
-    sums, differentiable.
+    shared: prompt computed once per pair (``pack_pairs``, laid out by ``packing``: see PACKING;
+    None: the model's kernel's ``default_packing``); else the chosen and the rejected sequences
+    as rows of the same right-padded batch (kernels that take no custom mask).
     """
     if shared:
-        batch = pack_shared(prompts, chosens, rejecteds, pad_id=0).to(device)
-        sums = sequence_sums(_logps(model, batch), batch.lengths)
-        return sums[0::2], sums[1::2]
+        packing = packing or default_packing(_causal_lm(model))
+        batch = pack_pairs(prompts, chosens, rejecteds, pad_id=0, packing=packing).to(device)
+        out = _logps(model, batch, log_sum_sq)
+        values, squares = out if log_sum_sq else (out, None)
+        return PairTokens(values, batch.lengths, squares)
     batch = pack(prompts + prompts, chosens + rejecteds, pad_id=0).to(device)
-    sums = sequence_sums(_logps(model, batch), batch.lengths)
-    return sums[: len(prompts)], sums[len(prompts) :]
+    out = _logps(model, batch, log_sum_sq)
+    values, squares = out if log_sum_sq else (out, None)
+    # rows are all chosen then all rejected: reorder the tokens into pair order
+    B = len(prompts)
+    offsets = [0, *torch.tensor(batch.lengths).cumsum(0).tolist()]
+    order = torch.cat([torch.arange(offsets[k], offsets[k + 1]) for i in range(B) for k in (i, B + i)])
+    order = order.to(values.device)
+    lengths = [batch.lengths[k] for i in range(B) for k in (i, B + i)]
+    return PairTokens(values[order], lengths, None if squares is None else squares[order])
+
+
+def pair_logps(model, prompts, chosens, rejecteds, shared: bool = True, device="cpu", packing: str | None = None):
+    """Sequence log-probs (chosen [B], rejected [B]) float32 sums, differentiable, of both
+    responses of each pair in one forward pass (``pair_token_logps``)."""
+    return pair_token_logps(model, prompts, chosens, rejecteds, shared, device, packing).sums()

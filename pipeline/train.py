@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -45,7 +46,7 @@ from .checkpoint import (Checkpoint, checkpoint_dir, list_checkpoints, load_late
                          save_checkpoint)
 from .config import Config, world_size
 from .distributed import World
-from .logprobs import pair_logps, supports_shared_prefix
+from .logprobs import PairTokens, pair_token_logps, supports_shared_prefix
 from .losses import LOSSES, combined_loss, rewards
 from .models import load_causal_lm, load_tokenizer, model_fingerprint
 from .progress import Progress
@@ -337,12 +338,13 @@ def cached_reference(split: Split, index: list[int]) -> tuple[torch.Tensor, torc
 
 
 def compute_loss(cfg: Config, split: Split, index: list[int], policy_chosen, policy_rejected, scale: float,
-                 reference: Callable = cached_reference):
+                 reference: Callable = cached_reference, pair_weights: torch.Tensor | None = None):
     """Loss of a micro-batch (scaled by ``scale``) and the per-pair sums of its metrics.
 
     policy_chosen, policy_rejected: [B] float32 sequence log-probs under the policy. The loss is
     sum_k train.loss_weights[k] x train.loss_type[k] (TRL's mixture), each loss getting the summed
     log-probs and the response token counts (length-normalized losses divide by them themselves).
+    pair_weights: [B] (no gradient) multiplying each pair's loss: WPO's (``wpo_weights``).
     """
     train_cfg = cfg.train
     device = policy_chosen.device
@@ -356,6 +358,8 @@ def compute_loss(cfg: Config, split: Split, index: list[int], policy_chosen, pol
                              f_alpha_divergence_coef=train_cfg.f_alpha_divergence_coef,
                              discopop_tau=train_cfg.discopop_tau, dpop_lambda=train_cfg.dpop_lambda,
                              simpo_gamma=train_cfg.simpo_gamma)
+    if pair_weights is not None:  # TRL weights each loss of the mixture, before the RPO term
+        per_pair = per_pair * pair_weights.to(per_pair.dtype)
     if train_cfg.rpo_alpha:
         per_pair = per_pair + train_cfg.rpo_alpha * (-policy_chosen / chosen_len)
     if all(LOSSES[name].reference_free for name in names):
@@ -375,6 +379,46 @@ def compute_loss(cfg: Config, split: Split, index: list[int], policy_chosen, pol
         "logps/rejected": policy_rejected.detach().sum().item(),
     }
     return per_pair.sum() * scale, sums
+
+
+def ld_weights(lengths: list[int], alpha: float) -> torch.Tensor:
+    """LD-DPO's per-token weights of pairs laid out chosen_0, rejected_0, chosen_1, ... (``lengths``
+    of each response): 1 for the first min(chosen, rejected) tokens of each response (the shared
+    length), ``alpha`` beyond it, as TRL's ld_alpha."""
+    weights = []
+    for chosen, rejected in zip(lengths[0::2], lengths[1::2]):
+        shared = min(chosen, rejected)
+        for n in (chosen, rejected):
+            weights.append(torch.cat([torch.ones(shared), torch.full((n - shared,), float(alpha))]))
+    return torch.cat(weights) if weights else torch.zeros(0)
+
+
+def ld_reference(split: Split, index: list[int], alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LD-DPO's reference sums [B] float64 of the pairs ``index``: the cached per-token
+    log-probs weighted as ``ld_weights`` weighs the policy's."""
+    if split.ref_chosen_token_logps is None or split.ref_rejected_token_logps is None:
+        raise TrainError("train.ld_alpha needs the reference's per-token log-probs: the split was loaded "
+                         "without them (load_split_data(..., token_reference=True))")
+    chosen, rejected = [], []
+    for i in index:
+        c = torch.from_numpy(np.asarray(split.ref_chosen_token_logps[i], dtype=np.float64))
+        r = torch.from_numpy(np.asarray(split.ref_rejected_token_logps[i], dtype=np.float64))
+        w = ld_weights([len(c), len(r)], alpha).double()
+        chosen.append((c * w[: len(c)]).sum())
+        rejected.append((r * w[len(c) :]).sum())
+    return torch.stack(chosen), torch.stack(rejected)
+
+
+def wpo_weights(tokens: PairTokens) -> torch.Tensor:
+    """WPO's pair weights [B] (Zhou et al. 2024, eq. 2, as TRL's use_weighting): for each
+    response w = exp(mean over its tokens of log p(y_t) - log sum_v p(v)^2), the policy's
+    probability of the response against its own sampling distribution, length-normalized; the
+    pair's weight is w_chosen x w_rejected, without gradient."""
+    with torch.no_grad():
+        aligned = PairTokens(tokens.values.detach() - tokens.log_sum_sq, tokens.lengths)
+        chosen, rejected = aligned.sums()
+        lengths = torch.tensor(tokens.lengths, dtype=torch.float32, device=chosen.device).clamp(min=1)
+        return torch.exp(chosen / lengths[0::2]) * torch.exp(rejected / lengths[1::2])
 
 
 def _tokens(split: Split, index: list[int]) -> int:
@@ -409,10 +453,27 @@ class Trainer:
         self.micro = self.cfg.train.per_device_train_batch_size
         self.batch = effective_batch_size(self.cfg.train, self.world.size)
 
-    def pair_logps(self, split: Split, index: list[int]):
+    def token_logps(self, split: Split, index: list[int], log_sum_sq: bool = False) -> PairTokens:
+        """The policy's per-token log-probs of the pairs ``index``, in one forward pass
+        (padding-free rows unless train.padding_free is off)."""
         picked = [split.prompts[i] for i in index], [split.chosens[i] for i in index], [split.rejecteds[i] for i in index]
+        packing = None if self.cfg.train.padding_free else "none"
         with self.autocast():
-            return pair_logps(self.engine, *picked, shared=self.shared, device=self.device)
+            return pair_token_logps(self.engine, *picked, shared=self.shared, device=self.device, packing=packing,
+                                    log_sum_sq=log_sum_sq)
+
+    def pair_logps(self, split: Split, index: list[int]):
+        """(chosen [B], rejected [B]) sequence log-probs under the policy."""
+        return self.token_logps(split, index).sums()
+
+    def loss_inputs(self, split: Split, index: list[int]):
+        """(chosen [B], rejected [B], pair weights [B] or None) for compute_loss: the sums
+        LD-DPO-weighted when train.ld_alpha is set, WPO's weights when train.use_weighting."""
+        train_cfg = self.cfg.train
+        tokens = self.token_logps(split, index, log_sum_sq=train_cfg.use_weighting)
+        weights = None if train_cfg.ld_alpha is None else ld_weights(tokens.lengths, train_cfg.ld_alpha)
+        chosen, rejected = tokens.sums(weights)
+        return chosen, rejected, (wpo_weights(tokens) if train_cfg.use_weighting else None)
 
     def micro_batch(self, index: list[int], accumulation_step: int) -> list[int]:
         """This rank's pairs of one micro-batch of the global batch ``index``: micro-batch a of
@@ -435,11 +496,11 @@ class Trainer:
         with torch.no_grad():
             for start in range(0, longest, size):
                 index = share[start : start + size]
-                chosen, rejected = self.pair_logps(split, index or [0])
+                chosen, rejected, weights = self.loss_inputs(split, index or [0])
                 if not index:
                     continue
                 _, sums = compute_loss(self.cfg, split, index, chosen.float(), rejected.float(), 1.0,
-                                       self.reference)
+                                       self.reference, weights)
                 for key, value in sums.items():
                     totals[key] = totals.get(key, 0.0) + value
         self.engine.train()
@@ -472,7 +533,9 @@ def build_trainer(cfg: Config, splits: dict[str, Split], policy, world: World = 
     )
     autocast = precision.autocast(mode, device) if distributed.uses_autocast(world, train_cfg.distributed) \
         else contextlib.nullcontext
-    return Trainer(cfg, policy, engine, optimizer, scheduler, splits, device, total_steps,
+    reference = cached_reference if train_cfg.ld_alpha is None or not train_cfg.needs_reference() else \
+        functools.partial(ld_reference, alpha=train_cfg.ld_alpha)
+    return Trainer(cfg, policy, engine, optimizer, scheduler, splits, device, total_steps, reference=reference,
                    autocast=autocast, world=world)
 
 
@@ -492,9 +555,9 @@ def train_step(trainer: Trainer, step: int) -> dict:
     for micro in range(accumulation):
         micro_index = trainer.micro_batch(index, micro)
         with distributed.accumulating(trainer.engine, sync=micro == accumulation - 1):
-            chosen, rejected = trainer.pair_logps(split, micro_index)
+            chosen, rejected, weights = trainer.loss_inputs(split, micro_index)
             loss, sums = compute_loss(cfg, split, micro_index, chosen.float(), rejected.float(), scale,
-                                      trainer.reference)
+                                      trainer.reference, weights)
             loss.backward()
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + value

@@ -111,7 +111,7 @@ def test_shared_prefix_packing_layout():
     assert batch.lengths == [2, 3]
     # chosen 4, 5 predicted from 3, 4; rejected 6, 7, 8 from 3 (last prompt token), 6, 7
     assert batch.cols.tolist() == [2, 3, 2, 5, 6]
-    mask = batch.attention_mask[0, 0]
+    mask = logprobs.dense_mask(batch.segments)[0, 0]
     assert mask[5].tolist() == [True, True, True, False, False, True, False, False]  # 6 skips 4, 5
     assert mask[4].tolist() == [True] * 5 + [False] * 3
 

@@ -1,0 +1,158 @@
+"""Padding-free pair batches (logprobs.pack_pairs): the layout, the masks, and the same numbers as
+padded batches and as each sequence alone in float64, in scoring and in training."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pipeline import logprobs
+from pipeline.losses import sigmoid_loss
+
+
+def random_pairs(n: int, seed: int = 0, vocab: int = 200):
+    rng = random.Random(seed)
+
+    def tokens(low, high):
+        return [rng.randrange(5, vocab) for _ in range(rng.randint(low, high))]
+
+    return [tokens(1, 30) for _ in range(n)], [tokens(1, 12) for _ in range(n)], [tokens(1, 12) for _ in range(n)]
+
+
+def test_plan_rows_first_fit_decreasing():
+    totals = [600, 300, 250, 200, 90, 10]
+    rows = logprobs.plan_rows(totals, "fit")
+    assert sorted(i for row in rows for i in row) == list(range(len(totals)))  # each pair once
+    assert all(sum(totals[i] for i in row) <= max(totals) for row in rows)  # no row beyond the longest
+    assert rows == [[0], [1, 2, 5], [3, 4]]  # longest first, each into the first row with room (10 fits row 2)
+    assert logprobs.plan_rows(totals, "flat") == [list(range(6))]
+    assert logprobs.plan_rows(totals, "none") == [[i] for i in range(6)]
+    with pytest.raises(ValueError, match="packing"):
+        logprobs.plan_rows(totals, "dense")
+
+
+def test_pack_pairs_layout():
+    """Two pairs in one row: positions restart per pair, padding only at the row's end, each
+    response's predicting positions and targets, and the mask: no token sees the other pair, the
+    rejected tokens do not see the chosen ones."""
+    batch = logprobs.pack_pairs([[1, 2, 3], [9]], [[4, 5], [10, 11]], [[6], [12]], packing="flat")
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 9, 10, 11, 12]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 2, 1]]
+    assert batch.segments.tolist() == [[0, 0, 0, 1, 1, 2, 4, 5, 5, 6]]
+    assert batch.lengths == [2, 1, 2, 1]  # pair order: chosen_0, rejected_0, chosen_1, rejected_1
+    assert batch.cols.tolist() == [2, 3, 2, 6, 7, 6]
+    assert batch.targets.tolist() == [4, 5, 6, 10, 11, 12]
+    mask = logprobs.dense_mask(batch.segments)[0, 0]
+    assert mask[5].tolist() == [True, True, True, False, False, True] + [False] * 4  # 6: prompt, itself
+    assert mask[9].tolist() == [False] * 6 + [True, False, False, True]  # 12: its prompt 9, itself
+    assert mask[8].tolist() == [False] * 6 + [True, True, True, False]
+    # fit: the longest pair alone, the two short ones share a row; padding only at the row's end
+    batch = logprobs.pack_pairs([[1, 2, 3], [7], [8]], [[4, 5], [7], [8]], [[6], [7], [8]], packing="fit")
+    assert batch.input_ids.shape == (2, 6)
+    assert batch.segments.tolist() == [[0, 0, 0, 1, 1, 2], [0, 1, 2, 4, 5, 6]]
+    batch = logprobs.pack_pairs([[1, 2, 3], [7]], [[4, 5], [7]], [[6], [7]], packing="fit")
+    assert batch.segments.tolist() == [[0, 0, 0, 1, 1, 2], [0, 1, 2, -1, -1, -1]]
+    pad = logprobs.dense_mask(batch.segments)[1, 0]
+    assert pad[4].tolist() == [False] * 4 + [True, False]  # padding sees only itself
+
+
+@pytest.fixture(scope="module")
+def models(demo_assets):
+    from transformers import AutoModelForCausalLM
+
+    path = str(demo_assets["model"])
+    load = lambda dtype, kernel: AutoModelForCausalLM.from_pretrained(  # noqa: E731
+        path, dtype=dtype, attn_implementation=kernel).eval()
+    return {"sdpa": load(torch.float32, "sdpa"), "eager": load(torch.float32, "eager"),
+            "float64": load(torch.float64, "eager")}
+
+
+def alone_float64(model, prompt, response) -> torch.Tensor:
+    """Per-token log-probs of one sequence on its own: full logits, float64."""
+    with torch.no_grad():
+        logps = torch.log_softmax(model(torch.tensor([prompt + response])).logits[0], -1)
+    return torch.stack([logps[len(prompt) + j - 1, tok] for j, tok in enumerate(response)])
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_packed_logprobs_equal_float64_and_padded(models, kernel):
+    prompts, chosens, rejecteds = random_pairs(9)
+    expected = torch.cat([alone_float64(models["float64"], p, r)
+                          for p, c, rj in zip(prompts, chosens, rejecteds) for r in (c, rj)])
+    got = {}
+    with torch.no_grad():
+        for packing in logprobs.PACKING:
+            tokens = logprobs.pair_token_logps(models[kernel], prompts, chosens, rejecteds, packing=packing)
+            got[packing] = tokens.values
+            assert tokens.lengths == [len(r) for c, rj in zip(chosens, rejecteds) for r in (c, rj)]
+            assert (tokens.values.double() - expected).abs().max() < 2e-5, packing
+    assert (got["fit"] - got["none"]).abs().max() < 5e-6
+    assert (got["flat"] - got["none"]).abs().max() < 5e-6
+    # not vacuous: the pairs really share rows, and pairs differ
+    batch = logprobs.pack_pairs(prompts, chosens, rejecteds, packing="fit")
+    assert batch.input_ids.shape[0] < len(prompts)
+    assert expected.std() > 0.1
+
+
+def test_unshared_pairs_come_back_in_pair_order(models):
+    prompts, chosens, rejecteds = random_pairs(4, seed=3)
+    with torch.no_grad():
+        shared = logprobs.pair_token_logps(models["sdpa"], prompts, chosens, rejecteds)
+        separate = logprobs.pair_token_logps(models["sdpa"], prompts, chosens, rejecteds, shared=False)
+    assert separate.lengths == shared.lengths
+    assert (separate.values - shared.values).abs().max() < 5e-6
+
+
+def test_packed_gradient_equals_padded_and_the_seed_formula(models, demo_assets):
+    """The DPO gradient through packed rows equals the padded one and the seed's formula
+    grad L = -beta/B sum sigma(r_l - r_w) (grad log pi(y_w) - grad log pi(y_l)) in float64."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"]), dtype=torch.float32)
+    prompts, chosens, rejecteds = random_pairs(5, seed=7)
+    ref_chosen = torch.tensor([-20.0, -30.0, -25.0, -10.0, -40.0], dtype=torch.float64)
+    ref_rejected = torch.tensor([-15.0, -6.0, -35.0, -12.0, -41.0], dtype=torch.float64)
+    beta = 0.5
+    grads = {}
+    for packing in ("none", "fit", "flat"):
+        model.zero_grad()
+        chosen, rejected = logprobs.pair_token_logps(model, prompts, chosens, rejecteds, packing=packing).sums()
+        sigmoid_loss(chosen.double(), rejected.double(), ref_chosen, ref_rejected, beta).mean().backward()
+        grads[packing] = {n: p.grad.double().clone() for n, p in model.named_parameters()}
+
+    model64 = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"]), dtype=torch.float64)
+
+    def logp_and_grad(prompt, response):
+        model64.zero_grad()
+        logps = torch.log_softmax(model64(torch.tensor([prompt + response])).logits[0], -1)
+        value = sum(logps[len(prompt) + j - 1, tok] for j, tok in enumerate(response))
+        value.backward()
+        return value.detach(), {n: p.grad.clone() for n, p in model64.named_parameters()}
+
+    expected = {n: torch.zeros_like(g) for n, g in grads["none"].items()}
+    for prompt, y_w, y_l, r_w, r_l in zip(prompts, chosens, rejecteds, ref_chosen, ref_rejected):
+        logp_w, grad_w = logp_and_grad(prompt, y_w)
+        logp_l, grad_l = logp_and_grad(prompt, y_l)
+        weight = -beta * torch.sigmoid(beta * (logp_l - r_l) - beta * (logp_w - r_w)) / len(prompts)
+        for name in expected:
+            expected[name] += weight * (grad_w[name] - grad_l[name])
+    for packing, grad in grads.items():
+        for name, value in grad.items():
+            assert torch.allclose(value, expected[name], rtol=1e-3, atol=1e-6), (packing, name)
+    assert max(g.abs().max() for g in expected.values()) > 1e-3
+
+
+def test_flex_block_mask_is_the_dense_mask():
+    """The FlexAttention BlockMask admits exactly the dense mask's pairs (query, key)."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    batch = logprobs.pack_pairs(*random_pairs(6, seed=5), packing="fit")
+    block = logprobs.flex_block_mask(batch.segments)
+    dense = logprobs.dense_mask(batch.segments)[:, 0]
+    B, T = batch.segments.shape
+    q, kv = torch.meshgrid(torch.arange(T), torch.arange(T), indexing="ij")
+    for b in range(B):
+        admitted = block.mask_mod(torch.tensor(b), torch.tensor(0), q, kv)
+        assert torch.equal(admitted, dense[b])
+    assert isinstance(block, flex.BlockMask)
