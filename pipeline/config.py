@@ -226,6 +226,10 @@ class TrainConfig:
     use_weighting: bool = False
     """WPO (Zhou et al. 2024, arXiv:2406.11827): weight each pair's loss by the policy's
     probability of its two responses, as TRL's use_weighting."""
+    length_normalize: Optional[Literal["chosen", "rejected", "both"]] = None
+    """Give the losses that side's log-probs (policy and reference) as per-token means instead of
+    sums: chosen, rejected or both (both with sigmoid is sigmoid_norm); refused with the losses
+    that already normalize by length (ipo, sigmoid_norm, simpo, orpo). null: sums, as TRL."""
     max_completion_length: Optional[int] = None
     """Cut each response to its first this many tokens at training time (TRL's name), shorter than
     what was scored: the reference sums are recomputed from the cached per-token log-probs of
@@ -386,6 +390,11 @@ class TrainConfig:
                               "(their loss is over the sorted batch, not per pair; TRL refuses too): drop one")
         if self.ld_alpha is not None:
             _check_range("train.ld_alpha", self.ld_alpha, 0.0, None)
+        if self.length_normalize is not None:
+            already = [n for n in names if n in LENGTH_NORMALIZED_LOSSES]
+            if already:
+                raise ConfigError(f"train.length_normalize: {', '.join(already)} already normalize by length: "
+                                  "drop train.length_normalize (or use sigmoid)")
 
 
 LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -393,6 +402,8 @@ LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", 
 """pipeline/losses.py's LOSSES (a test keeps the two equal)."""
 
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+LENGTH_NORMALIZED_LOSSES = ("ipo", "sigmoid_norm", "simpo", "orpo")
+"""pipeline/losses.py's losses with length_normalized (a test keeps the two equal)."""
 """The losses of LOSSES that never read the reference (Loss.reference_free; a test keeps the two equal)."""
 
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")

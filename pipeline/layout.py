@@ -172,7 +172,8 @@ RUN_KEYS_NOT_IN_IDENTITY = ("run_name", "ref_cache", "logging_steps", "eval_step
 
 # Run-identity keys left out while at their defaults (the identity of a run from before them).
 LOSS_KEYS_AT_DEFAULT = ("loss_weights", "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau",
-                        "dpop_lambda", "simpo_gamma", "ld_alpha", "use_weighting", "max_completion_length")
+                        "dpop_lambda", "simpo_gamma", "ld_alpha", "use_weighting", "max_completion_length",
+                        "length_normalize")
 
 
 def policy_init(cfg: Config) -> ModelConfig:

@@ -352,6 +352,13 @@ def compute_loss(cfg: Config, split: Split, index: list[int], policy_chosen, pol
     names = train_cfg.loss_names()
     chosen_len = torch.tensor([len(split.chosens[i]) for i in index], device=device, dtype=torch.float32)
     rejected_len = torch.tensor([len(split.rejecteds[i]) for i in index], device=device, dtype=torch.float32)
+    sums_chosen, sums_rejected = policy_chosen, policy_rejected
+    side = train_cfg.length_normalize  # each side's log-probs as per-token means (both policy and reference)
+    if side in ("chosen", "both"):
+        policy_chosen, ref_chosen = policy_chosen / chosen_len.clamp(min=1), ref_chosen / chosen_len.clamp(min=1)
+    if side in ("rejected", "both"):
+        policy_rejected = policy_rejected / rejected_len.clamp(min=1)
+        ref_rejected = ref_rejected / rejected_len.clamp(min=1)
     per_pair = combined_loss(names, train_cfg.loss_weights, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                              train_cfg.beta, train_cfg.label_smoothing, chosen_tokens=chosen_len,
                              rejected_tokens=rejected_len, f_divergence_type=train_cfg.f_divergence_type,
@@ -361,7 +368,7 @@ def compute_loss(cfg: Config, split: Split, index: list[int], policy_chosen, pol
     if pair_weights is not None:  # TRL weights each loss of the mixture, before the RPO term
         per_pair = per_pair * pair_weights.to(per_pair.dtype)
     if train_cfg.rpo_alpha:
-        per_pair = per_pair + train_cfg.rpo_alpha * (-policy_chosen / chosen_len)
+        per_pair = per_pair + train_cfg.rpo_alpha * (-sums_chosen / chosen_len)
     if all(LOSSES[name].reference_free for name in names):
         # TRL's CPO / ORPO trainers: beta x the (length-normalized) policy log-prob.
         reward_chosen = train_cfg.beta * policy_chosen / chosen_len.clamp(min=1.0)
@@ -375,8 +382,8 @@ def compute_loss(cfg: Config, split: Split, index: list[int], policy_chosen, pol
         "rewards/rejected": reward_rejected.detach().sum().item(),
         "rewards/accuracies": (reward_chosen > reward_rejected).float().sum().item(),
         "rewards/margins": (reward_chosen - reward_rejected).detach().sum().item(),
-        "logps/chosen": policy_chosen.detach().sum().item(),
-        "logps/rejected": policy_rejected.detach().sum().item(),
+        "logps/chosen": sums_chosen.detach().sum().item(),
+        "logps/rejected": sums_rejected.detach().sum().item(),
     }
     return per_pair.sum() * scale, sums
 

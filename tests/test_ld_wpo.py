@@ -117,3 +117,51 @@ def test_wpo_with_aot_and_negative_ld_alpha_are_refused():
         config_from_dict({**base, "train": {"loss_type": "aot", "use_weighting": True}})
     with pytest.raises(ConfigError, match="ld_alpha"):
         config_from_dict({**base, "train": {"ld_alpha": -0.5}})
+
+
+def test_length_normalized_losses_table_matches():
+    from pipeline.config import LENGTH_NORMALIZED_LOSSES
+    from pipeline.losses import LOSSES
+
+    assert set(LENGTH_NORMALIZED_LOSSES) == {n for n, loss in LOSSES.items() if loss.length_normalized}
+
+
+@pytest.mark.parametrize("side", ["chosen", "rejected", "both"])
+def test_length_normalize_either_side_hand_computed(side):
+    """sigmoid with train.length_normalize: -log sigma(beta (rho_w' - rho_l')), rho' the log-ratio
+    divided by that response's token count on the normalized side(s), the sum elsewhere; both is
+    sigmoid_norm."""
+    from pipeline.losses import sigmoid_norm_loss
+    from pipeline.train import compute_loss
+
+    cfg = config_from_dict({"data": {"path": "x.jsonl"}, "model": {"path": "m"},
+                            "train": {"length_normalize": side, "beta": 0.5}})
+    split = Split(["a", "b"], [[1], [1]], [[1] * 4, [1] * 2], [[1] * 3, [1] * 5],
+                  torch.tensor([-8.0, -3.0], dtype=torch.float64), torch.tensor([-6.0, -9.0], dtype=torch.float64))
+    pc, pr = torch.tensor([-6.0, -4.0]), torch.tensor([-7.5, -7.0])
+    loss, sums = compute_loss(cfg, split, [0, 1], pc, pr, 1.0)
+    n_w, n_l = torch.tensor([4.0, 2.0]), torch.tensor([3.0, 5.0])
+    rho_w, rho_l = pc.double() - torch.tensor([-8.0, -3.0]).double(), pr.double() - torch.tensor([-6.0, -9.0]).double()
+    if side in ("chosen", "both"):
+        rho_w = rho_w / n_w
+    if side in ("rejected", "both"):
+        rho_l = rho_l / n_l
+    want = sum(math.log1p(math.exp(-0.5 * float(d))) for d in rho_w - rho_l)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert sums["logps/chosen"] == pytest.approx(-10.0)  # metrics keep the sums, as TRL
+    if side == "both":
+        norm = sigmoid_norm_loss(pc, pr, torch.tensor([-8.0, -3.0]), torch.tensor([-6.0, -9.0]), 0.5,
+                                 chosen_tokens=n_w, rejected_tokens=n_l)
+        assert loss.item() == pytest.approx(norm.sum().item(), rel=1e-6)
+
+
+def test_length_normalize_is_refused_with_length_normalized_losses():
+    with pytest.raises(ConfigError, match="already normalize"):
+        config_from_dict({"data": {"path": "x.jsonl"}, "model": {"path": "m"},
+                          "train": {"loss_type": ["sigmoid", "simpo"], "length_normalize": "both"}})
+
+
+def test_length_normalize_trains_the_demo(scored_demo):  # noqa: F811
+    steps, evals = _demo_train(scored_demo, "sigmoid", 3, length_normalize="chosen", run_name="lnc")
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert all(math.isfinite(r["loss"]) for r in steps) and math.isfinite(evals[-1]["eval/loss"])
