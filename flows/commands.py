@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from pipeline import STAGES, distributed, layout
-from pipeline.audit import AuditFailed
 from pipeline.config import ConfigError, config_from_dict, load_config, world_size
 from pipeline.data import DataError
 from pipeline.distributed import DistributedError
@@ -30,9 +29,17 @@ class NoServer(RuntimeError):
     """Scheduling needs a Prefect server and none is configured; says how to start one."""
 
 
-# Errors a user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, ModelError, PrepareError, ScoreError, TrainError, AuditFailed,
+# Errors a user can fix; anything else is a bug and keeps its traceback. With AuditFailed, which
+# pipeline.audit defines: only the audits import it (it brings polars, 0.2 s that `dpo score` and
+# `dpo train` do not need; bench/startup_bench.py), so ``run`` adds it once it is loaded.
+USER_ERRORS = (ConfigError, DataError, ModelError, PrepareError, ScoreError, TrainError,
                CacheError, StorageError, LockBusy, NoServer, DistributedError)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """USER_ERRORS, and AuditFailed when pipeline.audit is loaded (no other code can raise it)."""
+    audit = sys.modules.get("pipeline.audit")
+    return USER_ERRORS + ((audit.AuditFailed,) if audit is not None else ())
 
 
 def summarize_prepare(result: PrepareResult) -> str:
@@ -273,7 +280,7 @@ def _audit_show(args, example_id: str) -> Path | None:
 
 
 def _audit_report(args, cache: Path | None) -> Path | None:
-    from pipeline.audit import audit, save_report
+    from pipeline.audit import AuditFailed, audit, save_report
 
     cfg = load_config(args.config, args.overrides) if args.config else None
     cache = cache or _cache_from(args)
@@ -477,7 +484,7 @@ def run(args) -> int:
     config error), anything else keeps its traceback."""
     try:
         output_dir = COMMANDS[args.command](args)
-    except USER_ERRORS as exc:
+    except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         distributed.record_failure(exc)  # under torchrun: which rank failed, for the launcher
         return 2 if isinstance(exc, ConfigError) else 1

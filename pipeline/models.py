@@ -18,7 +18,7 @@ from .config import ModelConfig, is_hub_id
 from .store import sha256_file
 
 # Files that determine how text becomes token ids. Hashing the files (not the loaded object)
-# keys caches on content, not on names, and is cheap: the hash is cached by path/size/mtime.
+# keys caches on content, not on names, and is cheap: the hash is cached (see store.sha256_file).
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -130,8 +130,9 @@ WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
 def model_fingerprint(model: ModelConfig) -> dict:
     """Content of the model: config.json and every safetensors weight file, by sha256.
 
-    Hashes are cached by path/size/mtime (see store.sha256_file), so a multi-GB model is
-    hashed once, not on every run.
+    Hashes are cached by path, size, mtime, inode and ctime (see store.sha256_file), so a
+    multi-GB model is hashed once per content, not on every run: `dpo train` reuses the hashes
+    `dpo score` made.
     """
     path = check_model_path(model)
     if not (path / "config.json").is_file():

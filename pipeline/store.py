@@ -22,6 +22,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -60,14 +61,15 @@ def _hash_cache_path() -> Path:
 
 
 def sha256_file(path: str | Path, use_cache: bool = True) -> str:
-    """sha256 of a file's bytes. Cached by absolute path, size and mtime_ns.
+    """sha256 of a file's bytes. Cached by absolute path, size, mtime_ns, inode and ctime_ns.
 
-    A file rewritten in place with the same size and mtime would defeat the cache; editors and
-    `save_pretrained` both change mtime, and the cache can be switched off with use_cache=False.
+    Any write to the file changes its ctime (which, unlike the mtime, no user can set back), and
+    a file replaced by another one has another inode: either means a re-hash. So a multi-GB model
+    is hashed once per content, not once per run; use_cache=False hashes anyway.
     """
     path = Path(path).resolve()
     st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
     cache_file = _hash_cache_path()
     cache: dict = {}
     if use_cache:
@@ -77,11 +79,13 @@ def sha256_file(path: str | Path, use_cache: bool = True) -> str:
             cache = {}
         if key in cache:
             return cache[key]
+    started = time.perf_counter()
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(_HASH_BLOCK):
             digest.update(block)
     value = digest.hexdigest()
+    log.debug("sha256 of %s: %.1f MB in %.2f s", path.name, st.st_size / 1e6, time.perf_counter() - started)
     if use_cache:
         with _cache_lock:
             try:
@@ -104,9 +108,9 @@ _VERIFIED: dict[tuple, str] = {}
 def sha256_verified(path: str | Path) -> str:
     """sha256 of a file's bytes as they are now, hashed at most once per process.
 
-    Unlike ``sha256_file``'s cache on disk (which trusts path, size and mtime, all of which a user
-    can restore), this memo lives only in this process and is keyed by inode and ctime too: any
-    write to the file, even one that restores its mtime, changes ctime and so forces a re-hash.
+    Unlike ``sha256_file``'s cache on disk (a file any process of this user can write), this
+    memo lives only in this process, keyed by device, inode, size, mtime and ctime: any write to
+    the file, even one that restores its mtime, changes ctime and so forces a re-hash.
     """
     st = os.stat(path)  # the file itself, by device and inode: no path resolution per call
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

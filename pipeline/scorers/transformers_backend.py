@@ -23,6 +23,25 @@ DEFAULT_TOKENS_PER_BATCH = {"cpu": 2048, "cuda": 32768}
 HEAD_CHECK_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1}
 
 
+def _own_logps(model, prompts: list[list[int]], responses: list[list[int]], device: str) -> list[np.ndarray]:
+    """Per-token log-probs of each response after its prompt from the model's own forward (its
+    full logits, with whatever it does to them), one right-padded batch: what the scorer's
+    path must reproduce (the self-check's reference)."""
+    import torch
+
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    ids = torch.zeros((len(seqs), max(map(len, seqs))), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, seq in enumerate(seqs):
+        ids[b, : len(seq)] = torch.tensor(seq)
+        mask[b, : len(seq)] = 1
+    with torch.inference_mode():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        logps = torch.log_softmax(logits.float(), dim=-1).cpu()
+    return [logps[b, torch.arange(len(p) - 1, len(p) + len(r) - 1), torch.tensor(r)].numpy()
+            for b, (p, r) in enumerate(zip(prompts, responses))]
+
+
 def resolve_device(requested: str) -> str:
     import torch
 
@@ -40,7 +59,7 @@ class TransformersScorer:
 
     def __init__(self, cfg: Config, settings: dict | None = None):
         """settings: a cache's recorded {"tokens_per_batch", "prefix_sharing"} to reproduce."""
-        from ..logprobs import check_head_path, supports_shared_prefix
+        from ..logprobs import supports_shared_prefix
         from ..models import load_causal_lm
 
         settings = settings or {}
@@ -52,28 +71,46 @@ class TransformersScorer:
         )
         want_sharing = settings.get("prefix_sharing", cfg.score.prefix_sharing)
         self.model = load_causal_lm(cfg.model, device)
-        tolerance = HEAD_CHECK_TOLERANCE[cfg.model.dtype]
-        probe = list(range(1, min(17, self.model.config.vocab_size)))
-        diff = check_head_path(self.model, probe)
-        if diff > tolerance:
-            raise ModelError(
-                f"the model in {cfg.model.path} post-processes its logits in a way the scorer does "
-                f"not reproduce (max |diff| {diff:.3g} nats on a probe): please report the "
-                "architecture so it can be supported"
-            )
         self.prefix_sharing = want_sharing and supports_shared_prefix(self.model)
-        if self.prefix_sharing:
-            # Same numbers with and without sharing on a probe, or sharing is switched off.
-            prompt, chosen, rejected = [probe[:5]], [probe[5:11]], [probe[11:16]]
-            separate = self.score(prompt + prompt, chosen + rejected)
-            shared = self._score_shared(prompt, chosen, rejected)
-            diff = max(float(np.abs(a - b).max()) for a, b in zip(separate, shared[0] + shared[1]))
-            if diff > tolerance:
-                log.warning("score: prefix sharing disagrees on a probe (%.3g); switched off", diff)
-                self.prefix_sharing = False
-        elif want_sharing:
+        if want_sharing and not self.prefix_sharing:
             attention = self.model.config._attn_implementation
             log.info("score: %s attention takes no custom masks; prefix sharing off", attention)
+        self._self_check(cfg)
+
+    def _self_check(self, cfg: Config) -> None:
+        """One short probe (three pairs: packed, the two short ones share a row), scored the way
+        the cache will be, against the model's own forward (its full logits, whatever it does to
+        them): proves both that our LM-head path reproduces the model and that prefix sharing
+        (and packing) change nothing, in two forward passes. Only a disagreement costs a third
+        (no sharing), which tells which is wrong: the head path (ModelError) or sharing (then
+        switched off)."""
+        tolerance = HEAD_CHECK_TOLERANCE[cfg.model.dtype]
+        probe = list(range(1, min(17, self.model.config.vocab_size)))
+        prompts, chosens, rejecteds = ([probe[:5], probe[:2], probe[2:4]], [probe[5:11], probe[5:6], probe[6:8]],
+                                       [probe[11:16], probe[8:10], probe[10:11]])
+        reference = _own_logps(self.model, prompts + prompts, chosens + rejecteds, self.device)
+
+        def diff(values) -> float:
+            return max(float(np.abs(a - b).max()) for a, b in zip(values, reference))
+
+        if self.prefix_sharing:
+            chosen, rejected = self._score_shared(prompts, chosens, rejecteds)
+            ours = chosen + rejected
+        else:
+            ours = self.score(prompts + prompts, chosens + rejecteds)
+        if diff(ours) <= tolerance:
+            return
+        separate = self.score(prompts + prompts, chosens + rejecteds) if self.prefix_sharing else ours
+        if diff(separate) > tolerance:
+            raise ModelError(
+                f"the model in {cfg.model.path} post-processes its logits in a way the scorer does "
+                f"not reproduce (max |diff| {diff(separate):.3g} nats on a probe): please report the "
+                "architecture so it can be supported"
+            )
+        shared = max(float(np.abs(a - b).max()) for a, b in zip(separate, ours))
+        if shared > tolerance:
+            log.warning("score: prefix sharing disagrees on a probe (%.3g); switched off", shared)
+            self.prefix_sharing = False
 
     @property
     def settings(self) -> dict:
