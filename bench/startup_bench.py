@@ -59,7 +59,7 @@ PHASES = [
     ("pipeline.models", "load_tokenizer", "tokenizer load"),
     ("pipeline.scorers.transformers_backend", "TransformersScorer.__init__", "scorer init"),
     ("pipeline.models", "load_causal_lm", "model load"),
-    ("pipeline.logprobs", "check_head_path", "LM-head self-check"),
+    ("pipeline.scorers.transformers_backend", "TransformersScorer._self_check", "scorer self-check"),
     ("pipeline.runners", "run_shards", "shards (scorer init + scoring)"),
     ("pipeline.score", "score", "score stage"),
     ("pipeline.train", "_identify", "train identity (verify, fingerprints)"),

@@ -310,27 +310,6 @@ def response_logps(model, batch: PackedBatch, log_sum_sq: bool = False):
     )
 
 
-def check_head_path(model, token_ids: list[int]) -> float:
-    """Compare ``response_logps`` with the model's own full forward on one short sequence.
-
-    Catches architectures whose logits get post-processing this module does not know about.
-    Returns the max |difference| (nats); the caller decides what is too much.
-    """
-    ids = token_ids[:16]
-    if len(ids) < 2:
-        raise ValueError("need at least two tokens")
-    batch = pack([ids[:1]], [ids[1:]], pad_id=0)
-    device = next(model.parameters()).device
-    batch = batch.to(device)
-    with torch.inference_mode():
-        ours = response_logps(model, batch)
-        logits = model(input_ids=batch.input_ids, use_cache=False).logits[0, :-1].float()
-        reference = torch.log_softmax(logits, dim=-1).gather(
-            -1, batch.input_ids[0, 1:].unsqueeze(-1)
-        ).squeeze(-1)
-    return float((ours - reference).abs().max())
-
-
 def sequence_sums(values: torch.Tensor, lengths: list[int], weights: torch.Tensor | None = None) -> torch.Tensor:
     """[S] sums of consecutive runs of ``values`` ([N]) of the given lengths (each value times
     its ``weights`` entry when given)."""

@@ -58,8 +58,9 @@ class TransformersScorer:
     name = "transformers"
 
     def __init__(self, cfg: Config, settings: dict | None = None):
-        """settings: a cache's recorded {"tokens_per_batch", "prefix_sharing"} to reproduce."""
-        from ..logprobs import supports_shared_prefix
+        """settings: a cache's recorded {"tokens_per_batch", "prefix_sharing", "packing"} to
+        reproduce (a cache from before padding-free batches has no "packing": one pair per row)."""
+        from ..logprobs import default_packing, supports_shared_prefix
         from ..models import load_causal_lm
 
         settings = settings or {}
@@ -72,6 +73,10 @@ class TransformersScorer:
         want_sharing = settings.get("prefix_sharing", cfg.score.prefix_sharing)
         self.model = load_causal_lm(cfg.model, device)
         self.prefix_sharing = want_sharing and supports_shared_prefix(self.model)
+        if settings:
+            self.packing = settings.get("packing", "none")
+        else:
+            self.packing = default_packing(self.model) if cfg.score.padding_free else "none"
         if want_sharing and not self.prefix_sharing:
             attention = self.model.config._attn_implementation
             log.info("score: %s attention takes no custom masks; prefix sharing off", attention)
@@ -115,19 +120,24 @@ class TransformersScorer:
     @property
     def settings(self) -> dict:
         return {"device": self.device, "tokens_per_batch": self.tokens_per_batch,
-                "prefix_sharing": self.prefix_sharing}
+                "prefix_sharing": self.prefix_sharing, "packing": self.packing}
 
-    def batches(self, lengths: list[int]) -> list[list[int]]:
-        """Sequence indices grouped so that rows x longest <= tokens_per_batch, longest first."""
+    def batches(self, lengths: list[int], flat: bool = False) -> list[list[int]]:
+        """Sequence indices grouped so that rows x longest <= tokens_per_batch (``flat``: the sum
+        of the lengths, for one padding-free row), longest first."""
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
         groups: list[list[int]] = []
         current: list[int] = []
+        total = 0
         for i in order:
             width = lengths[current[0]] if current else lengths[i]
-            if current and width * (len(current) + 1) > self.tokens_per_batch:
+            cost = total + lengths[i] if flat else width * (len(current) + 1)
+            if current and cost > self.tokens_per_batch:
+                total = 0
                 groups.append(current)
                 current = []
             current.append(i)
+            total += lengths[i]
         if current:
             groups.append(current)
         return groups
@@ -144,32 +154,43 @@ class TransformersScorer:
         values = self.score(prompts + prompts, chosens + rejecteds, progress, only)
         return values[: len(prompts)], values[len(prompts) :]
 
-    def _batched(self, lengths: list[int], pack_group, only: set[int] | None = None):
+    def _batched(self, lengths: list[int], pack_group, only: set[int] | None = None, flat: bool = False):
         """Yield (group, per-response log-prob arrays) for each batch of the full call's batching,
-        skipping batches that hold none of ``only``; pack_group(group) builds the batch."""
+        skipping batches that hold none of ``only``; pack_group(group, packed) builds the batch.
+
+        A packed batch with a non-finite value is computed again one pair per row: a NaN in one
+        pair's hidden states reaches the others of its row through the masked attention
+        (0 x NaN), and the stage must name only the examples that are really non-finite."""
         import torch
 
         from ..logprobs import response_logps
 
-        for group in self.batches(lengths):
+        def run(batch):
+            with torch.inference_mode():
+                return response_logps(self.model, batch.to(self.device)).cpu().numpy()
+
+        for group in self.batches(lengths, flat):
             if only is not None and not only.intersection(group):
                 continue
-            batch = pack_group(group)
-            with torch.inference_mode():
-                values = response_logps(self.model, batch.to(self.device)).cpu().numpy()
+            batch = pack_group(group, True)
+            values = run(batch)
+            if not np.isfinite(values).all() and len(group) > 1:
+                batch = pack_group(group, False)
+                values = run(batch)
             yield group, np.split(values, np.cumsum(batch.lengths)[:-1])
 
     def _score_shared(self, prompts, chosens, rejecteds, progress=None, rows=None):
-        from ..logprobs import pack_shared
+        from ..logprobs import pack_pairs
 
-        def pack_group(group):
+        def pack_group(group, packed):
             picked = [prompts[i] for i in group], [chosens[i] for i in group], [rejecteds[i] for i in group]
-            return pack_shared(*picked, pad_id=0)
+            return pack_pairs(*picked, pad_id=0, packing=self.packing if packed else "none")
 
         lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosens, rejecteds)]
         chosen_out: list = [None] * len(prompts)
         rejected_out: list = [None] * len(prompts)
-        for group, parts in self._batched(lengths, pack_group, None if rows is None else set(rows)):
+        for group, parts in self._batched(lengths, pack_group, None if rows is None else set(rows),
+                                          flat=self.packing == "flat"):
             for k, i in enumerate(group):
                 chosen_out[i], rejected_out[i] = parts[2 * k], parts[2 * k + 1]
             if progress:
@@ -190,7 +211,7 @@ class TransformersScorer:
         """
         from ..logprobs import pack
 
-        def pack_group(group):
+        def pack_group(group, packed):
             return pack([prompts[i] for i in group], [responses[i] for i in group], pad_id=0)
 
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
