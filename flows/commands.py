@@ -340,6 +340,10 @@ def cmd_status(args) -> Path:
     planned = plan(cfg)
     for stage in STAGES:
         directory = planned[stage]
+        if stage in ("score", "audit") and not cfg.train.needs_reference() and not directory.exists():
+            print(f"{stage:<8} {'not needed':<10} {'':>13}  (loss_type {'+'.join(cfg.train.loss_names())} is "
+                  "reference-free: no reference cache)")
+            continue
         if not directory.exists():
             state, size = "missing", 0
         else:  # complete means verified: every file present and matching its manifest

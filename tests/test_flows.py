@@ -139,6 +139,11 @@ def test_status_command(tmp_path, demo_assets):
     out = subprocess.run([DPO, "status", "-c", str(config)], check=True, capture_output=True, text=True).stdout
     lines = {line.split()[0]: line.split()[1] for line in out.strip().splitlines()[:4]}
     assert lines == {"prepare": "complete", "score": "missing", "audit": "missing", "train": "missing"}
+    free = subprocess.run([DPO, "status", "-c", str(config), "--set", "train.loss_type=simpo"], check=True,
+                          capture_output=True, text=True).stdout
+    lines = {line.split()[0]: " ".join(line.split()[1:3]) for line in free.strip().splitlines()[:4]}
+    assert lines["score"] == lines["audit"] == "not needed" and lines["train"].startswith("missing")
+    assert "simpo is reference-free" in free
 
 
 def test_serve_without_a_server_says_what_to_do(tmp_path, demo_assets):
