@@ -156,3 +156,47 @@ def test_flex_block_mask_is_the_dense_mask():
         admitted = block.mask_mod(torch.tensor(b), torch.tensor(0), q, kv)
         assert torch.equal(admitted, dense[b])
     assert isinstance(block, flex.BlockMask)
+
+
+
+def test_training_steps_equal_with_and_without_padding_free(demo_assets):
+    """train.padding_free changes the layout, not the step: train_step on pairs of varied lengths
+    (so micro-batches really share rows) gives the same losses, gradient norms and rewards at every
+    step, the loss the mean over the effective batch (2 micro-batches of 6 pairs), to float32
+    rounding; and the key stays out of the run's identity."""
+    from pipeline import layout
+    from pipeline.config import config_from_dict
+    from pipeline.models import load_causal_lm
+    from pipeline.train import Split, batch_indices, build_trainer, train_step
+
+    long, short = random_pairs(12, seed=11), random_pairs(12, seed=12)
+    cut = lambda lists, n: [x[:n] for x in lists]  # noqa: E731  short pairs: up to 4 + 3 + 3 tokens
+    prompts = [x for pair in zip(long[0], cut(short[0], 4)) for x in pair]
+    chosens = [x for pair in zip(long[1], cut(short[1], 3)) for x in pair]
+    rejecteds = [x for pair in zip(long[2], cut(short[2], 3)) for x in pair]
+    rng = torch.Generator().manual_seed(0)
+    ref_c = -torch.rand(24, generator=rng, dtype=torch.float64) * 40 - 5
+    ref_r = -torch.rand(24, generator=rng, dtype=torch.float64) * 40 - 5
+    split = Split([str(i) for i in range(24)], prompts, chosens, rejecteds, ref_c, ref_r)
+    empty = Split([], [], [], [], ref_c[:0], ref_r[:0])
+
+    def run(padding_free: bool):
+        cfg = config_from_dict({"data": {"path": "x.jsonl"}, "model": {"path": str(demo_assets["model"])},
+                                "train": {"padding_free": padding_free, "per_device_train_batch_size": 6,
+                                          "gradient_accumulation_steps": 2, "learning_rate": 1e-2,
+                                          "max_steps": 3}})
+        torch.manual_seed(0)
+        trainer = build_trainer(cfg, {"train": split, "eval": empty}, load_causal_lm(cfg.model).train())
+        return cfg, [train_step(trainer, step) for step in range(3)]
+
+    cfg, packed = run(True)
+    _, padded = run(False)
+    for a, b in zip(packed, padded):
+        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    assert packed[-1]["loss"] != pytest.approx(packed[0]["loss"], abs=1e-3)  # the weights moved
+    first = batch_indices(0, 12, 24, cfg.train.seed)[:6]  # micro-batches really share rows
+    totals = [len(prompts[i]) + len(chosens[i]) + len(rejecteds[i]) for i in first]
+    assert len(logprobs.plan_rows(totals, "fit")) < len(first)
+    other = config_from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "padding_free": False}})
+    assert layout.run_identity(cfg, "d", "c", {}) == layout.run_identity(other, "d", "c", {})
