@@ -159,3 +159,29 @@ def hub_cache(hf_home: Path, repo_id: str, files: dict[str, bytes], commit: str,
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+def seed_formula_gradient(model_path, pairs, ref_chosen, ref_rejected, beta: float) -> dict:
+    """The seed's DPO gradient, independently: grad L = -beta/B sum_i sigma(r_l - r_w)
+    (grad log pi(y_w) - grad log pi(y_l)), each sequence alone in float64 (full logits) with its
+    own backward pass. pairs: (prompt, chosen, rejected) token lists. {parameter name: gradient}."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model64 = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float64)
+
+    def logp_and_grad(prompt, response):
+        model64.zero_grad()
+        logps = torch.log_softmax(model64(torch.tensor([prompt + response])).logits[0], -1)
+        value = sum(logps[len(prompt) + j - 1, tok] for j, tok in enumerate(response))
+        value.backward()
+        return value.detach(), {n: p.grad.clone() for n, p in model64.named_parameters()}
+
+    expected = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model64.named_parameters()}
+    for (prompt, y_w, y_l), r_w, r_l in zip(pairs, ref_chosen, ref_rejected):
+        logp_w, grad_w = logp_and_grad(prompt, y_w)
+        logp_l, grad_l = logp_and_grad(prompt, y_l)
+        weight = -beta * torch.sigmoid(beta * (logp_l - r_l) - beta * (logp_w - r_w)) / len(pairs)
+        for name in expected:
+            expected[name] += weight * (grad_w[name] - grad_l[name])
+    return expected

@@ -11,6 +11,8 @@ import torch
 from pipeline import logprobs
 from pipeline.losses import sigmoid_loss
 
+from .conftest import seed_formula_gradient
+
 
 def random_pairs(n: int, seed: int = 0, vocab: int = 200):
     rng = random.Random(seed)
@@ -122,22 +124,8 @@ def test_packed_gradient_equals_padded_and_the_seed_formula(models, demo_assets)
         sigmoid_loss(chosen.double(), rejected.double(), ref_chosen, ref_rejected, beta).mean().backward()
         grads[packing] = {n: p.grad.double().clone() for n, p in model.named_parameters()}
 
-    model64 = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"]), dtype=torch.float64)
-
-    def logp_and_grad(prompt, response):
-        model64.zero_grad()
-        logps = torch.log_softmax(model64(torch.tensor([prompt + response])).logits[0], -1)
-        value = sum(logps[len(prompt) + j - 1, tok] for j, tok in enumerate(response))
-        value.backward()
-        return value.detach(), {n: p.grad.clone() for n, p in model64.named_parameters()}
-
-    expected = {n: torch.zeros_like(g) for n, g in grads["none"].items()}
-    for prompt, y_w, y_l, r_w, r_l in zip(prompts, chosens, rejecteds, ref_chosen, ref_rejected):
-        logp_w, grad_w = logp_and_grad(prompt, y_w)
-        logp_l, grad_l = logp_and_grad(prompt, y_l)
-        weight = -beta * torch.sigmoid(beta * (logp_l - r_l) - beta * (logp_w - r_w)) / len(prompts)
-        for name in expected:
-            expected[name] += weight * (grad_w[name] - grad_l[name])
+    expected = seed_formula_gradient(demo_assets["model"], list(zip(prompts, chosens, rejecteds)), ref_chosen,
+                                     ref_rejected, beta)
     for packing, grad in grads.items():
         for name, value in grad.items():
             assert torch.allclose(value, expected[name], rtol=1e-3, atol=1e-6), (packing, name)

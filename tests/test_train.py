@@ -25,7 +25,7 @@ from pipeline.prepare import prepare
 from pipeline.score import score
 from pipeline.train import TrainError, lr_factor, train
 
-from .conftest import crash_training_at
+from .conftest import crash_training_at, seed_formula_gradient
 
 DEMO_TRAIN = {"learning_rate": 3e-3, "beta": 0.1, "per_device_train_batch_size": 16, "max_steps": 40, "warmup_steps": 5,
               "eval_steps": 20, "save_steps": 0}
@@ -107,23 +107,7 @@ def test_autograd_matches_the_seed_gradient_formula(demo_assets):
     loss.backward()
     ours = {n: p.grad.double().clone() for n, p in model.named_parameters()}
 
-    model64 = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"]), dtype=torch.float64)
-
-    def logp_and_grad(prompt, response):
-        model64.zero_grad()
-        logps = torch.log_softmax(model64(torch.tensor([prompt + response])).logits[0], -1)
-        value = sum(logps[len(prompt) + j - 1, tok] for j, tok in enumerate(response))
-        value.backward()
-        return value.detach(), {n: p.grad.clone() for n, p in model64.named_parameters()}
-
-    expected = {n: torch.zeros_like(g) for n, g in ours.items()}
-    for (prompt, y_w, y_l), r_cw, r_cl in zip(pairs, ref_chosen, ref_rejected):
-        logp_w, grad_w = logp_and_grad(prompt, y_w)
-        logp_l, grad_l = logp_and_grad(prompt, y_l)
-        reward_w, reward_l = beta * (logp_w - r_cw), beta * (logp_l - r_cl)
-        weight = -beta * torch.sigmoid(reward_l - reward_w) / len(pairs)
-        for name in expected:
-            expected[name] += weight * (grad_w[name] - grad_l[name])
+    expected = seed_formula_gradient(demo_assets["model"], pairs, ref_chosen, ref_rejected, beta)
     for name, grad in ours.items():
         assert torch.allclose(grad, expected[name], rtol=1e-3, atol=1e-6), name
     assert max(g.abs().max() for g in expected.values()) > 1e-3  # the check is not vacuous
