@@ -122,8 +122,9 @@ class ScoreConfig:
     backend: Literal["auto", "transformers", "vllm"] = "auto"
     """auto: vllm when it imports and a CUDA GPU is present, else transformers."""
     tokens_per_batch: Optional[int] = None
-    """transformers backend: padded tokens per forward pass (batch rows x longest sequence);
-    null: 2048 on CPU (measured best for cache locality), 32768 on CUDA."""
+    """transformers backend: tokens per forward pass (batch rows x longest sequence; with
+    flex_attention's one flat row, the tokens themselves); null: 2048 on CPU (measured best for
+    cache locality), 32768 on CUDA."""
     prefix_sharing: bool = True
     """transformers backend: run each prompt once for both responses (prompt + chosen + rejected
     in one row, the rejected tokens masked from the chosen ones). Off: two separate sequences."""

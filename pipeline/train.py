@@ -14,7 +14,8 @@
   4. step-0 check: a policy that starts from the reference weights must reproduce the cached
      log-probs on the first batch (rewards 0, loss ln 2);
   5. each ``train_step``: gradient_accumulation_steps micro-batches, each ONE forward pass over prompt + chosen +
-     rejected (the prompt computed once, see logprobs.pack_shared), loss scaled so the sum of
+     rejected (the prompt computed once; several pairs per row without padding, see logprobs.pack_pairs),
+     loss scaled so the sum of
      micro-batch gradients is the gradient of the mean over the whole batch; a non-finite loss
      or gradient norm stops the run; clip, AdamW step, schedule; metrics to metrics.jsonl;
      eval and checkpoints on their cadence;
