@@ -384,11 +384,19 @@ def test_stage_logs_reach_the_prefect_run(prefect_harness, tmp_path, demo_assets
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     config = demo_config(tmp_path, demo_assets)
+    from prefect.logging.handlers import APILogHandler
+
     state = pipeline_flows.dpo_pipeline(config=config, return_state=True)
     assert state.is_completed()
+    APILogHandler().flush()  # Prefect ships logs in batches, in the background: send what is queued
+    deadline = time.time() + 30
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-    text = "\n".join(log.message for log in logs)
+        while True:  # and wait for the server to have stored the last of them
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+            text = "\n".join(log.message for log in logs)
+            if "train: 20/20 steps (100%)" in text or time.time() > deadline:
+                break
+            time.sleep(0.5)
     assert "prepare: " in text and "rows (100%)" in text           # prepare's progress line
     assert "score: done:" in text and "tok/s on cpu" in text       # the score child's own summary
     assert "step-0 check:" in text and "train: 20/20 steps (100%)" in text
