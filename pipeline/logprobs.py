@@ -52,13 +52,6 @@ class PackedBatch:
         return PackedBatch(move(self.input_ids), move(self.attention_mask), move(self.rows), move(self.cols),
                            move(self.targets), self.lengths, move(self.position_ids), move(self.segments))
 
-    @property
-    def real_tokens(self) -> int:
-        """Positions that hold a token (not padding)."""
-        if self.segments is not None:
-            return int((self.segments >= 0).sum())
-        return int(self.attention_mask.sum())
-
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> PackedBatch:
     """Build a right-padded batch of ``prompt + response`` sequences.
@@ -170,13 +163,6 @@ def pack_pairs(
             lengths.append(len(response))
     return PackedBatch(input_ids, None, torch.cat(rows), torch.cat(cols), torch.cat(targets), lengths,
                        position_ids, segments)
-
-
-def pack_shared(
-    prompts: list[list[int]], chosens: list[list[int]], rejecteds: list[list[int]], pad_id: int
-) -> PackedBatch:
-    """One row per pair, ``prompt + chosen + rejected`` (``pack_pairs`` with packing none)."""
-    return pack_pairs(prompts, chosens, rejecteds, pad_id, packing="none")
 
 
 def dense_mask(segments: torch.Tensor) -> torch.Tensor:

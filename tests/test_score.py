@@ -105,7 +105,7 @@ def test_batches_are_sorted_and_within_budget(scored_setup):
 
 
 def test_shared_prefix_packing_layout():
-    batch = logprobs.pack_shared([[1, 2, 3]], [[4, 5]], [[6, 7, 8]], pad_id=0)
+    batch = logprobs.pack_pairs([[1, 2, 3]], [[4, 5]], [[6, 7, 8]], packing="none")
     assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]
     assert batch.lengths == [2, 3]
