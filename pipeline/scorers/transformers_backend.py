@@ -25,21 +25,19 @@ HEAD_CHECK_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1}
 
 def _own_logps(model, prompts: list[list[int]], responses: list[list[int]], device: str) -> list[np.ndarray]:
     """Per-token log-probs of each response after its prompt from the model's own forward (its
-    full logits, with whatever it does to them), one right-padded batch: what the scorer's
-    path must reproduce (the self-check's reference)."""
+    full logits, with whatever it does to them), one right-padded batch (``logprobs.pack``): what
+    the scorer's path must reproduce (the self-check's reference)."""
     import torch
 
-    seqs = [p + r for p, r in zip(prompts, responses)]
-    ids = torch.zeros((len(seqs), max(map(len, seqs))), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, seq in enumerate(seqs):
-        ids[b, : len(seq)] = torch.tensor(seq)
-        mask[b, : len(seq)] = 1
+    from ..logprobs import pack
+
+    batch = pack(prompts, responses, pad_id=0)
     with torch.inference_mode():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                       use_cache=False).logits
         logps = torch.log_softmax(logits.float(), dim=-1).cpu()
-    return [logps[b, torch.arange(len(p) - 1, len(p) + len(r) - 1), torch.tensor(r)].numpy()
-            for b, (p, r) in enumerate(zip(prompts, responses))]
+    values = logps[batch.rows, batch.cols, batch.targets].numpy()
+    return np.split(values, np.cumsum(batch.lengths)[:-1])
 
 
 def resolve_device(requested: str) -> str:
