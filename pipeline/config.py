@@ -1,6 +1,8 @@
 """One typed configuration for the whole pipeline.
 
-Loaded from YAML, then overridden from the command line with ``--set section.key=value``.
+Loaded from YAML, then overridden from the command line with ``--set section.key=value`` (or
+``--set 'section={key: value, ...}'``, merged key by key). Float keys take any form ``float()``
+takes (``1e-6``, which YAML 1.1 reads as text, ``5E-7``, ``.5``), never NaN or infinity.
 Every default lives here, once. Unknown keys and values of the wrong type or out of range are
 errors that name the key (``ConfigError``); nothing is silently ignored.
 
@@ -64,6 +66,15 @@ class DataConfig:
         for name in ("prompt_column", "chosen_column", "rejected_column"):
             if not getattr(self, name):
                 raise ConfigError(f"data.{name}: must be a non-empty column name")
+        # A Hub dataset is kept under <storage>/hub/datasets/<repo>/<commit>/<name>/<data_dir>/<split>/
+        # (data.hub_dataset): each of these is a folder name, checked as train.run_name is.
+        _check_folder_name("data.split", self.split, "test")
+        if self.name is not None:
+            _check_folder_name("data.name", self.name, "default", ", or null for the default configuration")
+        if self.data_dir is not None:
+            for part in self.data_dir.split("/"):  # a folder of the repository (a/b kept as a--b)
+                _check_folder_name("data.data_dir", part, "harmless-base", ", or null for the whole repository",
+                                   whole=self.data_dir)
 
 
 @dataclass
@@ -339,13 +350,9 @@ class TrainConfig:
         _check_range("train.save_steps", self.save_steps, 0, None)
         if self.step0_tolerance is not None:
             _check_range("train.step0_tolerance", self.step0_tolerance, 0.0, None)
-        if self.run_name is not None and not RUN_NAME.fullmatch(self.run_name):
-            shown = self.run_name if len(self.run_name) <= 60 else self.run_name[:60] + "..."
-            raise ConfigError(
-                f"train.run_name: {shown!r} ({len(self.run_name)} characters) is not a safe folder "
-                "name: use 1-100 ASCII letters, digits, '.', '_' or '-', starting with a letter or "
-                "digit (e.g. train.run_name=beta0.1-run2), or null for a name from the fingerprint"
-            )
+        if self.run_name is not None:
+            _check_folder_name("train.run_name", self.run_name, "beta0.1-run2",
+                               ", or null for a name from the fingerprint")
 
     def loss_names(self) -> list[str]:
         """loss_type as a list (TRL's DPOConfig makes a name a one-element list)."""
@@ -433,6 +440,24 @@ def world_size(train_cfg: TrainConfig) -> int:
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 """A folder name that is safe everywhere: no separators, NUL, spaces, leading dot or dash."""
+
+FOLDER_NAME_KEYS = ("train.run_name", "data.split", "data.name", "data.data_dir")
+"""The config values that become folder names under storage (layout.run_dir, data.hub_dataset),
+each checked against RUN_NAME (data.data_dir per '/'-separated part)."""
+
+
+def _check_folder_name(key: str, value: str, example: str, alternative: str = "", whole: str | None = None) -> None:
+    """A ConfigError naming ``key`` unless ``value`` is a safe folder name (RUN_NAME)."""
+    if RUN_NAME.fullmatch(value):
+        return
+    whole = value if whole is None else whole
+    shown = whole if len(whole) <= 60 else whole[:60] + "..."
+    part = "" if whole == value else f", its part {value!r} between '/'s"
+    raise ConfigError(
+        f"{key}: {shown!r} ({len(whole)} characters{part}) is not a safe folder name: use 1-100 ASCII "
+        f"letters, digits, '.', '_' or '-', starting with a letter or digit (e.g. {key}={example})"
+        f"{alternative}"
+    )
 
 
 @dataclass
@@ -525,6 +550,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-6 and 5E-7 (no dot) as text; TRL recipes write learning rates so.
+            # Any form float() takes, here and in --set; nan and inf are refused below.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if not math.isfinite(value):
@@ -584,22 +616,63 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
             f"--set {item!r}: the value of {key} is not valid YAML ({problem}); quote it to "
             f"pass it as text, e.g. --set '{key}=\"...\"'"
         ) from None
-    if isinstance(value, (dict, list)):
+    parts = key.split(".")
+    # A mapping for a section (--set 'train.peft={r: 8, lora_alpha: 16}') is merged key by key, as
+    # the dotted form (--set train.peft.r=8 ...) is; any other list or mapping stays text, which
+    # list keys parse themselves (--set train.loss_type=[sigmoid,sft]).
+    if isinstance(value, (dict, list)) and not (isinstance(value, dict) and _is_section(parts)):
         value = text
-    return key.split("."), value
+    return parts, value
+
+
+def _section_class(tp: Any) -> Any:
+    """The dataclass of a section's type hint (Optional[PeftConfig]: PeftConfig), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), None)
+    return None
+
+
+def _is_section(parts: list[str]) -> bool:
+    """Whether the dotted key ``parts`` names a section (train, train.peft) of Config."""
+    tp: Any = Config
+    for part in parts:
+        cls = _section_class(tp)
+        hints = typing.get_type_hints(cls) if cls is not None else {}
+        if part not in hints:
+            return False
+        tp = hints[part]
+    return _section_class(tp) is not None
+
+
+def _set_override(raw: dict, item: str, parts: list[str], value: Any) -> None:
+    """Set ``parts`` (a dotted key) to ``value`` in ``raw``; a mapping for a section is merged
+    into what the section already holds, key by key."""
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:  # absent, or null in the file (train.peft: null): a new section
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node = child
+    if not isinstance(value, dict):
+        node[parts[-1]] = value
+        return
+    if node.get(parts[-1]) is None:  # train.peft={} makes the section with its defaults
+        node[parts[-1]] = {}
+    for key, inner in value.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"--set {item!r}: {key!r} is not a key of {'.'.join(parts)}")
+        _set_override(raw, item, [*parts, key], inner)
 
 
 def config_from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
     raw = _deep_copy(raw or {})
     for item in overrides or []:
         parts, value = _parse_override(item)
-        node = raw
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {part} is not a section")
-            node = child
-        node[parts[-1]] = value
+        _set_override(raw, item, parts, value)
     cfg = _build("", Config, raw)
     cfg.validate()
     # Absolute paths, so a config handed to another process (a flow's child, a deployment) means
@@ -641,7 +714,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc, text)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping of sections")
         base = path.parent
@@ -655,6 +728,30 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if isinstance(raw.get("storage"), str) and not Path(raw["storage"]).is_absolute():
             raw["storage"] = str((base / raw["storage"]).resolve())
     return config_from_dict(raw, overrides)
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """One line: where (line and column, from 1) and what PyYAML found wrong."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is not None:
+        line, column = mark.line + 1, mark.column + 1
+    elif isinstance(getattr(exc, "position", None), int):  # ReaderError: a character YAML refuses
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+    else:
+        line = column = None
+    if isinstance(exc, yaml.reader.ReaderError):
+        char = exc.character
+        what = f"the character {f'#x{char:04x}' if isinstance(char, int) else repr(char)} is not allowed in YAML"
+    else:
+        what = getattr(exc, "problem", None) or str(exc)
+        context, started = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and started is not None and started is not mark:
+            context = f"{context} started at line {started.line + 1}, column {started.column + 1}"
+        if context:
+            what = f"{what} ({context})"
+    what = " ".join(str(what).split())
+    return f"line {line}, column {column}: {what}" if line is not None else what
 
 
 def _deep_copy(raw):

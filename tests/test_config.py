@@ -89,11 +89,147 @@ FLOAT_KEYS = [
 ]
 
 
-@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", ".NaN", "1.0e+400"])
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", ".NaN", "1.0e+400", "nan", "inf", "-Infinity", "1e400",
+                                   "'1e-6e'"])
 @pytest.mark.parametrize("key", FLOAT_KEYS)
 def test_non_finite_numbers_are_refused(key, value):
-    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}: .*finite"):
+    expected = "expected a number" if "e-6e" in value else "finite"
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}: .*{expected}"):
         config_from_dict(BASE, [f"{key}={value}"])
+
+
+# --- issue 20 §3: every float key takes what Python's float() takes --------------------------------
+
+# YAML 1.1 reads 1e-6 (no dot) as text; TRL recipes and README write learning rates so.
+FLOAT_FORMS = {"1e-6": 1e-6, "5E-7": 5e-7, ".5": 0.5, "1e+2": 100.0, "'0.25'": 0.25, "3": 3.0, "-2e-3": -2e-3}
+
+
+@pytest.mark.parametrize("text, number", FLOAT_FORMS.items())
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_float_keys_take_what_float_takes_in_set_and_in_a_file(key, text, number, tmp_path):
+    section, name = key.split(".")
+    for cfg in _with_value(key, text, tmp_path):
+        value = getattr(getattr(cfg, section), name)
+        assert type(value) is float and value == number, (key, text, value)
+
+
+def _with_value(key, text, tmp_path):
+    """Configs with ``key`` set to ``text`` by --set and by a YAML file; values out of the key's
+    range are skipped (ConfigError naming the range, not the form)."""
+    section, name = key.split(".")
+    path = tmp_path / f"{name}.yaml"
+    sections = {"data": ["path: d.jsonl"], "model": ["path: m"]}
+    sections.setdefault(section, []).append(f"{name}: {text}")  # the text as written, unquoted
+    path.write_text("".join(f"{s}:\n" + "".join(f"  {line}\n" for line in lines) for s, lines in sections.items()))
+    for make in (lambda: config_from_dict(BASE, [f"{key}={text}"]), lambda: load_config(path)):
+        try:
+            yield make()
+        except ConfigError as exc:
+            assert "expected a number" not in str(exc) and "finite" not in str(exc), exc
+            assert key in str(exc)
+
+
+def test_readme_learning_rate_forms():
+    """README, "Train on your model and data": --set train.learning_rate=1e-6; a file's 5e-7."""
+    assert config_from_dict(BASE, ["train.learning_rate=1e-6"]).train.learning_rate == 1e-6
+    assert config_from_dict({**BASE, "train": {"learning_rate": "5e-7"}}).train.learning_rate == 5e-7
+    with pytest.raises(ConfigError, match=r"train\.learning_rate: expected a number, got '1e-6x'"):
+        config_from_dict(BASE, ["train.learning_rate=1e-6x"])
+    with pytest.raises(ConfigError, match=r"train\.loss_weights\[1\]: .*finite"):
+        config_from_dict(BASE, ["train.loss_type=[sigmoid,sft]", "train.loss_weights=[1e-1, nan]"])
+    cfg = config_from_dict(BASE, ["train.loss_type=[sigmoid,sft]", "train.loss_weights=[1e-1, 5E-1]"])
+    assert cfg.train.loss_weights == [0.1, 0.5]
+
+
+def test_integer_keys_stay_integers():
+    for text in ("1e3", "'512'", "5.0"):
+        with pytest.raises(ConfigError, match=r"tokenize\.max_length: expected an integer"):
+            config_from_dict(BASE, [f"tokenize.max_length={text}"])
+
+
+# --- issue 20 §4: a mapping in --set, YAML errors, folder names ------------------------------------
+
+
+def test_a_mapping_for_a_section_in_set_works_like_the_dotted_form():
+    mapping = config_from_dict(BASE, ["train.peft={r: 8, lora_alpha: 16}"])
+    dotted = config_from_dict(BASE, ["train.peft.r=8", "train.peft.lora_alpha=16"])
+    assert mapping.train.peft == dotted.train.peft and mapping.train.peft.r == 8
+    # merged into what the file says, key by key, as the dotted form is
+    raw = {**BASE, "train": {"peft": {"r": 4, "lora_dropout": 0.1}, "beta": 0.2}}
+    merged = config_from_dict(raw, ["train.peft={r: 8, lora_alpha: 16}"]).train
+    assert (merged.peft.r, merged.peft.lora_alpha, merged.peft.lora_dropout, merged.beta) == (8, 16.0, 0.1, 0.2)
+    later = config_from_dict(BASE, ["train.peft={r: 8, lora_alpha: 16}", "train.peft.lora_dropout=5e-2"]).train.peft
+    assert (later.r, later.lora_dropout) == (8, 0.05)
+    nested = config_from_dict(BASE, ["train={peft: {r: 2, target_modules: [q_proj, v_proj]}, learning_rate: 1e-5}"])
+    assert nested.train.peft.target_modules == ["q_proj", "v_proj"] and nested.train.learning_rate == 1e-5
+    assert config_from_dict(BASE, ["train.peft={}"]).train.peft.r == 8  # the section with its defaults
+    # a section that is null in the file takes keys, in either form
+    for item in ("train.peft.r=4", "train.peft={r: 4}"):
+        assert config_from_dict({**BASE, "train": {"peft": None}}, [item]).train.peft.r == 4
+    assert config_from_dict(BASE, ["train.peft={r: 4}", "train.peft=null"]).train.peft is None
+
+
+def test_a_mapping_in_set_names_a_bad_key():
+    with pytest.raises(ConfigError, match=r"unknown key train\.peft\.rank"):
+        config_from_dict(BASE, ["train.peft={rank: 8}"])
+    with pytest.raises(ConfigError, match=r"train\.peft\.r: expected an integer"):
+        config_from_dict(BASE, ["train.peft={r: eight}"])
+    with pytest.raises(ConfigError, match=r"train\.run_name: .*not a safe folder name"):
+        config_from_dict(BASE, ["train.run_name={a: b}"])  # not a section: the text, refused as a name
+
+
+@pytest.mark.parametrize("text, line, column", [
+    ("data: [1, 2\n", 2, 1),
+    ("data:\n  path: d.jsonl\nmodel:\n\tpath: m\n", 4, 1),
+    ("data:\n  path: a: b\n", 2, 10),
+    ("data:\n  path: 'unclosed\nmodel: {}\n", 4, 1),
+    ("data:\n  path: x\u0007y\n", 2, 10),
+])
+def test_invalid_yaml_is_one_line_with_line_and_column(tmp_path, text, line, column):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"config file {path} is not valid YAML: line {line}, column {column}: "), message
+
+
+FOLDER_NAMES = ["train.run_name", "data.split", "data.name", "data.data_dir"]
+
+
+def test_every_folder_name_key_is_checked():
+    from pipeline.config import FOLDER_NAME_KEYS
+
+    assert sorted(FOLDER_NAME_KEYS) == sorted(FOLDER_NAMES)
+
+
+@pytest.mark.parametrize("key", FOLDER_NAMES)
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "a b", "a\x00b", "x" * 101, "-flag", "a\\b", "a:b", "*", ""])
+def test_values_that_become_folder_names_are_checked_like_run_name(key, name):
+    section, field = key.split(".")
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}: .*not a safe folder name.*letters, digits"):
+        config_from_dict({**BASE, section: {**BASE.get(section, {}), field: name}})
+
+
+@pytest.mark.parametrize("name", ["a/b", "/a", "a/", "a//b", "a/../b", "a/./b"])
+def test_slashes_only_between_safe_parts_of_data_split_and_name(name):
+    for key in ("data.split", "data.name", "train.run_name"):
+        section, field = key.split(".")
+        with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}: .*not a safe folder name"):
+            config_from_dict({**BASE, section: {**BASE.get(section, {}), field: name}})
+    if name != "a/b":
+        with pytest.raises(ConfigError, match=r"data\.data_dir: .*not a safe folder name"):
+            config_from_dict({**BASE, "data": {"path": "d.jsonl", "data_dir": name}})
+
+
+@pytest.mark.parametrize("key, name", [("data.split", "test"), ("data.split", "validation_0.5"),
+                                       ("data.name", "wikitext-2-raw-v1"), ("data.data_dir", "harmless-base"),
+                                       ("data.data_dir", "data/en"), ("train.run_name", "demo")])
+def test_safe_folder_names_are_kept(key, name):
+    section, field = key.split(".")
+    cfg = config_from_dict({**BASE, section: {**BASE.get(section, {}), field: name}})
+    assert getattr(getattr(cfg, section), field) == name
 
 
 def test_every_float_key_is_covered():
