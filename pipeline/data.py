@@ -158,12 +158,22 @@ def check_input(path: str | Path) -> Path:
     """``path`` (a file, a `datasets` folder or a glob pattern of either), after checking that
     everything it names exists and is of one readable kind."""
     kinds = set()
-    for file in input_files(path):
+    files = input_files(path)
+    empty = []
+    for file in files:
         if not file.exists():
             raise DataError(f"data.path {file} does not exist: set data.path to your preference data")
         kinds.add(input_kind(file))
         if kinds == {"datasets"}:
             _datasets_files(file)  # a broken state.json or a missing data file fails here, early
+        if file.is_file() and file.stat().st_size == 0:
+            empty.append(file)
+            if input_kind(file) == "parquet":  # not even a Parquet footer
+                raise DataError(f"{file} is empty (0 bytes): it has no rows, and is not a Parquet file. "
+                                "Write the preference data to it, or point data.path at another file")
+    if empty and len(empty) == len(files):
+        why = "an empty file: 0 bytes" if len(files) == 1 else "every file is empty: 0 bytes"
+        raise DataError(_no_rows(path, files, why))
     if len(kinds) > 1:
         raise DataError(f"data.path {path} matches files of different kinds ({', '.join(sorted(kinds))}): "
                         "narrow the pattern to one kind (e.g. *.jsonl)")
@@ -365,9 +375,36 @@ def _arrow_batches(files: list[Path]) -> Iterator[pa.RecordBatch]:
                 yield from reader
 
 
+def _no_rows(path: str | Path, files: list[Path], why: str) -> str:
+    shown = f"data.path {path} ({len(files)} files)" if is_pattern(path) else str(path)
+    return (f"{shown} has no rows ({why}): nothing to prepare. Write the preference data to it, "
+            "or point data.path at another file")
+
+
 def read_rows(path: str | Path) -> Iterator[RawRow]:
-    """All rows of the input, in order, parsed or not; a damaged file raises DataError. Rows of
-    a glob pattern's files are numbered on from one file to the next (source_row)."""
+    """All rows of the input, in order, parsed or not; a damaged file raises DataError, and so
+    does an input without a single row (an empty file, blank lines only, a Parquet file or
+    `datasets` folder of 0 rows). Rows of a glob pattern's files are numbered on from one file to
+    the next (source_row)."""
+    return _not_empty(path, _rows(path))
+
+
+def _not_empty(path: str | Path, rows: Iterator[RawRow]) -> Iterator[RawRow]:
+    empty = True
+    for row in rows:
+        empty = False
+        yield row
+    if empty:
+        if is_pattern(path):
+            why = "not one in its files"
+        else:
+            why = {"jsonl": "blank lines only", "jsonl.gz": "no lines, or blank lines only",
+                   "parquet": "a Parquet file of 0 rows",
+                   "datasets": "a `datasets` folder of 0 rows"}[input_kind(Path(path))]
+        raise DataError(_no_rows(path, input_files(path), why))
+
+
+def _rows(path: str | Path) -> Iterator[RawRow]:
     if is_pattern(path):
         return _chained_rows(input_files(path))
     path = Path(path)
@@ -386,7 +423,7 @@ def _chained_rows(files: list[Path]) -> Iterator[RawRow]:
     offset = 0
     for file in files:
         last = -1
-        for row in read_rows(file):
+        for row in _rows(file):
             last = row.source_row
             yield dataclasses.replace(row, source_row=offset + row.source_row)
         offset += last + 1

@@ -218,3 +218,53 @@ def test_broken_datasets_folder_is_a_data_error(tmp_path, make_config, state, ar
 def test_good_datasets_folder_still_reads(tmp_path, make_config):
     rows, _ = outcome(run(make_config, _datasets_folder(tmp_path, GOOD_STATE)))
     assert rows == {i: "kept" for i in range(4)}
+
+
+# --- issue 20 §4: an input without rows says so -----------------------------------------------------
+
+
+def _empty_parquet(path):
+    pq.write_table(pa.Table.from_pylist(good_rows(1)).slice(0, 0), path)
+
+
+@pytest.mark.parametrize("name, write, why", [
+    ("d.jsonl", lambda p: p.write_bytes(b""), "an empty file: 0 bytes"),
+    ("d.jsonl", lambda p: p.write_bytes(b"\n  \n\r\n\t\n"), "blank lines only"),
+    ("d.jsonl", lambda p: p.write_bytes(b"\xef\xbb\xbf\n"), "blank lines only"),
+    ("d.jsonl.gz", lambda p: p.write_bytes(b""), "an empty file: 0 bytes"),
+    ("d.jsonl.gz", lambda p: p.write_bytes(gzip.compress(b"")), "no lines, or blank lines only"),
+    ("d.parquet", lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+    ("d.parquet", _empty_parquet, "a Parquet file of 0 rows"),
+], ids=["jsonl-0-bytes", "jsonl-blank-lines", "jsonl-bom-only", "gz-0-bytes", "gz-empty-stream",
+        "parquet-0-bytes", "parquet-0-rows"])
+def test_an_empty_data_file_says_it_has_no_rows(tmp_path, make_config, name, write, why):
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(DataError) as err:
+        run(make_config, path)
+    message = str(err.value)
+    assert str(path) in message and "has no rows" in message and why in message, message
+    assert "cannot tell the data format" not in message
+
+
+def test_an_empty_datasets_folder_and_empty_glob_files_say_they_have_no_rows(tmp_path, make_config):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    with ipc.new_stream(folder / "data-00000-of-00001.arrow", pa.Table.from_pylist(good_rows(1)).schema):
+        pass
+    (folder / "state.json").write_text(GOOD_STATE)
+    with pytest.raises(DataError, match=r"has no rows \(a `datasets` folder of 0 rows\)"):
+        run(make_config, folder)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for i in range(2):
+        (parts / f"part-{i}.jsonl").write_bytes(b"")
+    with pytest.raises(DataError, match=r"data\.path .*part-\*\.jsonl \(2 files\) has no rows \(every file is empty"):
+        run(make_config, parts / "part-*.jsonl")
+    (parts / "part-1.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match=r"\(2 files\) has no rows \(not one in its files\)"):
+        run(make_config, parts / "part-*.jsonl")
+    # one empty file among files with rows is no error: its rows are none of the rows read
+    write_jsonl(parts / "part-2.jsonl", good_rows(2))
+    rows, _ = outcome(run(make_config, parts / "part-*.jsonl"))
+    assert rows == {0: "kept", 1: "kept"}
