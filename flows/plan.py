@@ -25,13 +25,23 @@ def plan(cfg: Config) -> dict[str, Path]:
     }
 
 
-def stage_complete(cfg: Config, stage: str, directory: Path) -> bool:
-    """Whether the stage's output exists, is complete and its files match their manifest; for
-    the audit: a passed full audit of exactly the bytes of the cache on disk now."""
-    if stage == "prepare":
-        return layout.is_verified(layout.verified_dataset, directory)
-    if stage == "score":
-        return layout.is_verified(layout.verified_refscores, directory)
+def stage_problem(cfg: Config, stage: str, directory: Path) -> str | None:
+    """None when the stage's output exists, is complete and its files match their manifest (a
+    reference cache: every value proven too; the audit: a passed full audit of exactly the bytes
+    of the cache on disk now); else what is wrong, naming the file where one is to blame."""
+    check = {"prepare": layout.verified_dataset, "score": layout.proven_refscores}.get(stage)
+    if check is not None:
+        try:
+            check(directory)
+        except layout.CacheError as exc:
+            return str(exc)
+        return None
     if stage == "audit":
-        return current_full_audit(directory, cfg.audit.rescore_rows) is not None
-    return layout.verified_run(directory) is not None
+        found = current_full_audit(directory, cfg.audit.rescore_rows) is not None
+        return None if found else "no passed full audit of the cache as it is now"
+    return None if layout.verified_run(directory) is not None else "not finished"
+
+
+def stage_complete(cfg: Config, stage: str, directory: Path) -> bool:
+    """Whether the stage's output is complete and verified (stage_problem says why not)."""
+    return stage_problem(cfg, stage, directory) is None

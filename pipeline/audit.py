@@ -33,7 +33,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from . import __version__, layout
+from . import __version__, layout, refvalues
 from .config import Config, ModelConfig
 from .data import DataError, resolve_input
 from .layout import MANIFEST, SHARD_RE, CacheError
@@ -153,6 +153,27 @@ def _check_shard(report: AuditReport, path: Path, entry: dict) -> bool:
     if rows != entry["rows"]:
         report.fail("integrity", f"shard {path.name}: {rows} rows, the manifest says {entry['rows']}")
         return False
+    return _check_values(report, path)
+
+
+def _check_values(report: AuditReport, path: Path) -> bool:
+    """Page checksums and the value checksums written inside the shard (refvalues). A changed
+    value is a failed finding, but its bytes are those the manifest lists: still read, so that
+    the row checks can name the rows."""
+    try:
+        file = pq.ParquetFile(path, page_checksum_verification=True)
+        table = file.read()
+    except Exception as exc:  # a page whose CRC fails, or any other damage
+        report.fail("integrity", f"shard {path.name}: a data page is damaged ({exc})")
+        return False
+    recorded = refvalues.recorded_digests(file.schema_arrow.metadata)
+    if recorded is None:
+        report.stats.setdefault("legacy_shards", []).append(path.name)
+        return True
+    try:
+        refvalues.check_digests(table, recorded, f"shard {path.name}")
+    except refvalues.ValueProofError as exc:
+        report.fail("integrity", str(exc))
     return True
 
 
@@ -262,7 +283,7 @@ def statistics(report: AuditReport, scores: pl.DataFrame, top: int = 10) -> None
         )["d"][0]
         stats["max_token_sum_vs_sequence_diff"] = float(sums_differ) if sums_differ is not None else None
     stats["nonfinite_values"] = nonfinite
-    report.stats = stats
+    report.stats.update(stats)
     if nonfinite:
         bad = scores.filter(~scores["chosen_logp"].is_finite() | ~scores["rejected_logp"].is_finite())["id"].to_list()
         report.fail("numerics", f"{nonfinite} NaN or infinite log-probs (e.g. ids {', '.join(bad[:3]) or 'in per-token values'})")
@@ -270,13 +291,56 @@ def statistics(report: AuditReport, scores: pl.DataFrame, top: int = 10) -> None
         report.ok("numerics", "no NaN or infinite log-probs")
 
 
+# --- rows -----------------------------------------------------------------------------------------
+
+ROWS_LISTED = 20
+"""How many failing rows the report lists (all are counted, and all are re-scored)."""
+
+
+def check_rows(report: AuditReport, cache_dir: Path, manifest: dict, scores: pl.DataFrame) -> list[int]:
+    """Every row's consistency that needs no model (refvalues.row_problems: finite, within its
+    token count's bounds, one per-token value per token, sequence value = sum of per-token
+    values) and its token counts against the dataset's. Returns the failing rows' positions."""
+    import time
+
+    started = time.perf_counter()
+    problems = refvalues.row_problems(scores.to_arrow())
+    dataset = pl.read_parquet(dataset_dir_of(cache_dir, manifest) / layout.EXAMPLES,
+                              columns=["id", "chosen_tokens", "rejected_tokens"])
+    ids = scores["id"]
+    for side in refvalues.SIDES:
+        differs = (scores[f"{side}_tokens"].cast(pl.Int64) != dataset[f"{side}_tokens"].cast(pl.Int64)).arg_true()
+        problems += [refvalues.RowProblem(i, ids[i], side, f"{scores[f'{side}_tokens'][i]} tokens, the dataset has "
+                                          f"{dataset[f'{side}_tokens'][i]}") for i in differs.to_list()]
+    problems.sort(key=lambda p: (p.row, p.side))
+    starts = [(s["first_row"], s["file"]) for s in manifest["shards"] if isinstance(s.get("first_row"), int)]
+    listed = []
+    for problem in problems[:ROWS_LISTED]:
+        shard = next((name for first, name in reversed(starts) if first <= problem.row), "?")
+        listed.append({"row": problem.row, "id": problem.id, "shard": shard, "side": problem.side,
+                       "problem": problem.problem})
+    failed = sorted({p.row for p in problems})
+    report.stats["row_checks"] = {"rows": scores.height, "failed_rows": len(failed), "failures": listed,
+                                  "seconds": round(time.perf_counter() - started, 4)}
+    if failed:
+        shown = "; ".join(f"id {f['id']} in {f['shard']} ({f['side']}: {f['problem']})" for f in listed[:3])
+        report.fail("rows", f"{len(failed)} of {scores.height} rows fail the checks that need no model: {shown}"
+                    + (" ..." if len(problems) > 3 else ""))
+    else:
+        report.ok("rows", f"all {scores.height} rows consistent: finite, within their token counts' bounds, "
+                  "sequence values equal to their per-token sums where stored, token counts as the dataset's")
+    return failed
+
+
 # --- re-score -------------------------------------------------------------------------------------
 
 
 def rescore_check(report: AuditReport, cfg: Config, cache_dir: Path, manifest: dict, scores: pl.DataFrame,
-                  rows: int, seed: int = 0, dtype: str | None = None, tolerance: float | None = None) -> None:
+                  rows: int, seed: int = 0, dtype: str | None = None, tolerance: float | None = None,
+                  failed: list[int] = ()) -> None:
     """Re-score ``rows`` seeded examples with transformers, in the cache's own batches (so the same
-    backend, dtype and settings reproduce identical bits); compare with the cache."""
+    backend, dtype and settings reproduce identical bits); compare with the cache. The rows that
+    failed the row checks (``failed``) are always re-scored too."""
     import dataclasses
 
     from .scorers import make_scorer
@@ -287,9 +351,10 @@ def rescore_check(report: AuditReport, cfg: Config, cache_dir: Path, manifest: d
                                columns=["id", "prompt_ids", "chosen_ids", "rejected_ids"])
     scorer = make_scorer("transformers", dataclasses.replace(cfg, model=model_cfg), 0, manifest.get("settings"))
     rng = np.random.default_rng(seed)
-    picked = sorted(rng.choice(examples.height, size=min(rows, examples.height), replace=False).tolist())
+    sample = rng.choice(examples.height, size=min(rows, examples.height), replace=False).tolist()
+    picked = sorted(set(sample) | set(failed))
     shard_rows = inputs["shard_rows"]
-    token_diffs, seq_diffs = [], []
+    token_diffs, seq_diffs, seq_per_token = [], [], []
     for shard_index in sorted({i // shard_rows for i in picked}):
         start = shard_index * shard_rows
         part = examples.slice(start, shard_rows)
@@ -300,8 +365,10 @@ def rescore_check(report: AuditReport, cfg: Config, cache_dir: Path, manifest: d
             cached = scores.row(start + i, named=True)
             for side, values in (("chosen", chosen[i]), ("rejected", rejected[i])):
                 seq_diffs.append(abs(float(np.sum(values, dtype=np.float64)) - cached[f"{side}_logp"]))
+                seq_per_token.append(seq_diffs[-1] / max(len(values), 1))
                 if cached.get(f"{side}_token_logps") is not None:
-                    token_diffs.append(np.abs(values - np.asarray(cached[f"{side}_token_logps"], np.float32)))
+                    kept = np.asarray(cached[f"{side}_token_logps"], np.float32)
+                    token_diffs.append(np.abs(values - kept) if kept.shape == values.shape else np.array([np.inf]))
     del scorer
     tokens = np.concatenate(token_diffs) if token_diffs else np.zeros(0)
     limit = tolerance if tolerance is not None else layout.logprob_tolerance(
@@ -311,7 +378,9 @@ def rescore_check(report: AuditReport, cfg: Config, cache_dir: Path, manifest: d
               "token_mean": float(tokens.mean()) if tokens.size else None,
               "seq_max": float(max(seq_diffs)), "seq_mean": float(np.mean(seq_diffs)), "tolerance": limit}
     report.rescore = result
-    worst = result["token_max"] if result["token_max"] is not None else result["seq_max"]
+    # A sequence value is held to the per-token tolerance per token of its response: a cached sum
+    # that disagrees with its own (matching) per-token values fails too.
+    worst = max(result["token_max"] or 0.0, float(np.max(seq_per_token)))
     text = (f"re-scored {len(picked)} rows with transformers/{model_cfg.dtype}: per-token max |diff| "
             f"{result['token_max']}, per-sequence max |diff| {result['seq_max']:.3g} (tolerance {limit:g})")
     (report.ok if worst <= limit else report.fail)("rescore", text)
@@ -336,11 +405,12 @@ def audit(cache_dir: str | Path, cfg: Config | None = None, rescore_rows: int = 
     try:
         scores = load_scores(cache_dir, manifest)
         statistics(report, scores)
+        failed = check_rows(report, cache_dir, manifest, scores)
     except (OSError, pl.exceptions.PolarsError) as exc:
         report.fail("numerics", f"cannot read the scores: {exc}")
         return report
     if rescore_rows and cfg is not None:
-        rescore_check(report, cfg, cache_dir, manifest, scores, rescore_rows, seed, dtype, tolerance)
+        rescore_check(report, cfg, cache_dir, manifest, scores, rescore_rows, seed, dtype, tolerance, failed)
     return report
 
 

@@ -308,8 +308,25 @@ def verified_refscores(directory: str | Path) -> dict:
     return manifest
 
 
+def proven_refscores(directory: str | Path) -> dict:
+    """``verified_refscores``, and every value proven too (refvalues: page checksums, the value
+    checksums written inside each shard, every row's model-free consistency), or CacheError
+    naming the shard and the rows. Reads the whole cache: for deciding whether to rescore."""
+    from .refvalues import ValueProofError, read_shards
+
+    directory = Path(directory)
+    manifest = verified_refscores(directory)
+    paths = [directory / shard["file"] for shard in manifest["shards"]]
+    try:
+        read_shards(paths, None)
+    except ValueProofError as exc:
+        raise CacheError(f"{directory}: {exc}: run `dpo score -c CONFIG`, it rescores the shards whose "
+                         "values are not proven") from None
+    return manifest
+
+
 def is_verified(check, directory: str | Path | None) -> bool:
-    """Whether ``check`` (verified_dataset / verified_refscores) accepts the directory."""
+    """Whether ``check`` (verified_dataset / verified_refscores / proven_refscores) accepts the directory."""
     if directory is None:
         return False
     try:

@@ -31,6 +31,7 @@ from .config import Config
 from .layout import SHARD_RE, shard_name
 from .models import ModelError, check_causal_lm, model_source
 from .progress import Progress
+from .refvalues import ValueProofError, read_shard
 from .runners import default_workers, run_shards
 from .scorers import ScoreError, Scorer, resolve_backend
 from .scorers.transformers_backend import resolve_device
@@ -90,10 +91,13 @@ def _check_vocabulary(examples: pa.Table, model_config, dataset_manifest: dict) 
 
 def _verify_existing(
     out_dir: Path, fp: str, n_shards: int, shard_ids: list[pa.Array], recorded: dict
-) -> set[int]:
-    """Indices of finished shards; clear errors for anything corrupted or foreign."""
+) -> tuple[set[int], dict[str, str]]:
+    """(indices of the shards on disk whose values are proven, {shard: why it is rescored}).
+
+    A shard is adopted only when proven (``_unproven``); any other is deleted here and scored
+    again. A file that is not a shard of this cache is never touched: a clear error instead."""
     remove_leftovers(out_dir)  # of a killed write; we hold the cache's lock
-    done = set()
+    done, rescored = set(), {}
     for path in sorted(out_dir.iterdir()):
         name = path.name
         if name == MANIFEST:
@@ -106,22 +110,33 @@ def _verify_existing(
                 "run again"
             )
         index = int(match.group(1))
-        fix = f"delete {path} and run `dpo score` again to rescore that shard"
-        if name in recorded:
-            if sha256_verified(path) != recorded[name].get("sha256"):
-                raise ScoreError(f"corrupted shard {path}: its sha256 differs from the manifest; {fix}")
-        else:  # written, but the run died before recording it: check what it says it is
-            try:
-                meta = pq.read_schema(path).metadata or {}
-                ids = pq.read_table(path, columns=["id"]).column("id").combine_chunks()
-            except Exception as exc:
-                raise ScoreError(f"corrupted shard {path} ({exc}); {fix}") from None
-            if meta.get(f"{META}fingerprint".encode()) != fp.encode():
-                raise ScoreError(f"foreign shard {path}: written for another cache; {fix}")
-            if not ids.equals(shard_ids[index]):
-                raise ScoreError(f"shard {path} holds other examples than planned; {fix}")
-        done.add(index)
-    return done
+        reason = _unproven(path, fp, shard_ids[index], recorded.get(name))
+        if reason is None:
+            done.add(index)
+            continue
+        log.warning("score: rescoring %s: %s", name, reason)
+        rescored[name] = reason
+        path.unlink()
+    return done, rescored
+
+
+def _unproven(path: Path, fp: str, ids: pa.Array, entry: dict | None) -> str | None:
+    """Why the shard at ``path`` may not be adopted, or None when its values are proven: its
+    bytes as the manifest lists them (when listed), its value checksums (required when not
+    listed: nothing else vouches for it), every row consistent, and the planned examples."""
+    listed = isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+    if listed and sha256_verified(path) != entry["sha256"]:
+        return "its sha256 differs from the manifest's (the file changed after it was written)"
+    try:
+        table = read_shard(path, require_digests=not listed)
+        metadata = pq.read_schema(path).metadata or {}
+    except ValueProofError as exc:
+        return str(exc).removeprefix(f"{path.name}: ")
+    if metadata.get(f"{META}fingerprint".encode()) != fp.encode():
+        return "it was written for another cache"
+    if not table.column("id").combine_chunks().equals(ids):
+        return "it holds other examples than planned"
+    return None
 
 
 # --- the stage ---------------------------------------------------------------------------------
@@ -140,12 +155,14 @@ def score(cfg: Config, show_progress: bool = True, scorer: Scorer | None = None)
     out_dir = layout.refscores_dir(cfg.storage, fp)
     # tokens_scored: response tokens; sequence_tokens: prompt + response tokens run through the model
     stats = {"backend": backend, "rows_scored": 0, "tokens_scored": 0, "sequence_tokens": 0, "seconds": 0.0}
-    if layout.is_verified(layout.verified_refscores, out_dir):
+    # Up to date only when every value is proven; anything else goes to _score_missing, which
+    # keeps the proven shards and rescores the others.
+    if layout.is_verified(layout.proven_refscores, out_dir):
         log.info("score: up to date, %s", out_dir)
         return ScoreResult(out_dir, layout.verified_refscores(out_dir), True, stats)
     # One writer per cache: a second `dpo score` waits, then finds the cache done (or resumes it).
     with exclusive(lock_path(cfg.storage, "refscores", fp), f"reference cache {out_dir}", wait=True):
-        if layout.is_verified(layout.verified_refscores, out_dir):
+        if layout.is_verified(layout.proven_refscores, out_dir):
             return ScoreResult(out_dir, layout.verified_refscores(out_dir), True, stats)
         started = time.perf_counter()
         manifest = _score_missing(cfg, dataset_dir, dataset_manifest, inputs, out_dir, scorer, stats, show_progress)
@@ -167,7 +184,8 @@ def _score_missing(cfg, dataset_dir, dataset_manifest, inputs, out_dir, scorer, 
     ensure_dir(out_dir)
     previous = read_manifest(out_dir) or {}
     recorded = {s.get("file"): s for s in previous.get("shards", []) if isinstance(s, dict)}
-    shards = _finished_shards(out_dir, inputs, n_shards, shard_ids, recorded, shard_rows)
+    shards, rescored = _finished_shards(out_dir, n_shards, shard_ids, recorded, shard_rows)
+    stats["rescored"] = rescored
     missing = [k for k in range(n_shards) if k not in shards]
     if shards:
         log.info("score: resuming, %d of %d shards already scored", len(shards), n_shards)
@@ -195,6 +213,10 @@ def _score_missing(cfg, dataset_dir, dataset_manifest, inputs, out_dir, scorer, 
     if missing:
         plan = ShardPlan(cfg.to_dict(), str(dataset_dir), str(out_dir), inputs, examples.num_rows,
                          dataset_manifest["tokens"]["max_sequence"])
+        if inputs["backend"] == "transformers" and resolve_device(cfg.score.device) == "cpu":
+            import torch
+
+            plan.cpu_threads = torch.get_num_threads()
         if cfg.score.reuse:
             plan.donors = find_donors(cfg.storage, out_dir.name, inputs, dataset_manifest["inputs"])
         settings = _run_missing(cfg, plan, missing, shard_ids, scorer, examples, shards, settings, stats,
@@ -259,16 +281,17 @@ def _run_missing(cfg, plan, missing, shard_ids, scorer, examples, shards, settin
     return settings
 
 
-def _finished_shards(out_dir: Path, inputs: dict, n_shards: int, shard_ids: list[pa.Array], recorded: dict,
-                     shard_rows: int) -> dict[int, dict]:
-    """Manifest entries of the shards already on disk (checked); removes dead writers' temp files."""
-    fp = out_dir.name
+def _finished_shards(out_dir: Path, n_shards: int, shard_ids: list[pa.Array], recorded: dict,
+                     shard_rows: int) -> tuple[dict[int, dict], dict[str, str]]:
+    """(manifest entries of the proven shards already on disk, {shard: why it is rescored});
+    removes dead writers' temp files and the shards that are not proven."""
     shards = {}
-    for index in sorted(_verify_existing(out_dir, fp, n_shards, shard_ids, recorded)):
+    done, rescored = _verify_existing(out_dir, out_dir.name, n_shards, shard_ids, recorded)
+    for index in sorted(done):
         path = out_dir / shard_name(index)
         entry = recorded.get(path.name)
         if entry is None or "chosen_tokens" not in entry:  # written, but its run died before recording it
             entry = {"file": path.name, "first_row": index * shard_rows, "rows": len(shard_ids[index]),
                      "sha256": sha256_verified(path), **shard_tokens(path)}
         shards[index] = entry
-    return shards
+    return shards, rescored

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from . import layout
 from .config import config_from_dict
 from .layout import shard_name
+from .refvalues import COLUMNS_KEY, ValueProofError, column_digests, read_shard
 from .scorers import Progress, ScoreError, make_scorer
 from .store import read_json, write_parquet
 
@@ -67,6 +68,9 @@ class ShardPlan:
     max_sequence: int
     donors: list[str] = field(default_factory=list)
     """Complete caches of other datasets whose rows may be copied (find_donors)."""
+    cpu_threads: int | None = None
+    """Scoring on a CPU: the intra-op threads every worker uses (the count changes low-order
+    bits, so all workers use the coordinator's); None on a GPU."""
 
     @property
     def shard_rows(self) -> int:
@@ -147,7 +151,10 @@ class ShardJob:
         stats["rows_scored"], stats["rows_reused"] = len(todo), len(ids) - len(todo)
         check_values(plan.inputs["backend"], index, ids, token_ids[1:], (chosen, rejected))
         table = shard_table(ids, chosen, rejected, scores_schema(plan.inputs["store_token_logps"]))
-        sha = write_parquet(table, Path(plan.out_dir) / shard_name(index), table.num_rows, self._metadata(index))
+        # The values are proven from here on: their digests travel inside the shard (refvalues).
+        metadata = {**self._metadata(index), COLUMNS_KEY: column_digests(table)}
+        sha = write_parquet(table, Path(plan.out_dir) / shard_name(index), table.num_rows, metadata,
+                            page_checksum=True)
         entry = {"file": shard_name(index), "first_row": index * plan.shard_rows, "rows": table.num_rows,
                  "sha256": sha, "chosen_tokens": int(sum(len(v) for v in chosen)),
                  "rejected_tokens": int(sum(len(v) for v in rejected))}
@@ -187,7 +194,11 @@ class ShardJob:
                 found.setdefault((hit[0], hit[1]), []).append((i, hit[2]))
         reused: dict = {}
         for (donor, file), rows in sorted(found.items()):
-            table = pq.read_table(Path(donor) / file, columns=["chosen_token_logps", "rejected_token_logps"])
+            try:  # the donor's manifest vouched for its bytes; its values are proven here too
+                table = read_shard(Path(donor) / file, require_digests=False)
+            except ValueProofError as exc:
+                log.warning("score: not copying rows of %s: %s; they are scored", Path(donor).name[:12], exc)
+                continue
             take = pa.array([row for _, row in rows], pa.int64())
             donor_chosen = table.column("chosen_token_logps").take(take).to_pylist()
             donor_rejected = table.column("rejected_token_logps").take(take).to_pylist()

@@ -169,11 +169,13 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def write_parquet(
-    table: pa.Table, path: str | Path, row_group_size: int, metadata: dict | None = None
+    table: pa.Table, path: str | Path, row_group_size: int, metadata: dict | None = None,
+    page_checksum: bool = False,
 ) -> str:
     """Write ``table`` atomically as zstd Parquet; return the file's sha256.
 
-    ``metadata`` (string keys and values) goes into the file-level key/value metadata.
+    ``metadata`` (string keys and values) goes into the file-level key/value metadata;
+    ``page_checksum``: a CRC32 in every data page header (readers can verify each page).
     """
     path = Path(path)
     if metadata:
@@ -181,7 +183,8 @@ def write_parquet(
         merged.update({k.encode(): v.encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(merged)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size,
+                       write_page_checksum=page_checksum)
         digest = sha256_file(tmp, use_cache=False)
     return digest
 

@@ -37,7 +37,6 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pa_dataset
 import pyarrow.parquet as pq
 import torch
 import yaml
@@ -51,6 +50,7 @@ from .logprobs import PairTokens, pair_token_logps, supports_shared_prefix
 from .losses import LOSSES, combined_loss, rewards
 from .models import load_causal_lm, load_tokenizer, model_fingerprint
 from .progress import Progress
+from .refvalues import ValueProofError, read_shards
 from .run_report import write_run_report
 from .store import (atomic_write_json, atomic_write_text, ensure_dir, exclusive, lock_path, remove_leftovers,
                     sha256_file)
@@ -190,12 +190,10 @@ def load_split_data(dataset_dir: Path, cache_dir: Path | None,
         columns=["id", "split", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_tokens", "rejected_tokens"],
     )
     columns = ["id", "chosen_logp", "rejected_logp", "chosen_tokens", "rejected_tokens"]
-    # One multithreaded scan over the shards, in manifest order (10,000 one-row shards: 4 s,
-    # against 9 s file by file; bench/shards_bench.py).
-    shards = pa_dataset.dataset([str(cache_dir / shard["file"]) for shard in cache["shards"]], format="parquet")
+    paths = [cache_dir / shard["file"] for shard in cache["shards"]]
     if token_reference:
         per_token = ["chosen_token_logps", "rejected_token_logps"]
-        if not set(per_token) <= set(shards.schema.names):
+        if not set(per_token) <= set(cache.get("columns") or pq.read_schema(paths[0]).names):
             raise TrainError(
                 f"train.max_completion_length and train.ld_alpha need the reference's per-token log-probs, "
                 f"but the reference cache {cache_dir} was scored without them (score.store_token_logps: "
@@ -204,7 +202,11 @@ def load_split_data(dataset_dir: Path, cache_dir: Path | None,
                 "train.ld_alpha"
             )
         columns += per_token
-    scores = shards.to_table(columns=columns)
+    try:  # every value proven as it is read (refvalues): no unverified number reaches the loss
+        scores = read_shards(paths, columns)
+    except ValueProofError as exc:
+        raise TrainError(f"the reference cache {cache_dir} holds values that are not proven: {exc}. "
+                         "Run `dpo score -c CONFIG`: it rescores those shards") from None
     ex_ids, sc_ids = examples.column("id"), scores.column("id")
     if pc.count_distinct(sc_ids).as_py() != len(sc_ids):
         raise TrainError(f"the reference cache {cache_dir} lists some ids twice: {fix}")

@@ -241,36 +241,38 @@ def test_kill_9_then_resume_is_byte_identical(tmp_path, demo_assets):
     assert files_a == files_b
 
 
-def test_corrupted_and_foreign_files_are_refused(scored_setup):
+def test_damaged_or_foreign_shards_are_rescored_and_foreign_files_refused(scored_setup):
     cfg, _ = scored_setup(score={"shard_rows": 10})
     result = score(cfg, show_progress=False)
     manifest_path = result.output_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-
-    def reopen():
-        manifest_path.write_text(json.dumps({**manifest, "complete": False}))
-
     shard = result.output_dir / "part-00001.parquet"
     original = shard.read_bytes()
-    reopen()
-    shard.write_bytes(original[:-10])  # truncated
-    with pytest.raises(ScoreError, match="corrupted shard .*part-00001.parquet"):
-        score(cfg, show_progress=False)
-    shard.write_bytes(original)
+
+    def rescored_after(damage, listed: bool = True) -> dict:
+        shards = manifest["shards"] if listed else [s for s in manifest["shards"] if s["file"] != shard.name]
+        manifest_path.write_text(json.dumps({**manifest, "shards": shards, "complete": False}))
+        damage()
+        again = score(cfg, show_progress=False)
+        assert shard.read_bytes() == original and again.manifest["complete"]
+        return again.stats["rescored"]
+
+    # Truncated, listed: the manifest's sha256 no longer matches.
+    assert "sha256 differs" in rescored_after(lambda: shard.write_bytes(original[:-10]))[shard.name]
+    # Truncated, not listed: not even readable.
+    assert "cannot be read" in rescored_after(lambda: shard.write_bytes(original[:-10]), listed=False)[shard.name]
+    # A shard of another cache, not listed in the manifest.
+    def foreign():
+        table = pq.read_table(shard)
+        meta = {**table.schema.metadata, b"dpo_pipeline.fingerprint": b"0" * 64}
+        pq.write_table(table.replace_schema_metadata(meta), shard)
+    assert rescored_after(foreign, listed=False) == {shard.name: "it was written for another cache"}
+    # A file that is not ours is never deleted: the run stops and says what to do.
+    manifest_path.write_text(json.dumps({**manifest, "complete": False}))
     (result.output_dir / "notes.txt").write_text("hi")
     with pytest.raises(ScoreError, match="foreign file .*notes.txt"):
         score(cfg, show_progress=False)
-    (result.output_dir / "notes.txt").unlink()
-    # A shard of another cache, not recorded in the manifest.
-    other = dict(manifest, shards=[s for s in manifest["shards"] if s["file"] != "part-00001.parquet"], complete=False)
-    manifest_path.write_text(json.dumps(other))
-    table = pq.read_table(shard)
-    pq.write_table(table.replace_schema_metadata({b"dpo_pipeline.fingerprint": b"0" * 64}), shard)
-    with pytest.raises(ScoreError, match="foreign shard"):
-        score(cfg, show_progress=False)
-    shard.unlink()
-    repaired = score(cfg, show_progress=False)  # the deleted shard is rescored
-    assert shard.read_bytes() == original and repaired.manifest["complete"]
+    assert (result.output_dir / "notes.txt").read_text() == "hi"
 
 
 def test_non_finite_logprobs_stop_with_ids(scored_setup, tmp_path, demo_assets, make_config):

@@ -88,11 +88,14 @@ def test_damaged_cache_is_refused_by_train_status_and_flow(cached, capsys):
     assert dpo_main(["train", "-c", str(config_file), "--no-progress"]) == 1
     assert "part-00002.parquet is damaged" in capsys.readouterr().err
     dpo_main(["status", "-c", str(config_file)])
-    status = capsys.readouterr().out
-    assert [line.split()[1] for line in status.splitlines() if line.startswith("score")] == ["incomplete"]
-    # `dpo score` does not call it up to date either: it refuses, naming the file to delete.
-    assert dpo_main(["score", "-c", str(config_file), "--no-progress"]) == 1
-    assert "part-00002.parquet" in capsys.readouterr().err
+    status = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(status) if line.startswith("score"))
+    assert status[at].split()[1] == "incomplete"
+    assert "part-00002.parquet is damaged" in status[at + 1] and "dpo score" in status[at + 1]
+    # `dpo score` does not call it up to date either: it rescores that shard and says why.
+    assert dpo_main(["score", "-c", str(config_file), "--no-progress"]) == 0
+    assert "rescored part-00002.parquet: its sha256 differs" in capsys.readouterr().err
+    assert stage_complete(cfg, "score", cache)
 
 
 def test_deleted_shard_is_rescored_not_up_to_date(cached):
