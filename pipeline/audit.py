@@ -908,7 +908,8 @@ def save_report(report: AuditReport, directory: str | Path | None = None) -> Pat
     if report.stats:  # the shards were verified and read once already; read them for the plots
         scores = load_scores(cache_dir, read_json(cache_dir / MANIFEST))
     sources = report_sources(report, scores)
-    ensure_dir(directory)
+    # The cache and its storage may be read-only on purpose: the report can go anywhere.
+    ensure_dir(directory, fix="write the report to a writable folder with `dpo audit ... --report-dir DIR`")
     with exclusive(directory / ".lock", f"audit report {directory}", wait=True):
         # a killed writer's temporary report files (only those: the folder may be the user's)
         remove_leftovers(directory, of=tuple(f"{level}{suffix}" for level in layout.AUDIT_LEVELS

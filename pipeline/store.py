@@ -222,24 +222,22 @@ class LockBusy(RuntimeError):
     """Another process writes the same output directory and this stage does not wait."""
 
 
-def ensure_dir(path: str | Path) -> Path:
-    """``mkdir -p path``, with a one-line StorageError instead of an OSError traceback."""
+def ensure_dir(path: str | Path, fix: str = "set `storage` to a writable folder") -> Path:
+    """``mkdir -p path``, with a one-line StorageError (ending in ``fix``) instead of an OSError
+    traceback."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
         raise StorageError(
-            f"cannot create folder {path}: {blocker} is a file, not a folder. Set `storage` to a "
-            "folder (or move the file away)"
+            f"cannot create folder {path}: {blocker} is a file, not a folder: move the file away, or {fix}"
         ) from None
     except OSError as exc:
         reason = "read-only file system" if exc.errno == errno.EROFS else (exc.strerror or str(exc))
-        raise StorageError(
-            f"cannot create folder {path} ({reason}): set `storage` to a writable folder"
-        ) from None
+        raise StorageError(f"cannot create folder {path} ({reason}): {fix}") from None
     if not os.access(path, os.W_OK):
-        raise StorageError(f"folder {path} is not writable: set `storage` to a writable folder")
+        raise StorageError(f"folder {path} is not writable: {fix}")
     return path
 
 

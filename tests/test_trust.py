@@ -235,3 +235,26 @@ def test_read_only_storage_is_a_one_line_error(cached, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: cannot create folder") and "read-only file system" in err[-1]
     assert "set `storage` to a writable folder" in err[-1]
+
+
+def test_audit_on_read_only_storage_names_report_dir(cached, monkeypatch, capsys, tmp_path):
+    """The cache may be read-only on purpose: the error says where else the report can go, and
+    with --report-dir the audit runs on the read-only storage."""
+    import errno
+
+    _, cache, _ = cached
+    storage = str(layout.storage_of(cache))
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if str(self).startswith(storage):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    capsys.readouterr()
+    assert dpo_main(["audit", str(cache)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "read-only file system" in err[-1] and "--report-dir DIR" in err[-1]
+    assert dpo_main(["audit", str(cache), "--report-dir", str(tmp_path / "reports")]) == 0
+    assert (tmp_path / "reports" / "quick.html").is_file()
