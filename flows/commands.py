@@ -6,6 +6,7 @@ at once), then hands the parsed arguments to ``run``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -23,6 +24,8 @@ from pipeline.score import ScoreResult, score
 from pipeline.scorers import ScoreError
 from pipeline.store import LockBusy, StorageError
 from pipeline.train import TrainError, TrainResult, finished_run, launch, train
+
+from .prefect_settings import apply_prefect_settings
 
 
 class NoServer(RuntimeError):
@@ -100,13 +103,18 @@ def cmd_score(args) -> Path:
     return result.output_dir
 
 
-def _prefect_defaults() -> None:
-    """For the Prefect processes this command starts (not for anyone importing flows/): quiet
-    and offline unless the user's settings say otherwise, and time for a fresh ephemeral server
-    to start on a small machine (seen to need more than the default 20 s on 2 cores)."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+def starts_prefect(command):
+    """Marks a command that imports Prefect (itself or through a helper): flows/prefect_settings.py's
+    settings (telemetry off, the ephemeral server's start-up timeout) are applied before it runs,
+    so before Prefect is imported. tests/test_prefect_settings.py checks that every command that
+    reaches Prefect has it."""
+
+    @functools.wraps(command)
+    def with_prefect_settings(args):
+        apply_prefect_settings()
+        return command(args)
+
+    return with_prefect_settings
 
 
 def _flow_progress(no_progress: bool) -> None:
@@ -116,8 +124,8 @@ def _flow_progress(no_progress: bool) -> None:
         os.environ["DPO_PROGRESS_BARS"] = os.environ["DPO_PROGRESS_LOG"] = "1"
 
 
+@starts_prefect
 def cmd_run(args) -> Path:
-    _prefect_defaults()
     _flow_progress(args.no_progress)
     from .pipeline import dpo_pipeline
 
@@ -139,8 +147,8 @@ def _print_flow_result(result: dict) -> None:
         print(f"{stage}: {'ran' if result['ran'][stage] else 'up to date'}: {output}", file=sys.stderr)
 
 
+@starts_prefect
 def cmd_serve(args) -> Path:
-    _prefect_defaults()
     from .pipeline import api_url, dpo_pipeline
 
     cfg = load_config(args.config, args.overrides)
@@ -448,6 +456,7 @@ def cmd_prepare(args) -> Path:
     return result.output_dir
 
 
+@starts_prefect
 def cmd_demo(args) -> Path:
     from pipeline.assets import DEMO_TRAIN, build_demo_assets
 
