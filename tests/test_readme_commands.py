@@ -237,10 +237,13 @@ def check_parses(argv: list[str], monkeypatch) -> None:
     monkeypatch.setattr(commands, "_audit_diff", stop)
     monkeypatch.setattr(commands, "_audit_report", audit_report)
     monkeypatch.setitem(commands.COMMANDS, "demo", stop)
-    for name in ("PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
-                 "DPO_PROGRESS_BARS", "DPO_PROGRESS_LOG"):
-        monkeypatch.setenv(name, "")  # restored afterwards: `dpo run` sets defaults in os.environ
-        monkeypatch.delenv(name)
+    from flows.prefect_settings import PREFECT_SETTINGS
+
+    for name in (*PREFECT_SETTINGS, "DPO_PROGRESS_BARS", "DPO_PROGRESS_LOG"):
+        # `dpo run` and `dpo serve` put defaults into os.environ: as it was, afterwards
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        if not os.environ[name]:
+            monkeypatch.delenv(name)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit:
