@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.prefect_settings import PREFECT_SETTINGS, apply_prefect_settings
 from pipeline.assets import build_demo_assets
 from pipeline.config import config_from_dict
 
@@ -21,6 +22,11 @@ HH_TEST = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 def _isolated_hash_cache(tmp_path_factory):
     # Keep the file-hash cache of the test run out of the user's home.
     os.environ["DPO_HASH_CACHE"] = str(tmp_path_factory.mktemp("hash-cache"))
+
+
+# The suite imports Prefect itself (test_flows.py): with the commands' settings (telemetry off,
+# the ephemeral server's start-up time), applied before any test module imports it.
+apply_prefect_settings()
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import flows.pipeline as pipeline_flows
+from flows.prefect_settings import PREFECT_SETTINGS
 from pipeline import STAGES
 from pipeline.config import config_from_dict
 
@@ -30,7 +31,7 @@ def prefect_harness(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    with prefect_test_harness(server_startup_timeout=180):
+    with prefect_test_harness(server_startup_timeout=int(PREFECT_SETTINGS["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])):
         yield
 
 

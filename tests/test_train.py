@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.compute as pc
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -235,8 +236,10 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, demo_assets):
 
 
 def _copy_cache(cfg, tmp_path, edit) -> Path:
-    """A copy of the config's cache with its shard rewritten by ``edit(table) -> table`` and its
-    manifest updated to match (a consistent cache that breaks the contract, not a damaged one)."""
+    """A copy of the config's cache with its shard rewritten by ``edit(table) -> table``, its
+    value checksums and its manifest updated to match (a consistent cache that breaks the
+    contract, not a damaged one)."""
+    from pipeline.refvalues import COLUMNS_KEY, column_digests
     from pipeline.store import sha256_file
 
     source = next(Path(cfg.storage, "refscores").iterdir())
@@ -244,7 +247,8 @@ def _copy_cache(cfg, tmp_path, edit) -> Path:
     shutil.copytree(source, target)
     shard = target / "part-00000.parquet"
     table = edit(pq.read_table(shard))
-    pq.write_table(table, shard)
+    metadata = {**table.schema.metadata, COLUMNS_KEY.encode(): column_digests(table).encode()}
+    pq.write_table(table.replace_schema_metadata(metadata), shard)
     manifest = json.loads((target / "manifest.json").read_text())
     manifest["shards"][0].update(sha256=sha256_file(shard, use_cache=False), rows=table.num_rows)
     manifest["rows"] = sum(s["rows"] for s in manifest["shards"])
@@ -263,17 +267,24 @@ def test_contract_mismatches_are_refused(demo_config, tmp_path, demo_assets):
     refuse(_copy_cache(cfg, tmp_path, lambda tb: tb.slice(1)), "1 examples have no reference score")
     shutil.rmtree(tmp_path / "edited-cache")
 
-    def more_tokens(tb):
-        counts = tb.column("chosen_tokens").to_pylist()
-        counts[3] += 1
-        return tb.set_column(tb.schema.get_field_index("chosen_tokens"), "chosen_tokens", [counts])
+    def set_columns(tb, **columns):
+        for name, values in columns.items():
+            tb = tb.set_column(tb.schema.get_field_index(name), name, pa.array(values, tb.schema.field(name).type))
+        return tb
+
+    def more_tokens(tb):  # one more token, with its value: consistent in itself, not with the dataset
+        counts, logps = tb.column("chosen_tokens").to_pylist(), tb.column("chosen_logp").to_pylist()
+        per_token = tb.column("chosen_token_logps").to_pylist()
+        counts[3], logps[3], per_token[3] = counts[3] + 1, logps[3] - 1.0, per_token[3] + [-1.0]
+        return set_columns(tb, chosen_tokens=counts, chosen_logp=logps, chosen_token_logps=per_token)
 
     refuse(_copy_cache(cfg, tmp_path, more_tokens), "different chosen token count")
     shutil.rmtree(tmp_path / "edited-cache")
 
-    def shifted(tb):
-        column = pc.add(tb.column("chosen_logp"), 5.0)
-        return tb.set_column(tb.schema.get_field_index("chosen_logp"), "chosen_logp", column)
+    def shifted(tb):  # another model's values: each chosen response 5 nats less likely, consistently
+        per_token = [[v[0] - 5.0, *v[1:]] for v in tb.column("chosen_token_logps").to_pylist()]
+        sums = [float(np.sum(np.asarray(v, np.float32), dtype=np.float64)) for v in per_token]
+        return set_columns(tb, chosen_logp=sums, chosen_token_logps=per_token)
 
     stale = _copy_cache(cfg, tmp_path, shifted)
     refuse(stale, "step-0 check")
