@@ -446,7 +446,12 @@ def launch_train(cfg, config_path: str, overrides: list[str], resume: bool, no_p
     log_dir = distributed.launch_log_dir(cfg.storage)
     print(f"train: {cfg.train.nproc_per_node} processes under torchrun ({cfg.train.distributed}); "
           f"their logs: {log_dir}", file=sys.stderr)
-    return launch(cfg, argv, log_dir, env={LAUNCHED: "1"})
+    try:
+        return launch(cfg, argv, log_dir, env={LAUNCHED: "1"})
+    except DistributedError as exc:  # what to do: the checkpoints written so far are kept
+        again = "the same command again" if resume else "the same command again with --resume"
+        raise DistributedError(f"{exc}\nthe run's checkpoints are kept: run {again} to continue from the "
+                               "last one") from None
 
 
 def cmd_prepare(args) -> Path:

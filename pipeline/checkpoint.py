@@ -74,8 +74,9 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint, extra: Callable[[Path], 
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
     try:
         tensors, aliases = _dedupe(checkpoint.weights)
-        save_file(tensors, str(tmp / (TRAINED if checkpoint.partial else MODEL)),
-                  metadata={"format": "pt", "aliases": json.dumps(aliases, sort_keys=True)})
+        weights_file = tmp / (TRAINED if checkpoint.partial else MODEL)
+        save_file(tensors, str(weights_file), metadata={"format": "pt", "aliases": json.dumps(aliases, sort_keys=True)})
+        _sort_metadata(weights_file)
         torch.save(checkpoint.optimizer, tmp / "optimizer.pt")
         torch.save(checkpoint.scheduler, tmp / "scheduler.pt")
         torch.save(checkpoint.rng, tmp / "rng.pt")
@@ -91,6 +92,21 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint, extra: Callable[[Path], 
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sort_metadata(path: Path) -> None:
+    """safetensors writes its metadata in an order that changes from process to process (a Rust
+    HashMap): sort it in place (the header keeps its length), so that the same tensors are the
+    same bytes, in a resumed run as in an uninterrupted one."""
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(size)
+        metadata = json.loads(raw).get("__metadata__") or {}
+        written, ordered = (json.dumps({"__metadata__": m}, separators=(",", ":"), ensure_ascii=False)[1:-1].encode()
+                            for m in (metadata, dict(sorted(metadata.items()))))
+        if written != ordered and raw.count(written) == 1:
+            fh.seek(8)
+            fh.write(raw.replace(written, ordered))
 
 
 def read_checkpoint(path: Path) -> Checkpoint:

@@ -7,10 +7,18 @@ per step and the final weights must agree to float32 rounding (1e-5), under DDP 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -100,6 +108,25 @@ if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_
     import atexit
 
     atexit.register(os.abort)  # SIGABRT as the process ends, after its work is done
+if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_TEST_PAUSE_RANK"):
+    import time
+    import pipeline.train as train_module
+
+    real_step, real_loss, current = train_module.train_step, train_module.compute_loss, []
+
+    def step_of(trainer, step):
+        current[:] = [step]
+        return real_step(trainer, step)
+
+    def paused_loss(*args, **kwargs):
+        result = real_loss(*args, **kwargs)
+        if current == [int(os.environ["DPO_TEST_PAUSE_STEP"])]:  # mid-step: forward done, no backward
+            with open(os.environ["DPO_TEST_PAUSE_FILE"], "w") as fh:
+                fh.write(str(os.getpid()))
+            time.sleep(300)  # until the test kills this process
+        return result
+
+    train_module.train_step, train_module.compute_loss = step_of, paused_loss
 """
 
 
@@ -212,3 +239,133 @@ def test_a_rank_crashing_as_it_ends_after_a_complete_run_is_reported_not_fatal(p
         assert _two_processes(config_path) == 0
     assert "the run is complete and verifies, but a process failed as it ended" in caplog.text
     assert json.loads((tmp_path / "storage" / "runs" / "aborted" / "run.json").read_text())["complete"]
+
+
+DPO = str(Path(sys.executable).parent / "dpo")
+TIMING = ("seconds", "tokens/s")
+"""The only values of a run's files that differ between two runs of the same config."""
+
+
+def _run_files(run_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a finished run (final/, checkpoints/, run.json, config.yaml, the
+    report), metrics.jsonl without its timings."""
+    files = {}
+    for path in sorted(run_dir.rglob("*")):
+        name = str(path.relative_to(run_dir))
+        if not path.is_file() or name in ("metrics.jsonl", "report.html"):
+            continue
+        files[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    files["metrics.jsonl"] = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+                              for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return files
+
+
+@pytest.mark.slow  # three 2-process runs and a kill -9: ~1.5 min on 2 cores; CI runs it in make test-slow
+def test_sigkill_of_a_rank_mid_step_is_named_and_resume_ends_byte_identical(prepared_demo, tmp_path, monkeypatch,
+                                                                           capfd):
+    """`dpo train --nproc-per-node 2` (DDP, gloo): rank 1 killed with SIGKILL in the middle of
+    step 3 (its forward done, rank 0 waiting on it in the gradient all-reduce), after the step-2
+    checkpoint. The command ends at once (its peer is not left waiting on gloo) with an error
+    naming rank 1 and SIGKILL and saying to rerun with --resume; `--resume` then ends with the
+    bytes of an uninterrupted run: final/ and every checkpoint, run.json, the metrics but their
+    timings."""
+    cfg = prepared_demo({**TRAIN, "max_steps": 6, "run_name": "r"})  # a checkpoint after the resume too
+    config_path = _write(cfg, tmp_path / "run.yaml")
+    run_dir = tmp_path / "storage" / "runs" / "r"
+    assert _two_processes(config_path) == 0  # the uninterrupted run, then set aside
+    straight = tmp_path / "straight"
+    shutil.move(run_dir, straight)
+    capfd.readouterr()
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent(FAIL_HOOK))
+    paused = tmp_path / "paused.pid"
+    env = {**os.environ, "PYTHONPATH": f"{hook}:{':'.join(sys.path)}", "DPO_TEST_PAUSE_RANK": "1",
+           "DPO_TEST_PAUSE_STEP": "2", "DPO_TEST_PAUSE_FILE": str(paused)}
+    command = [DPO, "train", "-c", config_path, "--nproc-per-node", "2", "--no-progress",
+               "--set", "train.per_device_train_batch_size=2"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not paused.is_file() and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)  # the pid written whole
+        ranks = {}
+        for child in psutil.Process(proc.pid).children(recursive=True):  # torchrun's, and its ranks
+            if "RANK" in child.environ():
+                ranks[child.environ()["RANK"]] = child
+        assert sorted(ranks) == ["0", "1"] and ranks["1"].pid == int(paused.read_text())
+        assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000002"]
+        killed_at = time.time()
+        os.kill(ranks["1"].pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+        took = time.time() - killed_at
+    finally:
+        if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err
+    assert took < 60, took  # torchrun stopped rank 0 (or gloo told it its peer is gone): no wait on gloo
+    assert not ranks["0"].is_running()
+    message = err.split("error: ", 1)[1]
+    assert message.startswith(f"rank 1 was killed by SIGKILL (pid {ranks['1'].pid}) and left no error"), message
+    # then rank 0: its broken gloo connection, or torchrun's SIGTERM if that came first
+    assert "\nafterwards rank 0: RuntimeError" in message or "\nafterwards rank 0: stopped by torchrun" in message
+    assert message.rstrip().endswith("run the same command again with --resume to continue from the last one")
+    assert not (run_dir / "run.json").exists()
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000002"]
+
+    assert _two_processes(config_path, "--resume") == 0
+    assert "train: resumed from step-000002 (step 2 of 6)" in capfd.readouterr().err
+    resumed = _run_files(run_dir)
+    assert resumed == _run_files(straight)
+    # written after the resume: a checkpoint's weights (safetensors metadata in a fixed order) and
+    # optimizer state (AdamW's betas a tuple again, as in the uninterrupted run)
+    assert {"final/model.safetensors", "run.json", "checkpoints/step-000004/model.safetensors",
+            "checkpoints/step-000004/optimizer.pt"} <= set(resumed)
+
+
+def _rank_dir(log_dir: Path, rank: int, error: str | None = None, failed_at: float | None = None) -> str:
+    folder = log_dir / "run-id" / "attempt_0" / str(rank)
+    folder.mkdir(parents=True)
+    (folder / "stderr.log").write_text(f"[rank{rank}]:Traceback ...\n[rank{rank}]:{error}\n" if error else "")
+    if failed_at is not None:
+        (folder / "failed_at").write_text(repr(failed_at))
+        (folder / "error.json").write_text("{}")
+    return str(folder)
+
+
+def test_failure_report_names_the_rank_killed_from_outside(tmp_path):
+    """Which rank is named: one that died of a signal torchrun did not send (what a kill -9 or
+    the out-of-memory killer leaves: no error file), before the ranks whose errors came after
+    (a broken connection) and the ranks torchrun stopped; a rank torchrun had to SIGKILL after
+    its SIGTERM is not named; without such a rank, the earliest error file as before."""
+    from pipeline.distributed import RANK_EXITS, failure_report
+
+    log_dir = tmp_path / "logs"
+    exits = {
+        "0": {"pid": 10, "exitcode": 1, "signal": None, "stopped_with": None, "error_written": True,
+              "log": _rank_dir(log_dir, 0, "RuntimeError: Connection reset by peer", failed_at=2.0)},
+        "1": {"pid": 11, "exitcode": -9, "signal": "SIGKILL", "stopped_with": None, "error_written": False,
+              "log": None},
+        "2": {"pid": 12, "exitcode": -15, "signal": "SIGTERM", "stopped_with": "SIGTERM", "error_written": False,
+              "log": _rank_dir(log_dir, 2)},
+        "3": {"pid": 13, "exitcode": -9, "signal": "SIGKILL", "stopped_with": "SIGKILL", "error_written": False,
+              "log": _rank_dir(log_dir, 3)},
+    }
+    (log_dir / RANK_EXITS).write_text(json.dumps(exits))
+    lines = failure_report(log_dir, 1, "").splitlines()
+    assert lines[0].startswith("rank 1 was killed by SIGKILL (pid 11) and left no error (a signal from another "
+                               "process, or from the kernel's out-of-memory killer: see `dmesg`); torchrun "
+                               f"stopped the other ranks (exit 1); logs in {log_dir}")
+    assert lines[1:] == ["afterwards rank 0: RuntimeError: Connection reset by peer",
+                         "afterwards rank 2: stopped by torchrun (SIGTERM)",
+                         "afterwards rank 3: stopped by torchrun (SIGKILL)"]
+    # no rank killed from outside: the rank whose error file is the earliest
+    del exits["1"]
+    (log_dir / RANK_EXITS).write_text(json.dumps(exits))
+    assert failure_report(log_dir, 1, "").startswith("rank 0 failed first (torchrun exit 1); its last lines")
