@@ -13,9 +13,11 @@ only writer of the manifest, so the shards' completion order does not matter.
   run again by a fresh pool (``RETRIES`` times); finished shards are kept.
 - ``ray``: one Ray actor per worker (``num_gpus=gpus_per_worker``: Ray places them), fed by
   ``ray.util.ActorPool``; a dead actor is restarted and its shard retried by Ray itself
-  (``max_restarts`` / ``max_task_retries``). ``address`` None starts a local Ray on 127.0.0.1 for
-  the run and stops it after; otherwise it joins that cluster, which needs this package
-  importable on every node and the storage on a filesystem every node can write.
+  (``max_restarts`` / ``max_task_retries``), ``RETRIES`` times, then the run stops with a
+  ScoreError (the finished shards are kept). ``address`` None starts a local Ray on 127.0.0.1
+  for the run and stops it after (never a cluster already running here); otherwise it joins
+  that cluster, which needs this package importable on every node and the storage on a
+  filesystem every node can write.
 """
 
 from __future__ import annotations
@@ -110,7 +112,10 @@ def _run_pool(plan: ShardPlan, indices: list[int], workers: int, gpus_per_worker
         devices = context.Queue()
         for assigned in _device_sets(workers, gpus_per_worker, plan):
             devices.put(assigned)
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        # On a CPU the thread count changes low-order bits (seen: one of 2,000 values, 4.8e-7):
+        # every worker computes with the coordinator's count (plan.cpu_threads), so that the bytes
+        # do not depend on how many workers wrote them. On a GPU it only feeds the host side.
+        threads = plan.cpu_threads or max(1, (os.cpu_count() or 1) // workers)
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                    initargs=(plan, devices, threads))
         pending = {pool.submit(_worker_run, index): index for index in todo}
@@ -144,6 +149,10 @@ class _ShardActor:
     """A Ray actor: one ShardJob (one model load) per worker."""
 
     def __init__(self, plan: ShardPlan):
+        if plan.cpu_threads:  # as _run_pool's workers: the coordinator's CPU numerics
+            import torch
+
+            torch.set_num_threads(plan.cpu_threads)
         self.job = ShardJob(plan)
 
     def run(self, index: int) -> Result:
@@ -155,13 +164,16 @@ def _run_ray(plan: ShardPlan, indices: list[int], workers: int, gpus_per_worker:
              address: str | None) -> Iterator[Result]:
     try:
         import ray
+        from ray import exceptions as ray_errors
         from ray.util import ActorPool
     except ImportError:
         raise ScoreError("score.runner=ray needs Ray: pip install -e '.[ray]' (or score.runner=local)") from None
     started_here = address is None
     if started_here:  # a local Ray for this run only, on the loopback interface
-        ray.init(num_cpus=max(workers, 1), include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, configure_logging=False)
+        # address "local": always a new instance. None would join a cluster that RAY_ADDRESS names
+        # or that `ray start` left running on this machine, and then refuse num_cpus.
+        ray.init(address="local", num_cpus=max(workers, 1), include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
     else:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     try:
@@ -169,6 +181,19 @@ def _run_ray(plan: ShardPlan, indices: list[int], workers: int, gpus_per_worker:
         actor = ray.remote(num_cpus=1, num_gpus=gpus_per_worker if cuda else 0, max_restarts=RETRIES,
                            max_task_retries=RETRIES)(_ShardActor)
         pool = ActorPool([actor.remote(plan) for _ in range(workers)])
-        yield from pool.map_unordered(lambda worker, index: worker.run.remote(index), indices)
+        try:
+            yield from pool.map_unordered(lambda worker, index: worker.run.remote(index), indices)
+        except ray_errors.RayTaskError as exc:  # raised in a worker: a ScoreError as itself
+            if isinstance(exc.cause, ScoreError):
+                raise exc.cause from None
+            raise
+        except (ray_errors.RayActorError, ray_errors.WorkerCrashedError, ray_errors.OutOfMemoryError) as exc:
+            # Ray restarted the dead worker and ran its shard again RETRIES times, and it died again.
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+            raise ScoreError(
+                f"a Ray score worker died and Ray may not restart it again ({RETRIES} restarts per worker; "
+                f"killed, or out of memory?): {why}. The shards written so far are kept: run `dpo score` "
+                "again to resume, with fewer score.workers if memory is short"
+            ) from None
     finally:
         ray.shutdown()

@@ -231,3 +231,116 @@ def test_a_dead_workers_half_shard_is_not_left_in_the_cache(tmp_path, config, mo
     result = score(cfg, show_progress=False)
     assert not list(result.output_dir.glob(".tmp-*"))
     verified_refscores(result.output_dir)  # every file accounted for
+
+
+def _ray_actors(pid: int) -> list[psutil.Process]:
+    """The Ray score workers (actors) under ``pid`` (a `dpo score` with its local Ray), by their
+    process titles: ``ray::_ShardActor`` idle, ``ray::_ShardActor.run`` inside a shard."""
+    actors = []
+    for child in _children(pid):
+        try:
+            if child.cmdline() and child.cmdline()[0].startswith("ray::_ShardActor"):
+                actors.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return actors
+
+
+def _kill_a_ray_worker_mid_shard(proc: subprocess.Popen, out_dir: Path) -> psutil.Process:
+    """Once 3 shards are written, SIGKILL a Ray actor that is inside a shard."""
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(out_dir.glob("part-*.parquet"))) >= 3:
+            busy = [a for a in _ray_actors(proc.pid) if a.cmdline()[0] == "ray::_ShardActor.run"]
+            if busy:
+                os.kill(busy[0].pid, signal.SIGKILL)
+                assert len(list(out_dir.glob("part-*.parquet"))) < 30  # shards left to do
+                return busy[0]
+        time.sleep(0.05)
+    raise AssertionError(proc.communicate() if proc.poll() is not None else "no busy Ray worker seen")
+
+
+def _ray_score_setup(tmp_path, config, data: Path) -> tuple[Path, Path, Path]:
+    """(the cache one in-process worker writes, config file of a local-Ray run on 2 workers, the
+    folder its cache goes to). 30 shards of 4 rows."""
+    pytest.importorskip("ray")
+    reference = config(data, "one", shard_rows=4)
+    prepare(reference, show_progress=False)
+    expected = score(reference, show_progress=False).output_dir
+    cfg = config(data, "ray", workers=2, shard_rows=4, runner="ray")
+    prepare(cfg, show_progress=False)
+    config_path = tmp_path / "ray.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return expected, config_path, tmp_path / "ray" / "refscores" / expected.name
+
+
+def _ray_env(**extra) -> dict:
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **extra}
+
+
+@pytest.mark.slow  # a local Ray and kill -9: ~1.5 min on 2 cores; CI runs it in make test-slow
+def test_kill_9_of_a_ray_worker_mid_shard_then_the_same_bytes(tmp_path, config):
+    """score.runner ray (a local Ray): a worker (actor) killed with SIGKILL inside a shard is
+    restarted by Ray and its shard run again; the command succeeds and the cache (every shard
+    and the manifest) has the bytes of one in-process worker's."""
+    data = write_jsonl(tmp_path / "d.jsonl", varied_rows(120))
+    expected, config_path, out_dir = _ray_score_setup(tmp_path, config, data)
+    proc = subprocess.Popen([DPO, "score", "-c", str(config_path), "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_ray_env())
+    try:
+        killed = _kill_a_ray_worker_mid_shard(proc, out_dir)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert not killed.is_running()
+    assert "120 examples, 30 shards" in err and "2 ray workers" in err
+    assert _files(out_dir) == _files(expected)  # every shard and the manifest
+
+
+NO_RAY_RETRIES = """
+import os
+import sys
+if os.environ.get("DPO_TEST_SCORE_RETRIES") and sys.argv and sys.argv[0].endswith("dpo"):
+    import pipeline.runners
+
+    pipeline.runners.RETRIES = int(os.environ["DPO_TEST_SCORE_RETRIES"])
+"""
+
+
+@pytest.mark.slow  # a local Ray twice and kill -9: ~2.5 min on 2 cores; CI runs it in make test-slow
+def test_a_ray_worker_killed_past_its_restarts_is_a_clear_error_and_a_rerun_ends_the_same(tmp_path, config):
+    """With no restarts left (RETRIES 0 here), a Ray worker killed inside a shard stops `dpo
+    score` with a one-line error saying what happened and what to do; the rerun resumes from the
+    shards written and ends with the bytes of one in-process worker's cache."""
+    data = write_jsonl(tmp_path / "d.jsonl", varied_rows(120))
+    expected, config_path, out_dir = _ray_score_setup(tmp_path, config, data)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(NO_RAY_RETRIES)
+    env = _ray_env(PYTHONPATH=f"{hook}:{':'.join(sys.path)}", DPO_TEST_SCORE_RETRIES="0")
+    proc = subprocess.Popen([DPO, "score", "-c", str(config_path), "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _kill_a_ray_worker_mid_shard(proc, out_dir)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err
+    message = err.split("error: ", 1)[1]
+    assert message.startswith("a Ray score worker died and Ray may not restart it again (0 restarts per worker; "
+                              "killed, or out of memory?)"), message
+    assert message.rstrip().endswith("The shards written so far are kept: run `dpo score` again to resume, "
+                                     "with fewer score.workers if memory is short"), message
+    assert "Traceback" not in err
+    written = len(list(out_dir.glob("part-*.parquet")))
+    assert 3 <= written < 30
+    rerun = subprocess.run([DPO, "score", "-c", str(config_path), "--no-progress"], capture_output=True, text=True,
+                           env=_ray_env(), timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming" in rerun.stderr
+    assert _files(out_dir) == _files(expected)
