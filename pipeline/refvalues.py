@@ -205,8 +205,9 @@ def read_shards(paths: list[Path], columns: list[str] | None, require_digests: b
         raise ValueProofError(f"the cache's shards cannot be read ({exc})") from None
     starts = [0]
     for path, fragment in zip(paths, dataset.get_fragments()):
-        rows = fragment.metadata.num_rows
-        recorded = recorded_digests(fragment.physical_schema.metadata)
+        footer = fragment.metadata  # the file's footer: row count and key-value metadata, one read
+        rows = footer.num_rows
+        recorded = recorded_digests(footer.metadata)
         if recorded is not None or require_digests:
             check_digests(table.slice(starts[-1], rows), recorded, Path(path).name)
         starts.append(starts[-1] + rows)
