@@ -91,6 +91,8 @@ def summarize_score(result: ScoreResult) -> str:
         donors = ", ".join(f"{n} from {fp[:12]}" for fp, n in m.get("reused_from", {}).items())
         lines.append(f"  reused {st['rows_reused']} rows already scored in other caches ({donors}); "
                      f"scored {st['rows_scored']} new")
+    for name, why in sorted(st.get("rescored", {}).items()):
+        lines.append(f"  rescored {name}: {why}")
     return "\n".join(lines)
 
 
@@ -342,7 +344,7 @@ def _print_audit(report, cache: Path) -> None:
 
 
 def cmd_status(args) -> Path:
-    from .plan import plan, stage_complete
+    from .plan import plan, stage_problem
 
     cfg = load_config(args.config, args.overrides)
     planned = plan(cfg)
@@ -352,12 +354,16 @@ def cmd_status(args) -> Path:
             print(f"{stage:<8} {'not needed':<10} {'':>13}  (loss_type {'+'.join(cfg.train.loss_names())} is "
                   "reference-free: no reference cache)")
             continue
+        problem = None
         if not directory.exists():
             state, size = "missing", 0
         else:  # complete means verified: every file present and matching its manifest
-            state = "complete" if stage_complete(cfg, stage, directory) else "incomplete"
+            problem = stage_problem(cfg, stage, directory)
+            state = "complete" if problem is None else "incomplete"
             size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
         print(f"{stage:<8} {state:<10} {size / 1e6:>10.1f} MB  {directory}")
+        if problem is not None and stage in ("prepare", "score"):  # which file, and what to do
+            print(f"         {problem}")
         if stage == "train" and directory.exists():
             print(f"         {run_progress(cfg, directory)}")
     return Path(cfg.storage)
