@@ -107,6 +107,22 @@ def write_jsonl(path: Path, rows: list, gz: bool = False) -> Path:
     return path
 
 
+def demo_model_files(demo_assets) -> dict[str, bytes]:
+    """The demo model folder's files, for a local Hub cache (hub_cache)."""
+    return {f.name: f.read_bytes() for f in sorted(demo_assets["model"].iterdir()) if f.is_file()}
+
+
+def demo_valid_jsonl(demo_assets) -> str:
+    """The demo data's rows that parse (its deliberately broken lines left out), as JSONL text."""
+    rows = []
+    for line in demo_assets["data"].read_text().splitlines():
+        try:
+            rows.append(json.dumps(json.loads(line)))
+        except ValueError:
+            continue
+    return "\n".join(rows) + "\n"
+
+
 def requires_hh():
     return pytest.mark.skipif(not HH_TEST.is_file(), reason=f"{HH_TEST} not present")
 

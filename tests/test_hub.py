@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import hub_cache
+from .conftest import demo_model_files, demo_valid_jsonl, hub_cache
 
 DPO = str(Path(sys.executable).parent / "dpo")
 REPO = "test-org/tiny-dpo"
@@ -31,15 +31,8 @@ def offline_hub(tmp_path, demo_assets):
     """HF_HOME with the demo model as test-org/tiny-dpo and the demo's parseable rows as the
     dataset test-org/prefs (data/train.jsonl), and HF_HUB_OFFLINE=1."""
     hf_home = tmp_path / "hf"
-    model = {f.name: f.read_bytes() for f in sorted(demo_assets["model"].iterdir()) if f.is_file()}
-    snapshot = hub_cache(hf_home, REPO, model, COMMIT)
-    rows = []
-    for line in demo_assets["data"].read_text().splitlines():
-        try:
-            rows.append(json.dumps(json.loads(line)))
-        except ValueError:
-            continue  # the demo's deliberately broken lines
-    hub_cache(hf_home, DATASET, {"data/train.jsonl": ("\n".join(rows) + "\n").encode()}, DATASET_COMMIT, "datasets")
+    snapshot = hub_cache(hf_home, REPO, demo_model_files(demo_assets), COMMIT)
+    hub_cache(hf_home, DATASET, {"data/train.jsonl": demo_valid_jsonl(demo_assets).encode()}, DATASET_COMMIT, "datasets")
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
     return env, snapshot

@@ -28,7 +28,6 @@ Run, under `-m slow`, in the order the docs give them:
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import re
 import shlex
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import hub_cache
+from .conftest import demo_model_files, demo_valid_jsonl, hub_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -373,15 +372,8 @@ def test_the_example_config_commands_run_as_written_from_a_local_hub_cache(tmp_p
     (tmp_path / "configs").mkdir()
     shutil.copyfile(EXAMPLE_CONFIG, tmp_path / "configs" / EXAMPLE_CONFIG.name)
     hf_home = tmp_path / "hf"
-    model = {f.name: f.read_bytes() for f in sorted(demo_assets["model"].iterdir()) if f.is_file()}
-    hub_cache(hf_home, "HuggingFaceTB/SmolLM2-135M-Instruct", model, "1" * 40)
-    rows = []
-    for line in demo_assets["data"].read_text().splitlines():
-        try:
-            rows.append(json.dumps(json.loads(line)))
-        except ValueError:
-            continue  # the demo's deliberately broken lines
-    data = gzip.compress(("\n".join(rows) + "\n").encode())
+    hub_cache(hf_home, "HuggingFaceTB/SmolLM2-135M-Instruct", demo_model_files(demo_assets), "1" * 40)
+    data = gzip.compress(demo_valid_jsonl(demo_assets).encode())
     hub_cache(hf_home, "Anthropic/hh-rlhf", {"harmless-base/train.jsonl.gz": data}, "2" * 40, "datasets")
     env = _env(tmp_path, HF_HOME=str(hf_home))
     ran = [e.text for e in COMMANDS if on_the_hub_example(e) and not parse_only(e)]
