@@ -251,11 +251,11 @@ def _audit_diff(args, cache_a: Path, cache_b: Path) -> Path | None:
 
 def _audit_show(args, example_id: str) -> Path | None:
     """One example token by token: each response token on a background coloured by its reference
-    log-prob (on pipeline.audit.LOGP_SCALE), then the lowest tokens of each response."""
+    log-prob (on pipeline.audit_report.LOGP_SCALE), then the lowest tokens of each response."""
     from rich.table import Table
     from rich.text import Text
 
-    from pipeline.audit import LOGP_LEGEND, cache_tokenizer, example_tokens, logp_color, shown_token
+    from pipeline.audit_report import LOGP_LEGEND, cache_tokenizer, example_tokens, logp_color, shown_token
 
     cache = Path(args.cache) if args.cache else _cache_from(args)
     tokenizer, decoded = cache_tokenizer(cache, layout.verified_refscores(cache))
@@ -290,7 +290,8 @@ def _audit_show(args, example_id: str) -> Path | None:
 
 
 def _audit_report(args, cache: Path | None) -> Path | None:
-    from pipeline.audit import AuditFailed, audit, save_report
+    from pipeline.audit import AuditFailed, audit
+    from pipeline.audit_report import save_report
 
     cfg = load_config(args.config, args.overrides) if args.config else None
     cache = cache or _cache_from(args)
@@ -312,7 +313,7 @@ def _print_audit(report, cache: Path) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from pipeline.audit import outlier_ids
+    from pipeline.audit_report import outlier_ids
 
     console = _console()
     table = Table(title=Text(f"audit of {cache}"))  # Text: paths and messages are not markup

@@ -32,7 +32,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 from pipeline import STAGES, distributed, layout
-from pipeline.audit import AuditFailed, audit, save_report
+from pipeline.audit import AuditFailed, audit
+from pipeline.audit_report import save_report
 from pipeline.config import config_from_dict, world_size
 from pipeline.prepare import prepare
 from pipeline.store import exclusive, lock_path

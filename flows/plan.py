@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import layout
-from pipeline.audit import current_full_audit
+from pipeline.audit_report import current_full_audit
 from pipeline.config import Config
 
 

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import layout
-from pipeline.audit import audit, diff_caches, example_tokens
+from pipeline.audit import audit, diff_caches
+from pipeline.audit_report import example_tokens
 from pipeline.config import config_from_dict
 from pipeline.prepare import prepare
 from pipeline.score import score
@@ -170,6 +171,6 @@ def test_html_report_renders_in_chromium(scored, tmp_path):
     from tests.conftest import assert_plots_render
 
     _, cache, _ = scored
-    from pipeline.audit import save_report
+    from pipeline.audit_report import save_report
 
     assert_plots_render(save_report(audit(cache)), tmp_path)

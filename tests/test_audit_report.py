@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.audit import LOGP_SCALE, audit, example_tokens, logp_color, outlier_ids, save_report, shown_token
+from pipeline.audit import audit
+from pipeline.audit_report import LOGP_SCALE, example_tokens, logp_color, outlier_ids, save_report, shown_token
 from pipeline.score import score
 from tests.conftest import assert_plots_render, chromium
 from tests.test_audit import scored  # noqa: F401 (a fixture: the demo, prepared and scored)
@@ -177,7 +178,8 @@ def test_report_opens_an_example_in_chromium(scored, tmp_path):
 
 
 def test_header_names_a_hub_model_by_commit_and_says_what_is_not_recorded():
-    from pipeline.audit import AuditReport, ReportSources, header_rows
+    from pipeline.audit import AuditReport
+    from pipeline.audit_report import ReportSources, header_rows
 
     manifest = {"model_source": {"path": "org/model", "hub_id": "org/model", "revision": None, "commit": "c0ffee"},
                 "inputs": {"backend": "vllm", "dtype": "bfloat16", "dataset_fingerprint": "ab" * 32}}

@@ -408,7 +408,8 @@ def test_train_removes_dead_writers_leftovers(setup, tmp_path):
 
 
 def test_audit_report_removes_dead_writers_leftovers(setup, tmp_path):
-    from pipeline.audit import audit, save_report
+    from pipeline.audit import audit
+    from pipeline.audit_report import save_report
 
     storage = setup.storage_with(tmp_path / "storage", "datasets", "refscores")
     cache = storage / "refscores" / setup.cache.name

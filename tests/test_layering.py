@@ -7,6 +7,11 @@
 layout's contract and the files on disk; (c) library modules import no stage; (d) the pipeline
 package's import graph has no cycle; (e) flows/pipeline.py does not import the command line (flows/cli.py, flows/commands.py).
 
+A stage may have modules of its own beside its main one (STAGE_PARTS): pipeline.audit_report, the
+audit's report and drill-down, is the audit stage's, so it may import pipeline.audit (the checks,
+which never import it back: (d)), and for (b) and (c) it counts as that stage: only pipeline.audit
+and flows/ may import it.
+
 (d) in two strengths: imports at module level (what runs at import time) have no cycle, and
 neither do all imports, those inside functions included (``pipeline.scorers.make_scorer`` imports
 the backend it picks lazily; the backends take their shared types from ``scorers.base``, never
@@ -27,6 +32,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "flows")
 STAGES = {"pipeline.prepare", "pipeline.score", "pipeline.audit", "pipeline.train"}
+STAGE_PARTS = {"pipeline.audit_report": "pipeline.audit"}
+"""A stage's own modules beside its main one: {module: the stage it belongs to}."""
 
 Edge = tuple[str, str]
 Graph = dict[str, dict[str, bool]]  # {module: {imported module: deferred (only inside functions)}}
@@ -130,13 +137,19 @@ def library_imports_flows(graph) -> list[Edge]:
     return sorted((m, t) for m, ts in graph.items() if _in(m, "pipeline") for t in ts if _in(t, "flows"))
 
 
-def stages_import_stages(graph, stages=STAGES) -> list[Edge]:
-    return sorted((m, t) for m, ts in graph.items() if m in stages for t in ts if t in stages)
+def stage_of(module: str, stages=STAGES, parts=STAGE_PARTS) -> str | None:
+    """The stage ``module`` is (or is a part of), None for a library module."""
+    return module if module in stages else parts.get(module)
 
 
-def library_imports_stages(graph, stages=STAGES) -> list[Edge]:
+def stages_import_stages(graph, stages=STAGES, parts=STAGE_PARTS) -> list[Edge]:
+    return sorted((m, t) for m, ts in graph.items() if stage_of(m, stages, parts) for t in ts
+                  if stage_of(t, stages, parts) not in (None, stage_of(m, stages, parts)))
+
+
+def library_imports_stages(graph, stages=STAGES, parts=STAGE_PARTS) -> list[Edge]:
     return sorted((m, t) for m, ts in graph.items()
-                  if _in(m, "pipeline") and m not in stages for t in ts if t in stages)
+                  if _in(m, "pipeline") and not stage_of(m, stages, parts) for t in ts if stage_of(t, stages, parts))
 
 
 def cli_imported_by_flow(graph) -> list[Edge]:
@@ -197,6 +210,9 @@ def test_the_graph_sees_the_modules_and_their_imports(graph):
     assert graph["flows.commands"]["flows.pipeline"] is True  # only inside cmd_run() and others
     assert "pipeline" in graph["flows.commands"]  # from pipeline import STAGES, distributed, layout
     assert STAGES <= set(graph["flows.commands"])
+    assert set(STAGE_PARTS) <= set(graph)  # a renamed part fails here, not silently as a library module
+    assert graph["pipeline.audit_report"]["pipeline.audit"] is False
+    assert "pipeline.audit_report" not in graph["pipeline.audit"]
     # The parser imports the commands only inside main(): `dpo --help` imports no torch.
     assert graph["flows.cli"]["flows.commands"] is True
     assert {target for target, lazy in graph["flows.cli"].items() if not lazy} == {"pipeline"}
@@ -289,6 +305,28 @@ def test_the_checks_pass_a_clean_layering(tmp_path):
     assert not (library_imports_flows(graph) or stages_import_stages(graph) or library_imports_stages(graph)
                 or cli_imported_by_flow(graph))
     assert find_cycle(graph) is None
+
+
+def test_a_stages_own_module_counts_as_that_stage(tmp_path):
+    """pipeline.audit_report may import pipeline.audit (its stage) and the library; a library
+    module or another stage that imports it imports the audit stage; it may not import another stage."""
+    root = _write(tmp_path, {
+        "pipeline/__init__.py": "",
+        "pipeline/layout.py": "",
+        "pipeline/audit.py": "from . import layout\n",
+        "pipeline/audit_report.py": "from .audit import x\nfrom . import layout\ndef f():\n    from . import train\n",
+        "pipeline/train.py": "from pipeline import audit_report\n",
+        "pipeline/store.py": "from .audit_report import y\n",
+        "flows/__init__.py": "",
+        "flows/commands.py": "from pipeline import audit, audit_report\n",
+    })
+    graph = import_graph(root)
+    assert stages_import_stages(graph) == [("pipeline.audit_report", "pipeline.train"),
+                                           ("pipeline.train", "pipeline.audit_report")]
+    assert library_imports_stages(graph) == [("pipeline.store", "pipeline.audit_report")]
+    # Without STAGE_PARTS it would be a library module, and its import of its own stage a violation.
+    assert library_imports_stages(graph, parts={}) == [("pipeline.audit_report", "pipeline.audit"),
+                                                       ("pipeline.audit_report", "pipeline.train")]
 
 
 def test_cycles_at_import_time_and_through_functions(tmp_path):

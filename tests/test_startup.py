@@ -104,7 +104,7 @@ def test_the_self_check_keeps_sharing_within_tolerance(counted_scorer, monkeypat
 
 
 def test_commands_import_no_audit_code():
-    code = "import sys, flows.commands; print(sorted(m for m in ('polars', 'pipeline.audit') if m in sys.modules))"
+    code = "import sys, flows.commands; print(sorted(m for m in ('polars', 'pipeline.audit', 'pipeline.audit_report') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -17,7 +17,8 @@ import pytest
 from flows.cli import main as dpo_main
 from pipeline import layout, store
 from pipeline.assets import demo_preferences
-from pipeline.audit import audit, current_full_audit, save_report
+from pipeline.audit import audit
+from pipeline.audit_report import current_full_audit, save_report
 from pipeline.layout import CacheError
 from pipeline.prepare import prepare
 from pipeline.score import score
