@@ -14,7 +14,7 @@ LOCK_VENV := .venv-lock
 PIP_TOOLS := pip-tools==7.6.2
 LOCKFLAGS ?=
 
-.PHONY: demo test test-slow bench-prepare bench-score bench-train bench-memory bench-verify bench-shards bench-trl clean-venv lock
+.PHONY: demo test test-slow docs bench-prepare bench-score bench-train bench-memory bench-verify bench-shards bench-trl clean-venv lock
 
 # The lock is complete (pip check proves it), so nothing is resolved here: --no-deps everywhere, and
 # the project builds with the lock's setuptools and wheel (--no-build-isolation), not floating ones.
@@ -52,6 +52,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m slow
+
+# docs/reference/config.md from pipeline/config.py's dataclasses and docstrings (tests/test_docs.py
+# fails while the committed page differs from what this writes).
+docs: $(STAMP)
+	$(VENV)/bin/python tools/gen_config_docs.py
 
 bench-prepare: $(STAMP)
 	$(VENV)/bin/python bench/prepare_bench.py

@@ -32,8 +32,10 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     path: str = REQUIRED
-    """Preference data: .jsonl, .jsonl.gz, .parquet, a `datasets` save_to_disk folder, or a Hub
-    dataset id (org/name; with name, data_dir, split, revision), read with datasets.load_dataset."""
+    """Preference data: .jsonl, .jsonl.gz, .parquet, a `datasets` save_to_disk folder, a glob of one
+    kind of them (data/train-*.jsonl.gz: the files sorted, read one after the other, rows numbered
+    on across them; the manifest lists them), or a Hub dataset id (org/name; with name, data_dir,
+    split, revision), read with datasets.load_dataset."""
     name: Optional[str] = None
     """Hub dataset: its configuration (load_dataset's name)."""
     data_dir: Optional[str] = None
@@ -43,11 +45,16 @@ class DataConfig:
     revision: Optional[str] = None
     """Hub dataset: branch, tag or commit (null: main)."""
     format: Literal["auto", "standard", "conversational", "implicit"] = "auto"
+    """The rows' preference format (TRL's): standard, conversational, implicit, or auto: detected
+    from the first records."""
     eval_fraction: float = 0.05
     """Share of examples (chosen deterministically by id) that goes to the eval split."""
     prompt_column: str = "prompt"
+    """Column (or JSON field) of the prompt."""
     chosen_column: str = "chosen"
+    """Column (or JSON field) of the preferred response."""
     rejected_column: str = "rejected"
+    """Column (or JSON field) of the other response."""
     implicit_prompt_marker: str = "\n\nAssistant:"
     """Implicit-prompt text data: the prompt ends after the last marker the two texts share."""
     max_reject_fraction: float = 0.5
@@ -86,13 +93,14 @@ class ModelConfig:
     revision: Optional[str] = None
     """With a Hub id: the branch, tag or commit to use (null: main)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype the model is loaded and scored in (bfloat16 on a GPU); it sets train.precision's default."""
     trust_remote_code: bool = False
     """Run code shipped with the model folder. Off unless you trust its author."""
     attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"
     """The attention kernel scoring and training use (transformers' name). auto: sdpa (a dense
     mask, pairs packed into rows as long as the longest pair), measured fastest on CPU and on an
     H200 GPU; flex_attention: a block-sparse mask over one flat row per batch (compiled per
-    shape); eager: the slow fallback. See README, "Padding-free batches"."""
+    shape); eager: the slow fallback. See docs/scaling.md, "Padding-free batches"."""
 
 
 @dataclass
@@ -110,7 +118,7 @@ class TokenizeConfig:
     min_response_tokens: int = 1
     """A row whose prompt leaves fewer response tokens than this is rejected as too long."""
     batch_rows: int = 1024
-    """Rows handed to the fast tokenizer per call."""
+    """Rows handed to the fast tokenizer per call (speed only; the output is identical)."""
 
     def validate(self) -> None:
         _check_range("tokenize.max_length", self.max_length, 2, None)
@@ -205,16 +213,18 @@ class PeftConfig:
 @dataclass
 class TrainConfig:
     """Names and meanings of Hugging Face `TrainingArguments` / TRL `DPOConfig`, so that a TRL
-    recipe can be copied over (see RENAMED for the names this project used before)."""
+    recipe can be copied over (the names this project used before: RENAMED, "Renamed keys" in
+    docs/reference/config.md)."""
 
     loss_type: Union[list[LossType], LossType] = "sigmoid"
-    """A loss of pipeline/losses.py (the table: README, train), or a list of them summed with
+    """A loss of pipeline/losses.py (the table: docs/reference/train.md, Losses), or a list of them summed with
     loss_weights (TRL's MPO-style mixtures): TRL 1.16's sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair,
     sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, and dpop, simpo,
     orpo (simpo and orpo are reference-free)."""
     loss_weights: Optional[list[float]] = None
     """Weight of each loss of a loss_type list (same length); null: 1.0 each."""
     beta: float = 0.1
+    """DPO's beta: the implicit rewards are beta x the log-ratios to the reference."""
     label_smoothing: float = 0.0
     """sigmoid: cDPO label smoothing; robust: the assumed label-flip rate (< 0.5); exo_pair: the
     label smoothing eps (> 0; the paper uses 1e-3); aot, aot_unpaired, simpo: label smoothing."""
@@ -248,19 +258,24 @@ class TrainConfig:
     that prefix, without rescoring (needs a cache scored with score.store_token_logps: true).
     null: the responses as prepared (tokenize.max_completion_length)."""
     learning_rate: float = 1e-6
+    """Peak learning rate (must be > 0)."""
     per_device_train_batch_size: int = 8
     """Preference pairs per device per forward/backward pass. One optimizer step sees
     per_device_train_batch_size x gradient_accumulation_steps x world size pairs, as in TRL."""
     per_device_eval_batch_size: int = 8
+    """Pairs per eval forward pass."""
     gradient_accumulation_steps: int = 1
+    """Forward/backward passes per optimizer step."""
     padding_free: bool = True
     """Padding-free micro-batches (TRL's name): several pairs per row, each pair's positions
     restarting at 0 and its attention confined to its own prompt and response, padding only at the
     end of a row (logprobs.pack_pairs; the layout follows model.attn_implementation). Same
-    log-probs as padded batches within float rounding; off: one right-padded row per pair."""
+    log-probs as padded batches within float rounding, so not part of the run's identity; off: one
+    right-padded row per pair."""
     max_steps: Optional[int] = None
     """Optimizer steps; null: num_train_epochs over the train split."""
     num_train_epochs: float = 1.0
+    """Epochs over the train split, used when max_steps is null."""
     warmup_steps: int = 0
     """Steps of linear warmup from 0 (as Hugging Face: lr x step / warmup_steps); overrides warmup_ratio."""
     warmup_ratio: float = 0.0
@@ -268,6 +283,7 @@ class TrainConfig:
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     """After warmup: linear or cosine decay to 0 at the last step; constant ignores warmup."""
     weight_decay: float = 0.0
+    """AdamW's weight decay."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0: no clipping; the norm is still reported)."""
     logging_steps: int = 1
@@ -279,14 +295,17 @@ class TrainConfig:
     save_total_limit: int = 2
     """Checkpoints kept (the oldest are deleted)."""
     seed: int = 0
+    """Seed of the data order and the initialization."""
     run_name: Optional[str] = None
     """Folder under <storage>/runs/; null: named after a fingerprint of the run's inputs.
     1-100 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit."""
     init_from: Optional[str] = None
-    """Policy weights to start from; null: model.path (the reference model itself)."""
+    """Policy weights to start from; null: model.path (the reference model itself). They must be
+    model.path's weights (docs/reference/train.md, Starting point)."""
     ref_cache: Optional[str] = None
     """A refscores directory to use; null: the cache `dpo score` made for this config."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory for more compute."""
     precision: Optional[Literal["float32", "bf16-mixed", "bf16"]] = None
     """float32; bf16-mixed (float32 master weights and AdamW states, bf16 autocast); bf16 (pure:
     weights, gradients and AdamW states in bfloat16, stochastically rounded updates). null:
@@ -296,8 +315,10 @@ class TrainConfig:
     step0_check: Literal["error", "warn", "off"] = "error"
     """Policy starting from the reference: compare step-0 log-probs with the cache."""
     step0_tolerance: Optional[float] = None
-    """Max per-token |diff| (nats) of that check; null: by dtype and backend (README)."""
+    """Max per-token |diff| (nats) of that check; null: by dtype and backend (docs/reference/train.md,
+    Step-0 check)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the policy trains: auto picks cuda when available."""
     peft: Optional[PeftConfig] = None
     """LoRA adapters on the policy (see PeftConfig); null: full fine-tuning."""
     merge_adapter: bool = False
@@ -307,7 +328,7 @@ class TrainConfig:
     `dpo train` starts torchrun. World size = nproc_per_node x nnodes: it sets the effective
     batch, so it is part of the run's identity."""
     nnodes: int = 1
-    """Machines of a multi-node run (each starts torchrun itself, see README)."""
+    """Machines of a multi-node run (each starts torchrun itself, see docs/scaling.md)."""
     report_to: Union[list[str], str] = "none"
     """Experiment trackers, as TRL's report_to: none, tensorboard, mlflow, wandb, trackio, or a
     list; each needs its library (pip install -e '.[tensorboard]' ...)."""
@@ -465,8 +486,9 @@ class AuditConfig:
     rescore_rows: int = 4
     """Rows re-scored with the transformers backend when the flow audits a new cache (0: none)."""
     tolerance: Optional[float] = None
-    """Max per-token |diff| (nats) of the re-score check; null: by dtype and backend (README)."""
+    """Max per-token |diff| (nats) of the re-score check; null: by dtype and backend (docs/audit.md)."""
     seed: int = 0
+    """Seed of the re-score sample."""
 
     def validate(self) -> None:
         _check_range("audit.rescore_rows", self.rescore_rows, 0, None)

@@ -1,5 +1,5 @@
-"""Every `dpo` command line and `--set` example of README.md (and of docs/*.md, when there is
-such a folder) is run by a test, so an example that the program refuses is a red test (issue 20 §3).
+"""Every `dpo` command line and `--set` example of README.md and of docs/**/*.md (docs/reference/
+included) is run by a test, so an example that the program refuses is a red test (issue 20 §3).
 
 Found (``examples``): each line of a fenced code block that is a `dpo` command (continuation
 lines joined; `$(dpo ...)` inside a shell line; `python -m flows.cli` / `torchrun -m flows.cli`
@@ -48,7 +48,7 @@ EXAMPLE_CONFIG = ROOT / "configs" / "smollm2-anthropic-hh.yaml"
 DPO = str(Path(sys.executable).parent / "dpo")
 
 NOT_EXAMPLES = {
-    "dpo train --nproc-per-node": "names the option in a sentence; the full lines are in the torchrun section",
+    "dpo train --nproc-per-node": "names the option in a sentence; the full lines are in docs/scaling.md's torchrun section",
     "--set section.key=value": "the syntax, not an example",
 }
 """Inline code spans with an option that only name it in a sentence (each must still be in the
@@ -171,14 +171,15 @@ RUN_ELSEWHERE = {"dpo demo [--storage DIR]": ("tests/test_cli.py", "test_demo_ru
 
 def test_the_docs_have_the_examples_this_file_checks():
     texts = [e.text for e in EXAMPLES]
-    readme = (ROOT / "README.md").read_text()
+    docs = "\n".join(doc.read_text(encoding="utf-8") for doc in DOCS)
+    assert any(e.doc.startswith("docs/reference/") for e in EXAMPLES), "docs/reference/*.md: not scanned"
     assert {"dpo prepare -c configs/smollm2-anthropic-hh.yaml", "dpo run -c run.yaml",
             "dpo train -c run.yaml [--resume] [--set train.max_steps=200 ...]",
             "--set train.learning_rate=1e-6", "make demo"} <= set(texts)
     assert any("torchrun" in t for t in texts) and any("$(dpo" in t for t in texts)
     assert len(COMMANDS) >= 25 and PARSE_ONLY and any(on_the_hub_example(e) for e in COMMANDS)
     for text in NOT_EXAMPLES:
-        assert f"`{text}`" in readme, f"{text} is no longer in README: drop it from NOT_EXAMPLES"
+        assert f"`{text}`" in docs, f"{text} is no longer in the docs: drop it from NOT_EXAMPLES"
     for text, (path, test, command) in RUN_ELSEWHERE.items():
         source = (ROOT / path).read_text()
         assert text in texts and f"def {test}(" in source and command in source, (text, path, test)
