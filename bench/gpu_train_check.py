@@ -84,6 +84,7 @@ def worker(config_path: Path) -> int:
 def run_mode(mode: str, assets: dict, root: Path, device: str, max_steps: int | None, nproc: int) -> dict:
     import torch
 
+    from pipeline import layout
     from pipeline.config import config_from_dict
     from pipeline.distributed import launch
     from pipeline.prepare import prepare
@@ -123,7 +124,7 @@ def run_mode(mode: str, assets: dict, root: Path, device: str, max_steps: int | 
         torch.cuda.synchronize()
     row["train_s"] = time.perf_counter() - started
 
-    metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = [json.loads(line) for line in (result.run_dir / layout.METRICS).read_text().splitlines() if line.strip()]
     steps = [m for m in metrics if "loss" in m and "eval/loss" not in m]
     step_seconds = [m["seconds"] for m in steps]
     summary = result.summary

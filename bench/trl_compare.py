@@ -166,6 +166,8 @@ def our_config(args, tmp: Path, data: Path, model_dir: Path) -> Path:
 
 
 def run_ours(args, tmp: Path, config: Path, env: dict) -> dict:
+    from pipeline import layout
+
     stages = {}
     for stage in ("prepare", "score", "train"):
         stages[stage] = timed_process([sys.executable, "-m", "flows.cli", stage, "-c", str(config), "--no-progress"],
@@ -173,7 +175,7 @@ def run_ours(args, tmp: Path, config: Path, env: dict) -> dict:
         st = stages[stage]
         print(f"  ours {stage}: {st['wall_s']:.1f} s, peak RSS {st['peak_rss_gb']:.2f} GB "
               f"(others' CPU meanwhile {st['others_cpu_s']:.1f} s)", flush=True)
-    records = [json.loads(line) for line in (tmp / "storage" / "runs" / "bench" / "metrics.jsonl").open()]
+    records = [json.loads(line) for line in (tmp / "storage" / "runs" / "bench" / layout.METRICS).open()]
     steps = [r for r in records if r.get("step", 0) > 0 and "loss" in r]
     return {
         "stages": stages,

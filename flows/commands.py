@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline import STAGES, distributed, layout
+from pipeline import STAGES, distributed, layout, metrics
 from pipeline.config import ConfigError, config_from_dict, load_config, world_size
 from pipeline.data import DataError
 from pipeline.distributed import DistributedError
@@ -381,7 +381,7 @@ def run_progress(cfg, run_dir: Path) -> str:
         processes = settings.get("world_size", 1)
         engine = f" ({settings['distributed']})" if settings.get("distributed") else ""
         return f"finished: {summary['steps']} steps on {processes} process(es){engine}"
-    steps = [r.get("step", 0) for r in _metrics(run_dir) if "loss" in r]
+    steps = [r.get("step", 0) for r in metrics.read(metrics.path_of(run_dir)) if "loss" in r]
     checkpoints = list_checkpoints(run_dir)
     try:
         with exclusive(lock_path(cfg.storage, "runs", run_dir.name), f"run {run_dir}", wait=False):
@@ -392,18 +392,6 @@ def run_progress(cfg, run_dir: Path) -> str:
     resume = f"resumable from {checkpoints[-1].name} (--resume)" if checkpoints else "no checkpoint"
     return (f"{activity}: {last}; {resume}; {world_size(cfg.train)} process(es) "
             f"({cfg.train.distributed if world_size(cfg.train) > 1 else 'single'})")
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    records = []
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut by a kill
-    return records
 
 
 def summarize_train(result: TrainResult) -> str:

@@ -40,6 +40,7 @@ RUN_SCHEMA_VERSION = 1
 EXAMPLES = "examples.parquet"
 REJECTS = "rejects.parquet"
 RUN_SUMMARY = "run.json"
+METRICS = "metrics.jsonl"  # a run's metrics log (pipeline/metrics.py)
 SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
 AUDIT_LEVELS = ("quick", "full")
 """quick: integrity and statistics of a cache alone; full: with a config (staleness, re-score)."""

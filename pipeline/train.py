@@ -17,7 +17,7 @@
      rejected (the prompt computed once; several pairs per row without padding, see logprobs.pack_pairs),
      loss scaled so the sum of
      micro-batch gradients is the gradient of the mean over the whole batch; a non-finite loss
-     or gradient norm stops the run; clip, AdamW step, schedule; metrics to metrics.jsonl;
+     or gradient norm stops the run; clip, AdamW step, schedule; metrics to metrics.jsonl (metrics.py);
      eval and checkpoints on their cadence;
   6. final eval, final/ and run.json (with the sha256 of every file in final/).
 """
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
 import time
@@ -41,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from . import adapters, distributed, layout, precision
+from . import adapters, distributed, layout, metrics, precision
 from .checkpoint import (Checkpoint, checkpoint_dir, list_checkpoints, load_latest_checkpoint, prune_checkpoints,
                          save_checkpoint)
 from .config import Config, world_size
@@ -506,10 +505,10 @@ class Trainer:
     def log(self, path: Path, record: dict) -> None:
         """Append a metrics record (rank 0 writes; the others computed the same record)."""
         if self.world.main:
-            _append(path, record)
+            metrics.append(path, record)
             self.trackers.log(record, record["step"])
             if "eval/loss" in record and record["step"] > 0:  # report.html: watchable during the run
-                write_run_report(path.parent, _read_metrics(path), self.cfg.to_dict())
+                write_run_report(path.parent, metrics.read(path), self.cfg.to_dict())
 
 
 def build_trainer(cfg: Config, splits: dict[str, Split], policy, world: World = World()) -> Trainer:
@@ -796,7 +795,7 @@ def _finished(run_dir: Path, run_fp: str, quiet: bool = False) -> TrainResult | 
 
 def _start(trainer: Trainer, run: _Run, resume: bool) -> int:
     """Resume from the newest loadable checkpoint, or start: step-0 check and first eval."""
-    metrics_path = run.run_dir / "metrics.jsonl"
+    metrics_path = metrics.path_of(run.run_dir)
     if resume:
         loaded = load_latest_checkpoint(run.run_dir, lambda checkpoint: _restore(trainer, checkpoint))
         if loaded is None:
@@ -808,7 +807,7 @@ def _start(trainer: Trainer, run: _Run, resume: bool) -> int:
         if state.get("run_fingerprint") != run.fingerprint:
             raise TrainError(f"the checkpoint {path} belongs to another configuration")
         if trainer.world.main:
-            _truncate_metrics(metrics_path, state["step"])
+            metrics.truncate(metrics_path, state["step"])
         log.info("train: resumed from %s (step %d of %d)", path.name, state["step"], trainer.total_steps)
         return state["step"]
     if trainer.world.main:
@@ -867,7 +866,7 @@ def _restore(trainer: Trainer, checkpoint: Checkpoint) -> None:
 
 def _loop(trainer: Trainer, run: _Run, start_step: int, show_progress: bool) -> dict:
     train_cfg, total = trainer.cfg.train, trainer.total_steps
-    metrics_path = run.run_dir / "metrics.jsonl"
+    metrics_path = metrics.path_of(run.run_dir)
     bar = Progress(total, "train", "steps", show_progress, log if trainer.world.main else logging.getLogger("dpo.quiet"),
                    initial=start_step,
                    mininterval=10 if trainer.world.size > 1 else 0.1)  # torchrun's tee prints each refresh
@@ -898,7 +897,7 @@ def _loop(trainer: Trainer, run: _Run, start_step: int, show_progress: bool) -> 
 
 def _finish(trainer: Trainer, run: _Run, last_eval: dict) -> TrainResult:
     """Final eval, final/ (weights + tokenizer) and run.json, which lists final/'s sha256s."""
-    metrics_path = run.run_dir / "metrics.jsonl"
+    metrics_path = metrics.path_of(run.run_dir)
     last_eval = trainer.evaluate(trainer.total_steps)
     if last_eval:
         trainer.log(metrics_path, last_eval)
@@ -925,7 +924,7 @@ def _whole_policy(trainer: Trainer):
 
 
 def _write_final(trainer: Trainer, run: _Run, policy, last_eval: dict) -> dict:
-    metrics_path = run.run_dir / "metrics.jsonl"
+    metrics_path = metrics.path_of(run.run_dir)
     final = run.run_dir / "final"
     policy.to(getattr(torch, precision.save_dtype(trainer.cfg)))  # train.save_dtype
     if trainer.cfg.train.peft is not None:  # the adapter in peft's format (+ final/merged/)
@@ -933,7 +932,7 @@ def _write_final(trainer: Trainer, run: _Run, policy, last_eval: dict) -> dict:
     else:
         policy.save_pretrained(final, safe_serialization=True)
         load_tokenizer(trainer.cfg.model).save_pretrained(final)
-    records = _read_metrics(metrics_path)
+    records = metrics.read(metrics_path)
     first_eval = next((r for r in records if r["step"] == 0 and "eval/loss" in r), None)
     atomic_write_text(final / "README.md", model_card(trainer.cfg, run, records, first_eval, last_eval))
     write_run_report(run.run_dir, records, trainer.cfg.to_dict(), final=last_eval or {"steps": trainer.total_steps})
@@ -1004,21 +1003,4 @@ def _averaged(records: list[dict]) -> dict:
     out.update(step=last["step"], epoch=last["epoch"], learning_rate=last["learning_rate"])
     return out
 
-
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, sort_keys=True) + "\n")
-        fh.flush()
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop what a killed run logged after the checkpoint it resumes from."""
-    kept = [r for r in _read_metrics(path) if r["step"] <= step]
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 

@@ -64,19 +64,20 @@ def prepared_demo(tmp_path, demo_assets):
 
 def crash_training_at(monkeypatch, cfg, step: int) -> None:
     """Train ``cfg`` and stop it (as a kill would) right after step ``step`` is logged."""
+    import pipeline.metrics as metrics_module
     import pipeline.train as train_module
 
-    real_append = train_module._append
+    real_append = metrics_module.append
 
     def crashing(path, record):
         real_append(path, record)
         if record.get("step") == step and "grad_norm" in record:
             raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(train_module, "_append", crashing)
+    monkeypatch.setattr(metrics_module, "append", crashing)  # train writes each record through it
     with pytest.raises(KeyboardInterrupt):
         train_module.train(cfg, show_progress=False)
-    monkeypatch.setattr(train_module, "_append", real_append)
+    monkeypatch.setattr(metrics_module, "append", real_append)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import layout
 from pipeline.assets import demo_preferences
 from pipeline.config import config_from_dict
 from pipeline.prepare import prepare
@@ -168,7 +169,7 @@ def without_timing(rows: list[dict]) -> list[dict]:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / layout.METRICS).read_text().splitlines()]
 
 
 class Setup:

@@ -25,6 +25,7 @@ import yaml
 from safetensors.torch import load_file
 
 from flows import cli
+from pipeline import layout
 from pipeline.config import config_from_dict
 from pipeline.train import train
 
@@ -35,7 +36,7 @@ TOLERANCE = 1e-5
 
 
 def _steps(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / layout.METRICS).read_text().splitlines()]
 
 
 def _losses(run_dir) -> list[tuple]:
@@ -252,11 +253,11 @@ def _run_files(run_dir: Path) -> dict[str, str]:
     files = {}
     for path in sorted(run_dir.rglob("*")):
         name = str(path.relative_to(run_dir))
-        if not path.is_file() or name in ("metrics.jsonl", "report.html"):
+        if not path.is_file() or name in (layout.METRICS, "report.html"):
             continue
         files[name] = hashlib.sha256(path.read_bytes()).hexdigest()
-    files["metrics.jsonl"] = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-                              for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    files[layout.METRICS] = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+                             for line in (run_dir / layout.METRICS).read_text().splitlines()]
     return files
 
 

@@ -51,7 +51,7 @@ def lora_config(tmp_path_factory, demo_assets):
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / layout.METRICS).read_text().splitlines()]
 
 
 def _logps(model):

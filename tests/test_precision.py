@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline import precision
+from pipeline import layout, precision
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.layout import LOGPROB_TOLERANCE_HALF, policy_init, run_identity
 from pipeline.train import train
@@ -25,7 +25,7 @@ def demo_config(prepared_demo):
 
 
 def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / layout.METRICS).read_text().splitlines()]
 
 
 def saved_dtypes(folder) -> set[str]:

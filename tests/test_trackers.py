@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from pipeline import layout
 from pipeline.config import ConfigError
 from pipeline.train import train
 
@@ -14,7 +15,7 @@ TRAIN = {"learning_rate": 1e-3, "per_device_train_batch_size": 8, "max_steps": 4
 
 
 def _records(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / layout.METRICS).read_text().splitlines()]
 
 
 def test_tensorboard_and_mlflow_get_what_metrics_jsonl_gets(prepared_demo, monkeypatch):

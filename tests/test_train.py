@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline import layout
 from pipeline.config import config_from_dict
 from pipeline.logprobs import pair_logps
 from pipeline.layout import CacheError
@@ -123,7 +124,7 @@ def demo_config(prepared_demo):
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / layout.METRICS).read_text().splitlines()]
 
 
 def test_training_learns_the_demo_rule_with_one_model(demo_config, monkeypatch):
