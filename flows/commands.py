@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -429,7 +428,7 @@ def launch_train(cfg, config_path: str, overrides: list[str], resume: bool, no_p
         raise ConfigError(
             f"train.nnodes={cfg.train.nnodes}: start torchrun on every node yourself, e.g. `torchrun "
             f"--nnodes {cfg.train.nnodes} --node-rank R --nproc-per-node {cfg.train.nproc_per_node} "
-            "--rdzv-backend c10d --rdzv-endpoint HOST:29400 --rdzv-id RUN -m flows.cli train -c CONFIG` (README)"
+            "--rdzv-backend c10d --rdzv-endpoint HOST:29400 --rdzv-id RUN -m flows.cli train -c CONFIG` (docs/scaling.md)"
         )
     done = finished_run(cfg)
     if done is not None:

@@ -189,7 +189,7 @@ def load_causal_lm(model: ModelConfig, device: str = "cpu"):
 
 def attention_kernel(requested: str, device: str) -> str:
     """model.attn_implementation resolved: auto is sdpa on every device. Measured on an H200
-    (bench/gpu_packing.py, README "Scaling"): SDPA with pairs packed into rows as long as the
+    (bench/gpu_packing.py, docs/scaling.md): SDPA with pairs packed into rows as long as the
     longest pair scored 1.5-3.2x and trained 1.2-2x the tokens/s of padded rows; FlexAttention
     compiles once per new shape (tens of seconds on CPU) and falls back to its slow unfused path
     after torch._dynamo's recompile limit, which varying batch shapes reach."""

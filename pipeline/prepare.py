@@ -92,7 +92,7 @@ REJECTS_SCHEMA = pa.schema(
     ]
 )
 
-# Every reason a row can be rejected for; README documents them.
+# Every reason a row can be rejected for; docs/reference/prepare.md documents them.
 REJECT_REASONS = {
     "malformed_json": "the line is not valid JSON, or not text (not UTF-8, a lone surrogate)",
     "not_an_object": "the line is valid JSON but not an object",
