@@ -6,11 +6,12 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from flows.prefect_settings import PREFECT_SETTINGS, apply_prefect_settings
+from flows.prefect_settings import apply_prefect_settings
 from pipeline.assets import build_demo_assets
 from pipeline.config import config_from_dict
 
@@ -41,22 +42,41 @@ def demo_tokenizer(demo_assets):
     return AutoTokenizer.from_pretrained(str(demo_assets["model"]))
 
 
+def _demo_config(storage: Path, demo_assets, train: dict):
+    return config_from_dict({
+        "storage": str(storage),
+        "data": {"path": str(demo_assets["data"]), "eval_fraction": 0.1},
+        "model": {"path": str(demo_assets["model"])},
+        "tokenize": {"max_length": 128, "max_prompt_length": 64},
+        "train": train,
+    })
+
+
+@pytest.fixture(scope="session")
+def _scored_demo_storage(tmp_path_factory, demo_assets) -> Path:
+    """A storage root holding the demo prepared and scored, once per session (copied by tests)."""
+    from pipeline.prepare import prepare
+    from pipeline.score import score
+
+    storage = tmp_path_factory.mktemp("scored-demo") / "storage"
+    cfg = _demo_config(storage, demo_assets, {})
+    prepare(cfg, show_progress=False)
+    score(cfg, show_progress=False)
+    return storage
+
+
 @pytest.fixture
-def prepared_demo(tmp_path, demo_assets):
-    """prepared_demo(train_section) -> Config on the demo data and model, prepared and scored."""
+def prepared_demo(tmp_path, demo_assets, _scored_demo_storage):
+    """prepared_demo(train_section) -> Config on the demo data and model, prepared and scored: a
+    copy of the session's scored storage in this test's folder (the stages find it up to date)."""
     from pipeline.prepare import prepare
     from pipeline.score import score
 
     def make(train: dict):
-        cfg = config_from_dict({
-            "storage": str(tmp_path / "storage"),
-            "data": {"path": str(demo_assets["data"]), "eval_fraction": 0.1},
-            "model": {"path": str(demo_assets["model"])},
-            "tokenize": {"max_length": 128, "max_prompt_length": 64},
-            "train": train,
-        })
-        prepare(cfg, show_progress=False)
-        score(cfg, show_progress=False)
+        cfg = _demo_config(tmp_path / "storage", demo_assets, train)
+        if not (tmp_path / "storage").exists():
+            shutil.copytree(_scored_demo_storage, tmp_path / "storage", ignore=shutil.ignore_patterns("locks"))
+        assert prepare(cfg, show_progress=False).skipped and score(cfg, show_progress=False).skipped
         return cfg
 
     return make
