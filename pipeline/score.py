@@ -129,9 +129,9 @@ def _unproven(path: Path, fp: str, ids: pa.Array, entry: dict | None) -> str | N
         return "its sha256 differs from the manifest's (the file changed after it was written)"
     try:
         table = read_shard(path, require_digests=not listed)
-        metadata = pq.read_schema(path).metadata or {}
     except ValueProofError as exc:
         return str(exc).removeprefix(f"{path.name}: ")
+    metadata = table.schema.metadata or {}  # the file's key-value metadata, from the same read
     if metadata.get(f"{META}fingerprint".encode()) != fp.encode():
         return "it was written for another cache"
     if not table.column("id").combine_chunks().equals(ids):
