@@ -128,7 +128,7 @@ def _flow_progress(no_progress: bool) -> None:
 @starts_prefect
 def cmd_run(args) -> Path:
     _flow_progress(args.no_progress)
-    from .pipeline import dpo_pipeline
+    from .dpo_flow import dpo_pipeline
 
     cfg = load_config(args.config, args.overrides)
     stages = list(args.only or STAGES)
@@ -150,7 +150,7 @@ def _print_flow_result(result: dict) -> None:
 
 @starts_prefect
 def cmd_serve(args) -> Path:
-    from .pipeline import api_url, dpo_pipeline
+    from .dpo_flow import api_url, dpo_pipeline
 
     cfg = load_config(args.config, args.overrides)
     if not api_url():
@@ -175,7 +175,7 @@ def _deploy(args, cfg, dpo_pipeline) -> Path:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    from .pipeline import api_url
+    from .dpo_flow import api_url
 
     with get_client(sync_client=True) as client:
         try:
@@ -184,8 +184,8 @@ def _deploy(args, cfg, dpo_pipeline) -> Path:
             raise NoServer(f"work pool {args.work_pool!r} does not exist on {api_url()}: create it with "
                            f"`prefect work-pool create --type process {args.work_pool}`, then run dpo serve again")
     source = args.source or str(Path(__file__).resolve().parent.parent)  # the folder that holds flows/
-    # a module path: loaded as a script, flows/pipeline.py would be module `pipeline`, shadowing the package
-    flow = dpo_pipeline.from_source(source=source, entrypoint="flows.pipeline.dpo_pipeline")
+    # a module path (the flow file named as a module of the folder that holds flows/)
+    flow = dpo_pipeline.from_source(source=source, entrypoint="flows.dpo_flow.dpo_pipeline")
     flow.deploy(name=args.name, work_pool_name=args.work_pool, work_queue_name=args.work_queue,
                 cron=args.cron, parameters={"config": cfg.to_dict()}, build=False, push=False,
                 print_next_steps=False, ignore_warnings=True)
@@ -471,7 +471,7 @@ def cmd_demo(args) -> Path:
             "train": DEMO_TRAIN,
         }
     )
-    from .pipeline import dpo_pipeline
+    from .dpo_flow import dpo_pipeline
 
     _flow_progress(args.no_progress)
     result = dpo_pipeline(config=cfg.to_dict())

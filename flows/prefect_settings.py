@@ -5,7 +5,7 @@ Prefect reads its settings from the environment once, when it is imported (its g
 context), so ``apply_prefect_settings`` must run before the first ``import prefect`` of the
 process; the processes Prefect starts (the ephemeral API server, a served deployment's runs) and
 the stages' child processes inherit them. Defaults only: a setting already in the environment
-(the user's) wins. Importing `flows.pipeline` (a library use, a deployment, a worker) sets nothing.
+(the user's) wins. Importing `flows.dpo_flow` (a library use, a deployment, a worker) sets nothing.
 This module imports nothing but ``os``: `flows.commands` imports it for every command.
 """
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import flows.pipeline as pipeline_flows
+import flows.dpo_flow as pipeline_flows
 from flows.prefect_settings import PREFECT_SETTINGS
 from pipeline import STAGES
 from pipeline.config import config_from_dict

@@ -1,11 +1,11 @@
 """The layers, checked on the import graph (read with `ast`, nothing is imported or executed).
 
-    flows/cli.py (the parser) -> flows/commands.py -> flows/pipeline.py -> stages (pipeline.prepare, ...)
+    flows/cli.py (the parser) -> flows/commands.py -> flows/dpo_flow.py -> stages (pipeline.prepare, ...)
                                                    -> library (every other module of pipeline/, incl. scorers)
 
 (a) pipeline/ never imports flows/; (b) stages never import each other: they meet only in
 layout's contract and the files on disk; (c) library modules import no stage; (d) the pipeline
-package's import graph has no cycle; (e) flows/pipeline.py does not import the command line (flows/cli.py, flows/commands.py).
+package's import graph has no cycle; (e) flows/dpo_flow.py does not import the command line (flows/cli.py, flows/commands.py).
 
 A stage may have modules of its own beside its main one (STAGE_PARTS): pipeline.audit_report, the
 audit's report and drill-down, is the audit stage's, so it may import pipeline.audit (the checks,
@@ -153,7 +153,7 @@ def library_imports_stages(graph, stages=STAGES, parts=STAGE_PARTS) -> list[Edge
 
 
 def cli_imported_by_flow(graph) -> list[Edge]:
-    return sorted((m, t) for m, ts in graph.items() if m == "flows.pipeline" for t in ts
+    return sorted((m, t) for m, ts in graph.items() if m == "flows.dpo_flow" for t in ts
                   if t in ("flows.cli", "flows.commands"))
 
 
@@ -202,12 +202,12 @@ def test_the_graph_sees_the_modules_and_their_imports(graph):
     """The builder itself, on edges known to exist: relative, absolute, `from . import x`, and
     imports written inside functions."""
     assert STAGES | {"pipeline", "pipeline.layout", "pipeline.scorers", "pipeline.scorers.vllm",
-                     "flows.cli", "flows.pipeline"} <= set(graph)
+                     "flows.cli", "flows.dpo_flow"} <= set(graph)
     assert "pipeline.layout" in graph["pipeline.score"]  # from . import layout
     assert "pipeline.config" in graph["pipeline.scorers.vllm"]  # from ..config import Config
     assert graph["pipeline.layout"]["pipeline.scorers"] is True  # only inside plan_refscores_dir()
     assert graph["pipeline.layout"]["pipeline.store"] is False  # at module level
-    assert graph["flows.commands"]["flows.pipeline"] is True  # only inside cmd_run() and others
+    assert graph["flows.commands"]["flows.dpo_flow"] is True  # only inside cmd_run() and others
     assert "pipeline" in graph["flows.commands"]  # from pipeline import STAGES, distributed, layout
     assert STAGES <= set(graph["flows.commands"])
     assert set(STAGE_PARTS) <= set(graph)  # a renamed part fails here, not silently as a library module
@@ -246,7 +246,7 @@ def test_pipeline_has_no_import_cycle(graph):
 
 def test_the_flow_does_not_import_the_command_line(graph):
     edges = cli_imported_by_flow(graph)
-    assert not edges, "flows/pipeline.py must not import the command line:\n" + _show(edges)
+    assert not edges, "flows/dpo_flow.py must not import the command line:\n" + _show(edges)
 
 
 # --- the checker catches what it is meant to catch ----------------------------------------------------
@@ -275,14 +275,14 @@ def test_the_checks_report_each_kind_of_violation(tmp_path):
         "pipeline/b.py": "def h():\n    import pipeline.a\n",  # (d) a -> b -> a
         "flows/__init__.py": "",
         "flows/cli.py": "from .pipeline import run\n",
-        "flows/pipeline.py": "def run():\n    from . import cli\n",  # (e)
+        "flows/dpo_flow.py": "def run():\n    from . import cli\n",  # (e)
     })
     graph = import_graph(root)
     assert library_imports_flows(graph) == [("pipeline.store", "flows.cli"), ("pipeline.sub.deep", "flows.cli")]
     assert stages_import_stages(graph) == [("pipeline.audit", "pipeline.train"), ("pipeline.prepare", "pipeline.score")]
     assert library_imports_stages(graph) == [("pipeline.layout", "pipeline.audit"), ("pipeline.sub", "pipeline.prepare")]
     assert find_cycle(graph) == ["pipeline.a", "pipeline.b", "pipeline.a"]
-    assert cli_imported_by_flow(graph) == [("flows.pipeline", "flows.cli")]
+    assert cli_imported_by_flow(graph) == [("flows.dpo_flow", "flows.cli")]
     # The failure messages name the offending edges.
     assert "pipeline.store imports flows.cli" in _show(library_imports_flows(graph))
 
@@ -295,13 +295,13 @@ def test_the_checks_pass_a_clean_layering(tmp_path):
         "pipeline/prepare.py": "from . import layout\nfrom pipeline import STAGES\n",
         "pipeline/score.py": "def f():\n    from .layout import store\n",
         "flows/__init__.py": "",
-        "flows/pipeline.py": "from pipeline import prepare, score\n",
+        "flows/dpo_flow.py": "from pipeline import prepare, score\n",
         "flows/cli.py": "from .pipeline import prepare\n",
     })
     graph = import_graph(root)
     assert graph["pipeline.prepare"] == {"pipeline.layout": False, "pipeline": False}
     assert graph["pipeline.score"] == {"pipeline.layout": True}  # only inside a function
-    assert graph["flows.pipeline"] == {"pipeline.prepare": False, "pipeline.score": False}
+    assert graph["flows.dpo_flow"] == {"pipeline.prepare": False, "pipeline.score": False}
     assert not (library_imports_flows(graph) or stages_import_stages(graph) or library_imports_stages(graph)
                 or cli_imported_by_flow(graph))
     assert find_cycle(graph) is None

@@ -144,23 +144,23 @@ def _functions(tree: ast.Module) -> dict[str, ast.FunctionDef]:
 
 
 def _imports_prefect(node: ast.AST) -> bool:
-    """An import of prefect, or of flows/pipeline.py (which imports prefect), in ``node``."""
+    """An import of prefect, or of flows/dpo_flow.py (which imports prefect), in ``node``."""
     for sub in ast.walk(node):
-        if isinstance(sub, ast.Import) and any(a.name.split(".")[0] in ("prefect",) or a.name == "flows.pipeline"
+        if isinstance(sub, ast.Import) and any(a.name.split(".")[0] in ("prefect",) or a.name == "flows.dpo_flow"
                                                for a in sub.names):
             return True
         if isinstance(sub, ast.ImportFrom):
             module = sub.module or ""
-            if sub.level == 0 and (module.split(".")[0] == "prefect" or module == "flows.pipeline"
-                                   or (module == "flows" and any(a.name == "pipeline" for a in sub.names))):
+            if sub.level == 0 and (module.split(".")[0] == "prefect" or module == "flows.dpo_flow"
+                                   or (module == "flows" and any(a.name == "dpo_flow" for a in sub.names))):
                 return True
-            if sub.level == 1 and (module == "pipeline" or (not module and any(a.name == "pipeline" for a in sub.names))):
+            if sub.level == 1 and (module == "dpo_flow" or (not module and any(a.name == "dpo_flow" for a in sub.names))):
                 return True
     return False
 
 
 def test_every_command_that_reaches_prefect_applies_the_settings():
-    """flows/commands.py, read: a command whose function imports prefect or flows.pipeline, itself
+    """flows/commands.py, read: a command whose function imports prefect or flows.dpo_flow, itself
     or through the module's functions it calls (cmd_serve -> _deploy), is marked @starts_prefect,
     and a command marked so does reach Prefect."""
     tree = ast.parse((ROOT / "flows" / "commands.py").read_text())
@@ -185,13 +185,13 @@ def test_every_command_that_reaches_prefect_applies_the_settings():
 
 
 def test_no_flows_module_but_the_flow_imports_prefect_when_imported():
-    """Only flows/pipeline.py imports prefect at module level; the command line (flows/cli.py) not
+    """Only flows/dpo_flow.py imports prefect at module level; the command line (flows/cli.py) not
     at all; the other modules of flows/ only inside the functions the test above checks."""
     for source in sorted((ROOT / "flows").glob("*.py")):
         tree = ast.parse(source.read_text())
         top = ast.Module(body=[n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))],
                          type_ignores=[])
-        if source.name == "pipeline.py":
+        if source.name == "dpo_flow.py":
             continue
         assert not _imports_prefect(top), f"flows/{source.name} imports prefect when imported"
         if source.name in ("cli.py", "prefect_settings.py", "params.py", "plan.py"):

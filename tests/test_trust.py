@@ -74,7 +74,7 @@ def test_flipped_byte_at_spread_offsets_is_a_clean_audit_failure(cached, capsys)
 
 def test_damaged_cache_is_refused_by_train_status_and_flow(cached, capsys):
     cfg, cache, config_file = cached
-    from flows.pipeline import stage_complete
+    from flows.dpo_flow import stage_complete
 
     shard = cache / "part-00002.parquet"
     # One value rewritten: still valid Parquet, but not the bytes the manifest records.

@@ -1,6 +1,6 @@
 """The Prefect flow `dpo-pipeline`: one task per stage (prepare, score, audit, train), in order.
 
-    from flows.pipeline import dpo_pipeline
+    from flows.dpo_flow import dpo_pipeline
     dpo_pipeline(config=cfg.to_dict())                       # prepare -> score -> audit -> train
     dpo_pipeline(config=..., stages=["score"], force=["score"])   # one stage alone
 
