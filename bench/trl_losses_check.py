@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import math
 import types
 
@@ -60,20 +61,37 @@ def _batch(pairs: int, seed: int):
     return mask, policy, ref
 
 
-def trl_dpo(loss_types, weights, mask, policy_tokens, ref_tokens, beta, label_smoothing, f_div, alpha, tau):
-    per_token = policy_tokens.clone().requires_grad_(True)
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One comparison's inputs: the batch (completion mask, per-token policy and reference
+    log-probs) and the loss settings."""
+
+    mask: torch.Tensor
+    policy: torch.Tensor
+    ref: torch.Tensor
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    f_div: str = "reverse_kl"
+    alpha: float = 0.5
+    tau: float = 0.05
+
+
+def trl_dpo(loss_types, weights, case: Case):
+    mask = case.mask
+    per_token = case.policy.clone().requires_grad_(True)
     fake = types.SimpleNamespace(
         model=types.SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False,
-        ld_alpha=None, precompute_ref_logps=True, f_divergence_type=f_div, f_alpha_divergence_coef=alpha,
-        beta=beta, loss_types=list(loss_types), loss_weights=weights or [1.0] * len(loss_types),
-        label_smoothing=label_smoothing, use_weighting=False, args=types.SimpleNamespace(discopop_tau=tau),
+        ld_alpha=None, precompute_ref_logps=True, f_divergence_type=case.f_div,
+        f_alpha_divergence_coef=case.alpha, beta=case.beta, loss_types=list(loss_types),
+        loss_weights=weights or [1.0] * len(loss_types), label_smoothing=case.label_smoothing,
+        use_weighting=False, args=types.SimpleNamespace(discopop_tau=case.tau),
         _metrics={"train": collections.defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
     )
     n = mask.size(0)
     outputs = types.SimpleNamespace(log_probs=per_token, entropy=torch.zeros_like(per_token),
                                     mean_logits=torch.zeros_like(per_token),
                                     is_top1=torch.zeros_like(per_token, dtype=torch.bool))
-    ref = ref_tokens.sum(1)
+    ref = case.ref.sum(1)
     inputs = {"input_ids": torch.zeros_like(mask), "attention_mask": torch.ones_like(mask), "completion_mask": mask,
               "ref_chosen_logps": ref[: n // 2], "ref_rejected_logps": ref[n // 2 :]}
     loss = DPOTrainer._compute_loss(fake, lambda **kw: outputs, inputs, False)
@@ -81,32 +99,37 @@ def trl_dpo(loss_types, weights, mask, policy_tokens, ref_tokens, beta, label_sm
     return loss.detach(), grad * mask[:, 1:]  # the response tokens' gradients (padding has none)
 
 
-def ours(loss_types, weights, mask, policy_tokens, ref_tokens, beta, label_smoothing, f_div, alpha, tau,
-         gamma=0.5):
-    per_token = policy_tokens.clone().requires_grad_(True)
+def ours(loss_types, weights, case: Case, gamma=0.5):
+    mask = case.mask
+    per_token = case.policy.clone().requires_grad_(True)
     n = mask.size(0) // 2
-    logps, ref = per_token.sum(1), ref_tokens.sum(1)
+    logps, ref = per_token.sum(1), case.ref.sum(1)
     tokens = mask.sum(1).float()
-    per_pair = combined_loss(loss_types, weights, logps[:n], logps[n:], ref[:n], ref[n:], beta, label_smoothing,
-                             chosen_tokens=tokens[:n], rejected_tokens=tokens[n:], f_divergence_type=f_div,
-                             f_alpha_divergence_coef=alpha, discopop_tau=tau, simpo_gamma=gamma)
+    per_pair = combined_loss(loss_types, weights, logps[:n], logps[n:], ref[:n], ref[n:], case.beta,
+                             case.label_smoothing, chosen_tokens=tokens[:n], rejected_tokens=tokens[n:],
+                             f_divergence_type=case.f_div, f_alpha_divergence_coef=case.alpha,
+                             discopop_tau=case.tau, simpo_gamma=gamma)
     loss = per_pair.mean()
     (grad,) = torch.autograd.grad(loss, per_token)
     return loss.detach(), grad * mask[:, 1:]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    mask, policy, ref = _batch(args.pairs, args.seed)
-    beta, tau, alpha = 0.1, 0.05, 0.5
+    return parser.parse_args()
+
+
+def compare_dpo_losses(base: Case) -> list[tuple]:
+    """TRL's DPOTrainer loss types (each f_divergence_type TRL allows, a label smoothing where the
+    loss uses one) and a weighted mixture: one row each."""
     rows = []
 
     def compare(label, loss_types, weights=None, ls=0.0, f_div="reverse_kl"):
-        a, ga = ours(loss_types, weights, mask, policy, ref, beta, ls, f_div, alpha, tau)
-        b, gb = trl_dpo(loss_types, weights, mask, policy, ref, beta, ls, f_div, alpha, tau)
+        case = dataclasses.replace(base, label_smoothing=ls, f_div=f_div)
+        a, ga = ours(loss_types, weights, case)
+        b, gb = trl_dpo(loss_types, weights, case)
         rows.append((label, f_div, ls, a.item(), b.item(), abs(a - b).item(), (ga - gb).abs().max().item()))
 
     for name in TRL_LOSS_TYPES:
@@ -118,9 +141,13 @@ def main() -> None:
             for f_div in ("forward_kl", "js_divergence", "alpha_divergence"):
                 compare(name, [name], ls=smoothing, f_div=f_div)
     compare("sigmoid+bco_pair+sft [0.8,0.2,1.0] (MPO)", ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0])
+    return rows
 
-    # SimPO: CPOTrainer.cpo_loss on length-normalized log-probs (its average_log_prob=True).
-    n = args.pairs
+
+def compare_simpo(base: Case, n: int) -> list[tuple]:
+    """SimPO: CPOTrainer.cpo_loss on length-normalized log-probs (its average_log_prob=True)."""
+    rows = []
+    mask, policy, beta = base.mask, base.policy, base.beta
     tokens = mask.sum(1).float()
     for ls in (0.0, 0.1):
         per_token = policy.clone().requires_grad_(True)
@@ -130,12 +157,17 @@ def main() -> None:
         theirs = CPOTrainer.cpo_loss(fake, avg[:n], avg[n:])[0].mean()
         (gb,) = torch.autograd.grad(theirs, per_token)
         gb = gb * mask[:, 1:]
-        a, ga = ours(["simpo"], None, mask, policy, ref, beta, ls, "reverse_kl", alpha, tau)
+        a, ga = ours(["simpo"], None, dataclasses.replace(base, label_smoothing=ls, f_div="reverse_kl"))
         rows.append(("simpo (CPOTrainer)", "reverse_kl", ls, a.item(), theirs.item(), abs(a - theirs).item(),
                      (ga - gb).abs().max().item()))
+    return rows
 
-    # ORPO: odds-ratio term (ORPOTrainer.odds_ratio_loss; TRL's loss = nll - losses.mean()); our orpo
-    # minus our NLL term.
+
+def compare_orpo(base: Case, n: int) -> tuple:
+    """ORPO: odds-ratio term (ORPOTrainer.odds_ratio_loss; TRL's loss = nll - losses.mean()); our
+    orpo minus our NLL term."""
+    mask, policy, beta = base.mask, base.policy, base.beta
+    tokens = mask.sum(1).float()
     per_token = policy.clone().requires_grad_(True)
     avg = per_token.sum(1) / tokens
     fake = types.SimpleNamespace(beta=beta, accelerator=_Accelerator())
@@ -149,9 +181,12 @@ def main() -> None:
             - sft_loss(logps[:n], logps[n:], None, None, beta, **kwargs)).mean()
     (ga,) = torch.autograd.grad(mine, per_token)
     ga = ga * mask[:, 1:]
-    rows.append(("orpo odds-ratio term (ORPOTrainer)", "reverse_kl", 0.0, mine.item(), theirs.item(),
-                 abs(mine - theirs).item(), (ga - gb).abs().max().item()))
+    return ("orpo odds-ratio term (ORPOTrainer)", "reverse_kl", 0.0, mine.item(), theirs.item(),
+            abs(mine - theirs).item(), (ga - gb).abs().max().item())
 
+
+def report(args: argparse.Namespace, beta: float, rows: list[tuple]) -> None:
+    """The table, the worst differences, and exit "mismatch" past 1e-5."""
     print(f"TRL 1.16 vs ours: {args.pairs} pairs, float32, beta {beta}, seed {args.seed}")
     print(f"| loss | f_divergence_type | label_smoothing | ours | TRL | max abs diff loss | max abs diff grad |")
     print("|---|---|---|---|---|---|---|")
@@ -162,6 +197,15 @@ def main() -> None:
     print(f"worst loss diff {worst:.2e}; worst grad diff {max(r[6] for r in rows):.2e}")
     if not math.isfinite(worst) or worst > 1e-5 or max(r[6] for r in rows) > 1e-5:
         raise SystemExit("mismatch")
+
+
+def main() -> None:
+    args = parse_args()
+    mask, policy, ref = _batch(args.pairs, args.seed)
+    base = Case(mask, policy, ref, beta=0.1, alpha=0.5, tau=0.05)
+    rows = compare_dpo_losses(base) + compare_simpo(base, args.pairs)
+    rows.append(compare_orpo(base, args.pairs))
+    report(args, base.beta, rows)
 
 
 if __name__ == "__main__":
