@@ -54,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--from", dest="from_stage", choices=STAGES, help="run this stage and the ones after it")
     r.add_argument("--force", choices=STAGES, action="append", default=[],
                    help="rerun this stage from scratch, and the stages after it (repeatable)")
+    _add_serve(sub)
+    st = sub.add_parser("status", help="which stage outputs exist for this config")
+    _add_config_args(st)
+    _add_audit(sub)
+    d = sub.add_parser("demo", help="run the pipeline on the built-in demo (offline, CPU)")
+    d.add_argument("--storage", default="storage", help="artifact root (default: ./storage)")
+    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+
+def _add_serve(sub) -> None:
+    """`dpo serve`: a scheduled Prefect deployment."""
     sv = sub.add_parser("serve", help="serve the pipeline as a scheduled Prefect deployment")
     _add_config_args(sv)
     sv.add_argument("--cron", required=True, help='schedule, e.g. "0 3 * * *" (03:00 every day)')
@@ -66,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--source", metavar="DIR_OR_GIT_URL",
                     help="--work-pool: where the worker finds this project's code: a folder its machine "
                          "can read (default: this checkout) or a git URL")
-    st = sub.add_parser("status", help="which stage outputs exist for this config")
-    _add_config_args(st)
+
+
+def _add_audit(sub) -> None:
+    """`dpo audit`: check a cache, compare two, show an example."""
     a = sub.add_parser(
         "audit",
         help="verify a reference cache: integrity, staleness, statistics, re-score drift",
@@ -83,10 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     a.add_argument("--cache", help="show: the cache directory (default: from -c)")
     a.add_argument("--report-dir", help="where to write the report (default: <storage>/audits/<cache fingerprint>/)")
-    d = sub.add_parser("demo", help="run the pipeline on the built-in demo (offline, CPU)")
-    d.add_argument("--storage", default="storage", help="artifact root (default: ./storage)")
-    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return parser
 
 
 # Commands that end as soon as they are done when `dpo` runs as a program (see ``exit_now``).

@@ -24,6 +24,7 @@ from pipeline.scorers import ScoreError
 from pipeline.store import LockBusy, StorageError
 from pipeline.train import TrainError, TrainResult, finished_run, launch, train
 
+from .audit_command import cmd_audit
 from .prefect_settings import apply_prefect_settings
 
 
@@ -135,12 +136,12 @@ def cmd_run(args) -> Path:
     if args.from_stage:
         stages = [s for s in stages if STAGES.index(s) >= STAGES.index(args.from_stage)]
     result = dpo_pipeline(config=cfg.to_dict(), stages=stages, force=args.force)
-    _print_flow_result(result)
+    print_flow_result(result)
     last = result["outputs"][stages[-1]]
     return Path(last) if last else Path(cfg.storage)
 
 
-def _print_flow_result(result: dict) -> None:
+def print_flow_result(result: dict) -> None:
     for stage, output in result["outputs"].items():
         if stage in result.get("not_needed", {}):  # a reference-free loss: no score, no audit
             print(f"{stage}: skipped: {result['not_needed'][stage]}", file=sys.stderr)
@@ -193,154 +194,6 @@ def _deploy(args, cfg, dpo_pipeline) -> Path:
           f"with cron {args.cron!r}, code from {source}. Start a worker where it should run: "
           f"prefect worker start --pool {args.work_pool}", file=sys.stderr)
     return Path(cfg.storage)
-
-
-def _cache_from(args) -> Path:
-    """The cache a config names: train.ref_cache, or the one `dpo score` makes for it (audited
-    even when damaged), or a cache of the same dataset and model made with another backend."""
-    if not args.config:
-        raise ConfigError("give a cache directory or -c CONFIG")
-    cfg = load_config(args.config, args.overrides)
-    if cfg.train.ref_cache:
-        return Path(cfg.train.ref_cache)
-    dataset_fp = layout.plan_dataset_dir(cfg).name
-    planned = layout.plan_refscores_dir(cfg, dataset_fp)
-    return planned if planned.exists() else layout.locate_ref_cache(cfg, dataset_fp)
-
-
-def cmd_audit(args) -> Path | None:
-    """dpo audit [PATH | -c CONFIG] | dpo audit diff A B | dpo audit show ID."""
-    target = list(args.target)
-    if target[:1] == ["diff"]:
-        if len(target) != 3:
-            raise ConfigError("usage: dpo audit diff CACHE_A CACHE_B")
-        return _audit_diff(args, Path(target[1]), Path(target[2]))
-    if target[:1] == ["show"]:
-        if len(target) != 2:
-            raise ConfigError("usage: dpo audit show ID -c CONFIG (or --cache DIR)")
-        return _audit_show(args, target[1])
-    if len(target) > 1:
-        raise ConfigError("usage: dpo audit [CACHE_DIR] [-c CONFIG] [--rescore K]")
-    return _audit_report(args, Path(target[0]) if target else None)
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _audit_diff(args, cache_a: Path, cache_b: Path) -> Path | None:
-    from rich.table import Table
-
-    from pipeline.audit import diff_caches
-
-    result = diff_caches(cache_a, cache_b)
-    table = Table(title=f"{cache_a.name[:12]} vs {cache_b.name[:12]} ({result['rows']} rows)")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result.items():
-        if not isinstance(value, (list, dict)):
-            table.add_row(key, f"{value:.3g}" if isinstance(value, float) else str(value))
-    _console().print(table)
-    if args.json:
-        print(json.dumps(result, default=str))
-    return None if args.json else cache_a
-
-
-def _audit_show(args, example_id: str) -> Path | None:
-    """One example token by token: each response token on a background coloured by its reference
-    log-prob (on pipeline.audit_report.LOGP_SCALE), then the lowest tokens of each response."""
-    from rich.table import Table
-    from rich.text import Text
-
-    from pipeline.audit_report import LOGP_LEGEND, cache_tokenizer, example_tokens, logp_color, shown_token
-
-    cache = Path(args.cache) if args.cache else _cache_from(args)
-    tokenizer, decoded = cache_tokenizer(cache, layout.verified_refscores(cache))
-    shown = example_tokens(cache, example_id, tokenizer)
-    if args.json:
-        print(json.dumps(shown))
-        return None
-    console = _console()
-    prompt = shown["prompt"] if len(shown["prompt"]) <= 500 else "…" + shown["prompt"][-500:]
-    truncated = ", truncated" if shown["prompt_truncated"] else ""
-    console.print(Text.assemble((shown["id"], "bold"), f" prompt ({shown['prompt_tokens']} tokens{truncated}):"))
-    console.print(Text(prompt))
-    legend = [(f" {v:g} ", f"black on {logp_color(v)}") for v in LOGP_LEGEND]
-    console.print(Text.assemble("\ntoken log-prob (nats): ", *legend, f"  ({decoded})"))
-    for side in ("chosen", "rejected"):
-        tokens = shown[side]["tokens"]
-        truncated = ", truncated" if shown[side]["truncated"] else ""
-        console.print(Text.assemble("\n", (side, "bold"), f": log pi_ref = {shown[side]['logp']:.3f} over "
-                                    f"{len(tokens)} tokens{truncated}"))
-        console.print(Text.assemble(*[(shown_token(t), f"black on {logp_color(t['logp'])}") for t in tokens]))
-        lowest = sorted((t["logp"], i) for i, t in enumerate(tokens) if t["logp"] is not None)[:5]
-        if lowest:
-            table = Table(title=f"lowest {side} tokens", title_justify="left")
-            for column in ("#", "token", "id", "log-prob"):
-                table.add_column(column)
-            for logp, i in lowest:
-                token = tokens[i]
-                table.add_row(str(i), Text(repr(token["token"]) if token["token"] is not None else ""),
-                              str(token["id"]), Text(f"{logp:.3f}", style=f"black on {logp_color(logp)}"))
-            console.print(table)
-    return cache
-
-
-def _audit_report(args, cache: Path | None) -> Path | None:
-    from pipeline.audit import AuditFailed, audit
-    from pipeline.audit_report import save_report
-
-    cfg = load_config(args.config, args.overrides) if args.config else None
-    cache = cache or _cache_from(args)
-    if args.rescore and cfg is None:
-        raise ConfigError("--rescore needs -c CONFIG (the model to re-score with)")
-    report = audit(cache, cfg, rescore_rows=args.rescore, seed=args.seed, dtype=args.dtype, tolerance=args.tolerance)
-    html_path = save_report(report, args.report_dir)
-    _print_audit(report, cache)
-    _console().print(f"report: {html_path}", markup=False, highlight=False)
-    if args.json:  # stdout is then the JSON document alone
-        print(json.dumps(report.to_dict(), default=str))
-    if not report.passed:
-        failed = [f.message for f in report.findings if not f.ok]
-        raise AuditFailed(f"audit failed ({len(failed)} problems): " + "; ".join(failed))
-    return None if args.json else cache
-
-
-def _print_audit(report, cache: Path) -> None:
-    from rich.table import Table
-    from rich.text import Text
-
-    from pipeline.audit_report import outlier_ids
-
-    console = _console()
-    table = Table(title=Text(f"audit of {cache}"))  # Text: paths and messages are not markup
-    for column in ("check", "result", "detail"):
-        table.add_column(column)
-    for finding in report.findings:
-        table.add_row(finding.check, Text("ok", "green") if finding.ok else Text("FAIL", "red"), Text(finding.message))
-    console.print(table)
-    stats = report.stats
-    if not stats:
-        return
-    summary = Table(title="statistics")
-    summary.add_column("quantity")
-    columns = ("mean", "p01", "p50", "p99", "min", "max")
-    for column in columns:
-        summary.add_column(column, justify="right")
-    rows = [("chosen log-prob", stats["sequence_logp"]["chosen"]),
-            ("rejected log-prob", stats["sequence_logp"]["rejected"]),
-            ("margin", stats["margin"]), ("chosen tokens", stats["lengths"]["chosen"])]
-    if "token_logp" in stats:
-        rows.insert(0, ("per-token log-prob", stats["token_logp"]))
-    for name, described in rows:
-        summary.add_row(name, *(f"{described.get(k, float('nan')):.3f}" for k in columns))
-    console.print(summary)
-    console.print(f"reference already prefers the chosen response in {stats['reference_prefers_chosen']:.1%} of pairs")
-    if ids := outlier_ids(stats, 5):
-        console.print(Text(f"outliers (`dpo audit show ID --cache {cache}` shows one, token by token): "
-                           + ", ".join(ids)))
 
 
 def cmd_status(args) -> Path:
@@ -475,7 +328,7 @@ def cmd_demo(args) -> Path:
 
     _flow_progress(args.no_progress)
     result = dpo_pipeline(config=cfg.to_dict())
-    _print_flow_result(result)
+    print_flow_result(result)
     run_dir = Path(result["outputs"]["train"])
     print(summarize_train(TrainResult(run_dir, json.loads((run_dir / "run.json").read_text()), False)),
           file=sys.stderr)

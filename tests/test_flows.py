@@ -406,7 +406,7 @@ def test_stage_logs_reach_the_prefect_run(prefect_harness, tmp_path, demo_assets
 def test_flow_skips_score_and_audit_for_a_reference_free_loss(prefect_harness, tmp_path, demo_assets, capsys):
     """loss_type simpo reads no reference: the flow trains a dataset that was never scored, the score
     and audit tasks end Skipped with the reason (and `dpo run` prints it); nothing is scored."""
-    from flows.commands import _print_flow_result
+    from flows.commands import print_flow_result
 
     config = demo_config(tmp_path, demo_assets)
     config["train"].update(loss_type="simpo", beta=1.0, max_steps=3, eval_steps=0)
@@ -422,7 +422,7 @@ def test_flow_skips_score_and_audit_for_a_reference_free_loss(prefect_harness, t
     for stage in ("score", "audit"):
         assert task_states[stage].is_completed() and task_states[stage].name == "Skipped"
         assert task_states[stage].message == f"{stage} skipped: {reason}"
-    _print_flow_result(result)
+    print_flow_result(result)
     assert f"score: skipped: {reason}" in capsys.readouterr().err
     # asked for alone, or forced, the score stage still scores nothing for this config
     assert pipeline_flows.dpo_pipeline(config=config, stages=["score"], force=["score"])["ran"] == {"score": False}

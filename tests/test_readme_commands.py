@@ -216,7 +216,7 @@ def check_parses(argv: list[str], monkeypatch) -> None:
     """`dpo ARGV` through flows.cli's parser and flows.commands.run, stopped right after the
     command loaded its configuration (nothing prepared, scored, trained, served or audited);
     a usage error or a refused configuration fails the test with the program's message."""
-    from flows import commands
+    from flows import audit_command, commands
     from flows.cli import build_parser
 
     real_load = commands.load_config
@@ -234,8 +234,9 @@ def check_parses(argv: list[str], monkeypatch) -> None:
         stop()
 
     monkeypatch.setattr(commands, "load_config", load_then_stop)
-    monkeypatch.setattr(commands, "_audit_diff", stop)
-    monkeypatch.setattr(commands, "_audit_report", audit_report)
+    monkeypatch.setattr(audit_command, "load_config", load_then_stop)  # `dpo audit show -c` reads it there
+    monkeypatch.setattr(audit_command, "audit_diff", stop)
+    monkeypatch.setattr(audit_command, "audit_report", audit_report)
     monkeypatch.setitem(commands.COMMANDS, "demo", stop)
     from flows.prefect_settings import PREFECT_SETTINGS
 
