@@ -22,11 +22,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .config_checks import ConfigError, check_range
+from .loss_traits import LOSS_TRAITS, FDivergenceType, LossType, check_loss_options
+
 REQUIRED: Any = dataclasses.MISSING
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and says what to fix."""
 
 
 @dataclass
@@ -66,10 +65,10 @@ class DataConfig:
     1 MiB is about 250k tokens. null: no limit."""
 
     def validate(self) -> None:
-        _check_range("data.eval_fraction", self.eval_fraction, 0.0, 1.0, hi_open=True)
-        _check_range("data.max_reject_fraction", self.max_reject_fraction, 0.0, 1.0)
+        check_range("data.eval_fraction", self.eval_fraction, 0.0, 1.0, hi_open=True)
+        check_range("data.max_reject_fraction", self.max_reject_fraction, 0.0, 1.0)
         if self.max_row_bytes is not None:
-            _check_range("data.max_row_bytes", self.max_row_bytes, 1, None)
+            check_range("data.max_row_bytes", self.max_row_bytes, 1, None)
         for name in ("prompt_column", "chosen_column", "rejected_column"):
             if not getattr(self, name):
                 raise ConfigError(f"data.{name}: must be a non-empty column name")
@@ -121,13 +120,13 @@ class TokenizeConfig:
     """Rows handed to the fast tokenizer per call (speed only; the output is identical)."""
 
     def validate(self) -> None:
-        _check_range("tokenize.max_length", self.max_length, 2, None)
-        _check_range("tokenize.min_response_tokens", self.min_response_tokens, 1, None)
-        _check_range("tokenize.batch_rows", self.batch_rows, 1, None)
+        check_range("tokenize.max_length", self.max_length, 2, None)
+        check_range("tokenize.min_response_tokens", self.min_response_tokens, 1, None)
+        check_range("tokenize.batch_rows", self.batch_rows, 1, None)
         if self.max_completion_length is not None:
-            _check_range("tokenize.max_completion_length", self.max_completion_length, self.min_response_tokens, None)
+            check_range("tokenize.max_completion_length", self.max_completion_length, self.min_response_tokens, None)
         if self.max_prompt_length is not None:
-            _check_range("tokenize.max_prompt_length", self.max_prompt_length, 1, None)
+            check_range("tokenize.max_prompt_length", self.max_prompt_length, 1, None)
             if self.max_prompt_length + self.min_response_tokens > self.max_length:
                 raise ConfigError(
                     f"tokenize.max_prompt_length ({self.max_prompt_length}) leaves no room for a "
@@ -177,13 +176,13 @@ class ScoreConfig:
 
     def validate(self) -> None:
         if self.workers is not None:
-            _check_range("score.workers", self.workers, 1, None)
+            check_range("score.workers", self.workers, 1, None)
         if self.tokens_per_batch is not None:
-            _check_range("score.tokens_per_batch", self.tokens_per_batch, 1, None)
-        _check_range("score.shard_rows", self.shard_rows, 1, None)
-        _check_range("score.tensor_parallel_size", self.tensor_parallel_size, 1, None)
-        _check_range("score.gpu_memory_utilization", self.gpu_memory_utilization, 0.05, 1.0)
-        _check_range("score.max_num_batched_tokens", self.max_num_batched_tokens, 1, None)
+            check_range("score.tokens_per_batch", self.tokens_per_batch, 1, None)
+        check_range("score.shard_rows", self.shard_rows, 1, None)
+        check_range("score.tensor_parallel_size", self.tensor_parallel_size, 1, None)
+        check_range("score.gpu_memory_utilization", self.gpu_memory_utilization, 0.05, 1.0)
+        check_range("score.max_num_batched_tokens", self.max_num_batched_tokens, 1, None)
 
 
 @dataclass
@@ -201,9 +200,9 @@ class PeftConfig:
     regular expression, or "all-linear" (every linear layer but the output head)."""
 
     def validate(self) -> None:
-        _check_range("train.peft.r", self.r, 1, None)
-        _check_range("train.peft.lora_alpha", self.lora_alpha, 1e-12, None)
-        _check_range("train.peft.lora_dropout", self.lora_dropout, 0.0, 1.0, hi_open=True)
+        check_range("train.peft.r", self.r, 1, None)
+        check_range("train.peft.lora_alpha", self.lora_alpha, 1e-12, None)
+        check_range("train.peft.lora_dropout", self.lora_dropout, 0.0, 1.0, hi_open=True)
         if not self.target_modules or (isinstance(self.target_modules, list)
                                        and not all(self.target_modules)):
             raise ConfigError("train.peft.target_modules: name at least one module, e.g. [q_proj, v_proj], "
@@ -228,7 +227,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     """sigmoid: cDPO label smoothing; robust: the assumed label-flip rate (< 0.5); exo_pair: the
     label smoothing eps (> 0; the paper uses 1e-3); aot, aot_unpaired, simpo: label smoothing."""
-    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    f_divergence_type: FDivergenceType = "reverse_kl"
     """f-DPO: the divergence to the reference that the scores come from (reverse_kl is DPO); other
     values only with sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft (as TRL)."""
     f_alpha_divergence_coef: float = 0.5
@@ -341,7 +340,7 @@ class TrainConfig:
             self.peft.validate()
         elif self.merge_adapter:
             raise ConfigError("train.merge_adapter: true needs train.peft (LoRA); there is no adapter to merge")
-        _check_range("train.beta", self.beta, 1e-12, None)
+        check_range("train.beta", self.beta, 1e-12, None)
         self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
         unknown = [r for r in self.report_to if r not in REPORT_TO]
         if unknown or ("none" in self.report_to and len(self.report_to) > 1):
@@ -352,25 +351,25 @@ class TrainConfig:
                 f"train.learning_rate: {self.learning_rate!r} trains nothing (the weights would not "
                 "change): set a positive learning rate, e.g. train.learning_rate=1e-6"
             )
-        _check_range("train.label_smoothing", self.label_smoothing, 0.0, 0.5, hi_open=True)
-        self._validate_losses()
-        _check_range("train.rpo_alpha", self.rpo_alpha, 0.0, None)
+        check_range("train.label_smoothing", self.label_smoothing, 0.0, 0.5, hi_open=True)
+        check_loss_options(self)
+        check_range("train.rpo_alpha", self.rpo_alpha, 0.0, None)
         if self.max_completion_length is not None:
-            _check_range("train.max_completion_length", self.max_completion_length, 1, None)
+            check_range("train.max_completion_length", self.max_completion_length, 1, None)
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps", "save_total_limit", "nproc_per_node", "nnodes"):
-            _check_range(f"train.{key}", getattr(self, key), 1, None)
+            check_range(f"train.{key}", getattr(self, key), 1, None)
         if self.max_steps is not None:
-            _check_range("train.max_steps", self.max_steps, 1, None)
-        _check_range("train.num_train_epochs", self.num_train_epochs, 1e-9, None)
-        _check_range("train.warmup_steps", self.warmup_steps, 0, None)
-        _check_range("train.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
-        _check_range("train.weight_decay", self.weight_decay, 0.0, None)
-        _check_range("train.max_grad_norm", self.max_grad_norm, 0.0, None)
-        _check_range("train.eval_steps", self.eval_steps, 0, None)
-        _check_range("train.save_steps", self.save_steps, 0, None)
+            check_range("train.max_steps", self.max_steps, 1, None)
+        check_range("train.num_train_epochs", self.num_train_epochs, 1e-9, None)
+        check_range("train.warmup_steps", self.warmup_steps, 0, None)
+        check_range("train.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_range("train.weight_decay", self.weight_decay, 0.0, None)
+        check_range("train.max_grad_norm", self.max_grad_norm, 0.0, None)
+        check_range("train.eval_steps", self.eval_steps, 0, None)
+        check_range("train.save_steps", self.save_steps, 0, None)
         if self.step0_tolerance is not None:
-            _check_range("train.step0_tolerance", self.step0_tolerance, 0.0, None)
+            check_range("train.step0_tolerance", self.step0_tolerance, 0.0, None)
         if self.run_name is not None:
             _check_folder_name("train.run_name", self.run_name, "beta0.1-run2",
                                ", or null for a name from the fingerprint")
@@ -382,7 +381,7 @@ class TrainConfig:
     def needs_reference(self) -> bool:
         """Whether the losses read the reference's log-probs: False when every loss of loss_type
         is reference-free (simpo, orpo), and then no reference cache is needed, scored or read."""
-        return not all(name in REFERENCE_FREE_LOSSES for name in self.loss_names())
+        return not all(LOSS_TRAITS[name].reference_free for name in self.loss_names())
 
     def needs_token_reference(self) -> bool:
         """Whether training needs the reference's per-token log-probs (a cache scored with
@@ -390,52 +389,6 @@ class TrainConfig:
         prefix) or ld_alpha (LD-DPO's split at the shared length)."""
         return self.needs_reference() and (self.max_completion_length is not None or self.ld_alpha is not None)
 
-    def _validate_losses(self) -> None:
-        names = self.loss_names()
-        if not names:
-            raise ConfigError("train.loss_type: name at least one loss, e.g. sigmoid")
-        if len(set(names)) != len(names):
-            raise ConfigError(f"train.loss_type: {names} names a loss twice: give each loss once, with its weight "
-                              "in train.loss_weights")
-        if self.loss_weights is not None and len(self.loss_weights) != len(names):
-            raise ConfigError(
-                f"train.loss_weights: {len(self.loss_weights)} weights for {len(names)} losses in train.loss_type "
-                f"({', '.join(names)}): give one weight per loss, in the same order, or null for 1.0 each"
-            )
-        if "exo_pair" in names and self.label_smoothing == 0.0:
-            raise ConfigError("train.label_smoothing: exo_pair needs label smoothing above 0 (log eps); the EXO "
-                              "paper uses 1e-3: set train.label_smoothing=0.001")
-        if self.f_divergence_type != "reverse_kl":
-            unsupported = [n for n in names if n not in F_DIVERGENCE_LOSSES]
-            if unsupported:
-                raise ConfigError(
-                    f"train.f_divergence_type: {self.f_divergence_type} has no valid form for "
-                    f"{', '.join(unsupported)} (only for {', '.join(F_DIVERGENCE_LOSSES)}, as TRL): use reverse_kl"
-                )
-        _check_range("train.discopop_tau", self.discopop_tau, 1e-12, None)
-        _check_range("train.dpop_lambda", self.dpop_lambda, 0.0, None)
-        if self.use_weighting and {"aot", "aot_unpaired"} & set(names):
-            raise ConfigError("train.use_weighting: WPO's per-pair weights are undefined for aot and aot_unpaired "
-                              "(their loss is over the sorted batch, not per pair; TRL refuses too): drop one")
-        if self.ld_alpha is not None:
-            _check_range("train.ld_alpha", self.ld_alpha, 0.0, None)
-        if self.length_normalize is not None:
-            already = [n for n in names if n in LENGTH_NORMALIZED_LOSSES]
-            if already:
-                raise ConfigError(f"train.length_normalize: {', '.join(already)} already normalize by length: "
-                                  "drop train.length_normalize (or use sigmoid)")
-
-
-LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "dpop", "simpo", "orpo"]
-"""pipeline/losses.py's LOSSES (a test keeps the two equal)."""
-
-REFERENCE_FREE_LOSSES = ("simpo", "orpo")
-LENGTH_NORMALIZED_LOSSES = ("ipo", "sigmoid_norm", "simpo", "orpo")
-"""pipeline/losses.py's losses with length_normalized (a test keeps the two equal)."""
-"""The losses of LOSSES that never read the reference (Loss.reference_free; a test keeps the two equal)."""
-
-F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 # Keys renamed to their Hugging Face / TRL names; the old name is an error that names the new one.
 RENAMED = {
@@ -491,9 +444,9 @@ class AuditConfig:
     """Seed of the re-score sample."""
 
     def validate(self) -> None:
-        _check_range("audit.rescore_rows", self.rescore_rows, 0, None)
+        check_range("audit.rescore_rows", self.rescore_rows, 0, None)
         if self.tolerance is not None:
-            _check_range("audit.tolerance", self.tolerance, 0.0, None)
+            check_range("audit.tolerance", self.tolerance, 0.0, None)
 
 
 @dataclass
@@ -515,14 +468,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _check_range(key, value, lo, hi, hi_open=False):
-    if lo is not None and value < lo:
-        raise ConfigError(f"{key}: {value!r} is below the minimum {lo}")
-    if hi is not None and (value >= hi if hi_open else value > hi):
-        bound = f"below {hi}" if hi_open else f"at most {hi}"
-        raise ConfigError(f"{key}: {value!r} must be {bound}")
 
 
 # ---------------------------------------------------------------------------------------------

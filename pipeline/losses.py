@@ -15,23 +15,22 @@ from ``ORPOTrainer.odds_ratio_loss``); bench/trl_losses_check.py compares the nu
     Delta = s_w - s_l                        (h = rho_w - rho_l for the reverse KL)
     r_w = beta * rho_w, r_l = beta * rho_l   (implicit rewards, what the metrics report)
 
-``LOSSES[name]``: ``fn``; ``length_normalized`` (the loss divides by the token counts itself, as
-TRL does: ipo, sigmoid_norm, simpo, orpo); ``reference_free`` (the reference log-probs are not
-used: simpo, orpo; their rewards are beta x the length-normalized policy log-prob, as TRL's CPO /
-ORPO trainers report); ``f_divergence`` (train.f_divergence_type may be other than reverse_kl,
-TRL's set); ``learns_preferences`` (the loss pushes chosen above rejected: every loss but sft).
+``LOSSES[name]``: ``fn`` and the loss's traits (``length_normalized``, ``reference_free``,
+``f_divergence``, ``learns_preferences``, ``trl``), from the one table of them,
+pipeline/loss_traits.py's LOSS_TRAITS (torch-free: the configuration checks read it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+from .loss_traits import F_DIVERGENCES, LOSS_TRAITS, LossTraits
 
 
 def _h(policy_chosen, policy_rejected, ref_chosen, ref_rejected):
@@ -305,37 +304,25 @@ def orpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, la
 
 
 @dataclass(frozen=True)
-class Loss:
-    fn: Callable[..., torch.Tensor]
-    length_normalized: bool = False
-    reference_free: bool = False
-    f_divergence: bool = False
-    learns_preferences: bool = True
+class Loss(LossTraits):
+    """A loss of the table: its function and its traits (LOSS_TRAITS)."""
+
+    fn: Callable[..., torch.Tensor] = field(kw_only=True)
 
 
-LOSSES: dict[str, Loss] = {
-    "sigmoid": Loss(sigmoid_loss, f_divergence=True),
-    "hinge": Loss(hinge_loss, f_divergence=True),
-    "ipo": Loss(ipo_loss, length_normalized=True, f_divergence=True),
-    "exo_pair": Loss(exo_pair_loss, f_divergence=True),
-    "nca_pair": Loss(nca_pair_loss),
-    "robust": Loss(robust_loss, f_divergence=True),
-    "bco_pair": Loss(bco_pair_loss),
-    "sppo_hard": Loss(sppo_hard_loss),
-    "aot": Loss(aot_loss),
-    "aot_unpaired": Loss(aot_unpaired_loss),
-    "apo_zero": Loss(apo_zero_loss),
-    "apo_down": Loss(apo_down_loss),
-    "discopop": Loss(discopop_loss, f_divergence=True),
-    "sft": Loss(sft_loss, f_divergence=True, learns_preferences=False),
-    "sigmoid_norm": Loss(sigmoid_norm_loss, length_normalized=True, f_divergence=True),
-    "dpop": Loss(dpop_loss),
-    "simpo": Loss(simpo_loss, length_normalized=True, reference_free=True),
-    "orpo": Loss(orpo_loss, length_normalized=True, reference_free=True),
+FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "sigmoid": sigmoid_loss, "hinge": hinge_loss, "ipo": ipo_loss, "exo_pair": exo_pair_loss,
+    "nca_pair": nca_pair_loss, "robust": robust_loss, "bco_pair": bco_pair_loss, "sppo_hard": sppo_hard_loss,
+    "aot": aot_loss, "aot_unpaired": aot_unpaired_loss, "apo_zero": apo_zero_loss, "apo_down": apo_down_loss,
+    "discopop": discopop_loss, "sft": sft_loss, "sigmoid_norm": sigmoid_norm_loss, "dpop": dpop_loss,
+    "simpo": simpo_loss, "orpo": orpo_loss,
 }
+"""Each loss's function, by its name in LOSS_TRAITS (the same names: LOSSES is built from both)."""
 
-TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+LOSSES: dict[str, Loss] = {name: Loss(fn=FUNCTIONS[name], **dataclasses.asdict(traits))
+                           for name, traits in LOSS_TRAITS.items()}
+
+TRL_LOSS_TYPES = tuple(name for name, traits in LOSS_TRAITS.items() if traits.trl)
 """TRL 1.16 DPOConfig.loss_type values; dpop, simpo and orpo are this project's additions."""
 
 

@@ -119,13 +119,6 @@ def test_wpo_with_aot_and_negative_ld_alpha_are_refused():
         config_from_dict({**base, "train": {"ld_alpha": -0.5}})
 
 
-def test_length_normalized_losses_table_matches():
-    from pipeline.config import LENGTH_NORMALIZED_LOSSES
-    from pipeline.losses import LOSSES
-
-    assert set(LENGTH_NORMALIZED_LOSSES) == {n for n, loss in LOSSES.items() if loss.length_normalized}
-
-
 @pytest.mark.parametrize("side", ["chosen", "rejected", "both"])
 def test_length_normalize_either_side_hand_computed(side):
     """sigmoid with train.length_normalize: -log sigma(beta (rho_w' - rho_l')), rho' the log-ratio

@@ -8,6 +8,7 @@ the same log-probs; this file does not import trl.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 
@@ -15,8 +16,9 @@ import pytest
 import torch
 
 from pipeline import losses
-from pipeline.config import ConfigError, LossType, config_from_dict
-from pipeline.losses import LOSSES, TRL_LOSS_TYPES, combined_loss, scores
+from pipeline.config import ConfigError, TrainConfig, config_from_dict
+from pipeline.loss_traits import LOSS_TRAITS, LossType, losses_with
+from pipeline.losses import FUNCTIONS, LOSSES, TRL_LOSS_TYPES, combined_loss, scores
 
 BASE = {"data": {"path": "d.jsonl"}, "model": {"path": "m"}}
 
@@ -34,14 +36,18 @@ def sig(x):
     return 1 / (1 + math.exp(-x))
 
 
-def test_the_table_is_the_config_literal_and_holds_every_trl_name():
-    assert set(LOSSES) == set(typing.get_args(LossType))
+def test_one_table_of_traits_gives_losses_and_the_config_types():
+    assert list(LOSSES) == list(LOSS_TRAITS) == list(typing.get_args(LossType))
+    assert typing.get_type_hints(TrainConfig)["loss_type"] == typing.Union[list[LossType], LossType]
+    assert all(dataclasses.asdict(LOSSES[n]) == {**dataclasses.asdict(LOSS_TRAITS[n]), "fn": FUNCTIONS[n]}
+               for n in LOSS_TRAITS)
     assert set(TRL_LOSS_TYPES) <= set(LOSSES) and len(TRL_LOSS_TYPES) == 15
     assert set(LOSSES) - set(TRL_LOSS_TYPES) == {"dpop", "simpo", "orpo"}
-    assert {n for n, l in LOSSES.items() if l.reference_free} == {"simpo", "orpo"}
-    assert {n for n, l in LOSSES.items() if l.length_normalized} == {"ipo", "sigmoid_norm", "simpo", "orpo"}
-    from pipeline.config import F_DIVERGENCE_LOSSES
-    assert {n for n, l in LOSSES.items() if l.f_divergence} == set(F_DIVERGENCE_LOSSES)
+    assert set(losses_with("reference_free")) == {"simpo", "orpo"}
+    assert set(losses_with("length_normalized")) == {"ipo", "sigmoid_norm", "simpo", "orpo"}
+    assert set(losses_with("f_divergence")) == {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
+                                                "discopop", "sft"}
+    assert losses_with("learns_preferences") == [n for n in LOSSES if n != "sft"]
 
 
 # --- hand-computed values ------------------------------------------------------------------------

@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from pipeline import layout
-from pipeline.config import REFERENCE_FREE_LOSSES, ConfigError, config_from_dict
+from pipeline.config import ConfigError, config_from_dict
 from pipeline.layout import CacheError
-from pipeline.losses import LOSSES
 from pipeline.prepare import prepare
 from pipeline.score import score
 from pipeline.store import fingerprint
@@ -46,10 +45,6 @@ def demo(tmp_path, demo_assets):
         })
 
     return make
-
-
-def test_reference_free_table_is_the_config_tuple():
-    assert set(REFERENCE_FREE_LOSSES) == {name for name, loss in LOSSES.items() if loss.reference_free}
 
 
 def test_which_configs_need_the_reference(demo):
