@@ -39,7 +39,7 @@ def make_bundle(bundle: Path, rows: int) -> None:
     import pyarrow.parquet as pq
 
     from pipeline.assets import smollm2_folder
-    from pipeline.config import config_from_dict
+    from pipeline.config_load import config_from_dict
     from pipeline.prepare import prepare
 
     model_dir = smollm2_folder()
@@ -85,7 +85,7 @@ def build_model(bundle: Path, weights: Path | None, target: Path, shape: str = "
 
 
 def run_backend(name: str, model_dir: Path, dtype: str, data, max_sequence: int):
-    from pipeline.config import config_from_dict
+    from pipeline.config_load import config_from_dict
 
     cfg = config_from_dict({"data": {"path": "unused"}, "model": {"path": str(model_dir), "dtype": dtype},
                             "score": {"backend": name, "tokens_per_batch": 65536, "gpu_memory_utilization": 0.5}})

@@ -60,7 +60,7 @@ def load(model_dir: Path, kernel: str, dtype):
 def score_run(model_dir: Path, kernel: str, dtype: str, layout: str, data, tokens_per_batch: int):
     import torch
 
-    from pipeline.config import config_from_dict
+    from pipeline.config_load import config_from_dict
     from pipeline.scorers.transformers_backend import TransformersScorer
 
     cfg = config_from_dict({"data": {"path": "unused"},

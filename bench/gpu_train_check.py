@@ -71,7 +71,7 @@ def worker(config_path: Path) -> int:
     """One torchrun rank: train, then write this rank's peak CUDA memory beside the config."""
     import torch
 
-    from pipeline.config import config_from_dict
+    from pipeline.config_load import config_from_dict
     from pipeline.train import train
 
     config = json.loads(config_path.read_text())
@@ -85,7 +85,7 @@ def run_mode(mode: str, assets: dict, root: Path, device: str, max_steps: int | 
     import torch
 
     from pipeline import layout
-    from pipeline.config import config_from_dict
+    from pipeline.config_load import config_from_dict
     from pipeline.distributed import launch
     from pipeline.prepare import prepare
     from pipeline.score import score

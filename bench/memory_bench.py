@@ -73,7 +73,7 @@ class RssSampler:
 
 
 def _config(storage: str, model_path: str, data_path: str, mode: str, batch: int, steps: int, max_length: int):
-    from pipeline.config import config_from_dict
+    from pipeline.config_load import config_from_dict
 
     return config_from_dict({
         "storage": storage, "data": {"path": data_path, "eval_fraction": 0.0}, "model": {"path": model_path},
@@ -147,7 +147,7 @@ def gpu_worker(args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import pipeline.precision as precision
-    from pipeline.config import config_from_dict
+    from pipeline.config_load import config_from_dict
     from pipeline.train import Split, build_trainer, train_step
 
     device = "cpu" if args.shape == "tiny" else "cuda"

@@ -29,7 +29,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from pipeline.assets import smollm2_folder
-    from pipeline.config import config_from_dict
+    from pipeline.config_load import config_from_dict
     from pipeline.prepare import prepare
 
     if not Path(args.data).exists():

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 STEP = """
 import sys, time, json
 sys.path.insert(0, {root!r})
-from pipeline.config import load_config
+from pipeline.config_load import load_config
 cfg = load_config({config!r})
 started = time.perf_counter()
 {body}
@@ -68,7 +68,7 @@ def main() -> int:
 
     from _common import write_report
     from pipeline.assets import build_demo_assets, demo_preferences
-    from pipeline.config import config_from_dict
+    from pipeline.config_load import config_from_dict
     from pipeline.prepare import prepare
 
     root = Path(tempfile.mkdtemp(prefix="shards-bench-"))

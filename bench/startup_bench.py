@@ -44,7 +44,7 @@ from pathlib import Path  # noqa: E402
 
 # (module, attribute or Class.method, phase) in the order a run meets them.
 PHASES = [
-    ("pipeline.config", "load_config", "config load"),
+    ("pipeline.config_load", "load_config", "config load"),
     ("pipeline.layout", "locate_dataset", "locate dataset"),
     ("pipeline.layout", "dataset_identity", "dataset identity (data, tokenizer files)"),
     ("pipeline.layout", "verified_dataset", "verify dataset manifest"),

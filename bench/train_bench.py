@@ -51,7 +51,7 @@ def run_variant(args) -> dict:
     import torch
 
     from pipeline import layout
-    from pipeline.config import load_config
+    from pipeline.config_load import load_config
     from pipeline.models import load_causal_lm
     from pipeline.train import batch_indices, build_trainer, load_split_data, train_step
 
@@ -94,7 +94,7 @@ def main() -> int:
         return 0
 
     from pipeline.assets import smollm2_folder
-    from pipeline.config import load_config
+    from pipeline.config_load import load_config
     from pipeline.prepare import prepare
     from pipeline.score import score
 

@@ -197,7 +197,7 @@ def our_rows(config: Path) -> dict:
     import pyarrow.parquet as pq
 
     from pipeline import layout
-    from pipeline.config import load_config
+    from pipeline.config_load import load_config
 
     cfg = load_config(config)
     dataset_dir = layout.locate_dataset(cfg)

@@ -43,7 +43,7 @@ def build_cache(tmp: Path, data: str) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.assets import smollm2_folder
-    from pipeline.config import config_from_dict
+    from pipeline.config_load import config_from_dict
     from pipeline.prepare import prepare
     from pipeline.score import score
 

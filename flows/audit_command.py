@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 
 from pipeline import layout
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError
+from pipeline.config_load import load_config
 
 
 def cache_from(args) -> Path:

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from pipeline import STAGES, distributed, layout, metrics
-from pipeline.config import ConfigError, config_from_dict, load_config, world_size
+from pipeline.config import ConfigError, world_size
+from pipeline.config_load import config_from_dict, load_config
 from pipeline.data import DataError
 from pipeline.distributed import DistributedError
 from pipeline.layout import CacheError

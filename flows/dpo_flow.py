@@ -34,7 +34,8 @@ from prefect.states import Completed, State
 from pipeline import STAGES, distributed, layout
 from pipeline.audit import AuditFailed, audit
 from pipeline.audit_report import save_report
-from pipeline.config import config_from_dict, world_size
+from pipeline.config import world_size
+from pipeline.config_load import config_from_dict
 from pipeline.prepare import prepare
 from pipeline.store import exclusive, lock_path
 from pipeline.train import TrainResult, launch, train

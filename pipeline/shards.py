@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import layout
-from .config import config_from_dict
+from .config_load import config_from_dict
 from .layout import shard_name
 from .refvalues import COLUMNS_KEY, ValueProofError, column_digests, read_shard
 from .scorers import Progress, ScoreError, make_scorer

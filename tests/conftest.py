@@ -13,7 +13,7 @@ import pytest
 
 from flows.prefect_settings import apply_prefect_settings
 from pipeline.assets import build_demo_assets
-from pipeline.config import config_from_dict
+from pipeline.config_load import config_from_dict
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HH_TEST = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"

@@ -26,7 +26,7 @@ import pytest
 
 from pipeline import layout
 from pipeline.assets import demo_preferences
-from pipeline.config import config_from_dict
+from pipeline.config_load import config_from_dict
 from pipeline.prepare import prepare
 from pipeline.score import score
 from pipeline.store import lock_path

@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.config import ConfigError, config_from_dict, load_config
+from pipeline.config import ConfigError
+from pipeline.config_load import config_from_dict, load_config
 
 BASE = {"data": {"path": "d.jsonl"}, "model": {"path": "m"}}
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from flows import cli
 from pipeline import layout
-from pipeline.config import config_from_dict
+from pipeline.config_load import config_from_dict
 from pipeline.train import train
 
 TRAIN = {"learning_rate": 1e-3, "per_device_train_batch_size": 4, "max_steps": 4, "eval_steps": 2,

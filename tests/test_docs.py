@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import Config, config_from_dict
+from pipeline.config import Config
+from pipeline.config_load import config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import is_hub_id, load_config
+from pipeline.config import is_hub_id
+from pipeline.config_load import load_config
 
 from .conftest import HH_TEST, hub_cache, requires_hh
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import layout
-from pipeline.config import config_from_dict
+from pipeline.config_load import config_from_dict
 from pipeline.models import model_fingerprint
 from pipeline.store import fingerprint
 

@@ -19,7 +19,7 @@ import pytest
 import flows.dpo_flow as pipeline_flows
 from flows.prefect_settings import PREFECT_SETTINGS
 from pipeline import STAGES
-from pipeline.config import config_from_dict
+from pipeline.config_load import config_from_dict
 
 DPO = str(Path(sys.executable).parent / "dpo")
 PREFECT = str(Path(sys.executable).parent / "prefect")

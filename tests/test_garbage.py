@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import config_from_dict
+from pipeline.config_load import config_from_dict
 from pipeline.data import DataError
 from pipeline.prepare import PrepareError, prepare
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from pipeline import logprobs
-from pipeline.config import ConfigError, config_from_dict
+from pipeline.config import ConfigError
+from pipeline.config_load import config_from_dict
 from pipeline.train import Split, ValueLists, ld_reference, ld_weights, wpo_weights
 
 from .test_losses_trl import _demo_train, scored_demo  # noqa: F401  (the module's scored demo)

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 import pipeline.train as train_module
 from pipeline import layout
 from pipeline.assets import DEMO_TRAIN
-from pipeline.config import ConfigError, config_from_dict
+from pipeline.config import ConfigError
+from pipeline.config_load import config_from_dict
 from pipeline.logprobs import pair_logps
 from pipeline.prepare import prepare
 from pipeline.score import score

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from pipeline import losses
-from pipeline.config import ConfigError, TrainConfig, config_from_dict
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.config_load import config_from_dict
 from pipeline.loss_traits import LOSS_TRAITS, LossType, losses_with
 from pipeline.losses import FUNCTIONS, LOSSES, TRL_LOSS_TYPES, combined_loss, scores
 

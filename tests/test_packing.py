@@ -153,7 +153,7 @@ def test_training_steps_equal_with_and_without_padding_free(demo_assets):
     step, the loss the mean over the effective batch (2 micro-batches of 6 pairs), to float32
     rounding; and the key stays out of the run's identity."""
     from pipeline import layout
-    from pipeline.config import config_from_dict
+    from pipeline.config_load import config_from_dict
     from pipeline.models import load_causal_lm
     from pipeline.train import Split, batch_indices, build_trainer, train_step
 

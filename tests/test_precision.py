@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 
 from pipeline import layout, precision
-from pipeline.config import ConfigError, config_from_dict
+from pipeline.config import ConfigError
+from pipeline.config_load import config_from_dict
 from pipeline.layout import LOGPROB_TOLERANCE_HALF, policy_init, run_identity
 from pipeline.train import train
 

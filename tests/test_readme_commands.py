@@ -261,7 +261,7 @@ def check_parses(argv: list[str], monkeypatch) -> None:
 @pytest.mark.parametrize("example", [e for e in EXAMPLES if e.kind != "make"], ids=lambda e: e.where)
 def test_every_command_and_set_example_is_accepted(example, run_yaml, monkeypatch, capsys):
     if example.kind == "set":
-        from pipeline.config import load_config
+        from pipeline.config_load import load_config
 
         words = list(example.argv)
         assert words[0] == "--set" and len(words) == 2, example.text
@@ -325,7 +325,7 @@ def _cache_and_example_id(config: Path) -> tuple[Path, str]:
     import pyarrow.parquet as pq
 
     from pipeline import layout
-    from pipeline.config import load_config
+    from pipeline.config_load import load_config
 
     cfg = load_config(config)
     cache = layout.plan_refscores_dir(cfg, layout.plan_dataset_dir(cfg).name)

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import yaml
 
-from pipeline.config import config_from_dict
+from pipeline.config_load import config_from_dict
 from pipeline.prepare import prepare
 from pipeline.score import score
 from tests.test_score import varied_rows, write_jsonl

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pipeline import models
-from pipeline.config import config_from_dict
+from pipeline.config_load import config_from_dict
 from pipeline.models import ModelError
 from pipeline.scorers.transformers_backend import TransformersScorer
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline import layout
-from pipeline.config import config_from_dict
+from pipeline.config_load import config_from_dict
 from pipeline.logprobs import pair_logps
 from pipeline.layout import CacheError
 from pipeline.losses import LOSSES, hinge_loss, ipo_loss, robust_loss, rewards, sigmoid_loss

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from pipeline import layout
-from pipeline.config import ConfigError, config_from_dict
+from pipeline.config import ConfigError
+from pipeline.config_load import config_from_dict
 from pipeline.layout import CacheError
 from pipeline.prepare import prepare
 from pipeline.score import score

@@ -21,7 +21,7 @@ import pytest
 from pipeline import layout, refvalues, store
 from pipeline.assets import demo_preferences
 from pipeline.audit import audit
-from pipeline.config import config_from_dict
+from pipeline.config_load import config_from_dict
 from pipeline.prepare import prepare
 from pipeline.score import score
 from pipeline.shards import shard_table, scores_schema

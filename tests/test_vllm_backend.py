@@ -41,7 +41,7 @@ def read(result):
 
 @pytest.fixture(scope="module")
 def both_backends(tmp_path_factory, demo_assets):
-    from pipeline.config import config_from_dict
+    from pipeline.config_load import config_from_dict
 
     storage = tmp_path_factory.mktemp("vllm")
     raw = {
