@@ -20,6 +20,7 @@ each backend and dtype; writes JSON to $OUT/gpu_check.json (or --out).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -142,7 +143,7 @@ def main() -> int:
               "random_weights": args.weights is None, "vllm_installed": "vllm" in backends, "results": []}
     for shape in args.shapes.split(","):
         model_dir = build_model(args.bundle, args.weights, Path(tempfile.mkdtemp()) / "model", shape)
-        report_shape(report, shape, backends, model_dir, data, max_sequence, tokens)
+        report_shape(report, shape, backends, model_dir, Rows(data, max_sequence, tokens))
     if "vllm" not in backends:
         print("vLLM is not installed on this machine: only the transformers backend was measured")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -151,10 +152,20 @@ def main() -> int:
     return 0
 
 
-def report_shape(report: dict, shape: str, backends: list[str], model_dir: Path, data, max_sequence: int,
-                 tokens: int) -> None:
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """The bundle's HH slice: (prompts, chosens, rejecteds) token ids, its longest sequence, and
+    its sequence tokens (each pair's prompt twice)."""
+
+    data: tuple
+    max_sequence: int
+    tokens: int
+
+
+def report_shape(report: dict, shape: str, backends: list[str], model_dir: Path, rows: Rows) -> None:
     """Run every backend x dtype on one model shape; rows (tokens/s, drift against
     transformers/float32, vLLM's speed-up over transformers in the same dtype) into ``report``."""
+    data, max_sequence, tokens = rows.data, rows.max_sequence, rows.tokens
     runs = {}
     for dtype in ("float32", "bfloat16"):
         for backend in backends:

@@ -24,6 +24,7 @@ Prints tables; writes JSON to $OUT/gpu_packing.json (or --out), after each part.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -144,7 +145,7 @@ def exactness(model_dir: Path, data, rows: int, report: dict) -> None:
             del model
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=ROOT / ".gpu_bundle")
     parser.add_argument("--shapes", default="smollm2-135m,llama-1b")
@@ -159,16 +160,29 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script")
     parser.add_argument("--out", type=Path,
                         default=Path(os.environ.get("OUT", ROOT / "bench" / "results")) / "gpu_packing.json")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+@dataclasses.dataclass
+class Bench:
+    """What every part reads: the options, the pairs' token ids (prompts, chosens, rejecteds), each
+    pair's real tokens, the training micro-batches (pair indices), and the report written as JSON."""
+
+    args: argparse.Namespace
+    data: tuple
+    real: list[int]
+    batches: list[list[int]]
+    report: dict
+
+    def save(self) -> None:
+        self.args.out.parent.mkdir(parents=True, exist_ok=True)
+        self.args.out.write_text(json.dumps(self.report, indent=2) + "\n")
+
+
+def load_bench(args: argparse.Namespace) -> Bench:
     import pyarrow.parquet as pq
     import torch
 
-    global DEVICE
-    DEVICE = args.device
-    if DEVICE == "cuda" and not torch.cuda.is_available():
-        print("no CUDA GPU here: run this on the lent GPU machine", file=sys.stderr)
-        return 1
     table = pq.read_table(args.bundle / "examples.parquet").to_pydict()
     data = tuple(table[k][: args.rows] for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
     real = [len(p) + len(c) + len(r) for p, c, r in zip(*data)]
@@ -177,56 +191,79 @@ def main() -> int:
     report = {"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "rows": len(real),
               "real_tokens": sum(real), "dtype": args.dtype, "tokens_per_batch": args.tokens_per_batch,
               "micro": args.micro, "scoring": [], "training": [], "exactness": []}
+    return Bench(args, data, real, batches, report)
 
-    def save():
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
 
-    dtype = getattr(torch, args.dtype)
+def score_shape(bench: Bench, shape: str, model_dir: Path, kernels: list[str]) -> None:
+    """Scoring tokens/s and max |diff| per token against the first (padded sdpa) run, per kernel x layout."""
+    args, real = bench.args, bench.real
+    print(f"{'scoring':<10}{'kernel':<16}{'layout':<7}{'tok/s':>10}{'setup s':>9}{'max|diff|':>11}")
+    base = None
+    for kernel in kernels:
+        for layout in LAYOUTS:
+            try:
+                values, seconds, setup = score_run(model_dir, kernel, args.dtype, layout, bench.data,
+                                                   args.tokens_per_batch)
+            except Exception as exc:  # report and go on
+                print(f"  scoring {kernel}/{layout} failed: {exc!r}", file=sys.stderr)
+                continue
+            base = values if base is None else base
+            diff = float(max(np.abs(a - b).max() for a, b in zip(values, base) if len(a)))
+            row = {"shape": shape, "kernel": kernel, "layout": layout, "seconds": seconds, "setup_s": setup,
+                   "tokens_per_s": sum(real) / seconds, "token_max_abs_diff_vs_sdpa_none": diff}
+            bench.report["scoring"].append(row)
+            print(f"{'':<10}{kernel:<16}{layout:<7}{row['tokens_per_s']:>10.0f}{setup:>9.1f}{diff:>11.2e}")
+            bench.save()
+
+
+def train_shape(bench: Bench, shape: str, model_dir: Path, kernels: list[str]) -> None:
+    """Training tokens/s, peak memory and the first batch's relative gradient difference against the
+    first (padded sdpa) run, per kernel x layout."""
+    import torch
+
+    dtype = getattr(torch, bench.args.dtype)
+    timed = sum(bench.real[i] for index in bench.batches[3:] for i in index)
+    print(f"{'training':<10}{'kernel':<16}{'layout':<7}{'tok/s':>10}{'setup s':>9}{'grad rel':>11}{'peak GiB':>10}")
+    first = None
+    for kernel in kernels:
+        for layout in LAYOUTS:
+            try:
+                grad, seconds, setup, peak = train_run(model_dir, kernel, layout, bench.data, bench.batches, dtype)
+            except Exception as exc:
+                print(f"  training {kernel}/{layout} failed: {exc!r}", file=sys.stderr)
+                continue
+            first = grad if first is None else first
+            rel = float((grad - first).norm() / first.norm())
+            row = {"shape": shape, "kernel": kernel, "layout": layout, "seconds": seconds, "setup_s": setup,
+                   "tokens_per_s": timed / seconds, "peak_gib": peak, "grad_rel_diff_vs_sdpa_none": rel}
+            bench.report["training"].append(row)
+            print(f"{'':<10}{kernel:<16}{layout:<7}{row['tokens_per_s']:>10.0f}{setup:>9.1f}{rel:>11.2e}{peak:>10.2f}")
+            bench.save()
+
+
+def main() -> int:
+    args = parse_args()
+    import torch
+
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU here: run this on the lent GPU machine", file=sys.stderr)
+        return 1
+    bench = load_bench(args)
     for shape in args.shapes.split(","):
         model_dir = build_model(args.bundle, None, Path(tempfile.mkdtemp()) / "model", shape)
         kernels = args.kernels.split(",") + (["eager"] if shape == "smollm2-135m" and args.eager else [])
-        print(f"\n{report['device']}, {shape} ({args.dtype}), {len(real)} HH pairs, {sum(real)} real tokens")
-        print(f"{'scoring':<10}{'kernel':<16}{'layout':<7}{'tok/s':>10}{'setup s':>9}{'max|diff|':>11}")
-        base = None
-        for kernel in kernels:
-            for layout in LAYOUTS:
-                try:
-                    values, seconds, setup = score_run(model_dir, kernel, args.dtype, layout, data,
-                                                       args.tokens_per_batch)
-                except Exception as exc:  # report and go on
-                    print(f"  scoring {kernel}/{layout} failed: {exc!r}", file=sys.stderr)
-                    continue
-                base = values if base is None else base
-                diff = float(max(np.abs(a - b).max() for a, b in zip(values, base) if len(a)))
-                row = {"shape": shape, "kernel": kernel, "layout": layout, "seconds": seconds, "setup_s": setup,
-                       "tokens_per_s": sum(real) / seconds, "token_max_abs_diff_vs_sdpa_none": diff}
-                report["scoring"].append(row)
-                print(f"{'':<10}{kernel:<16}{layout:<7}{row['tokens_per_s']:>10.0f}{setup:>9.1f}{diff:>11.2e}")
-                save()
-        timed = sum(real[i] for index in batches[3:] for i in index)
-        print(f"{'training':<10}{'kernel':<16}{'layout':<7}{'tok/s':>10}{'setup s':>9}{'grad rel':>11}{'peak GiB':>10}")
-        first = None
-        for kernel in kernels:
-            for layout in LAYOUTS:
-                try:
-                    grad, seconds, setup, peak = train_run(model_dir, kernel, layout, data, batches, dtype)
-                except Exception as exc:
-                    print(f"  training {kernel}/{layout} failed: {exc!r}", file=sys.stderr)
-                    continue
-                first = grad if first is None else first
-                rel = float((grad - first).norm() / first.norm())
-                row = {"shape": shape, "kernel": kernel, "layout": layout, "seconds": seconds, "setup_s": setup,
-                       "tokens_per_s": timed / seconds, "peak_gib": peak, "grad_rel_diff_vs_sdpa_none": rel}
-                report["training"].append(row)
-                print(f"{'':<10}{kernel:<16}{layout:<7}{row['tokens_per_s']:>10.0f}{setup:>9.1f}{rel:>11.2e}{peak:>10.2f}")
-                save()
+        print(f"\n{bench.report['device']}, {shape} ({args.dtype}), {len(bench.real)} HH pairs, "
+              f"{sum(bench.real)} real tokens")
+        score_shape(bench, shape, model_dir, kernels)
+        train_shape(bench, shape, model_dir, kernels)
         if shape == "smollm2-135m" and args.exact_rows:
             try:
-                exactness(model_dir, data, args.exact_rows, report)
+                exactness(model_dir, bench.data, args.exact_rows, bench.report)
             except Exception as exc:
                 print(f"  exactness failed: {exc!r}", file=sys.stderr)
-            save()
+            bench.save()
     print(f"wrote {args.out}")
     return 0
 
