@@ -86,7 +86,7 @@ def train_run(model_dir: Path, kernel: str, layout: str, data, batches, dtype):
     import torch
 
     from pipeline.logprobs import pair_token_logps
-    from pipeline.losses import sigmoid_loss
+    from pipeline.losses import PairLogps, sigmoid_loss
 
     model = load(model_dir, kernel, dtype).train()
     prompts, chosens, rejecteds = data
@@ -95,7 +95,7 @@ def train_run(model_dir: Path, kernel: str, layout: str, data, batches, dtype):
         picked = [prompts[i] for i in index], [chosens[i] for i in index], [rejecteds[i] for i in index]
         chosen, rejected = pair_token_logps(model, *picked, device=DEVICE, packing=layout).sums()
         zeros = torch.zeros_like(chosen)
-        loss = sigmoid_loss(chosen, rejected, zeros, zeros, 0.1).mean()
+        loss = sigmoid_loss(PairLogps(chosen, rejected, zeros, zeros), 0.1).mean()
         loss.backward()
         return loss
 

@@ -81,20 +81,11 @@ def worker(config_path: Path) -> int:
     return 0
 
 
-def run_mode(mode: str, assets: dict, root: Path, device: str, max_steps: int | None, nproc: int) -> dict:
-    import torch
-
-    from pipeline import layout
-    from pipeline.config_load import config_from_dict
-    from pipeline.distributed import launch
+def _prepare_and_score(cfg, row: dict) -> None:
+    """The prepare and score stages, their seconds and counts into ``row``."""
     from pipeline.prepare import prepare
     from pipeline.score import score
-    from pipeline.train import finished_run, train
 
-    config = mode_config(mode, assets, root, device, max_steps, nproc)
-    cfg = config_from_dict(config)
-    distributed = MODES[mode][2] is not None
-    row: dict = {"dtype": mode}
     started = time.perf_counter()
     prepared = prepare(cfg, show_progress=False)
     row["prepare_s"] = time.perf_counter() - started
@@ -105,15 +96,25 @@ def run_mode(mode: str, assets: dict, root: Path, device: str, max_steps: int | 
     row["score_s"] = time.perf_counter() - started
     row["score_backend"] = scored.stats.get("backend")
 
-    cuda = device == "cuda"
+
+def _train(mode: str, config: dict, cfg, root: Path, row: dict):
+    """The train stage (under torchrun for ddp/fsdp): its seconds and peak CUDA memory into
+    ``row``; returns the finished run."""
+    import torch
+
+    from pipeline.distributed import launch
+    from pipeline.train import finished_run, train
+
+    cuda = config["train"]["device"] == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    if distributed:
+    if MODES[mode][2] is not None:
         config_path = root / mode / "worker.json"
         config_path.write_text(json.dumps(config))
-        launch([str(Path(__file__).resolve()), "--worker", str(config_path)], nproc, root / mode / "logs")
+        launch([str(Path(__file__).resolve()), "--worker", str(config_path)], config["train"]["nproc_per_node"],
+               root / mode / "logs")
         result = finished_run(cfg)
         peaks = [json.loads(p.read_text()) for p in (root / mode).glob("peak-rank*.json")]
         row["peak_cuda_mib"] = max(peaks) if cuda and peaks else None
@@ -123,6 +124,12 @@ def run_mode(mode: str, assets: dict, root: Path, device: str, max_steps: int | 
     if cuda:
         torch.cuda.synchronize()
     row["train_s"] = time.perf_counter() - started
+    return result
+
+
+def _run_figures(result) -> dict:
+    """Steps, seconds per step, eval accuracies and losses, and the step-0 check of a finished run."""
+    from pipeline import layout
 
     metrics = [json.loads(line) for line in (result.run_dir / layout.METRICS).read_text().splitlines() if line.strip()]
     steps = [m for m in metrics if "loss" in m and "eval/loss" not in m]
@@ -130,7 +137,7 @@ def run_mode(mode: str, assets: dict, root: Path, device: str, max_steps: int | 
     summary = result.summary
     first, final = summary.get("first_eval") or {}, summary.get("final_eval") or {}
     step0 = next((m for m in metrics if "step0/max_mean_token_diff" in m), {})
-    row.update(
+    return dict(
         steps=len(steps),
         s_per_step=statistics.median(step_seconds) if step_seconds else float("nan"),
         first_step_s=step_seconds[0] if step_seconds else float("nan"),
@@ -144,9 +151,22 @@ def run_mode(mode: str, assets: dict, root: Path, device: str, max_steps: int | 
         eval_examples=summary.get("eval_examples"),
         run_dir=str(result.run_dir),
     )
+
+
+def run_mode(mode: str, assets: dict, root: Path, device: str, max_steps: int | None, nproc: int) -> dict:
+    import torch
+
+    from pipeline.config_load import config_from_dict
+
+    config = mode_config(mode, assets, root, device, max_steps, nproc)
+    cfg = config_from_dict(config)
+    row: dict = {"dtype": mode}
+    _prepare_and_score(cfg, row)
+    result = _train(mode, config, cfg, root, row)
+    row.update(_run_figures(result))
     del result
     gc.collect()
-    if cuda:
+    if device == "cuda":
         torch.cuda.empty_cache()
     return row
 
@@ -155,7 +175,7 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)}")
@@ -166,30 +186,17 @@ def main() -> int:
     parser.add_argument("--root", type=Path, help="working folder (default: a fresh temporary one)")
     parser.add_argument("--out", type=Path,
                         default=Path(os.environ.get("OUT", ROOT / "bench" / "results")) / "gpu_train_check.json")
-    args = parser.parse_args()
-    if args.worker:
-        return worker(args.worker)
+    return parser.parse_args()
 
-    import logging
 
+def run_modes(args: argparse.Namespace, report: dict) -> None:
+    """Every mode of --modes on the demo assets, rows (or failures, skips) into ``report``."""
     import torch
 
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA GPU here: run this on the lent GPU machine, or pass --device cpu", file=sys.stderr)
-        return 1
     from pipeline.assets import build_demo_assets
 
     root = args.root or Path(tempfile.mkdtemp(prefix="gpu-train-check-"))
     assets = build_demo_assets(root / "demo")
-    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
-    report = {"device": device_name, "torch": torch.__version__, "results": [], "failures": {}}
-    try:
-        import transformers
-
-        report["transformers"] = transformers.__version__
-    except ImportError:
-        pass
     nproc = args.nproc or (torch.cuda.device_count() if args.device == "cuda" else 1)
     for dtype in args.modes.split(","):
         if MODES[dtype][2] and nproc < 2:
@@ -203,7 +210,9 @@ def main() -> int:
             report["failures"][dtype] = repr(exc)
     report["modules_absent"] = {m: m not in sys.modules for m in ("polars", "prefect", "vllm", "flows")}
 
-    print(f"\n{device_name}: demo train, torch {torch.__version__}")
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['device']}: demo train, torch {report['torch']}")
     print(f"{'dtype':<10}{'steps':>6}{'train s':>9}{'s/step':>9}{'1st step s':>11}{'eval acc 0':>11}"
           f"{'eval acc end':>13}{'step0 diff':>12}{'peak MiB':>10}{'score s':>9}")
     for r in report["results"]:
@@ -213,6 +222,31 @@ def main() -> int:
     for dtype, error in report["failures"].items():
         print(f"{dtype}: FAILED {error}")
     print(f"modules never imported: {report['modules_absent']}; skipped: {report.get('skipped', [])}")
+
+
+def main() -> int:
+    args = parse_args()
+    if args.worker:
+        return worker(args.worker)
+
+    import logging
+
+    import torch
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU here: run this on the lent GPU machine, or pass --device cpu", file=sys.stderr)
+        return 1
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    report = {"device": device_name, "torch": torch.__version__, "results": [], "failures": {}}
+    try:
+        import transformers
+
+        report["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    run_modes(args, report)
+    print_table(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"wrote {args.out}")

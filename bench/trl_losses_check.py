@@ -27,7 +27,7 @@ import types
 
 import torch
 
-from pipeline.losses import LOSSES, TRL_LOSS_TYPES, combined_loss, sft_loss
+from pipeline.losses import LOSSES, TRL_LOSS_TYPES, PairLogps, combined_loss, sft_loss
 import os
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -105,7 +105,7 @@ def ours(loss_types, weights, case: Case, gamma=0.5):
     n = mask.size(0) // 2
     logps, ref = per_token.sum(1), case.ref.sum(1)
     tokens = mask.sum(1).float()
-    per_pair = combined_loss(loss_types, weights, logps[:n], logps[n:], ref[:n], ref[n:], case.beta,
+    per_pair = combined_loss(loss_types, weights, PairLogps(logps[:n], logps[n:], ref[:n], ref[n:]), case.beta,
                              case.label_smoothing, chosen_tokens=tokens[:n], rejected_tokens=tokens[n:],
                              f_divergence_type=case.f_div, f_alpha_divergence_coef=case.alpha,
                              discopop_tau=case.tau, simpo_gamma=gamma)
@@ -177,8 +177,8 @@ def compare_orpo(base: Case, n: int) -> tuple:
     per_token = policy.clone().requires_grad_(True)
     logps = per_token.sum(1)
     kwargs = dict(chosen_tokens=tokens[:n], rejected_tokens=tokens[n:])
-    mine = (LOSSES["orpo"].fn(logps[:n], logps[n:], logps[:n], logps[n:], beta, **kwargs)
-            - sft_loss(logps[:n], logps[n:], None, None, beta, **kwargs)).mean()
+    mine = (LOSSES["orpo"].fn(PairLogps(logps[:n], logps[n:], logps[:n], logps[n:]), beta, **kwargs)
+            - sft_loss(PairLogps(logps[:n], logps[n:], None, None), beta, **kwargs)).mean()
     (ga,) = torch.autograd.grad(mine, per_token)
     ga = ga * mask[:, 1:]
     return ("orpo odds-ratio term (ORPOTrainer)", "reverse_kl", 0.0, mine.item(), theirs.item(),

@@ -9,12 +9,13 @@ or, when some parameters are frozen (LoRA), the trainable ones (trained.safetens
 optimizer state are full (unsharded) tensors keyed by parameter name (distributed.full_state),
 whatever the number of processes that trained: a run resumes on another number of GPUs.
 Optimizer/scheduler/RNG files hold only tensors and plain values and are read back with
-torch.load(weights_only=True). This module only reads and writes; train.py gathers the state
-and puts it back.
+torch.load(weights_only=True). ``save_training`` gathers a trainer's state and writes it,
+``restore_training`` puts a read one back (load_latest_checkpoint calls it).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -28,6 +29,9 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from . import distributed
+from .models import load_tokenizer
 
 log = logging.getLogger("dpo.train")
 
@@ -158,3 +162,51 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# --- a trainer's state: gathered and written, read and put back ----------------------------------
+# ``trainer``: train.py's Trainer (engine, optimizer, scheduler, policy, world, device, cfg, total_steps).
+
+
+def save_training(trainer, run_dir: Path, step: int, run_fingerprint: str) -> None:
+    """A checkpoint of ``step``: the full state gathered from every rank (a collective), with each
+    rank's random generators (to resume exactly: dropout), written by rank 0. Under LoRA only the
+    trained tensors; a full model's checkpoint also loads with from_pretrained (config, tokenizer)."""
+    weights, optim = distributed.full_state(trainer.engine, trainer.optimizer, trainer.world)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state(trainer.device)
+    ranks = trainer.world.gather(rng)  # each rank's generators, to resume exactly (dropout)
+    if not trainer.world.main:
+        return
+    trained = set(distributed.get_trained_names(distributed.inner(trainer.engine)))
+    partial = len(trained) < len(list(trainer.policy.parameters()))
+    if partial:
+        weights = {name: tensor for name, tensor in weights.items() if name in trained}
+    state = {"step": step, "run_fingerprint": run_fingerprint, "total_steps": trainer.total_steps,
+             "world_size": trainer.world.size}
+    save_checkpoint(checkpoint_dir(run_dir, step), Checkpoint(
+        weights, optim, trainer.scheduler.state_dict(), {**rng, "ranks": ranks}, state, partial),
+        None if partial else functools.partial(_loadable, trainer))
+    prune_checkpoints(run_dir, trainer.cfg.train.save_total_limit)
+
+
+def _loadable(trainer, folder: Path) -> None:
+    """Full fine-tuning: the files that make from_pretrained(checkpoint) work."""
+    trainer.policy.config.save_pretrained(folder)
+    if getattr(trainer.policy, "generation_config", None) is not None:
+        trainer.policy.generation_config.save_pretrained(folder)
+    load_tokenizer(trainer.cfg.model).save_pretrained(folder)
+
+
+def restore_training(trainer, checkpoint: Checkpoint) -> None:
+    """Put ``checkpoint`` back into the trainer: weights and optimizer (sharded as the engine
+    shards them), schedule, and this rank's random generators (rank 0's on another world size)."""
+    distributed.load_full_state(trainer.engine, trainer.optimizer, trainer.world, checkpoint.weights,
+                                checkpoint.optimizer)
+    trainer.scheduler.load_state_dict(checkpoint.scheduler)
+    ranks = checkpoint.rng.get("ranks") or [checkpoint.rng]
+    rng = ranks[trainer.world.rank] if len(ranks) == trainer.world.size else checkpoint.rng
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"], trainer.device)

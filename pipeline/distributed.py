@@ -59,14 +59,16 @@ class World:
     def main(self) -> bool:
         return self.rank == 0
 
-    def sum(self, values: dict[str, float]) -> dict[str, float]:
-        """Sums over all processes of each value (float64, in one all-reduce)."""
+    def sum(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sums over all processes of each value (0-dim tensors, float64, in one all-reduce; they
+        stay on their device: no host sync)."""
         if self.size == 1 or not values:
             return dict(values)
         keys = sorted(values)
-        tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_comm_device())
+        device = values[keys[0]].device
+        tensor = torch.stack([values[k].to(device, torch.float64) for k in keys]).to(_comm_device())
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return dict(zip(keys, tensor.tolist()))
+        return dict(zip(keys, tensor.to(device).unbind()))
 
     def max(self, value: float) -> float:
         if self.size == 1:
@@ -202,12 +204,13 @@ def accumulating(engine, sync: bool):
     yield
 
 
-def clip_grad_norm(params, max_norm: float) -> float:
-    """Clip the global gradient norm (over all shards under FSDP2); returns it before clipping."""
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (over all shards under FSDP2); returns it before clipping,
+    a 0-dim tensor on the gradients' device (read it with the step's other metrics: one sync)."""
     total = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if hasattr(total, "full_tensor"):  # a DTensor: the norm over every shard
         total = total.full_tensor()
-    return float(total)
+    return total
 
 
 # --- the training state as full (unsharded) state dicts ------------------------------------------

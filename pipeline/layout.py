@@ -211,6 +211,11 @@ def policy_init(cfg: Config) -> ModelConfig:
                        attn_implementation=cfg.model.attn_implementation)
 
 
+def effective_batch_size(train_cfg, world_size: int) -> int:
+    """Pairs per optimizer step: per device x accumulation x devices, as TRL counts them."""
+    return train_cfg.per_device_train_batch_size * train_cfg.gradient_accumulation_steps * world_size
+
+
 def run_identity(cfg: Config, dataset_fp: str, cache_fp: str | None, init_fp: dict) -> dict:
     """What determines a run's weights. ``cache_fp``: the reference cache's fingerprint, None for
     a reference-free run (train.needs_reference() false: no cache is read, so none is named)."""
@@ -229,9 +234,8 @@ def run_identity(cfg: Config, dataset_fp: str, cache_fp: str | None, init_fp: di
     # Resolved. What a step computes is the mean over effective_batch_size pairs, however they
     # are split into micro-batches and processes (DDP, FSDP2): a run resumes on another number
     # of GPUs at the same effective batch.
-    effective = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * world_size(cfg.train)
     train.update(precision=precision.resolve(cfg), save_dtype=precision.save_dtype(cfg),
-                 effective_batch_size=effective)
+                 effective_batch_size=effective_batch_size(cfg.train, world_size(cfg.train)))
     return {"kind": "run", "schema_version": RUN_SCHEMA_VERSION, "dataset": dataset_fp,
             "refscores": cache_fp, "init": init_fp, "dtype": cfg.model.dtype, "train": train}
 

@@ -3,6 +3,7 @@
     metrics.append(metrics.path_of(run_dir), {"step": 3, "loss": 0.69, ...})   # train, rank 0
     records = metrics.read(metrics.path_of(run_dir))                           # report, model card, status
     metrics.truncate(metrics.path_of(run_dir), step=40)                        # --resume from step 40
+    record = metrics.averaged(step_records)        # one record per train.logging_steps steps
 
 Training appends a record per logged step and eval and flushes each, so a kill leaves at most
 its last line cut short: ``read`` skips such a line; ``truncate`` (what a resumed run does)
@@ -50,3 +51,12 @@ def truncate(path: Path, step: int) -> None:
     """Drop what a killed run logged after the checkpoint (of step ``step``) it resumes from."""
     kept = [r for r in read(path) if r["step"] <= step]
     atomic_write_text(path, "".join(_line(r) for r in kept))
+
+
+def averaged(records: list[dict]) -> dict:
+    """One metrics record for several steps: means, with the last step's step, epoch and learning_rate (as
+    Hugging Face logs every logging_steps)."""
+    last = records[-1]
+    out = {key: sum(r[key] for r in records) / len(records) for key in last}
+    out.update(step=last["step"], epoch=last["epoch"], learning_rate=last["learning_rate"])
+    return out

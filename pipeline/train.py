@@ -46,7 +46,7 @@ from .checkpoint import (Checkpoint, checkpoint_dir, list_checkpoints, load_late
 from .config import Config, world_size
 from .distributed import World
 from .logprobs import PairTokens, pair_token_logps, supports_shared_prefix
-from .losses import LOSSES, combined_loss, rewards
+from .losses import LOSSES, PairLogps, combined_loss, rewards
 from .models import load_causal_lm, load_tokenizer, model_fingerprint
 from .progress import Progress
 from .refvalues import ValueProofError, read_shards
@@ -347,9 +347,10 @@ def compute_loss(cfg: Config, split: Split, index: list[int], policy_chosen, pol
     if side in ("rejected", "both"):
         policy_rejected = policy_rejected / rejected_len.clamp(min=1)
         ref_rejected = ref_rejected / rejected_len.clamp(min=1)
-    per_pair = combined_loss(names, train_cfg.loss_weights, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                             train_cfg.beta, train_cfg.label_smoothing, chosen_tokens=chosen_len,
-                             rejected_tokens=rejected_len, f_divergence_type=train_cfg.f_divergence_type,
+    logps = PairLogps(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    per_pair = combined_loss(names, train_cfg.loss_weights, logps, train_cfg.beta, train_cfg.label_smoothing,
+                             chosen_tokens=chosen_len, rejected_tokens=rejected_len,
+                             f_divergence_type=train_cfg.f_divergence_type,
                              f_alpha_divergence_coef=train_cfg.f_alpha_divergence_coef,
                              discopop_tau=train_cfg.discopop_tau, dpop_lambda=train_cfg.dpop_lambda,
                              simpo_gamma=train_cfg.simpo_gamma)

@@ -38,6 +38,9 @@ STAGE_PARTS = {
     "pipeline.audit_report": "pipeline.audit",
     "pipeline.records": "pipeline.prepare",
     "pipeline.encoder": "pipeline.prepare",
+    "pipeline.train_data": "pipeline.train",
+    "pipeline.train_loss": "pipeline.train",
+    "pipeline.final": "pipeline.train",
 }
 """A stage's own modules beside its main one: {module: the stage it belongs to}."""
 

@@ -125,7 +125,7 @@ def test_length_normalize_either_side_hand_computed(side):
     """sigmoid with train.length_normalize: -log sigma(beta (rho_w' - rho_l')), rho' the log-ratio
     divided by that response's token count on the normalized side(s), the sum elsewhere; both is
     sigmoid_norm."""
-    from pipeline.losses import sigmoid_norm_loss
+    from pipeline.losses import PairLogps, sigmoid_norm_loss
     from pipeline.train import compute_loss
 
     cfg = config_from_dict({"data": {"path": "x.jsonl"}, "model": {"path": "m"},
@@ -144,7 +144,7 @@ def test_length_normalize_either_side_hand_computed(side):
     assert loss.item() == pytest.approx(want, rel=1e-6)
     assert sums["logps/chosen"] == pytest.approx(-10.0)  # metrics keep the sums, as TRL
     if side == "both":
-        norm = sigmoid_norm_loss(pc, pr, torch.tensor([-8.0, -3.0]), torch.tensor([-6.0, -9.0]), 0.5,
+        norm = sigmoid_norm_loss(PairLogps(pc, pr, torch.tensor([-8.0, -3.0]), torch.tensor([-6.0, -9.0])), 0.5,
                                  chosen_tokens=n_w, rejected_tokens=n_l)
         assert loss.item() == pytest.approx(norm.sum().item(), rel=1e-6)
 

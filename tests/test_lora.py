@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import pipeline.train as train_module
+import pipeline.final as final_module
 from pipeline import layout
 from pipeline.assets import DEMO_TRAIN
 from pipeline.config import ConfigError
@@ -67,20 +67,20 @@ def test_lora_trains_only_adapters_from_the_cached_base_and_saves_peft_format(lo
 
     cfg = lora_config(run_name="lora", merge_adapter=True)  # the demo's 60 steps
     seen = {}
-    real_finish = train_module._finish
+    real_whole_policy = final_module.whole_policy
 
-    def finish(trainer, run, last_eval):  # the trained policy, before final/ merges it
+    def whole_policy(trainer):  # the trained policy, before final/ merges it
         trainable = [p for p in trainer.policy.parameters() if p.requires_grad]
         seen["trainable"] = len(trainable)
         seen["optimized"] = [p for group in trainer.optimizer.param_groups for p in group["params"]]
         seen["states"] = len(trainer.optimizer.state)
         seen["frozen"] = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if not p.requires_grad}
         seen["logps"] = _logps(trainer.policy)
-        return real_finish(trainer, run, last_eval)
+        return real_whole_policy(trainer)
 
-    monkeypatch.setattr(train_module, "_finish", finish)
+    monkeypatch.setattr(final_module, "whole_policy", whole_policy)
     result = train(cfg, show_progress=False)
-    monkeypatch.setattr(train_module, "_finish", real_finish)
+    monkeypatch.setattr(final_module, "whole_policy", real_whole_policy)
 
     # Step 0: LoRA starts at B = 0, so the policy is the base, whose log-probs the cache holds.
     rows = _metrics(result.run_dir)

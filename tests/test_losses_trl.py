@@ -19,7 +19,7 @@ from pipeline import losses
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.config_load import config_from_dict
 from pipeline.loss_traits import LOSS_TRAITS, LossType, losses_with
-from pipeline.losses import FUNCTIONS, LOSSES, TRL_LOSS_TYPES, combined_loss, scores
+from pipeline.losses import FUNCTIONS, LOSSES, TRL_LOSS_TYPES, PairLogps, combined_loss, scores
 
 BASE = {"data": {"path": "d.jsonl"}, "model": {"path": "m"}}
 
@@ -57,7 +57,7 @@ def test_one_table_of_traits_gives_losses_and_the_config_types():
 # rho_w = 0.5, rho_l = -0.5, h = 1; beta 0.5: r_w = 0.25, r_l = -0.25, beta * h = 0.5.
 # Per-token: s_w / |y_w| - s_l / |y_l| = 0.25 + 0.125 = 0.375;
 # policy per-token log-probs a_w = -1/2, a_l = -2/4 = -0.5.
-PAIR = (t(-1.0), t(-2.0), t(-1.5), t(-1.5))
+PAIR = PairLogps(t(-1.0), t(-2.0), t(-1.5), t(-1.5))
 TOKENS = {"chosen_tokens": t(2.0), "rejected_tokens": t(4.0)}
 A, B = sp(-0.5), sp(0.5)  # -log sigma(0.5), -log sigma(-0.5)
 
@@ -94,7 +94,7 @@ def test_every_loss_has_a_hand_computed_value():
 @pytest.mark.parametrize("name", sorted(HAND))
 def test_hand_computed(name):
     beta, smoothing, options, value = HAND[name]
-    got = LOSSES[name].fn(*PAIR, beta, smoothing, **TOKENS, **options)
+    got = LOSSES[name].fn(PAIR, beta, smoothing, **TOKENS, **options)
     assert got.shape == (1,) and got.item() == pytest.approx(value, abs=1e-12)
 
 
@@ -106,15 +106,15 @@ def test_hand_computed_batch_losses():
     dpop with the chosen log-prob 0.5 under the reference: h = 1, lambda 2: beta (1 - 2 * 0.5) = 0.
     orpo: a_w = log 1/2 (odds 1), a_l = log 1/4 (odds 1/3): -log sigma(log 3) = log 4/3; NLL log 2.
     """
-    aot = losses.aot_loss(t(3.0, 0.0), t(0.0, 1.0), t(0.0, 1.0), t(0.0, -1.0), 1.0)
+    aot = losses.aot_loss(PairLogps(t(3.0, 0.0), t(0.0, 1.0), t(0.0, 1.0), t(0.0, -1.0)), 1.0)
     assert aot.tolist() == pytest.approx([sp(1.0), sp(-1.0)], abs=1e-12)
-    unpaired = losses.aot_unpaired_loss(t(1.0, -2.0), t(0.0, 3.0), t(0.0, 0.0), t(0.0, 0.0), 1.0)
+    unpaired = losses.aot_unpaired_loss(PairLogps(t(1.0, -2.0), t(0.0, 3.0), t(0.0, 0.0), t(0.0, 0.0)), 1.0)
     assert unpaired.tolist() == pytest.approx([sp(2.0), sp(2.0)], abs=1e-12)
-    sft = losses.sft_loss(t(-1.0, -3.0), t(0.0, 0.0), None, None, 0.1, chosen_tokens=t(2.0, 4.0))
+    sft = losses.sft_loss(PairLogps(t(-1.0, -3.0), t(0.0, 0.0), None, None), 0.1, chosen_tokens=t(2.0, 4.0))
     assert sft.mean().item() == pytest.approx(4 / 6, abs=1e-12)
-    assert losses.dpop_loss(t(-2.0), t(-3.0), t(-1.5), t(-1.5), 0.5, dpop_lambda=2.0).item() == pytest.approx(
-        math.log(2), abs=1e-12)
-    orpo = losses.orpo_loss(t(math.log(0.5)), t(math.log(0.25)), None, None, 0.5, chosen_tokens=t(1.0),
+    dpop = losses.dpop_loss(PairLogps(t(-2.0), t(-3.0), t(-1.5), t(-1.5)), 0.5, dpop_lambda=2.0)
+    assert dpop.item() == pytest.approx(math.log(2), abs=1e-12)
+    orpo = losses.orpo_loss(PairLogps(t(math.log(0.5)), t(math.log(0.25)), None, None), 0.5, chosen_tokens=t(1.0),
                             rejected_tokens=t(1.0))
     assert orpo.item() == pytest.approx(math.log(2) + 0.5 * math.log(4 / 3), abs=1e-12)
 
@@ -128,7 +128,7 @@ def test_f_divergence_scores_hand_computed():
     assert scores(rho, "alpha_divergence", 0.5).item() == pytest.approx((2 ** -0.5 - 1) / -0.5)
     assert scores(rho, "alpha_divergence", 1.0).item() == pytest.approx(math.log(2))  # the reverse KL
     # sigmoid on forward-KL scores: rho_w = log 2, rho_l = 0 -> Delta = 0.5; beta 1: -log sigma(0.5).
-    got = losses.sigmoid_loss(t(math.log(2)), t(-1.0), t(0.0), t(-1.0), 1.0, f_divergence_type="forward_kl")
+    got = losses.sigmoid_loss(PairLogps(t(math.log(2)), t(-1.0), t(0.0), t(-1.0)), 1.0, f_divergence_type="forward_kl")
     assert got.item() == pytest.approx(A, abs=1e-12)
 
 
@@ -212,7 +212,7 @@ def test_value_and_gradient_match_an_independent_float64_implementation(name, be
         pc, pr, rc, rr, n_w, n_l = _inputs(seed)
         ours_in = [v.clone().requires_grad_(True) for v in (pc, pr)]
         theirs_in = [v.clone().requires_grad_(True) for v in (pc, pr)]
-        ours = LOSSES[name].fn(*ours_in, rc, rr, beta, eps, chosen_tokens=n_w, rejected_tokens=n_l)
+        ours = LOSSES[name].fn(PairLogps(*ours_in, rc, rr), beta, eps, chosen_tokens=n_w, rejected_tokens=n_l)
         theirs = _reference(name, *theirs_in, rc, rr, beta, eps, n_w, n_l)
         assert ours.dtype == torch.float64 and ours.shape == (6,)
         if name in ("sft", "orpo"):  # a batch mean: only the mean is defined (TRL expands a scalar)
@@ -230,7 +230,7 @@ def test_autograd_matches_finite_differences(name):
     eps = 1e-3 if name == "exo_pair" else 0.0
 
     def f(a, b):
-        return LOSSES[name].fn(a, b, rc, rr, 0.5, eps, chosen_tokens=n_w, rejected_tokens=n_l)
+        return LOSSES[name].fn(PairLogps(a, b, rc, rr), 0.5, eps, chosen_tokens=n_w, rejected_tokens=n_l)
 
     assert torch.autograd.gradcheck(f, (pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)))
 
@@ -242,8 +242,8 @@ def test_f_divergence_gradients_match_finite_differences(name, f_div):
     eps = 1e-3 if name == "exo_pair" else 0.0
 
     def f(a, b):
-        return LOSSES[name].fn(a, b, rc, rr, 0.5, eps, chosen_tokens=n_w, rejected_tokens=n_l, f_divergence_type=f_div,
-                               f_alpha_divergence_coef=0.3)
+        return LOSSES[name].fn(PairLogps(a, b, rc, rr), 0.5, eps, chosen_tokens=n_w, rejected_tokens=n_l,
+                              f_divergence_type=f_div, f_alpha_divergence_coef=0.3)
 
     assert torch.autograd.gradcheck(f, (pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)))
 
@@ -269,16 +269,16 @@ def test_value_at_zero_rewards(name, f_div):
     form; every f-divergence score is 0 at rho = 0, so the same values."""
     logps, others = t(-3.0, -7.5, -0.2), t(-4.0, -1.0, -9.0)
     eps = 1e-3 if name == "exo_pair" else 0.1 if name in ("robust", "aot", "aot_unpaired") else 0.0
-    got = LOSSES[name].fn(logps, others, logps, others, BETA, eps, chosen_tokens=t(3, 5, 1), rejected_tokens=t(2, 2, 9),
-                          f_divergence_type=f_div)
+    got = LOSSES[name].fn(PairLogps(logps, others, logps, others), BETA, eps, chosen_tokens=t(3, 5, 1),
+                          rejected_tokens=t(2, 2, 9), f_divergence_type=f_div)
     torch.testing.assert_close(got, torch.full((3,), AT_ZERO[name], dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 def test_reference_free_losses_ignore_the_reference():
     pc, pr, rc, rr, n_w, n_l = _inputs(1)
     for name in ("simpo", "orpo"):
-        a = LOSSES[name].fn(pc, pr, rc, rr, 0.5, chosen_tokens=n_w, rejected_tokens=n_l)
-        b = LOSSES[name].fn(pc, pr, rc + 5.0, rr - 3.0, 0.5, chosen_tokens=n_w, rejected_tokens=n_l)
+        a = LOSSES[name].fn(PairLogps(pc, pr, rc, rr), 0.5, chosen_tokens=n_w, rejected_tokens=n_l)
+        b = LOSSES[name].fn(PairLogps(pc, pr, rc + 5.0, rr - 3.0), 0.5, chosen_tokens=n_w, rejected_tokens=n_l)
         assert torch.equal(a, b)
 
 
@@ -288,14 +288,14 @@ def test_reference_free_losses_ignore_the_reference():
 def test_loss_weights_mixture_is_the_weighted_sum():
     pc, pr, rc, rr, n_w, n_l = _inputs(2)
     kw = dict(chosen_tokens=n_w, rejected_tokens=n_l)
-    mixed = combined_loss(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], pc, pr, rc, rr, 0.1, **kw)
-    parts = [LOSSES[n].fn(pc, pr, rc, rr, 0.1, **kw) for n in ("sigmoid", "bco_pair", "sft")]
+    mixed = combined_loss(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], PairLogps(pc, pr, rc, rr), 0.1, **kw)
+    parts = [LOSSES[n].fn(PairLogps(pc, pr, rc, rr), 0.1, **kw) for n in ("sigmoid", "bco_pair", "sft")]
     torch.testing.assert_close(mixed, 0.8 * parts[0] + 0.2 * parts[1] + parts[2])
-    torch.testing.assert_close(combined_loss(["sigmoid", "sft"], None, pc, pr, rc, rr, 0.1, **kw),
+    torch.testing.assert_close(combined_loss(["sigmoid", "sft"], None, PairLogps(pc, pr, rc, rr), 0.1, **kw),
                                parts[0] + parts[2])
-    torch.testing.assert_close(combined_loss("sigmoid", None, pc, pr, rc, rr, 0.1, **kw), parts[0])
+    torch.testing.assert_close(combined_loss("sigmoid", None, PairLogps(pc, pr, rc, rr), 0.1, **kw), parts[0])
     with pytest.raises(ValueError, match="2 weights for 3"):
-        combined_loss(["sigmoid", "bco_pair", "sft"], [1.0, 1.0], pc, pr, rc, rr, 0.1, **kw)
+        combined_loss(["sigmoid", "bco_pair", "sft"], [1.0, 1.0], PairLogps(pc, pr, rc, rr), 0.1, **kw)
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -414,10 +414,10 @@ def test_discopop_descends_away_from_the_preference_at_the_reference():
     dL/dz = -m' ln 2 - (1 - m) sigma(0) + m' - m = -5 ln 2 - 1/4 + 5 - 1/2 (m' = sigma'(0) / tau = 5),
     positive: from the reference the loss lowers z, to its local minimum near z = -0.12."""
     z = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    losses.discopop_loss(z, t(0.0), t(0.0), t(0.0), 1.0).sum().backward()
+    losses.discopop_loss(PairLogps(z, t(0.0), t(0.0), t(0.0)), 1.0).sum().backward()
     assert z.grad.item() == pytest.approx(5 - 5 * math.log(2) - 0.75, abs=1e-12) and z.grad.item() > 0
     grid = torch.linspace(-1, 1, 2001, dtype=torch.float64)
-    values = losses.discopop_loss(grid, torch.zeros_like(grid), torch.zeros_like(grid), torch.zeros_like(grid), 1.0)
+    values = losses.discopop_loss(PairLogps(grid, *[torch.zeros_like(grid)] * 3), 1.0)
     low = grid[(grid < 0.05)][values[grid < 0.05].argmin()].item()
     assert -0.13 < low < -0.11
 

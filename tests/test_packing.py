@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline import logprobs
-from pipeline.losses import sigmoid_loss
+from pipeline.losses import PairLogps, sigmoid_loss
 
 from .conftest import seed_formula_gradient
 
@@ -121,7 +121,7 @@ def test_packed_gradient_equals_padded_and_the_seed_formula(models, demo_assets)
     for packing in ("none", "fit", "flat"):
         model.zero_grad()
         chosen, rejected = logprobs.pair_token_logps(model, prompts, chosens, rejecteds, packing=packing).sums()
-        sigmoid_loss(chosen.double(), rejected.double(), ref_chosen, ref_rejected, beta).mean().backward()
+        sigmoid_loss(PairLogps(chosen.double(), rejected.double(), ref_chosen, ref_rejected), beta).mean().backward()
         grads[packing] = {n: p.grad.double().clone() for n, p in model.named_parameters()}
 
     expected = seed_formula_gradient(demo_assets["model"], list(zip(prompts, chosens, rejecteds)), ref_chosen,

@@ -22,7 +22,7 @@ from pipeline import layout
 from pipeline.config_load import config_from_dict
 from pipeline.logprobs import pair_logps
 from pipeline.layout import CacheError
-from pipeline.losses import LOSSES, hinge_loss, ipo_loss, robust_loss, rewards, sigmoid_loss
+from pipeline.losses import LOSSES, PairLogps, hinge_loss, ipo_loss, robust_loss, rewards, sigmoid_loss
 from pipeline.prepare import prepare
 from pipeline.score import score
 from pipeline.train import TrainError, lr_factor, train
@@ -51,25 +51,25 @@ def test_losses_hand_computed():
     hinge, beta 0.5: max(0, 1 - 0.5) = 0.5
     robust, beta 0.5, eps 0.1: (0.9 * 0.474077 - 0.1 * 0.974077) / 0.8 = 0.411577
     """
-    args = (t(-1.0), t(-2.0), t(-1.5), t(-1.5))
+    args = PairLogps(t(-1.0), t(-2.0), t(-1.5), t(-1.5))
     a, b = math.log1p(math.exp(-0.5)), math.log1p(math.exp(0.5))
-    assert sigmoid_loss(*args, 0.5).item() == pytest.approx(a, abs=1e-12)
+    assert sigmoid_loss(args, 0.5).item() == pytest.approx(a, abs=1e-12)
     assert a == pytest.approx(0.474077, abs=1e-6)
-    assert sigmoid_loss(*args, 0.5, 0.1).item() == pytest.approx(0.9 * a + 0.1 * b, abs=1e-12)
-    assert ipo_loss(*args, 0.25).item() == pytest.approx(1.0, abs=1e-12)
-    assert hinge_loss(*args, 0.5).item() == pytest.approx(0.5, abs=1e-12)
-    assert robust_loss(*args, 0.5, 0.1).item() == pytest.approx((0.9 * a - 0.1 * b) / 0.8, abs=1e-12)
-    assert robust_loss(*args, 0.5, 0.0).item() == pytest.approx(a, abs=1e-12)  # eps 0 is DPO
+    assert sigmoid_loss(args, 0.5, 0.1).item() == pytest.approx(0.9 * a + 0.1 * b, abs=1e-12)
+    assert ipo_loss(args, 0.25).item() == pytest.approx(1.0, abs=1e-12)
+    assert hinge_loss(args, 0.5).item() == pytest.approx(0.5, abs=1e-12)
+    assert robust_loss(args, 0.5, 0.1).item() == pytest.approx((0.9 * a - 0.1 * b) / 0.8, abs=1e-12)
+    assert robust_loss(args, 0.5, 0.0).item() == pytest.approx(a, abs=1e-12)  # eps 0 is DPO
 
 
 def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
     logps = t(-3.0, -7.5, -0.2)
     others = t(-4.0, -1.0, -9.0)
-    loss = LOSSES["sigmoid"].fn(logps, others, logps, others, 0.1)
+    loss = LOSSES["sigmoid"].fn(PairLogps(logps, others, logps, others), 0.1)
     assert torch.allclose(loss, torch.full_like(loss, math.log(2)))
     assert torch.equal(rewards(logps, logps, 0.1), torch.zeros(3, dtype=torch.float64))
     assert torch.equal(rewards(t(-1.0), t(-3.0), 0.5), t(1.0))  # beta * (policy - reference)
-    assert ipo_loss(logps, others, logps, others, 0.1).allclose(torch.full((3,), 25.0, dtype=torch.float64))
+    assert ipo_loss(PairLogps(logps, others, logps, others), 0.1).allclose(torch.full((3,), 25.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "constant_with_warmup"])
@@ -105,7 +105,7 @@ def test_autograd_matches_the_seed_gradient_formula(demo_assets):
 
     model.zero_grad()
     chosen, rejected = pair_logps(model, *map(list, zip(*pairs)), shared=True)
-    loss = sigmoid_loss(chosen.double(), rejected.double(), ref_chosen, ref_rejected, beta).mean()
+    loss = sigmoid_loss(PairLogps(chosen.double(), rejected.double(), ref_chosen, ref_rejected), beta).mean()
     loss.backward()
     ours = {n: p.grad.double().clone() for n, p in model.named_parameters()}
 

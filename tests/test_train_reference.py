@@ -23,7 +23,8 @@ from pipeline.layout import CacheError
 from pipeline.prepare import prepare
 from pipeline.score import score
 from pipeline.store import fingerprint
-from pipeline.train import TrainError, ValueLists, finished_run, load_split_data, train
+from pipeline.train import TrainError, finished_run, train
+from pipeline.train_data import ValueLists, load_split_data
 
 from .test_train import metrics
 
@@ -98,13 +99,14 @@ def test_reference_free_run_ignores_a_cache_that_exists(demo):
     """Scored or not, the same run: its identity and data do not depend on a cache."""
     cfg = demo({**QUICK, "loss_type": "simpo", "max_steps": 1, "beta": 1.0})
     prepare(cfg, show_progress=False)
-    before = finished_run(cfg)
-    assert before is None
-    from pipeline.train import _identify
-
-    unscored = _identify(cfg)
+    assert finished_run(cfg) is None
+    unscored = train(cfg, show_progress=False)  # no cache exists: none is looked for
+    assert unscored.summary["refscores_dir"] is None and unscored.summary["inputs"]["refscores"] is None
     score(cfg, show_progress=False)
-    assert _identify(cfg) == unscored and unscored[2] is None
+    again = finished_run(cfg)  # the same identity, so the same finished run
+    assert again is not None and again.run_dir == unscored.run_dir
+    assert again.summary["fingerprint"] == unscored.summary["fingerprint"]
+    assert train(cfg, show_progress=False).skipped
 
 
 def test_a_mixture_with_a_reference_loss_needs_the_cache(demo):
