@@ -1,5 +1,5 @@
-"""The audit's report, for someone deciding whether to trust a cache, and the drill-down into
-one example; the checks themselves are pipeline/audit.py.
+"""The audit's report, for someone deciding whether to trust a cache; the checks themselves are
+pipeline/audit.py, the drill-down into one example pipeline/audit_tokens.py.
 
     path = save_report(audit(cache_dir, cfg))   # <storage>/audits/<cache fingerprint>/<level>.html
 
@@ -8,19 +8,18 @@ one example; the checks themselves are pipeline/audit.py.
   versions), prepare's counts (truncations, rejects by reason with examples), the checks, the
   statistics, outliers linked to a token-by-token view of each (coloured by log-prob), plots;
   ``current_full_audit`` reads a saved full report back, if it still holds for the cache on disk;
-- drill-down (``example_tokens``, ``token_view``, ``logp_color``): one example's prompt and
-  response tokens with their cached reference log-probs, for the page and for `dpo audit show`.
+- drill-down (``example_tokens``, ``token_view``, ``logp_color``; pipeline/audit_tokens.py,
+  imported here too): one example's prompt and response tokens with their cached reference
+  log-probs, for the page and for `dpo audit show`.
 
 Part of the audit stage (tests/test_layering.py): it imports pipeline.audit; only flows/ imports it.
 """
 
 from __future__ import annotations
 
-import colorsys
 import html
 import itertools
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,94 +27,22 @@ import polars as pl
 
 from . import __version__, layout
 from .audit import AuditReport, dataset_dir_of, load_scores, token_frame, utc_text
-from .config import ModelConfig
+# The drill-down's names are importable from here too (flows/audit_command.py does).
+from .audit_tokens import (  # noqa: F401
+    LOGP_LEGEND,
+    LOGP_SCALE,
+    cache_tokenizer,
+    dataset_examples,
+    example_tokens,
+    legend_html,
+    logp_color,
+    shown_token,
+    token_view,
+    tokens_html,
+)
 from .layout import MANIFEST, CacheError
-from .models import load_tokenizer, tokenizer_files
 from .run_report import png_base64
 from .store import atomic_write_json, atomic_write_text, ensure_dir, exclusive, read_json, remove_leftovers
-
-
-# --- drill-down: one example, token by token --------------------------------------------------------
-
-LOGP_SCALE = (-10.0, 0.0)
-"""The fixed scale (nats) per-token log-probs are coloured on, in every report and terminal: red
-at -10 or below, yellow at -5, green at 0."""
-LOGP_LEGEND = tuple(LOGP_SCALE[0] + (LOGP_SCALE[1] - LOGP_SCALE[0]) * k / 5 for k in range(6))
-
-
-def logp_color(logp: float | None) -> str:
-    """The background (#rrggbb) of a token with this reference log-prob, on LOGP_SCALE; magenta
-    when NaN or infinite, grey when the cache holds no per-token values."""
-    if logp is None:
-        return "#dddddd"
-    if not math.isfinite(logp):
-        return "#ff66ff"
-    low, high = LOGP_SCALE
-    share = min(max((logp - low) / (high - low), 0.0), 1.0)
-    rgb = colorsys.hls_to_rgb(share / 3, 0.8, 0.75)  # hue 0 (red) to 1/3 (green), light
-    return "#" + "".join(f"{round(c * 255):02x}" for c in rgb)
-
-
-def shown_token(token: dict) -> str:
-    """A token's text as shown: newlines marked (↵); its id in angle brackets when not decoded."""
-    if token["token"] is None:
-        return f"⟨{token['id']}⟩"
-    return token["token"].replace("\n", "↵\n")
-
-
-def cache_tokenizer(cache_dir: str | Path, manifest: dict):
-    """(tokenizer, note): the tokenizer the cache's dataset was prepared with, to decode token ids;
-    (None, why) when it cannot be loaded or its files changed since. Never runs remote code."""
-    dataset = read_json(dataset_dir_of(Path(cache_dir), manifest) / MANIFEST) or {}
-    source = dataset.get("tokenizer_source") or manifest.get("model_source") or {}
-    path = source.get("path") or manifest.get("model_path")
-    if not path:
-        return None, "the manifests name no tokenizer: token ids are shown"
-    model = ModelConfig(path=path, revision=source.get("commit") or source.get("revision"))
-    recorded = (dataset.get("inputs") or {}).get("tokenizer_files")
-    try:
-        if recorded is not None and tokenizer_files(model) != recorded:
-            return None, f"the tokenizer files in {path} changed since the data was prepared: token ids are shown"
-        return load_tokenizer(model), f"decoded with the tokenizer in {path}"
-    except (OSError, ValueError) as exc:  # ModelError, or a Hub that cannot be reached
-        return None, f"cannot load the tokenizer ({exc}): token ids are shown"
-
-
-def token_view(example: dict, row: dict, tokenizer=None) -> dict:
-    """An example (a row of examples.parquet) with its scores (a row of the cache): the prompt as
-    the model saw it (decoded from its ids; prepare's text without a tokenizer) and each response's
-    tokens, {"token": text (None without a tokenizer), "id", "logp": reference log-prob}."""
-
-    def decode(ids: list[int]) -> str | None:
-        return tokenizer.decode(ids, clean_up_tokenization_spaces=False) if tokenizer is not None else None
-
-    out = {"id": example["id"], "prompt": decode(example["prompt_ids"]) or example["prompt"],
-           "prompt_tokens": len(example["prompt_ids"]), "prompt_truncated": bool(example.get("prompt_truncated"))}
-    for side in ("chosen", "rejected"):
-        ids = example[f"{side}_ids"]
-        logps = row.get(f"{side}_token_logps") or [None] * len(ids)
-        tokens = [{"token": decode([t]), "id": t, "logp": lp} for t, lp in zip(ids, logps)]
-        out[side] = {"logp": row[f"{side}_logp"], "truncated": bool(example.get(f"{side}_truncated")),
-                     "tokens": tokens}
-    return out
-
-
-def _examples(dataset_dir: Path, ids: list[str]) -> list[dict]:
-    """The rows of examples.parquet with these ids."""
-    return pl.scan_parquet(dataset_dir / layout.EXAMPLES).filter(pl.col("id").is_in(ids)).collect().to_dicts()
-
-
-def example_tokens(cache_dir: str | Path, example_id: str, tokenizer) -> dict:
-    """An example's prompt and response tokens, each with its cached reference log-prob (see
-    token_view; ``tokenizer`` None: token ids only)."""
-    cache_dir = Path(cache_dir)
-    manifest = layout.verified_refscores(cache_dir)
-    scores = load_scores(cache_dir, manifest).filter(pl.col("id") == example_id)
-    if scores.height == 0:
-        raise KeyError(f"no example with id {example_id} in {cache_dir}")
-    dataset_dir = dataset_dir_of(cache_dir, manifest)
-    layout.verified_dataset(dataset_dir)
-    return token_view(_examples(dataset_dir, [example_id])[0], scores.row(0, named=True), tokenizer)
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -182,7 +109,7 @@ def report_sources(report: AuditReport, scores: pl.DataFrame | None) -> ReportSo
     if scores is not None and ids:
         tokenizer, sources.decoded = cache_tokenizer(cache_dir, manifest)
         rows = {row["id"]: row for row in scores.filter(pl.col("id").is_in(ids)).to_dicts()}
-        examples = {example["id"]: example for example in _examples(dataset_dir, ids)}
+        examples = {example["id"]: example for example in dataset_examples(dataset_dir, ids)}
         sources.examples = [token_view(examples[i], rows[i], tokenizer) for i in ids if i in examples and i in rows]
     return sources
 
@@ -199,54 +126,59 @@ def plots(scores: pl.DataFrame) -> dict[str, str]:
     if "chosen_token_logps" in scores.columns:
         tokens = token_frame(scores).drop_nulls("logp").filter(pl.col("logp").is_finite())
     images = {}
-
-    def add(title: str, fig) -> None:
-        fig.axes[0].set_title(title)
-        images[title] = png_base64(fig)
-        plt.close(fig)
-
     with plt.rc_context({"font.size": 11, "axes.grid": True, "grid.alpha": 0.3}):
-        fig, ax = plt.subplots(figsize=FIGSIZE)
-        for side in ("chosen", "rejected"):
-            values = (tokens.filter(pl.col("side") == side)["logp"] if tokens is not None
-                      else scores[f"{side}_logp"].filter(scores[f"{side}_logp"].is_finite()))
-            ax.hist(values.to_numpy(), bins=60, alpha=0.6, label=side)
-        ax.set_xlabel(f"{'per-token' if tokens is not None else 'sequence'} reference log-prob (nats)")
-        ax.set_ylabel("count")
-        ax.legend()
-        add("Log-prob histogram", fig)
-        fig, ax = plt.subplots(figsize=FIGSIZE)
-        margin = scores["chosen_logp"] - scores["rejected_logp"]
-        ax.hist(margin.filter(margin.is_finite()).to_numpy(), bins=60, color="tab:green")
-        ax.axvline(0, color="black", lw=1)
-        ax.set_xlabel("reference margin: log pi_ref(chosen) - log pi_ref(rejected) (nats)")
-        ax.set_ylabel("pairs")
-        add("Margin histogram", fig)
-        fig, ax = plt.subplots(figsize=FIGSIZE)
-        if tokens is not None:
-            least = min(5, scores.height)  # positions fewer responses reach would be noise
-            for side in ("chosen", "rejected"):
-                logp = pl.col("logp")
-                at = (tokens.filter(pl.col("side") == side).group_by("position")
-                      .agg(pl.len().alias("n"), logp.mean().alias("mean"), logp.quantile(0.1, "linear").alias("p10"),
-                           logp.quantile(0.9, "linear").alias("p90"))
-                      .filter(pl.col("n") >= least).sort("position"))
-                (line,) = ax.plot(at["position"].to_numpy(), at["mean"].to_numpy(), lw=1.8, label=f"{side}: mean")
-                ax.fill_between(at["position"].to_numpy(), at["p10"].to_numpy(), at["p90"].to_numpy(),
-                                color=line.get_color(), alpha=0.2, label=f"{side}: 10th-90th percentile")
-            ax.set_xlabel(f"response token position (0: first; positions at least {least} responses reach)")
-            ax.set_ylabel("reference log-prob (nats)")
-            ax.legend()
-            add("Per-token log-prob by position", fig)
-        else:
-            for side in ("chosen", "rejected"):
-                per_token = scores[f"{side}_logp"] / scores[f"{side}_tokens"]
-                ax.hist(per_token.filter(per_token.is_finite()).to_numpy(), bins=60, alpha=0.6, label=side)
-            ax.set_xlabel("sequence log-prob / response tokens (nats per token)")
-            ax.set_ylabel("responses")
-            ax.legend()
-            add("Log-prob per token (the cache holds no per-token values)", fig)
+        for draw in (_logp_histogram, _margin_histogram, _by_position):
+            fig, ax = plt.subplots(figsize=FIGSIZE)
+            title = draw(ax, scores, tokens)
+            fig.axes[0].set_title(title)
+            images[title] = png_base64(fig)
+            plt.close(fig)
     return images
+
+
+def _logp_histogram(ax, scores: pl.DataFrame, tokens: pl.DataFrame | None) -> str:
+    for side in ("chosen", "rejected"):
+        values = (tokens.filter(pl.col("side") == side)["logp"] if tokens is not None
+                  else scores[f"{side}_logp"].filter(scores[f"{side}_logp"].is_finite()))
+        ax.hist(values.to_numpy(), bins=60, alpha=0.6, label=side)
+    ax.set_xlabel(f"{'per-token' if tokens is not None else 'sequence'} reference log-prob (nats)")
+    ax.set_ylabel("count")
+    ax.legend()
+    return "Log-prob histogram"
+
+
+def _margin_histogram(ax, scores: pl.DataFrame, tokens: pl.DataFrame | None) -> str:
+    margin = scores["chosen_logp"] - scores["rejected_logp"]
+    ax.hist(margin.filter(margin.is_finite()).to_numpy(), bins=60, color="tab:green")
+    ax.axvline(0, color="black", lw=1)
+    ax.set_xlabel("reference margin: log pi_ref(chosen) - log pi_ref(rejected) (nats)")
+    ax.set_ylabel("pairs")
+    return "Margin histogram"
+
+
+def _by_position(ax, scores: pl.DataFrame, tokens: pl.DataFrame | None) -> str:
+    if tokens is None:
+        for side in ("chosen", "rejected"):
+            per_token = scores[f"{side}_logp"] / scores[f"{side}_tokens"]
+            ax.hist(per_token.filter(per_token.is_finite()).to_numpy(), bins=60, alpha=0.6, label=side)
+        ax.set_xlabel("sequence log-prob / response tokens (nats per token)")
+        ax.set_ylabel("responses")
+        ax.legend()
+        return "Log-prob per token (the cache holds no per-token values)"
+    least = min(5, scores.height)  # positions fewer responses reach would be noise
+    for side in ("chosen", "rejected"):
+        logp = pl.col("logp")
+        at = (tokens.filter(pl.col("side") == side).group_by("position")
+              .agg(pl.len().alias("n"), logp.mean().alias("mean"), logp.quantile(0.1, "linear").alias("p10"),
+                   logp.quantile(0.9, "linear").alias("p90"))
+              .filter(pl.col("n") >= least).sort("position"))
+        (line,) = ax.plot(at["position"].to_numpy(), at["mean"].to_numpy(), lw=1.8, label=f"{side}: mean")
+        ax.fill_between(at["position"].to_numpy(), at["p10"].to_numpy(), at["p90"].to_numpy(),
+                        color=line.get_color(), alpha=0.2, label=f"{side}: 10th-90th percentile")
+    ax.set_xlabel(f"response token position (0: first; positions at least {least} responses reach)")
+    ax.set_ylabel("reference log-prob (nats)")
+    ax.legend()
+    return "Per-token log-prob by position"
 
 
 def _short(sha) -> str:
@@ -358,33 +290,12 @@ def _why_shown(stats: dict) -> dict[str, list[str]]:
     return why
 
 
-def _tokens_html(tokens: list[dict], framed: set[int]) -> str:
-    spans = []
-    for i, token in enumerate(tokens):
-        value = "no per-token value" if token["logp"] is None else f"{token['logp']:.4f} nats"
-        text = f" {token['token']!r}" if token["token"] is not None else ""
-        frame = " class='low'" if i in framed else ""
-        tip = html.escape(f"#{i} id {token['id']}{text}: {value}")
-        spans.append(f"<span{frame} style='background:{logp_color(token['logp'])}' title='{tip}'>"
-                     f"{html.escape(shown_token(token))}</span>")
-    return "<div class='tokens'>" + "".join(spans) + "</div>"
-
-
-def _legend_html() -> str:
-    cells = "".join(f"<span style='background:{logp_color(v)}'>{'≤' if v == LOGP_SCALE[0] else ''}{v:g}</span>"
-                    for v in LOGP_LEGEND)
-    return (f"<p class='legend'>Reference log-prob of each response token (nats): {cells} "
-            f"<span style='background:{logp_color(math.nan)}'>NaN/inf</span> "
-            f"<span style='background:{logp_color(None)}'>not stored</span>. Hover a token for its value; "
-            "a framed token is in the lowest-log-prob table.</p>")
-
-
 def _examples_html(stats: dict, sources: ReportSources) -> list[str]:
     esc = html.escape
     parts = ["<h2 id='examples'>Examples</h2>"]
     if not sources.examples:
         return parts + ["<p>No examples to show (the outliers' data cannot be read).</p>"]
-    parts += [f"<p>The outliers, token by token: {esc(sources.decoded)}.</p>", _legend_html()]
+    parts += [f"<p>The outliers, token by token: {esc(sources.decoded)}.</p>", legend_html()]
     why = _why_shown(stats)
     framed: dict[tuple, set[int]] = {}
     for row in stats.get("lowest_token_logps") or []:
@@ -401,7 +312,7 @@ def _examples_html(stats: dict, sources: ReportSources) -> list[str]:
             shown = view[side]
             truncated = ", truncated" if shown["truncated"] else ""
             parts.append(f"<h4>{side}: log pi_ref = {shown['logp']:.3f} nats over {len(shown['tokens'])} tokens"
-                         f"{truncated}</h4>" + _tokens_html(shown["tokens"], framed.get((view["id"], side), set())))
+                         f"{truncated}</h4>" + tokens_html(shown["tokens"], framed.get((view["id"], side), set())))
         parts.append("</details>")
     return parts
 
@@ -440,45 +351,12 @@ def write_html(report: AuditReport, scores: pl.DataFrame | None, path: Path,
         "<h2 id='header'>Header</h2><table>",
     ]
     parts += [f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in header_rows(report, sources)]
-    parts.append("</table><h2 id='checks'>Checks</h2><table><tr><th>check</th><th>result</th><th>detail</th></tr>")
-    for f in report.findings:
-        parts.append(f"<tr><td>{esc(f.check)}</td><td class='{'ok' if f.ok else 'fail'}'>"
-                     f"{'ok' if f.ok else 'FAIL'}</td><td>{esc(f.message)}</td></tr>")
-    parts.append("</table>")
-    if report.rescore:
-        parts.append(f"<h3>Re-score</h3><pre>{esc(json.dumps(report.rescore, indent=1))}</pre>")
+    parts += _checks_html(report)
     parts += _prepare_html(sources)
     st = report.stats
     if st:
-        parts.append("<h2 id='statistics'>Statistics</h2><table>")
-        scalars = {"rows": st["rows"], "NaN/inf values": st["nonfinite_values"],
-                   "pairs the reference already prefers": f"{st['reference_prefers_chosen']:.1%}",
-                   "max |sum of per-token - sequence| (nats)": st.get("max_token_sum_vs_sequence_diff")}
-        for key, value in scalars.items():
-            parts.append(f"<tr><th>{esc(key)}</th><td>{esc(str(value))}</td></tr>")
-        columns = ("count", "mean", "std", "min", "p01", "p50", "p99", "max")
-        parts.append("</table><h3>Distributions</h3><table><tr><th>quantity</th>"
-                     + "".join(f"<th>{c}</th>" for c in columns) + "</tr>")
-        rows = [("per-token log-prob", st.get("token_logp")),
-                ("chosen log-prob", st["sequence_logp"]["chosen"]), ("rejected log-prob", st["sequence_logp"]["rejected"]),
-                ("margin (chosen - rejected)", st["margin"]),
-                ("chosen tokens", st["lengths"]["chosen"]), ("rejected tokens", st["lengths"]["rejected"])]
-        for name, d in rows:
-            if d:
-                cells = "".join(f"<td>{d[c]:.4g}</td>" if c in d else "<td></td>" for c in columns)
-                parts.append(f"<tr><th>{esc(name)}</th>{cells}</tr>")
-        parts.append("</table><h2 id='outliers'>Outliers</h2><p>Each id opens its example, token by token.</p>")
-        linked = {view["id"] for view in sources.examples}
-        for title, key, fields in (("Lowest per-token log-probs", "lowest_token_logps", ("id", "side", "position", "logp")),
-                                   ("Largest |margin|", "largest_abs_margin", ("id", "margin"))):
-            if st.get(key):
-                parts.append(f"<h3>{title}</h3><table><tr>" + "".join(f"<th>{f}</th>" for f in fields) + "</tr>")
-                for row in st[key]:
-                    cells = [esc(str(row[f])) for f in fields]
-                    if row["id"] in linked:
-                        cells[0] = f"<a href='#example-{cells[0]}'>{cells[0]}</a>"
-                    parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-                parts.append("</table>")
+        parts += _statistics_html(st)
+        parts += _outliers_html(st, {view["id"] for view in sources.examples})
     if scores is not None:
         parts.append("<h2 id='plots'>Plots</h2>")
         for title, data in plots(scores).items():
@@ -488,6 +366,57 @@ def write_html(report: AuditReport, scores: pl.DataFrame | None, path: Path,
     parts.append(OPEN_EXAMPLE + "</body></html>")
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+def _checks_html(report: AuditReport) -> list[str]:
+    esc = html.escape
+    parts = ["</table><h2 id='checks'>Checks</h2><table><tr><th>check</th><th>result</th><th>detail</th></tr>"]
+    for f in report.findings:
+        parts.append(f"<tr><td>{esc(f.check)}</td><td class='{'ok' if f.ok else 'fail'}'>"
+                     f"{'ok' if f.ok else 'FAIL'}</td><td>{esc(f.message)}</td></tr>")
+    parts.append("</table>")
+    if report.rescore:
+        parts.append(f"<h3>Re-score</h3><pre>{esc(json.dumps(report.rescore, indent=1))}</pre>")
+    return parts
+
+
+def _statistics_html(st: dict) -> list[str]:
+    esc = html.escape
+    parts = ["<h2 id='statistics'>Statistics</h2><table>"]
+    scalars = {"rows": st["rows"], "NaN/inf values": st["nonfinite_values"],
+               "pairs the reference already prefers": f"{st['reference_prefers_chosen']:.1%}",
+               "max |sum of per-token - sequence| (nats)": st.get("max_token_sum_vs_sequence_diff")}
+    for key, value in scalars.items():
+        parts.append(f"<tr><th>{esc(key)}</th><td>{esc(str(value))}</td></tr>")
+    columns = ("count", "mean", "std", "min", "p01", "p50", "p99", "max")
+    parts.append("</table><h3>Distributions</h3><table><tr><th>quantity</th>"
+                 + "".join(f"<th>{c}</th>" for c in columns) + "</tr>")
+    rows = [("per-token log-prob", st.get("token_logp")),
+            ("chosen log-prob", st["sequence_logp"]["chosen"]), ("rejected log-prob", st["sequence_logp"]["rejected"]),
+            ("margin (chosen - rejected)", st["margin"]),
+            ("chosen tokens", st["lengths"]["chosen"]), ("rejected tokens", st["lengths"]["rejected"])]
+    for name, d in rows:
+        if d:
+            cells = "".join(f"<td>{d[c]:.4g}</td>" if c in d else "<td></td>" for c in columns)
+            parts.append(f"<tr><th>{esc(name)}</th>{cells}</tr>")
+    return parts
+
+
+def _outliers_html(st: dict, linked: set[str]) -> list[str]:
+    """The outlier tables; ids in ``linked`` (the examples shown) link to their example."""
+    esc = html.escape
+    parts = ["</table><h2 id='outliers'>Outliers</h2><p>Each id opens its example, token by token.</p>"]
+    for title, key, fields in (("Lowest per-token log-probs", "lowest_token_logps", ("id", "side", "position", "logp")),
+                               ("Largest |margin|", "largest_abs_margin", ("id", "margin"))):
+        if st.get(key):
+            parts.append(f"<h3>{title}</h3><table><tr>" + "".join(f"<th>{f}</th>" for f in fields) + "</tr>")
+            for row in st[key]:
+                cells = [esc(str(row[f])) for f in fields]
+                if row["id"] in linked:
+                    cells[0] = f"<a href='#example-{cells[0]}'>{cells[0]}</a>"
+                parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+            parts.append("</table>")
+    return parts
 
 
 def report_dir(report: AuditReport) -> Path:

@@ -117,6 +117,30 @@ def make_config(tmp_path, demo_assets):
     return make
 
 
+@pytest.fixture
+def scored(tmp_path, demo_assets):
+    """(cfg, cache, config_file): a config with its own copy of the demo model (so it can be
+    damaged), prepared and scored (shards of 200 rows); config_file holds the config as JSON."""
+    from pipeline.prepare import prepare
+    from pipeline.score import score
+
+    model = tmp_path / "model"
+    shutil.copytree(demo_assets["model"], model)
+    raw = {
+        "storage": str(tmp_path / "storage"),
+        "data": {"path": str(demo_assets["data"])},
+        "model": {"path": str(model)},
+        "tokenize": {"max_length": 128, "max_prompt_length": 64},
+        "score": {"shard_rows": 200},
+    }
+    cfg = config_from_dict(raw)
+    prepare(cfg, show_progress=False)
+    cache = score(cfg, show_progress=False).output_dir
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(json.dumps(raw))
+    return cfg, cache, config_file
+
+
 def write_jsonl(path: Path, rows: list, gz: bool = False) -> Path:
     """rows: dicts (dumped as JSON) or str (written verbatim as a line)."""
     text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)

@@ -13,33 +13,11 @@ import pytest
 
 from pipeline import layout
 from pipeline.audit import audit, diff_caches
-from pipeline.audit_report import example_tokens
-from pipeline.config import config_from_dict
-from pipeline.prepare import prepare
+from pipeline.audit_tokens import example_tokens
 from pipeline.score import score
 from pipeline.store import sha256_file
 
 DPO = str(Path(sys.executable).parent / "dpo")
-
-
-@pytest.fixture
-def scored(tmp_path, demo_assets):
-    """A config with its own copy of the demo model (so it can be damaged), prepared and scored."""
-    model = tmp_path / "model"
-    shutil.copytree(demo_assets["model"], model)
-    raw = {
-        "storage": str(tmp_path / "storage"),
-        "data": {"path": str(demo_assets["data"])},
-        "model": {"path": str(model)},
-        "tokenize": {"max_length": 128, "max_prompt_length": 64},
-        "score": {"shard_rows": 200},
-    }
-    cfg = config_from_dict(raw)
-    prepare(cfg, show_progress=False)
-    cache = score(cfg, show_progress=False).output_dir
-    config_file = tmp_path / "run.yaml"
-    config_file.write_text(json.dumps(raw))
-    return cfg, cache, config_file
 
 
 def failures(report) -> list[str]:

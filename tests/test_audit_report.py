@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.audit import audit
-from pipeline.audit_report import LOGP_SCALE, example_tokens, logp_color, outlier_ids, save_report, shown_token
+from pipeline.audit_report import outlier_ids, save_report
+from pipeline.audit_tokens import LOGP_SCALE, example_tokens, logp_color, shown_token
 from pipeline.score import score
 from tests.conftest import assert_plots_render, chromium
-from tests.test_audit import scored  # noqa: F401 (a fixture: the demo, prepared and scored)
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT = ROOT / "bench" / "results" / "audit-report.png"
@@ -132,7 +132,7 @@ def test_without_per_token_values_or_tokenizer_the_report_says_so(scored):
 def test_audit_show_prints_tokens_in_colour(scored, monkeypatch):
     from rich.console import Console
 
-    from flows import commands
+    from flows import audit_command, commands
     from flows.cli import build_parser
 
     cfg, cache, _ = scored
@@ -140,7 +140,7 @@ def test_audit_show_prints_tokens_in_colour(scored, monkeypatch):
     example_id = report.stats["lowest_token_logps"][0]["id"]
     output = io.StringIO()
     console = Console(file=output, force_terminal=True, color_system="truecolor", width=200, record=True)
-    monkeypatch.setattr(commands, "_console", lambda: console)
+    monkeypatch.setattr(audit_command, "console", lambda: console)
     assert commands.run(build_parser().parse_args(["audit", "show", example_id, "--cache", str(cache)])) == 0
     raw, plain = output.getvalue(), console.export_text()
     assert "[bold]" not in raw and "[/" not in raw
@@ -156,7 +156,7 @@ def test_audit_show_prints_tokens_in_colour(scored, monkeypatch):
     assert f"48;2;{rgb}m{lowest['token']}" in raw  # the token itself, on its colour
     # A finding's text is printed as it is, never read as markup.
     report.fail("integrity", "shard [bold]x[/bold] is odd")
-    commands._print_audit(report, cache)
+    audit_command.print_audit(report, cache)
     assert "shard [bold]x[/bold] is odd" in console.export_text()
 
 
