@@ -19,7 +19,7 @@ import torch
 
 from .config import Config
 from .logprobs import PairTokens
-from .losses import LOSSES, combined_loss, rewards
+from .losses import LOSSES, PairLogps, combined_loss, rewards
 from .train_data import Split, TrainError
 
 
@@ -65,9 +65,10 @@ def compute_loss(cfg: Config, split: Split, index: list[int], policy: PolicyLogp
     if side in ("rejected", "both"):
         policy_rejected = policy_rejected / rejected_len.clamp(min=1)
         ref_rejected = ref_rejected / rejected_len.clamp(min=1)
-    per_pair = combined_loss(names, train_cfg.loss_weights, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                             train_cfg.beta, train_cfg.label_smoothing, chosen_tokens=chosen_len,
-                             rejected_tokens=rejected_len, f_divergence_type=train_cfg.f_divergence_type,
+    logps = PairLogps(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    per_pair = combined_loss(names, train_cfg.loss_weights, logps, train_cfg.beta, train_cfg.label_smoothing,
+                             chosen_tokens=chosen_len, rejected_tokens=rejected_len,
+                             f_divergence_type=train_cfg.f_divergence_type,
                              f_alpha_divergence_coef=train_cfg.f_alpha_divergence_coef,
                              discopop_tau=train_cfg.discopop_tau, dpop_lambda=train_cfg.dpop_lambda,
                              simpo_gamma=train_cfg.simpo_gamma)
