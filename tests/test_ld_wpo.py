@@ -14,7 +14,8 @@ import torch
 from pipeline import logprobs
 from pipeline.config import ConfigError
 from pipeline.config_load import config_from_dict
-from pipeline.train import Split, ValueLists, ld_reference, ld_weights, wpo_weights
+from pipeline.train_data import Split, ValueLists
+from pipeline.train_loss import ld_reference, ld_weights, wpo_weights
 
 from .test_losses_trl import _demo_train, scored_demo  # noqa: F401  (the module's scored demo)
 
@@ -126,14 +127,14 @@ def test_length_normalize_either_side_hand_computed(side):
     divided by that response's token count on the normalized side(s), the sum elsewhere; both is
     sigmoid_norm."""
     from pipeline.losses import PairLogps, sigmoid_norm_loss
-    from pipeline.train import compute_loss
+    from pipeline.train_loss import PolicyLogps, compute_loss
 
     cfg = config_from_dict({"data": {"path": "x.jsonl"}, "model": {"path": "m"},
                             "train": {"length_normalize": side, "beta": 0.5}})
     split = Split(["a", "b"], [[1], [1]], [[1] * 4, [1] * 2], [[1] * 3, [1] * 5],
                   torch.tensor([-8.0, -3.0], dtype=torch.float64), torch.tensor([-6.0, -9.0], dtype=torch.float64))
     pc, pr = torch.tensor([-6.0, -4.0]), torch.tensor([-7.5, -7.0])
-    loss, sums = compute_loss(cfg, split, [0, 1], pc, pr, 1.0)
+    loss, sums = compute_loss(cfg, split, [0, 1], PolicyLogps(pc, pr), 1.0)
     n_w, n_l = torch.tensor([4.0, 2.0]), torch.tensor([3.0, 5.0])
     rho_w, rho_l = pc.double() - torch.tensor([-8.0, -3.0]).double(), pr.double() - torch.tensor([-6.0, -9.0]).double()
     if side in ("chosen", "both"):
@@ -142,7 +143,7 @@ def test_length_normalize_either_side_hand_computed(side):
         rho_l = rho_l / n_l
     want = sum(math.log1p(math.exp(-0.5 * float(d))) for d in rho_w - rho_l)
     assert loss.item() == pytest.approx(want, rel=1e-6)
-    assert sums["logps/chosen"] == pytest.approx(-10.0)  # metrics keep the sums, as TRL
+    assert float(sums["logps/chosen"]) == pytest.approx(-10.0)  # metrics keep the sums, as TRL
     if side == "both":
         norm = sigmoid_norm_loss(PairLogps(pc, pr, torch.tensor([-8.0, -3.0]), torch.tensor([-6.0, -9.0])), 0.5,
                                  chosen_tokens=n_w, rejected_tokens=n_l)

@@ -155,7 +155,8 @@ def test_training_steps_equal_with_and_without_padding_free(demo_assets):
     from pipeline import layout
     from pipeline.config_load import config_from_dict
     from pipeline.models import load_causal_lm
-    from pipeline.train import Split, batch_indices, build_trainer, train_step
+    from pipeline.train import build_trainer, train_step
+    from pipeline.train_data import Split, batch_indices
 
     long, short = random_pairs(12, seed=11), random_pairs(12, seed=12)
     cut = lambda lists, n: [x[:n] for x in lists]  # noqa: E731  short pairs: up to 4 + 3 + 3 tokens

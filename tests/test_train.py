@@ -25,7 +25,8 @@ from pipeline.layout import CacheError
 from pipeline.losses import LOSSES, PairLogps, hinge_loss, ipo_loss, robust_loss, rewards, sigmoid_loss
 from pipeline.prepare import prepare
 from pipeline.score import score
-from pipeline.train import TrainError, lr_factor, train
+from pipeline.train import TrainError, train
+from pipeline.train_data import lr_factor
 
 from .conftest import crash_training_at, seed_formula_gradient
 
