@@ -72,9 +72,11 @@ class RssSampler:
         return peak
 
 
-def _config(storage: str, model_path: str, data_path: str, mode: str, batch: int, steps: int, max_length: int):
+def _config(storage: str, model_path: str, data_path: str, mode: str, args: argparse.Namespace):
+    """The CPU rows' config; ``args`` gives batch_size, steps and max_length."""
     from pipeline.config_load import config_from_dict
 
+    batch, steps, max_length = args.batch_size, args.steps, args.max_length
     return config_from_dict({
         "storage": storage, "data": {"path": data_path, "eval_fraction": 0.0}, "model": {"path": model_path},
         "tokenize": {"max_length": max_length, "max_prompt_length": max_length // 2},
@@ -102,7 +104,7 @@ def cpu_worker(args) -> dict:
     if args.no_trim:
         precision.release_memory = lambda device: None
     sampler = RssSampler()
-    cfg = _config(args.storage, args.model, args.data, args.mode, args.batch_size, args.steps, args.max_length)
+    cfg = _config(args.storage, args.model, args.data, args.mode, args)
     table = pq.read_table(layout.locate_dataset(cfg) / layout.EXAMPLES)
     n = table.num_rows
     split = Split(table.column("id").to_pylist(), table.column("prompt_ids").to_pylist(),
@@ -209,7 +211,7 @@ def _spawn(argv: list[str], env: dict | None = None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -227,7 +229,71 @@ def main() -> int:
         worker.add_argument(name, help=argparse.SUPPRESS)
     worker.add_argument("--no-trim", action="store_true", help=argparse.SUPPRESS)
     worker.add_argument("--lora", default="no", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def run_cpu(args: argparse.Namespace, modes: list[str], report: dict) -> None:
+    """Prepare an HH slice, then one worker process per mode (and per trim setting) into report["cpu"]."""
+    from pipeline.assets import smollm2_folder
+    from pipeline.prepare import prepare
+
+    model_dir = smollm2_folder()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = hh_slice(tmp, args.steps * args.batch_size)
+        cfg = _config(tmp, str(model_dir), str(data), "float32", args)
+        prepare(cfg, show_progress=False)
+        common = ["--worker", "cpu", "--storage", tmp, "--model", str(model_dir), "--data", str(data),
+                  "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
+        for mode in modes:
+            for no_trim in ([True, False] if args.no_trim_rows else [False]):
+                row = _spawn(common + ["--mode", mode] + (["--no-trim"] if no_trim else []))
+                report["cpu"].append(row)
+                print(json.dumps(row), file=sys.stderr)
+
+
+def print_cpu(args: argparse.Namespace, report: dict) -> None:
+    print(f"\nSmolLM2-135M full fine-tuning, CPU ({os.cpu_count()} cores), {args.batch_size} HH pairs/step, "
+          f"max_length {args.max_length}, {args.steps} steps\n")
+    print(f"{'mode':<12}{'trim':<6}{'state B/param':>14}{'peak RSS MB':>13}   peak RSS MB per step")
+    for r in report["cpu"]:
+        if "error" in r:
+            print(f"{' '.join(r['argv'][-2:]):<18} failed: {r['error']}")
+            continue
+        steps = " ".join(f"{v:.0f}" for v in r["peak_rss_mb_per_step"])
+        print(f"{r['mode']:<12}{'yes' if r['trim'] else 'no':<6}{r['state_bytes_per_param']:>14.1f}"
+              f"{r['peak_rss_mb']:>13.0f}   {steps}")
+
+
+def run_gpu(args: argparse.Namespace, modes: list[str], report: dict) -> None:
+    """One worker process per shape x mode (then x LoRA mode) into report["gpu"]."""
+    shapes = ["tiny"] if args.gpu_dry_run else args.gpu_shapes.split(",")
+    for shape in shapes:
+        runs = [(mode, "no") for mode in modes] + [(m, "yes") for m in args.lora_modes.split(",") if m]
+        for mode, lora in runs:
+            row = _spawn(["--worker", "gpu", "--shape", shape, "--mode", mode, "--steps", str(args.gpu_steps),
+                          "--lora", lora])
+            report["gpu"].append(row)
+            print(json.dumps(row), file=sys.stderr)
+
+
+def print_gpu(report: dict) -> None:
+    import torch
+
+    print(f"\nGPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'dry run on CPU'}, "
+          "full fine-tuning, gradient checkpointing, 1 pair (512 + 256 + 256 tokens) per step\n")
+    print(f"{'model':<10}{'mode':<20}{'params (B)':>11}{'peak GiB':>10}{'B/param':>9}{'s/step':>8}")
+    for r in report["gpu"]:
+        if not r.get("ok"):
+            print(f"{r.get('shape', '?'):<10}{r.get('mode', '?'):<20}  {r.get('error')}")
+            continue
+        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+        per = "-" if r["peak_bytes_per_param"] is None else f"{r['peak_bytes_per_param']:.1f}"
+        seconds = r.get("step_seconds") or [float("nan")]
+        print(f"{r['shape']:<10}{r['mode']:<20}{r['parameters'] / 1e9:>11.2f}{peak:>10}{per:>9}{seconds[-1]:>8.2f}")
+
+
+def main() -> int:
+    args = parse_args()
     if args.worker:
         print(json.dumps(cpu_worker(args) if args.worker == "cpu" else gpu_worker(args)))
         return 0
@@ -237,51 +303,11 @@ def main() -> int:
     modes = args.modes.split(",")
     report = {"bench": "memory", "cpu": [], "gpu": []}
     if not args.skip_cpu:
-        from pipeline.assets import smollm2_folder
-        from pipeline.prepare import prepare
-
-        model_dir = smollm2_folder()
-        with tempfile.TemporaryDirectory() as tmp:
-            data = hh_slice(tmp, args.steps * args.batch_size)
-            cfg = _config(tmp, str(model_dir), str(data), "float32", args.batch_size, args.steps, args.max_length)
-            prepare(cfg, show_progress=False)
-            common = ["--worker", "cpu", "--storage", tmp, "--model", str(model_dir), "--data", str(data),
-                      "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
-            for mode in modes:
-                for no_trim in ([True, False] if args.no_trim_rows else [False]):
-                    row = _spawn(common + ["--mode", mode] + (["--no-trim"] if no_trim else []))
-                    report["cpu"].append(row)
-                    print(json.dumps(row), file=sys.stderr)
-        print(f"\nSmolLM2-135M full fine-tuning, CPU ({os.cpu_count()} cores), {args.batch_size} HH pairs/step, "
-              f"max_length {args.max_length}, {args.steps} steps\n")
-        print(f"{'mode':<12}{'trim':<6}{'state B/param':>14}{'peak RSS MB':>13}   peak RSS MB per step")
-        for r in report["cpu"]:
-            if "error" in r:
-                print(f"{' '.join(r['argv'][-2:]):<18} failed: {r['error']}")
-                continue
-            steps = " ".join(f"{v:.0f}" for v in r["peak_rss_mb_per_step"])
-            print(f"{r['mode']:<12}{'yes' if r['trim'] else 'no':<6}{r['state_bytes_per_param']:>14.1f}"
-                  f"{r['peak_rss_mb']:>13.0f}   {steps}")
+        run_cpu(args, modes, report)
+        print_cpu(args, report)
     if torch.cuda.is_available() or args.gpu_dry_run:
-        shapes = ["tiny"] if args.gpu_dry_run else args.gpu_shapes.split(",")
-        for shape in shapes:
-            runs = [(mode, "no") for mode in modes] + [(m, "yes") for m in args.lora_modes.split(",") if m]
-            for mode, lora in runs:
-                row = _spawn(["--worker", "gpu", "--shape", shape, "--mode", mode, "--steps", str(args.gpu_steps),
-                              "--lora", lora])
-                report["gpu"].append(row)
-                print(json.dumps(row), file=sys.stderr)
-        print(f"\nGPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'dry run on CPU'}, "
-              "full fine-tuning, gradient checkpointing, 1 pair (512 + 256 + 256 tokens) per step\n")
-        print(f"{'model':<10}{'mode':<20}{'params (B)':>11}{'peak GiB':>10}{'B/param':>9}{'s/step':>8}")
-        for r in report["gpu"]:
-            if not r.get("ok"):
-                print(f"{r.get('shape', '?'):<10}{r.get('mode', '?'):<20}  {r.get('error')}")
-                continue
-            peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-            per = "-" if r["peak_bytes_per_param"] is None else f"{r['peak_bytes_per_param']:.1f}"
-            seconds = r.get("step_seconds") or [float("nan")]
-            print(f"{r['shape']:<10}{r['mode']:<20}{r['parameters'] / 1e9:>11.2f}{peak:>10}{per:>9}{seconds[-1]:>8.2f}")
+        run_gpu(args, modes, report)
+        print_gpu(report)
     else:
         print("\nGPU section skipped: no CUDA device")
     write_report(args.out, report)
