@@ -17,7 +17,7 @@ from pipeline.config_load import config_from_dict
 from pipeline.train_data import Split, ValueLists
 from pipeline.train_loss import ld_reference, ld_weights, wpo_weights
 
-from .test_losses_trl import _demo_train, scored_demo  # noqa: F401  (the module's scored demo)
+from .helpers import demo_train, scored_demo  # noqa: F401  (scored_demo: a fixture of this module)
 
 
 def test_ld_weights_hand_computed():
@@ -44,12 +44,12 @@ def test_ld_reference_is_the_weighted_float64_sum():
 
 
 def test_ld_alpha_one_is_dpo_and_ld_dpo_starts_at_ln2(scored_demo):  # noqa: F811
-    plain, _ = _demo_train(scored_demo, "sigmoid", 2, run_name="plain")
-    one, _ = _demo_train(scored_demo, "sigmoid", 2, ld_alpha=1.0, run_name="ld1")
+    plain, _ = demo_train(scored_demo, "sigmoid", 2, run_name="plain")
+    one, _ = demo_train(scored_demo, "sigmoid", 2, ld_alpha=1.0, run_name="ld1")
     for a, b in zip(plain, one):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    ld, evals = _demo_train(scored_demo, "sigmoid", 3, ld_alpha=0.3, run_name="ld03")
+    ld, evals = demo_train(scored_demo, "sigmoid", 3, ld_alpha=0.3, run_name="ld03")
     # policy == reference at step 1, each side weighted alike: every reward is 0, the loss ln 2
     assert ld[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert all(math.isfinite(r["loss"]) for r in ld) and math.isfinite(evals[-1]["eval/loss"])
@@ -106,7 +106,7 @@ def test_wpo_weights_match_an_independent_float64_computation(demo_assets):
 
 
 def test_wpo_trains_and_weighs_the_first_loss_below_ln2(scored_demo):  # noqa: F811
-    steps, evals = _demo_train(scored_demo, "sigmoid", 3, use_weighting=True, run_name="wpo")
+    steps, evals = demo_train(scored_demo, "sigmoid", 3, use_weighting=True, run_name="wpo")
     # at the reference every pair's loss is ln 2 x w_chosen x w_rejected, with weights in (0, 1)
     assert 0 < steps[0]["loss"] < math.log(2) - 1e-3
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
@@ -157,6 +157,6 @@ def test_length_normalize_is_refused_with_length_normalized_losses():
 
 
 def test_length_normalize_trains_the_demo(scored_demo):  # noqa: F811
-    steps, evals = _demo_train(scored_demo, "sigmoid", 3, length_normalize="chosen", run_name="lnc")
+    steps, evals = demo_train(scored_demo, "sigmoid", 3, length_normalize="chosen", run_name="lnc")
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert all(math.isfinite(r["loss"]) for r in steps) and math.isfinite(evals[-1]["eval/loss"])

@@ -21,6 +21,8 @@ from pipeline.config_load import config_from_dict
 from pipeline.loss_traits import LOSS_TRAITS, LossType, losses_with
 from pipeline.losses import FUNCTIONS, LOSSES, TRL_LOSS_TYPES, PairLogps, combined_loss, scores
 
+from .helpers import demo_train, scored_demo  # noqa: F401  (scored_demo: a fixture of this module)
+
 BASE = {"data": {"path": "d.jsonl"}, "model": {"path": "m"}}
 
 
@@ -356,54 +358,10 @@ def test_new_keys_at_their_defaults_keep_old_run_fingerprints():
 # --- a short demo training per loss --------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def scored_demo(tmp_path_factory, demo_assets):
-    """The demo data prepared and scored once for the module; train(cfg) per loss reads that cache."""
-    from pipeline.prepare import prepare
-    from pipeline.score import score
-
-    storage = tmp_path_factory.mktemp("losses") / "storage"
-
-    def make(train: dict):
-        return config_from_dict({
-            "storage": str(storage),
-            "data": {"path": str(demo_assets["data"]), "eval_fraction": 0.02},  # 12 eval pairs: quick
-            "model": {"path": str(demo_assets["model"])},
-            "tokenize": {"max_length": 128, "max_prompt_length": 64},
-            "train": train,
-        })
-
-    cfg = make({})
-    prepare(cfg, show_progress=False)
-    score(cfg, show_progress=False)
-    return make
-
-
-DEMO = {"learning_rate": 3e-3, "per_device_train_batch_size": 16, "warmup_steps": 2, "eval_steps": 0,
-        "save_steps": 0, "max_steps": 3}
-# Losses whose scale differs from DPO's at beta 0.1 (IPO and SPPO square 1/(2 beta) = 5): a beta
-# that keeps their gradients in DPO's range for this learning rate.
-DEMO_BETA = {"ipo": 1.0, "sppo_hard": 1.0, "simpo": 1.0, "orpo": 1.0}
-
-
-def _demo_train(scored_demo, name, steps, **extra):
-    from pipeline.train import train
-
-    settings = {**DEMO, "max_steps": steps, "loss_type": name, "run_name": f"{name}-{steps}",
-                "beta": DEMO_BETA.get(name, 0.1) if isinstance(name, str) else 0.1, **extra}
-    if name == "exo_pair":
-        settings["label_smoothing"] = 1e-3
-    result = train(scored_demo(settings), show_progress=False)
-    from .test_train import metrics
-
-    rows = metrics(result.run_dir)
-    return [r for r in rows if "grad_norm" in r], [r for r in rows if "eval/loss" in r]
-
-
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_loss_trains_the_demo_for_a_few_steps(scored_demo, name):
     """`--set train.loss_type=NAME` trains: finite losses and gradient norms, eval at the end."""
-    steps, evals = _demo_train(scored_demo, name, 3)
+    steps, evals = demo_train(scored_demo, name, 3)
     assert len(steps) == 3
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
     assert math.isfinite(evals[-1]["eval/loss"])
@@ -433,13 +391,13 @@ def test_preference_losses_learn_the_demo_rule(scored_demo, name):
     accuracy of the last 10 train batches above chance (0.5) for every loss meant to learn
     preferences (all but sft; discopop's non-convexity makes it learn the opposite from the
     reference, see above)."""
-    steps, _ = _demo_train(scored_demo, name, 40)
+    steps, _ = demo_train(scored_demo, name, 40)
     assert all(math.isfinite(r["loss"]) for r in steps)
     accuracy = sum(r["rewards/accuracies"] for r in steps[-10:]) / 10
     assert accuracy > 0.6, [round(r["rewards/accuracies"], 2) for r in steps]
 
 
 def test_a_weighted_mixture_trains(scored_demo):
-    steps, _ = _demo_train(scored_demo, ["sigmoid", "bco_pair", "sft"], 3, loss_weights=[0.8, 0.2, 1.0],
+    steps, _ = demo_train(scored_demo, ["sigmoid", "bco_pair", "sft"], 3, loss_weights=[0.8, 0.2, 1.0],
                            run_name="mpo")
     assert len(steps) == 3 and all(math.isfinite(r["loss"]) for r in steps)

@@ -26,7 +26,7 @@ from pipeline.store import fingerprint
 from pipeline.train import TrainError, finished_run, train
 from pipeline.train_data import ValueLists, load_split_data
 
-from .test_train import metrics
+from .helpers import run_metrics
 
 QUICK = {"learning_rate": 3e-3, "per_device_train_batch_size": 16, "warmup_steps": 2, "eval_steps": 0,
          "save_steps": 0, "max_steps": 3}
@@ -73,9 +73,9 @@ def test_reference_free_losses_train_a_dataset_never_scored(demo, name, caplog):
     with caplog.at_level(logging.INFO, logger="dpo.train"):
         result = train(cfg, show_progress=False)
     assert not (Path(cfg.storage) / "refscores").exists()  # nothing scored, nothing looked for
-    steps = [r for r in metrics(result.run_dir) if "grad_norm" in r]
+    steps = [r for r in run_metrics(result.run_dir) if "grad_norm" in r]
     assert len(steps) == 3 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
-    assert not any("step0/max_mean_token_diff" in r for r in metrics(result.run_dir))
+    assert not any("step0/max_mean_token_diff" in r for r in run_metrics(result.run_dir))
     assert f"loss_type {name} is reference-free: no reference cache, so no step-0 check" in caplog.text
     summary = json.loads((result.run_dir / "run.json").read_text())
     assert summary["refscores_dir"] is None and summary["inputs"]["refscores"] is None
@@ -204,7 +204,7 @@ def test_max_completion_length_trains_on_the_cut_responses(demo, monkeypatch):
     _record_policy_inputs(monkeypatch, train_module.Trainer, seen)
     cut = train(demo({**QUICK, "max_steps": 1, "max_completion_length": 4, "run_name": "cut4"}), show_progress=False)
     assert seen and max(seen) <= 4
-    records = metrics(cut.run_dir)
+    records = run_metrics(cut.run_dir)
     step0 = next(r for r in records if "step0/max_mean_token_diff" in r)  # the cut sums agree with the policy
     assert step0["step0/max_mean_token_diff"] < 1e-4
     first = next(r for r in records if r["step"] == 1 and "grad_norm" in r)
@@ -216,8 +216,8 @@ def test_max_completion_length_trains_on_the_cut_responses(demo, monkeypatch):
     uncut = train(base, show_progress=False)
     long = train(demo({**QUICK, "max_steps": 1, "max_completion_length": 10_000, "run_name": "cut-long"}),
                  show_progress=False)
-    a = next(r for r in metrics(uncut.run_dir) if r["step"] == 1 and "grad_norm" in r)
-    b = next(r for r in metrics(long.run_dir) if r["step"] == 1 and "grad_norm" in r)
+    a = next(r for r in run_metrics(uncut.run_dir) if r["step"] == 1 and "grad_norm" in r)
+    b = next(r for r in run_metrics(long.run_dir) if r["step"] == 1 and "grad_norm" in r)
     assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
     assert "max_completion_length" not in json.loads((uncut.run_dir / "run.json").read_text())["inputs"]["train"]
 

@@ -1,0 +1,62 @@
+"""Helpers shared by test modules (imported, unlike conftest.py's fixtures, which pytest finds itself).
+
+``scored_demo``: the demo data prepared and scored once per test module that imports the fixture;
+``demo_train``: a few steps of training on it with one loss (or a mixture); ``run_metrics``: a
+run's metrics records.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import metrics
+from pipeline.config_load import config_from_dict
+
+
+@pytest.fixture(scope="module")
+def scored_demo(tmp_path_factory, demo_assets):
+    """The demo data prepared and scored once for the module; train(cfg) per loss reads that cache."""
+    from pipeline.prepare import prepare
+    from pipeline.score import score
+
+    storage = tmp_path_factory.mktemp("losses") / "storage"
+
+    def make(train: dict):
+        return config_from_dict({
+            "storage": str(storage),
+            "data": {"path": str(demo_assets["data"]), "eval_fraction": 0.02},  # 12 eval pairs: quick
+            "model": {"path": str(demo_assets["model"])},
+            "tokenize": {"max_length": 128, "max_prompt_length": 64},
+            "train": train,
+        })
+
+    cfg = make({})
+    prepare(cfg, show_progress=False)
+    score(cfg, show_progress=False)
+    return make
+
+
+DEMO = {"learning_rate": 3e-3, "per_device_train_batch_size": 16, "warmup_steps": 2, "eval_steps": 0,
+        "save_steps": 0, "max_steps": 3}
+# Losses whose scale differs from DPO's at beta 0.1 (IPO and SPPO square 1/(2 beta) = 5): a beta
+# that keeps their gradients in DPO's range for this learning rate.
+DEMO_BETA = {"ipo": 1.0, "sppo_hard": 1.0, "simpo": 1.0, "orpo": 1.0}
+
+
+def demo_train(scored_demo, name, steps, **extra):
+    """Train ``steps`` steps of loss ``name`` (or a list) on the scored demo: (the step records,
+    the eval records) of its metrics log."""
+    from pipeline.train import train
+
+    settings = {**DEMO, "max_steps": steps, "loss_type": name, "run_name": f"{name}-{steps}",
+                "beta": DEMO_BETA.get(name, 0.1) if isinstance(name, str) else 0.1, **extra}
+    if name == "exo_pair":
+        settings["label_smoothing"] = 1e-3
+    result = train(scored_demo(settings), show_progress=False)
+    rows = run_metrics(result.run_dir)
+    return [r for r in rows if "grad_norm" in r], [r for r in rows if "eval/loss" in r]
+
+
+def run_metrics(run_dir) -> list[dict]:
+    """The records of a run's metrics log (<run dir>/metrics.jsonl), in order."""
+    return metrics.read(metrics.path_of(run_dir))
