@@ -329,22 +329,34 @@ def check_rows(report: AuditReport, cache_dir: Path, manifest: dict, scores: pl.
 # --- re-score -------------------------------------------------------------------------------------
 
 
+@dataclass
+class Rescore:
+    """What a full audit re-scores: ``rows`` examples drawn with ``seed``, in ``dtype`` (None: the
+    cache's), held to ``tolerance`` (None: layout.logprob_tolerance of the dtypes and backend),
+    plus the rows that failed the row checks (``failed``), always."""
+
+    rows: int
+    seed: int = 0
+    dtype: str | None = None
+    tolerance: float | None = None
+    failed: list[int] = field(default_factory=list)
+
+
 def rescore_check(report: AuditReport, cfg: Config, cache_dir: Path, manifest: dict, scores: pl.DataFrame,
-                  rows: int, seed: int = 0, dtype: str | None = None, tolerance: float | None = None,
-                  failed: list[int] = ()) -> None:
-    """Re-score ``rows`` seeded examples with transformers, in the cache's own batches (so the same
-    backend, dtype and settings reproduce identical bits); compare with the cache. The rows that
-    failed the row checks (``failed``) are always re-scored too."""
+                  plan: Rescore) -> None:
+    """Re-score ``plan.rows`` seeded examples with transformers, in the cache's own batches (so the
+    same backend, dtype and settings reproduce identical bits); compare with the cache. The rows
+    that failed the row checks (``plan.failed``) are always re-scored too."""
     import dataclasses
 
     from .scorers import make_scorer
 
-    inputs = manifest["inputs"]
-    model_cfg = dataclasses.replace(cfg.model, dtype=dtype or inputs["dtype"])
+    inputs, rows, failed, tolerance = manifest["inputs"], plan.rows, plan.failed, plan.tolerance
+    model_cfg = dataclasses.replace(cfg.model, dtype=plan.dtype or inputs["dtype"])
     examples = pl.read_parquet(dataset_dir_of(cache_dir, manifest) / layout.EXAMPLES,
                                columns=["id", "prompt_ids", "chosen_ids", "rejected_ids"])
     scorer = make_scorer("transformers", dataclasses.replace(cfg, model=model_cfg), 0, manifest.get("settings"))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(plan.seed)
     sample = rng.choice(examples.height, size=min(rows, examples.height), replace=False).tolist()
     picked = sorted(set(sample) | set(failed))
     shard_rows = inputs["shard_rows"]
@@ -404,7 +416,7 @@ def audit(cache_dir: str | Path, cfg: Config | None = None, rescore_rows: int = 
         report.fail("numerics", f"cannot read the scores: {exc}")
         return report
     if rescore_rows and cfg is not None:
-        rescore_check(report, cfg, cache_dir, manifest, scores, rescore_rows, seed, dtype, tolerance, failed)
+        rescore_check(report, cfg, cache_dir, manifest, scores, Rescore(rescore_rows, seed, dtype, tolerance, failed))
     return report
 
 

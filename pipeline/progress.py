@@ -24,9 +24,11 @@ LOG_EVERY_S = 30.0
 
 class Progress:
     def __init__(self, total: float | None, desc: str, unit: str, show_bar: bool, logger: logging.Logger,
-                 initial: float = 0, **bar_options):
+                 **bar_options):
+        """``bar_options`` go to tqdm; ``initial`` (default 0) is the count already done (a resumed run)."""
         from tqdm.auto import tqdm
 
+        initial = bar_options.pop("initial", 0)
         self.tty = _terminal() if show_bar and os.environ.get("DPO_PROGRESS_TTY") == "1" else None
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.tty or sys.stderr,
                         disable=not show_bar, dynamic_ncols=True, **bar_options)

@@ -1,6 +1,6 @@
 """Where shard jobs run: in this process, in N local worker processes, or on a Ray cluster.
 
-    for entry, stats, settings in run_shards(plan, missing, runner="local", workers=2, ...):
+    for entry, stats, settings in run_shards(plan, missing, Workers("local", count=2)):
         ...   # one result per shard, in completion order
 
 Each worker loads the model once (a ``shards.ShardJob``) and takes shards until none is left;
@@ -27,6 +27,7 @@ import multiprocessing
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import Iterator
 
 from .scorers import ScoreError
@@ -50,15 +51,28 @@ def default_workers(device: str, gpus_per_worker: int = 1) -> int:
     return max(1, torch.cuda.device_count() // gpus_per_worker) if torch.cuda.is_available() else 1
 
 
-def run_shards(plan: ShardPlan, indices: list[int], runner: str, workers: int, gpus_per_worker: int = 1,
-               address: str | None = None, job: ShardJob | None = None, progress=None) -> Iterator[Result]:
+@dataclass
+class Workers:
+    """Where the shards run: ``runner`` (local | ray), ``count`` workers of ``gpus_each`` GPUs,
+    and for Ray the cluster's ``address`` (None: a local Ray for the run)."""
+
+    runner: str = "local"
+    count: int = 1
+    gpus_each: int = 1
+    address: str | None = None
+
+
+def run_shards(plan: ShardPlan, indices: list[int], workers: Workers, job: ShardJob | None = None,
+               progress=None) -> Iterator[Result]:
+    """Run the shards ``indices`` of ``plan``; one local worker runs them in this process, with
+    ``job`` (a loaded ShardJob) when given and ``progress`` called as each batch is scored."""
     if not indices:
         return iter(())
-    if runner == "ray":
-        return _run_ray(plan, indices, workers, gpus_per_worker, address)
-    if workers <= 1:
+    if workers.runner == "ray":
+        return _run_ray(plan, indices, workers.count, workers.gpus_each, workers.address)
+    if workers.count <= 1:
         return _run_here(job or ShardJob(plan), indices, progress)
-    return _run_pool(plan, indices, workers, gpus_per_worker)
+    return _run_pool(plan, indices, workers.count, workers.gpus_each)
 
 
 def _run_here(job: ShardJob, indices: list[int], progress) -> Iterator[Result]:

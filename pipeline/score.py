@@ -32,7 +32,7 @@ from .layout import SHARD_RE, shard_name
 from .models import ModelError, check_causal_lm, model_source
 from .progress import Progress
 from .refvalues import ValueProofError, read_shard
-from .runners import default_workers, run_shards
+from .runners import Result, Workers, default_workers, run_shards
 from .scorers import ScoreError, Scorer, resolve_backend
 from .scorers.transformers_backend import resolve_device
 from .shards import META, ShardJob, ShardPlan, find_donors, scores_schema, shard_tokens
@@ -165,19 +165,68 @@ def score(cfg: Config, show_progress: bool = True, scorer: Scorer | None = None)
         if layout.is_verified(layout.proven_refscores, out_dir):
             return ScoreResult(out_dir, layout.verified_refscores(out_dir), True, stats)
         started = time.perf_counter()
-        manifest = _score_missing(cfg, dataset_dir, dataset_manifest, inputs, out_dir, scorer, stats, show_progress)
+        job = _Job(cfg, dataset_dir, dataset_manifest, inputs, out_dir, scorer, stats, show_progress)
+        manifest = _score_missing(job)
     stats["seconds"] = time.perf_counter() - started
     # Throughput counts every token the model processes (prompt + response).
     stats["tokens_per_s"] = stats["sequence_tokens"] / stats["seconds"] if stats["seconds"] else 0.0
     return ScoreResult(out_dir, manifest, False, stats)
 
 
-def _score_missing(cfg, dataset_dir, dataset_manifest, inputs, out_dir, scorer, stats, show_progress) -> dict:
+@dataclass
+class _Job:
+    """One run of the stage on one cache (under its lock): what the steps below share."""
+
+    cfg: Config
+    dataset_dir: Path
+    dataset_manifest: dict
+    inputs: dict
+    out_dir: Path
+    scorer: Scorer | None
+    stats: dict
+    show_progress: bool
+
+
+@dataclass
+class _Listing:
+    """The cache's manifest as shards land: its fixed part and the finished shards by index."""
+
+    out_dir: Path
+    base: dict
+    shards: dict[int, dict]
+
+    def write(self, complete: bool, settings: dict) -> dict:
+        listed = [self.shards[k] for k in sorted(self.shards)]
+        tokens = {side: sum(s[f"{side}_tokens"] for s in listed) for side in ("chosen", "rejected")}
+        # settings: how the numbers were computed, resolved (device, batch budget, sharing). They
+        # change low-order bits only, so they are recorded here rather than in the fingerprint.
+        manifest = {**self.base, "settings": settings, "shards": listed, "tokens": tokens, "complete": complete}
+        reused = {}
+        for entry in listed:
+            for donor, rows in entry.get("reused_from", {}).items():
+                reused[donor] = reused.get(donor, 0) + rows
+        if reused:
+            manifest["reused_from"] = reused  # rows copied from each donor cache (per shard: shards[])
+        write_manifest(self.out_dir, manifest)
+        return manifest
+
+
+@dataclass
+class _Missing:
+    """The shards this run scores (``indices``), every shard's example ids, the examples."""
+
+    indices: list[int]
+    shard_ids: list[pa.Array]
+    examples: pa.Table
+
+
+def _score_missing(job: _Job) -> dict:
     """Write the shards not yet on disk (a killed run resumes here) and then the manifest."""
+    cfg, dataset_dir, out_dir = job.cfg, job.dataset_dir, job.out_dir
     examples = pq.read_table(dataset_dir / layout.EXAMPLES, columns=["id", "prompt_ids", "chosen_ids", "rejected_ids"])
     if examples.num_rows == 0:
         raise ScoreError(f"the prepared dataset {dataset_dir} has no examples to score")
-    _check_vocabulary(examples, check_causal_lm(cfg.model), dataset_manifest)
+    _check_vocabulary(examples, check_causal_lm(cfg.model), job.dataset_manifest)
     shard_rows = cfg.score.shard_rows
     n_shards = math.ceil(examples.num_rows / shard_rows)
     shard_ids = [examples.column("id").slice(k * shard_rows, shard_rows).combine_chunks() for k in range(n_shards)]
@@ -185,47 +234,38 @@ def _score_missing(cfg, dataset_dir, dataset_manifest, inputs, out_dir, scorer, 
     previous = read_manifest(out_dir) or {}
     recorded = {s.get("file"): s for s in previous.get("shards", []) if isinstance(s, dict)}
     shards, rescored = _finished_shards(out_dir, n_shards, shard_ids, recorded, shard_rows)
-    stats["rescored"] = rescored
+    job.stats["rescored"] = rescored
     missing = [k for k in range(n_shards) if k not in shards]
     if shards:
         log.info("score: resuming, %d of %d shards already scored", len(shards), n_shards)
-    base = {"kind": "refscores", "fingerprint": out_dir.name, "inputs": inputs, "model_path": str(cfg.model.path),
+    base = {"kind": "refscores", "fingerprint": out_dir.name, "inputs": job.inputs, "model_path": str(cfg.model.path),
             "model_source": model_source(cfg.model),
             "rows": examples.num_rows, "columns": scores_schema(cfg.score.store_token_logps).names,
             "versions": layout.library_versions()}
-
-    def write_progress(complete: bool, settings: dict) -> dict:
-        listed = [shards[k] for k in sorted(shards)]
-        tokens = {side: sum(s[f"{side}_tokens"] for s in listed) for side in ("chosen", "rejected")}
-        # settings: how the numbers were computed, resolved (device, batch budget, sharing). They
-        # change low-order bits only, so they are recorded here rather than in the fingerprint.
-        manifest = {**base, "settings": settings, "shards": listed, "tokens": tokens, "complete": complete}
-        reused = {}
-        for entry in listed:
-            for donor, rows in entry.get("reused_from", {}).items():
-                reused[donor] = reused.get(donor, 0) + rows
-        if reused:
-            manifest["reused_from"] = reused  # rows copied from each donor cache (per shard: shards[])
-        write_manifest(out_dir, manifest)
-        return manifest
-
+    listing = _Listing(out_dir, base, shards)
     settings = previous.get("settings") or {}
     if missing:
-        plan = ShardPlan(cfg.to_dict(), str(dataset_dir), str(out_dir), inputs, examples.num_rows,
-                         dataset_manifest["tokens"]["max_sequence"])
-        if inputs["backend"] == "transformers" and resolve_device(cfg.score.device) == "cpu":
-            import torch
+        settings = _score_shards(job, _Missing(missing, shard_ids, examples), listing, settings)
+    return listing.write(True, settings)
 
-            plan.cpu_threads = torch.get_num_threads()
-        if cfg.score.reuse:
-            plan.donors = find_donors(cfg.storage, out_dir.name, inputs, dataset_manifest["inputs"])
-        settings = _run_missing(cfg, plan, missing, shard_ids, scorer, examples, shards, settings, stats,
-                                lambda s: write_progress(False, s), show_progress)
-        if not settings and plan.donors:  # every row copied, no model loaded: the donor's settings
-            settings = (read_manifest(Path(plan.donors[0])) or {}).get("settings") or {}
-        # Every worker has stopped: a temporary file left now is a killed worker's half shard.
-        remove_leftovers(out_dir)
-    return write_progress(True, settings)
+
+def _score_shards(job: _Job, todo: _Missing, listing: _Listing, settings: dict) -> dict:
+    """Score the missing shards (rows found in other caches copied); the settings to record."""
+    cfg, inputs = job.cfg, job.inputs
+    plan = ShardPlan(cfg.to_dict(), str(job.dataset_dir), str(job.out_dir), inputs, todo.examples.num_rows,
+                     job.dataset_manifest["tokens"]["max_sequence"])
+    if inputs["backend"] == "transformers" and resolve_device(cfg.score.device) == "cpu":
+        import torch
+
+        plan.cpu_threads = torch.get_num_threads()
+    if cfg.score.reuse:
+        plan.donors = find_donors(cfg.storage, job.out_dir.name, inputs, job.dataset_manifest["inputs"])
+    settings = _run_missing(job, plan, todo, listing, settings)
+    if not settings and plan.donors:  # every row copied, no model loaded: the donor's settings
+        settings = (read_manifest(Path(plan.donors[0])) or {}).get("settings") or {}
+    # Every worker has stopped: a temporary file left now is a killed worker's half shard.
+    remove_leftovers(job.out_dir)
+    return settings
 
 
 def _workers(cfg, backend: str) -> tuple[int, int]:
@@ -235,9 +275,9 @@ def _workers(cfg, backend: str) -> tuple[int, int]:
     return cfg.score.workers or default_workers(device, gpus), gpus
 
 
-def _run_missing(cfg, plan, missing, shard_ids, scorer, examples, shards, settings, stats, write_progress,
-                 show_progress) -> dict:
+def _run_missing(job: _Job, plan: ShardPlan, todo: _Missing, listing: _Listing, settings: dict) -> dict:
     """Run the missing shards on the configured workers; record each as it lands."""
+    cfg, stats, missing = job.cfg, job.stats, todo.indices
     workers, gpus = _workers(cfg, plan.inputs["backend"])
     workers = min(workers, len(missing))
     stats.update(workers=workers, runner=cfg.score.runner, rows_reused=0)
@@ -246,12 +286,12 @@ def _run_missing(cfg, plan, missing, shard_ids, scorer, examples, shards, settin
                  ", ".join(Path(d).name[:12] for d in plan.donors))
     if workers > 1 or cfg.score.runner == "ray":
         log.info("score: %d shards on %d %s worker(s)", len(missing), workers, cfg.score.runner)
-    todo_rows = sum(len(shard_ids[k]) for k in missing)
-    bar = Progress(todo_rows, f"score ({plan.inputs['backend']})", "rows", show_progress, log)
+    todo_rows = sum(len(todo.shard_ids[k]) for k in missing)
+    bar = Progress(todo_rows, f"score ({plan.inputs['backend']})", "rows", job.show_progress, log)
     clock = time.perf_counter()
     last_write = time.perf_counter()
-    here = ShardJob(plan, scorer)  # used when one local worker: this process
-    here._examples = examples
+    here = ShardJob(plan, job.scorer)  # used when one local worker: this process
+    here._examples = todo.examples
 
     def progress(sequences: int, response_tokens: int, sequence_tokens: int) -> None:
         bar.update(sequences / 2)  # two sequences (chosen, rejected) per row
@@ -261,23 +301,31 @@ def _run_missing(cfg, plan, missing, shard_ids, scorer, examples, shards, settin
             bar.set_postfix_str(f"{live / elapsed:,.0f} tok/s", refresh=False)
 
     with bar:
-        results = run_shards(plan, missing, cfg.score.runner, workers, gpus, cfg.score.ray_address, here, progress)
-        for entry, shard_stats, worker_settings in results:
-            index = int(SHARD_RE.match(entry["file"]).group(1))
-            shards[index] = entry
-            for key in ("rows_scored", "rows_reused", "tokens_scored", "sequence_tokens"):
-                stats[key] += shard_stats[key]
-            if worker_settings is not None:
-                if settings and worker_settings != settings:
-                    log.warning("score: a worker scored with other settings (%s) than the cache records (%s)",
-                                worker_settings, settings)
-                settings = settings or worker_settings
-                stats.setdefault("device", worker_settings.get("device"))
+        where = Workers(cfg.score.runner, workers, gpus, cfg.score.ray_address)
+        for result in run_shards(plan, missing, where, here, progress):
+            settings = _record(job, listing, result, settings)
             if workers > 1 or cfg.score.runner == "ray":
-                bar.update(entry["rows"])
+                bar.update(result[0]["rows"])
             if time.perf_counter() - last_write >= PROGRESS_EVERY_S:
-                write_progress(settings)
+                listing.write(False, settings)
                 last_write = time.perf_counter()
+    return settings
+
+
+def _record(job: _Job, listing: _Listing, result: Result, settings: dict) -> dict:
+    """Add a finished shard to the listing and its counts to the stats; the settings to record
+    (the first worker's; another's that differ are logged)."""
+    entry, shard_stats, worker_settings = result
+    index = int(SHARD_RE.match(entry["file"]).group(1))
+    listing.shards[index] = entry
+    for key in ("rows_scored", "rows_reused", "tokens_scored", "sequence_tokens"):
+        job.stats[key] += shard_stats[key]
+    if worker_settings is not None:
+        if settings and worker_settings != settings:
+            log.warning("score: a worker scored with other settings (%s) than the cache records (%s)",
+                        worker_settings, settings)
+        settings = settings or worker_settings
+        job.stats.setdefault("device", worker_settings.get("device"))
     return settings
 
 

@@ -119,6 +119,12 @@ def sha256_verified(path: str | Path) -> str:
     return _VERIFIED[key]
 
 
+def forget_verified() -> None:
+    """Forget every sha256 ``sha256_verified`` computed, as in a new process: each file is
+    hashed again on its next call."""
+    _VERIFIED.clear()
+
+
 # --- atomic writes -----------------------------------------------------------------------------
 
 

@@ -141,6 +141,19 @@ def scored(tmp_path, demo_assets):
     return cfg, cache, config_file
 
 
+def varied_rows(n=40):
+    """Standard rows of very different lengths, so batches need padding and sorting."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        prompt = " ".join(f"p{int(x)}" for x in rng.integers(0, 50, size=int(rng.integers(1, 30))))
+        chosen = " ".join(f"c{int(x)}" for x in rng.integers(0, 50, size=int(rng.integers(1, 25))))
+        rows.append({"prompt": f"{i}: {prompt}", "chosen": " " + chosen, "rejected": f" no {i}"})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list, gz: bool = False) -> Path:
     """rows: dicts (dumped as JSON) or str (written verbatim as a line)."""
     text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)

@@ -24,18 +24,7 @@ from pipeline.score import score
 from pipeline.scorers import ScoreError
 from pipeline.scorers.transformers_backend import TransformersScorer
 
-from .conftest import write_jsonl
-
-
-def varied_rows(n=40):
-    """Standard rows of very different lengths, so batches need padding and sorting."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        prompt = " ".join(f"p{int(x)}" for x in rng.integers(0, 50, size=int(rng.integers(1, 30))))
-        chosen = " ".join(f"c{int(x)}" for x in rng.integers(0, 50, size=int(rng.integers(1, 25))))
-        rows.append({"prompt": f"{i}: {prompt}", "chosen": " " + chosen, "rejected": f" no {i}"})
-    return rows
+from .conftest import varied_rows, write_jsonl
 
 
 @pytest.fixture

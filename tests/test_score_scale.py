@@ -21,7 +21,7 @@ import yaml
 from pipeline.config_load import config_from_dict
 from pipeline.prepare import prepare
 from pipeline.score import score
-from tests.test_score import varied_rows, write_jsonl
+from tests.conftest import varied_rows, write_jsonl
 
 DPO = str(Path(sys.executable).parent / "dpo")
 

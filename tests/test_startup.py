@@ -70,13 +70,13 @@ def test_the_self_check_refuses_logits_it_does_not_reproduce(counted_scorer):
 
 
 def test_the_self_check_switches_off_sharing_that_disagrees(counted_scorer, monkeypatch, caplog):
-    real_shared = TransformersScorer._score_shared
+    real_shared = TransformersScorer.score_shared
 
     def off_by_a_bit(self, *args, **kwargs):
         chosen, rejected = real_shared(self, *args, **kwargs)
         return [c + 0.01 for c in chosen], [r + 0.01 for r in rejected]
 
-    monkeypatch.setattr(TransformersScorer, "_score_shared", off_by_a_bit)
+    monkeypatch.setattr(TransformersScorer, "score_shared", off_by_a_bit)
     with caplog.at_level(logging.WARNING, logger="dpo.score"):
         scorer, passes = counted_scorer(prefix_sharing=True)
     assert scorer.prefix_sharing is False
@@ -89,15 +89,15 @@ def test_the_self_check_keeps_sharing_within_tolerance(counted_scorer, monkeypat
     within it: sharing stays on, as when the two were checked apart."""
     from pipeline.scorers import transformers_backend
 
-    real_own, real_shared = transformers_backend._own_logps, TransformersScorer._score_shared
+    real_own, real_shared = transformers_backend.own_logps, TransformersScorer.score_shared
     shift = np.float32(6e-4)  # tolerance 1e-3 in float32: 2 x 6e-4 is over it, 6e-4 is not
-    monkeypatch.setattr(transformers_backend, "_own_logps", lambda *a: [v + shift for v in real_own(*a)])
+    monkeypatch.setattr(transformers_backend, "own_logps", lambda *a: [v + shift for v in real_own(*a)])
 
     def lower(self, *args, **kwargs):
         chosen, rejected = real_shared(self, *args, **kwargs)
         return [c - shift for c in chosen], [r - shift for r in rejected]
 
-    monkeypatch.setattr(TransformersScorer, "_score_shared", lower)
+    monkeypatch.setattr(TransformersScorer, "score_shared", lower)
     scorer, passes = counted_scorer(prefix_sharing=True)
     assert scorer.prefix_sharing is True
     assert passes == 3

@@ -181,7 +181,7 @@ def test_each_file_is_hashed_once_per_process(cached, monkeypatch):
     calls = []
     real = store.sha256_file
     monkeypatch.setattr(store, "sha256_file", lambda path, use_cache=True: calls.append(Path(path).name) or real(path, use_cache))
-    store._VERIFIED.clear()  # as in a new process
+    store.forget_verified()  # as in a new process
     layout.verified_refscores(cache)
     layout.verified_refscores(cache)
     assert sorted(calls) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]

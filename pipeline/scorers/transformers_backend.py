@@ -23,7 +23,7 @@ DEFAULT_TOKENS_PER_BATCH = {"cpu": 2048, "cuda": 32768}
 HEAD_CHECK_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1}
 
 
-def _own_logps(model, prompts: list[list[int]], responses: list[list[int]], device: str) -> list[np.ndarray]:
+def own_logps(model, prompts: list[list[int]], responses: list[list[int]], device: str) -> list[np.ndarray]:
     """Per-token log-probs of each response after its prompt from the model's own forward (its
     full logits, with whatever it does to them), one right-padded batch (``logprobs.pack``): what
     the scorer's path must reproduce (the self-check's reference)."""
@@ -91,13 +91,13 @@ class TransformersScorer:
         probe = list(range(1, min(17, self.model.config.vocab_size)))
         prompts, chosens, rejecteds = ([probe[:5], probe[:2], probe[2:4]], [probe[5:11], probe[5:6], probe[6:8]],
                                        [probe[11:16], probe[8:10], probe[10:11]])
-        reference = _own_logps(self.model, prompts + prompts, chosens + rejecteds, self.device)
+        reference = own_logps(self.model, prompts + prompts, chosens + rejecteds, self.device)
 
         def diff(values) -> float:
             return max(float(np.abs(a - b).max()) for a, b in zip(values, reference))
 
         if self.prefix_sharing:
-            chosen, rejected = self._score_shared(prompts, chosens, rejecteds)
+            chosen, rejected = self.score_shared(prompts, chosens, rejecteds)
             ours = chosen + rejected
         else:
             ours = self.score(prompts + prompts, chosens + rejecteds)
@@ -147,7 +147,7 @@ class TransformersScorer:
         the batches are the ones a full call makes, so the values are bit-identical to it.
         """
         if self.prefix_sharing:
-            return self._score_shared(prompts, chosens, rejecteds, progress, rows)
+            return self.score_shared(prompts, chosens, rejecteds, progress, rows)
         only = None if rows is None else set(rows) | {i + len(prompts) for i in rows}
         values = self.score(prompts + prompts, chosens + rejecteds, progress, only)
         return values[: len(prompts)], values[len(prompts) :]
@@ -177,7 +177,10 @@ class TransformersScorer:
                 values = run(batch)
             yield group, np.split(values, np.cumsum(batch.lengths)[:-1])
 
-    def _score_shared(self, prompts, chosens, rejecteds, progress=None, rows=None):
+    def score_shared(self, prompts, chosens, rejecteds, progress=None, rows=None):
+        """(chosen, rejected) per-token log-prob arrays, each prompt run once for both responses
+        (prefix sharing): what ``score_pairs`` does when ``prefix_sharing`` is on, and what the
+        self-check compares with ``own_logps``. ``progress`` and ``rows`` as in score_pairs."""
         from ..logprobs import pack_pairs
 
         def pack_group(group, packed):
