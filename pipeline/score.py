@@ -290,8 +290,7 @@ def _run_missing(job: _Job, plan: ShardPlan, todo: _Missing, listing: _Listing, 
     bar = Progress(todo_rows, f"score ({plan.inputs['backend']})", "rows", job.show_progress, log)
     clock = time.perf_counter()
     last_write = time.perf_counter()
-    here = ShardJob(plan, job.scorer)  # used when one local worker: this process
-    here._examples = todo.examples
+    here = ShardJob(plan, job.scorer, todo.examples)  # used when one local worker: this process
 
     def progress(sequences: int, response_tokens: int, sequence_tokens: int) -> None:
         bar.update(sequences / 2)  # two sequences (chosen, rejected) per row

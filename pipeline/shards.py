@@ -85,11 +85,13 @@ class ShardJob:
     """Writes shards of one plan; reads the dataset, the donors' ids and the model once each,
     and only when needed (a shard whose rows are all reused loads no model)."""
 
-    def __init__(self, plan: ShardPlan, scorer=None):
+    def __init__(self, plan: ShardPlan, scorer=None, examples: pa.Table | None = None):
+        """``scorer``: an already-loaded one to use; ``examples``: the prepared examples, whole,
+        when the caller holds them already (the coordinator's own job), else read as needed."""
         self.plan = plan
         self.cfg = config_from_dict(plan.config)
         self._scorer = scorer
-        self._examples: pa.Table | None = None
+        self._examples = examples
         self._groups: tuple | None = None
         self._donors: dict | None = None
 
