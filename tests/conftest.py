@@ -141,6 +141,15 @@ def scored(tmp_path, demo_assets):
     return cfg, cache, config_file
 
 
+def standard_rows(n=20):
+    """Standard-format rows (prompt, chosen, rejected strings), each a different sum."""
+    return [
+        {"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" It is {2 * i}.",
+         "rejected": f" It is {2 * i + 1}."}
+        for i in range(n)
+    ]
+
+
 def varied_rows(n=40):
     """Standard rows of very different lengths, so batches need padding and sorting."""
     import numpy as np

@@ -12,8 +12,7 @@ import pytest
 
 from pipeline import layout
 
-from .test_prepare import standard_rows
-from .conftest import write_jsonl
+from .conftest import standard_rows, write_jsonl
 
 DPO = str(Path(sys.executable).parent / "dpo")
 

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.prepare import PrepareError, prepare
 
-from .conftest import write_jsonl
+from .conftest import standard_rows, write_jsonl
 
 
 def read_examples(result):
@@ -26,14 +26,6 @@ def read_rejects(result):
 
 def decode(tok, ids):
     return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
-def standard_rows(n=20):
-    return [
-        {"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" It is {2 * i}.",
-         "rejected": f" It is {2 * i + 1}."}
-        for i in range(n)
-    ]
 
 
 def test_standard_format_ids_and_boundary(tmp_path, make_config, demo_tokenizer):
