@@ -85,7 +85,7 @@ def score_run(model_dir: Path, kernel: str, dtype: str, layout: str, data, token
 def train_run(model_dir: Path, kernel: str, layout: str, data, batches, dtype):
     import torch
 
-    from pipeline.logprobs import pair_token_logps
+    from pipeline.logprobs import PairOptions, pair_token_logps
     from pipeline.losses import PairLogps, sigmoid_loss
 
     model = load(model_dir, kernel, dtype).train()
@@ -93,7 +93,7 @@ def train_run(model_dir: Path, kernel: str, layout: str, data, batches, dtype):
 
     def step(index):
         picked = [prompts[i] for i in index], [chosens[i] for i in index], [rejecteds[i] for i in index]
-        chosen, rejected = pair_token_logps(model, *picked, device=DEVICE, packing=layout).sums()
+        chosen, rejected = pair_token_logps(model, *picked, PairOptions(device=DEVICE, packing=layout)).sums()
         zeros = torch.zeros_like(chosen)
         loss = sigmoid_loss(PairLogps(chosen, rejected, zeros, zeros), 0.1).mean()
         loss.backward()
@@ -127,18 +127,18 @@ def exactness(model_dir: Path, data, rows: int, report: dict) -> None:
     """float32 kernel x layout against float64 eager padded, on the first ``rows`` pairs."""
     import torch
 
-    from pipeline.logprobs import pair_token_logps
+    from pipeline.logprobs import PairOptions, pair_token_logps
 
     picked = [column[:rows] for column in data]
     with torch.no_grad():
         model = load(model_dir, "eager", torch.float64).eval()
-        reference = pair_token_logps(model, *picked, device=DEVICE, packing="none").values.cpu()
+        reference = pair_token_logps(model, *picked, PairOptions(device=DEVICE, packing="none")).values.cpu()
         del model
         print(f"\nexactness, float32 against float64 eager padded ({rows} pairs, {reference.numel()} tokens):")
         for kernel in ("sdpa", "flex_attention", "eager"):
             model = load(model_dir, kernel, torch.float32).eval()
             for layout in LAYOUTS:
-                values = pair_token_logps(model, *picked, device=DEVICE, packing=layout).values.double().cpu()
+                values = pair_token_logps(model, *picked, PairOptions(device=DEVICE, packing=layout)).values.double().cpu()
                 diff = float((values - reference).abs().max())
                 report["exactness"].append({"kernel": kernel, "layout": layout, "token_max_abs_diff": diff})
                 print(f"  {kernel:<16}{layout:<6} max |diff| per token {diff:.2e}")

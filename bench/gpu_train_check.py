@@ -102,7 +102,7 @@ def _train(mode: str, config: dict, cfg, root: Path, row: dict):
     ``row``; returns the finished run."""
     import torch
 
-    from pipeline.distributed import launch
+    from pipeline.launch import torchrun
     from pipeline.train import finished_run, train
 
     cuda = config["train"]["device"] == "cuda"
@@ -113,8 +113,8 @@ def _train(mode: str, config: dict, cfg, root: Path, row: dict):
     if MODES[mode][2] is not None:
         config_path = root / mode / "worker.json"
         config_path.write_text(json.dumps(config))
-        launch([str(Path(__file__).resolve()), "--worker", str(config_path)], config["train"]["nproc_per_node"],
-               root / mode / "logs")
+        torchrun([str(Path(__file__).resolve()), "--worker", str(config_path)], config["train"]["nproc_per_node"],
+                 root / mode / "logs")
         result = finished_run(cfg)
         peaks = [json.loads(p.read_text()) for p in (root / mode).glob("peak-rank*.json")]
         row["peak_cuda_mib"] = max(peaks) if cuda and peaks else None

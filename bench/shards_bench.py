@@ -43,7 +43,7 @@ BODIES = {
     "score": "from pipeline.score import score\nr = score(cfg, show_progress=False)",
     "up to date": "from pipeline.score import score\nr = score(cfg, show_progress=False)\nassert r.skipped",
     "resume": "from pipeline.score import score\nr = score(cfg, show_progress=False)\nassert not r.skipped",
-    "train read": ("from pipeline import layout\nfrom pipeline.train import load_split_data\n"
+    "train read": ("from pipeline import layout\nfrom pipeline.train_data import load_split_data\n"
                    "d = layout.locate_dataset(cfg)\nfp = layout.verified_dataset(d)['fingerprint']\n"
                    "splits, _ = load_split_data(d, layout.locate_ref_cache(cfg, fp))"),
 }

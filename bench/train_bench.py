@@ -35,14 +35,14 @@ def live_reference(trainer, model):
     """A ``Trainer.reference`` that runs ``model`` (frozen) on the batch instead of reading the cache."""
     import torch
 
-    from pipeline.logprobs import pair_logps
+    from pipeline.logprobs import PairOptions, pair_logps
 
     model.requires_grad_(False)
 
     def reference(split, index):
         picked = [split.prompts[i] for i in index], [split.chosens[i] for i in index], [split.rejecteds[i] for i in index]
         with torch.no_grad(), trainer.autocast():
-            return pair_logps(model, *picked, shared=trainer.shared, device=trainer.device)
+            return pair_logps(model, *picked, PairOptions(shared=trainer.shared, device=trainer.device))
 
     return reference
 
@@ -53,7 +53,8 @@ def run_variant(args) -> dict:
     from pipeline import layout
     from pipeline.config_load import load_config
     from pipeline.models import load_causal_lm
-    from pipeline.train import batch_indices, build_trainer, load_split_data, train_step
+    from pipeline.train import build_trainer, train_step
+    from pipeline.train_data import batch_indices, load_split_data
 
     cfg = load_config(args.config)
     dataset_dir = layout.locate_dataset(cfg)

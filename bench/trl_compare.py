@@ -24,7 +24,7 @@ rows our prepare kept, ``--batch`` pairs per step without accumulation, AdamW (`
 TRL ``optim="adamw_torch"``), learning rate 1e-6, cosine schedule, no warmup, no weight decay,
 clipping 1.0, beta 0.1, sigmoid loss, no gradient checkpointing (TRL's default is on:
 ``--trl-gradient-checkpointing`` keeps it), no bf16, no saving. TRL gets the same batches in the same
-order: its dataset is ordered by our trainer's permutation (``pipeline.train.batch_indices``) and
+order: its dataset is ordered by our trainer's permutation (``pipeline.train_data.batch_indices``) and
 sampled sequentially (exact as long as steps x batch <= rows).
 
 Step time: seconds per optimizer step, mean over the steps after the first (warm-up); ours is the
@@ -227,7 +227,7 @@ def trl_child(spec: dict) -> dict:
     pairs = read_pairs(spec["data"])
     order = spec["order"]
     if order is None:  # --only trl: our trainer's permutation of the rows our prepare would keep
-        from pipeline.train import batch_indices
+        from pipeline.train_data import batch_indices
 
         kept = sorted(pairs)
         order = [kept[i] for i in batch_indices(0, len(kept), len(kept), SEED)]
@@ -464,7 +464,7 @@ def main() -> int:
             prepared = our_rows(config)
             ours_rows = prepared["rows"]
             report["ours"]["rows_rejected_by_prepare"] = prepared["rejected"]
-            from pipeline.train import batch_indices
+            from pipeline.train_data import batch_indices
 
             n_rows = len(ours_rows)
             order = [ours_rows[i]["source_row"] for i in batch_indices(0, n_rows, n_rows, SEED)]

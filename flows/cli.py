@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     Called as the program (``argv`` None: the `dpo` script, ``python -m flows.cli``), a stage
     command that returned ends the process at once (``exit_now``)."""
     args = build_parser().parse_args(argv)  # --help and usage errors end here, before any import
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO if _rank() == 0 else logging.WARNING,
+    from pipeline.launch import rank  # no torch
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO if rank() == 0 else logging.WARNING,
                         format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's API calls, one line each
     from . import commands
@@ -141,11 +143,6 @@ def exit_now(code: int) -> None:
         except (OSError, ValueError):
             pass  # a closed pipe: nothing more to deliver
     os._exit(code)
-
-
-def _rank() -> int:
-    """This process's rank under torchrun, else 0."""
-    return int(os.environ.get("RANK", "0")) if "LOCAL_RANK" in os.environ else 0
 
 
 def __getattr__(name: str):

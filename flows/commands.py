@@ -12,11 +12,12 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline import STAGES, distributed, layout, metrics
+from pipeline import STAGES, layout, metrics
 from pipeline.config import ConfigError, world_size
 from pipeline.config_load import config_from_dict, load_config
 from pipeline.data import DataError
 from pipeline.distributed import DistributedError
+from pipeline.launch import launch_log_dir, rank, record_failure, train_argv
 from pipeline.layout import CacheError
 from pipeline.models import ModelError
 from pipeline.prepare import REJECT_REASONS, PrepareError, PrepareResult, prepare
@@ -271,7 +272,7 @@ def cmd_train(args) -> Path:
         result = launch_train(cfg, args.config, overrides, args.resume, args.no_progress)
     else:
         result = train(cfg, resume=args.resume, show_progress=not args.no_progress)
-    if _rank() == 0 and not os.environ.get(LAUNCHED):  # a launcher prints it once
+    if rank() == 0 and not os.environ.get(LAUNCHED):  # a launcher prints it once
         print(summarize_train(result), file=sys.stderr)
     return result.run_dir
 
@@ -287,11 +288,8 @@ def launch_train(cfg, config_path: str, overrides: list[str], resume: bool, no_p
     done = finished_run(cfg)
     if done is not None:
         return done  # up to date: no processes to start
-    argv = ["-m", "flows.cli", "train", "-c", config_path]
-    for override in overrides:
-        argv += ["--set", override]
-    argv += ["--resume"] * resume + ["--no-progress"] * no_progress
-    log_dir = distributed.launch_log_dir(cfg.storage)
+    argv = train_argv(config_path, overrides, resume, no_progress)
+    log_dir = launch_log_dir(cfg.storage)
     print(f"train: {cfg.train.nproc_per_node} processes under torchrun ({cfg.train.distributed}); "
           f"their logs: {log_dir}", file=sys.stderr)
     try:
@@ -352,16 +350,11 @@ def run(args) -> int:
         output_dir = COMMANDS[args.command](args)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
-        distributed.record_failure(exc)  # under torchrun: which rank failed, for the launcher
+        record_failure(exc)  # under torchrun: which rank failed, for the launcher
         return 2 if isinstance(exc, ConfigError) else 1
     except BaseException as exc:
-        distributed.record_failure(exc)
+        record_failure(exc)
         raise
-    if output_dir is not None and _rank() == 0:
+    if output_dir is not None and rank() == 0:
         print(output_dir)
     return 0
-
-
-def _rank() -> int:
-    """This process's rank under torchrun, else 0."""
-    return int(os.environ.get("RANK", "0")) if "LOCAL_RANK" in os.environ else 0

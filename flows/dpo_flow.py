@@ -31,11 +31,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
-from pipeline import STAGES, distributed, layout
+from pipeline import STAGES, layout
 from pipeline.audit import AuditFailed, audit
 from pipeline.audit_report import save_report
 from pipeline.config import world_size
 from pipeline.config_load import config_from_dict
+from pipeline.launch import launch_log_dir, run_streaming, train_argv
 from pipeline.prepare import prepare
 from pipeline.store import exclusive, lock_path
 from pipeline.train import TrainResult, launch, train
@@ -175,7 +176,7 @@ def run_score_child(config: dict) -> tuple[str, dict]:
             env = {**os.environ, "DPO_PROGRESS_TTY": "1", "DPO_PROGRESS_LOG": "1"}
         else:
             command.append("--no-progress")
-        returncode, tail = distributed.run_streaming(command, lambda line: logger.info("%s", line), env=env)
+        returncode, tail = run_streaming(command, lambda line: logger.info("%s", line), env=env)
         if returncode != 0:
             raise _child_failure("dpo score", returncode, tail)
         stats = json.loads(stats_path.read_text())
@@ -246,9 +247,9 @@ def run_train_child(config: dict) -> TrainResult:
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "config.yaml"
         config_path.write_text(yaml.safe_dump(config))
-        argv = ["-m", "flows.cli", "train", "-c", str(config_path), "--resume", "--no-progress"]
+        argv = train_argv(config_path, resume=True, no_progress=True)
         logger = _run_logger()
-        return launch(cfg, argv, distributed.launch_log_dir(cfg.storage), echo=False,
+        return launch(cfg, argv, launch_log_dir(cfg.storage), echo=False,
                       lines=lambda line: logger.info("%s", line))
 
 

@@ -2,7 +2,8 @@
 LoRA adapter in peft's format), its model card, the run report, and run.json, which lists the
 sha256 of every file in final/.
 
-    policy = whole_policy(trainer)                         # a collective under FSDP2
+    done = finished(run_dir, run_fingerprint)               # TrainResult of a verified finished run, or None
+    policy = whole_policy(trainer)                          # a collective under FSDP2
     summary = write_final(trainer, run, policy, last_eval)  # rank 0
 
 ``trainer`` is train.py's Trainer, ``run`` its plan of the run (_Run: dataset_dir, cache_dir,
@@ -10,6 +11,10 @@ splits, identity, fingerprint, run_dir).
 """
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import yaml
@@ -19,6 +24,29 @@ from .config import Config
 from .models import load_causal_lm, load_tokenizer
 from .run_report import write_run_report
 from .store import atomic_write_json, atomic_write_text, sha256_file
+from .train_data import TrainError
+
+log = logging.getLogger("dpo.train")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    summary: dict
+    skipped: bool
+
+
+def finished(run_dir: Path, run_fp: str, quiet: bool = False) -> TrainResult | None:
+    """The finished run in ``run_dir`` when its run.json and final/ verify (None when there is
+    none); a finished run of another fingerprint is refused."""
+    previous = layout.verified_run(run_dir)
+    if previous is None:
+        return None
+    if previous.get("fingerprint") != run_fp:
+        raise TrainError(f"{run_dir} holds a finished run of another configuration: set another train.run_name")
+    if not quiet:
+        log.info("train: up to date, %s", run_dir)
+    return TrainResult(run_dir, previous, skipped=True)
 
 
 def whole_policy(trainer):

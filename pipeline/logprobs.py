@@ -196,28 +196,19 @@ def flex_block_mask(segments: torch.Tensor):
                              _compile=segments.device.type == "cuda")
 
 
-def token_logps(
-    hidden: torch.Tensor,
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    targets: torch.Tensor,
-    lm_head,
-    logit_transform=None,
-    log_sum_sq: bool = False,
-):
+def token_logps(hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor, lm_head,
+                log_sum_sq: bool = False):
     """log p(target | context) at the given positions, in float32.
 
     hidden: [B, T, H] last hidden states (any dtype); rows, cols, targets: [N];
-    lm_head: maps [n, H] -> [n, V]; logit_transform: optional function applied to those logits
-    (e.g. a model's final soft-capping). Returns [N] float32, differentiable; with
+    lm_head: maps [n, H] -> [n, V] logits (a model's own post-processing of them included, e.g.
+    its final soft-capping: ``_logits_of``). Returns [N] float32, differentiable; with
     ``log_sum_sq`` also [N] log sum_v p(v | context)^2 (no gradient: WPO's weights).
     """
     selected = hidden[rows, cols]  # [N, H]
     out, squares = [], []
     for start in range(0, selected.shape[0], LOGSOFTMAX_CHUNK):
         logits = lm_head(selected[start : start + LOGSOFTMAX_CHUNK])
-        if logit_transform is not None:
-            logits = logit_transform(logits)
         logps = torch.log_softmax(logits.float(), dim=-1)  # [n, V] float32
         chunk_targets = targets[start : start + LOGSOFTMAX_CHUNK].unsqueeze(-1)
         out.append(logps.gather(-1, chunk_targets).squeeze(-1))
@@ -241,6 +232,14 @@ def _logit_transform(model):
     if isinstance(scale, (int, float)) and scale != 1:
         return lambda logits: logits * scale
     return None
+
+
+def _logits_of(model):
+    """The model's LM head followed by its own post-processing of the logits (``_logit_transform``)."""
+    head, transform = model.get_output_embeddings(), _logit_transform(model)
+    if transform is None:
+        return head
+    return lambda hidden: transform(head(hidden))
 
 
 def attention_implementation(model) -> str:
@@ -285,15 +284,7 @@ def response_logps(model, batch: PackedBatch, log_sum_sq: bool = False):
         position_ids=batch.position_ids,
         use_cache=False,
     ).last_hidden_state
-    return token_logps(
-        hidden,
-        batch.rows,
-        batch.cols,
-        batch.targets,
-        model.get_output_embeddings(),
-        _logit_transform(model),
-        log_sum_sq,
-    )
+    return token_logps(hidden, batch.rows, batch.cols, batch.targets, _logits_of(model), log_sum_sq)
 
 
 def sequence_sums(values: torch.Tensor, lengths: list[int], weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -320,8 +311,10 @@ class ResponseLogps(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, rows, cols, targets, position_ids=None, segments=None,
-                log_sum_sq: bool = False):
+    def forward(self, input_ids, attention_mask, positions, position_ids=None, segments=None, log_sum_sq: bool = False):
+        """positions: [3, N] the batch's rows, cols and targets, stacked (plain tensors: what the
+        engines pass through and move as they should)."""
+        rows, cols, targets = positions.unbind(0)
         batch = PackedBatch(input_ids, attention_mask, rows, cols, targets, [], position_ids, segments)
         return response_logps(self.model, batch, log_sum_sq)
 
@@ -330,8 +323,8 @@ def _logps(model, batch: PackedBatch, log_sum_sq: bool = False):
     if hasattr(model, "get_decoder"):  # a causal LM (or a peft model around one)
         return response_logps(model, batch, log_sum_sq)
     # a ResponseLogps, possibly wrapped by DDP / fully_shard
-    return model(batch.input_ids, batch.attention_mask, batch.rows, batch.cols, batch.targets,
-                 batch.position_ids, batch.segments, log_sum_sq)
+    positions = torch.stack((batch.rows, batch.cols, batch.targets))
+    return model(batch.input_ids, batch.attention_mask, positions, batch.position_ids, batch.segments, log_sum_sq)
 
 
 def _causal_lm(model):
@@ -356,22 +349,36 @@ class PairTokens:
         return sums[0::2], sums[1::2]
 
 
-def pair_token_logps(model, prompts, chosens, rejecteds, shared: bool = True, device="cpu",
-                     packing: str | None = None, log_sum_sq: bool = False) -> PairTokens:
-    """Per-token log-probs of both responses of each pair in ONE forward pass.
+@dataclass(frozen=True)
+class PairOptions:
+    """How ``pair_token_logps`` lays out and runs a batch of pairs.
 
-    model: a causal LM, or a ``ResponseLogps`` around one (wrapped by DDP or FSDP2 or not).
     shared: prompt computed once per pair (``pack_pairs``, laid out by ``packing``: see PACKING;
     None: the model's kernel's ``default_packing``); else the chosen and the rejected sequences
     as rows of the same right-padded batch (kernels that take no custom mask).
+    device: where the batch goes; log_sum_sq: also each position's log sum_v p^2 (WPO's weights).
     """
-    if shared:
-        packing = packing or default_packing(_causal_lm(model))
-        batch = pack_pairs(prompts, chosens, rejecteds, pad_id=0, packing=packing).to(device)
+
+    shared: bool = True
+    device: str = "cpu"
+    packing: str | None = None
+    log_sum_sq: bool = False
+
+
+def pair_token_logps(model, prompts, chosens, rejecteds, options: PairOptions = PairOptions()) -> PairTokens:
+    """Per-token log-probs of both responses of each pair in ONE forward pass (laid out as
+    ``options`` say).
+
+    model: a causal LM, or a ``ResponseLogps`` around one (wrapped by DDP or FSDP2 or not).
+    """
+    log_sum_sq = options.log_sum_sq
+    if options.shared:
+        packing = options.packing or default_packing(_causal_lm(model))
+        batch = pack_pairs(prompts, chosens, rejecteds, pad_id=0, packing=packing).to(options.device)
         out = _logps(model, batch, log_sum_sq)
         values, squares = out if log_sum_sq else (out, None)
         return PairTokens(values, batch.lengths, squares)
-    batch = pack(prompts + prompts, chosens + rejecteds, pad_id=0).to(device)
+    batch = pack(prompts + prompts, chosens + rejecteds, pad_id=0).to(options.device)
     out = _logps(model, batch, log_sum_sq)
     values, squares = out if log_sum_sq else (out, None)
     # rows are all chosen then all rejected: reorder the tokens into pair order
@@ -383,7 +390,7 @@ def pair_token_logps(model, prompts, chosens, rejecteds, shared: bool = True, de
     return PairTokens(values[order], lengths, None if squares is None else squares[order])
 
 
-def pair_logps(model, prompts, chosens, rejecteds, shared: bool = True, device="cpu", packing: str | None = None):
+def pair_logps(model, prompts, chosens, rejecteds, options: PairOptions = PairOptions()):
     """Sequence log-probs (chosen [B], rejected [B]) float32 sums, differentiable, of both
     responses of each pair in one forward pass (``pair_token_logps``)."""
-    return pair_token_logps(model, prompts, chosens, rejecteds, shared, device, packing).sums()
+    return pair_token_logps(model, prompts, chosens, rejecteds, options).sums()

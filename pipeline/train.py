@@ -7,19 +7,18 @@
 ``train`` is setup, then a loop over ``train_step`` (the benchmark calls the same step):
   1. find the prepared dataset and its reference cache (both verified against their manifests),
      and check the contract between them (dataset fingerprint, every id scored, token counts
-     equal): refuse on any mismatch;
+     equal): refuse on any mismatch (train_data.py);
   2. take the run's lock (a second `dpo train` of the same run name refuses, naming the holder);
   3. load exactly one model, the policy (model.path, or train.init_from), with LoRA adapters
      when train.peft is set (pipeline/adapters.py);
   4. step-0 check: a policy that starts from the reference weights must reproduce the cached
      log-probs on the first batch (rewards 0, loss ln 2);
   5. each ``train_step``: gradient_accumulation_steps micro-batches, each ONE forward pass over prompt + chosen +
-     rejected (the prompt computed once; several pairs per row without padding, see logprobs.pack_pairs),
-     loss scaled so the sum of
-     micro-batch gradients is the gradient of the mean over the whole batch; a non-finite loss
-     or gradient norm stops the run; clip, AdamW step, schedule; metrics to metrics.jsonl (metrics.py);
-     eval and checkpoints on their cadence;
-  6. final eval, final/ and run.json (with the sha256 of every file in final/).
+     rejected (the prompt computed once; several pairs per row without padding, see logprobs.pack_pairs), loss
+     scaled so the sum of micro-batch gradients is the gradient of the mean over the whole batch (train_loss.py);
+     a non-finite loss or gradient norm stops the run; clip, AdamW step, schedule; metrics to metrics.jsonl
+     (metrics.py); eval and checkpoints (checkpoint.py) on their cadence;
+  6. final eval, final/ and run.json (with the sha256 of every file in final/: final.py).
 """
 
 from __future__ import annotations
@@ -41,24 +40,19 @@ from . import adapters, distributed, final, layout, metrics, precision
 from .checkpoint import list_checkpoints, load_latest_checkpoint, restore_training, save_training
 from .config import Config, world_size
 from .distributed import World
-from .logprobs import PairTokens, pair_token_logps, supports_shared_prefix
+from .final import TrainResult, finished
+from .launch import torchrun
+from .logprobs import PairOptions, PairTokens, pair_token_logps, supports_shared_prefix
 from .models import load_causal_lm, model_fingerprint
 from .progress import Progress
 from .run_report import write_run_report
 from .store import atomic_write_text, ensure_dir, exclusive, lock_path, remove_leftovers
 from .trackers import TrackerError, Trackers, open_trackers
 from .train_data import Split, TrainError, batch_indices, load_split_data, lr_factor, warmup_steps
-from .train_loss import (PolicyLogps, add_sums, cached_reference, compute_loss, ld_reference, ld_weights, token_count,
-                         wpo_weights)
+from .train_loss import (PolicyLogps, add_sums, cached_reference, compute_loss, ld_reference, ld_weights, read_sums,
+                         token_count, wpo_weights)
 
 log = logging.getLogger("dpo.train")
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    summary: dict
-    skipped: bool
 
 
 @dataclass
@@ -95,8 +89,7 @@ class Trainer:
         picked = [split.prompts[i] for i in index], [split.chosens[i] for i in index], [split.rejecteds[i] for i in index]
         packing = None if self.cfg.train.padding_free else "none"
         with self.autocast():
-            return pair_token_logps(self.engine, *picked, shared=self.shared, device=self.device, packing=packing,
-                                    log_sum_sq=log_sum_sq)
+            return pair_token_logps(self.engine, *picked, PairOptions(self.shared, self.device, packing, log_sum_sq))
 
     def pair_logps(self, split: Split, index: list[int]):
         """(chosen [B], rejected [B]) sequence log-probs under the policy."""
@@ -138,7 +131,7 @@ class Trainer:
                 _, sums = compute_loss(self.cfg, split, index, policy, 1.0, self.reference)
                 add_sums(totals, sums)  # on the device: read once, below
         self.engine.train()
-        totals = _on_host(self.world.sum(totals))
+        totals = read_sums(self.world.sum(totals))
         return {"step": step, **{f"eval/{k}": v / len(split) for k, v in totals.items()}}
 
     def log(self, path: Path, record: dict) -> None:
@@ -196,7 +189,7 @@ def train_step(trainer: Trainer, step: int) -> dict:
     totals = trainer.world.sum(totals)
     clip = train_cfg.max_grad_norm if train_cfg.max_grad_norm > 0 else float("inf")
     norm = distributed.clip_grad_norm(trainer.engine.parameters(), clip)
-    totals = _on_host({**totals, "grad_norm": norm})  # the step's one host sync: metric sums and gradient norm
+    totals = read_sums({**totals, "grad_norm": norm})  # the step's one host sync: metric sums and gradient norm
     grad_norm = totals.pop("grad_norm")
     if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -216,15 +209,6 @@ def train_step(trainer: Trainer, step: int) -> dict:
     return {"step": step + 1, "epoch": (step + 1) * trainer.batch / len(split),
             **{k: v / trainer.batch for k, v in totals.items()}, "grad_norm": grad_norm, "learning_rate": lr,
             "tokens/s": token_count(split, index) / seconds, "seconds": seconds}
-
-
-def _on_host(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """0-dim tensors as Python floats, in one transfer (float64: the precision their sums were kept in)."""
-    if not values:
-        return {}
-    device = next(iter(values.values())).device
-    stacked = torch.stack([value.to(device, torch.float64) for value in values.values()])
-    return dict(zip(values, stacked.tolist()))
 
 
 def step0_check(trainer: Trainer, cfg: Config, cache: dict, cache_dir: Path) -> dict:
@@ -324,12 +308,12 @@ def _identify(cfg: Config):
 
 
 def launch(cfg: Config, argv: list[str], log_dir: Path, **options) -> TrainResult:
-    """Train ``cfg`` as train.nproc_per_node processes under torchrun (``distributed.launch``
+    """Train ``cfg`` as train.nproc_per_node processes under torchrun (``launch.torchrun``
     running ``python <argv>`` in each) and return the finished run. A rank that crashes after
     the run is complete and verified (run.json and the sha256 of every file in final/: seen
     once, a gloo rank aborting at exit) is reported, not fatal; any other failure raises."""
     try:
-        distributed.launch(argv, cfg.train.nproc_per_node, log_dir, **options)
+        torchrun(argv, cfg.train.nproc_per_node, log_dir, **options)
     except distributed.DistributedError as exc:
         done = finished_run(cfg)
         if done is None:
@@ -347,13 +331,13 @@ def finished_run(cfg: Config) -> TrainResult | None:
     """The finished run of ``cfg`` when it exists and verifies, without loading data or model
     (what a launcher reports after its torchrun child, or before starting one)."""
     *_, run_fp, run_dir = _identify(cfg)
-    return _finished(run_dir, run_fp, quiet=True)
+    return finished(run_dir, run_fp, quiet=True)
 
 
 def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> TrainResult:
     """Train one run (see the module docstring). Under torchrun every rank calls this: rank 0
     writes, all compute; with train.nproc_per_node > 1 outside torchrun, use ``dpo train``,
-    which starts torchrun (distributed.launch)."""
+    which starts torchrun (launch.torchrun)."""
     if cfg.model.dtype == "float16" and cfg.train.precision is None:
         raise TrainError("model.dtype=float16 is not supported for training: use bfloat16 or float32")
     device = _device(cfg)
@@ -372,12 +356,12 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> Trai
 
 def _train(cfg: Config, world: World, device: str, resume: bool, show_progress: bool) -> TrainResult:
     run = _plan_run(cfg)
-    done = _finished(run.run_dir, run.fingerprint)
+    done = finished(run.run_dir, run.fingerprint)
     if done is not None:
         return done
     # One writer per run folder: a second `dpo train` with the same run name refuses at once.
     with _run_lock(cfg, run, world):
-        done = _finished(run.run_dir, run.fingerprint)
+        done = finished(run.run_dir, run.fingerprint)
         if done is not None:
             return done
         checkpoints = list_checkpoints(run.run_dir)
@@ -428,17 +412,6 @@ def _run_lock(cfg: Config, run: "_Run", world: World):
         if reason is not None:
             raise TrainError(f"rank 0 could not lock the run: {reason}")
         yield
-
-
-def _finished(run_dir: Path, run_fp: str, quiet: bool = False) -> TrainResult | None:
-    previous = layout.verified_run(run_dir)
-    if previous is None:
-        return None
-    if previous.get("fingerprint") != run_fp:
-        raise TrainError(f"{run_dir} holds a finished run of another configuration: set another train.run_name")
-    if not quiet:
-        log.info("train: up to date, %s", run_dir)
-    return TrainResult(run_dir, previous, skipped=True)
 
 
 def _start(trainer: Trainer, run: _Run, resume: bool) -> int:

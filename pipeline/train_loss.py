@@ -6,7 +6,7 @@ its metrics.
     loss, sums = compute_loss(cfg, split, index, policy, scale, reference=cached_reference)
 
 The metric sums stay 0-dim tensors on the policy's device (no host sync per micro-batch): the
-caller adds them up (``add_sums``, in float64) and reads them once where it logs them.
+caller adds them up (``add_sums``, in float64) and reads them together (``read_sums``).
 """
 
 from __future__ import annotations
@@ -97,6 +97,15 @@ def _metric_sums(per_pair, policy: PolicyLogps, reward_chosen, reward_rejected) 
         "logps/chosen": policy.chosen.detach().sum(),
         "logps/rejected": policy.rejected.detach().sum(),
     }
+
+
+def read_sums(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-dim tensors as Python floats, in one transfer (float64: the precision their sums were kept in)."""
+    if not values:
+        return {}
+    device = next(iter(values.values())).device
+    stacked = torch.stack([value.to(device, torch.float64) for value in values.values()])
+    return dict(zip(values, stacked.tolist()))
 
 
 def add_sums(totals: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -345,7 +345,7 @@ def test_failure_report_names_the_rank_killed_from_outside(tmp_path):
     the out-of-memory killer leaves: no error file), before the ranks whose errors came after
     (a broken connection) and the ranks torchrun stopped; a rank torchrun had to SIGKILL after
     its SIGTERM is not named; without such a rank, the earliest error file as before."""
-    from pipeline.distributed import RANK_EXITS, failure_report
+    from pipeline.launch import RANK_EXITS, failure_report
 
     log_dir = tmp_path / "logs"
     exits = {

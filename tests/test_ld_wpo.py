@@ -91,7 +91,7 @@ def test_wpo_weights_match_an_independent_float64_computation(demo_assets):
               [rng.randrange(5, 200) for _ in range(rng.randint(1, 7))],
               [rng.randrange(5, 200) for _ in range(rng.randint(1, 7))]) for _ in range(5)]
     with torch.no_grad():
-        tokens = logprobs.pair_token_logps(model, *map(list, zip(*pairs)), log_sum_sq=True)
+        tokens = logprobs.pair_token_logps(model, *map(list, zip(*pairs)), logprobs.PairOptions(log_sum_sq=True))
         got = wpo_weights(tokens)
 
         def weight(prompt, response):

@@ -86,7 +86,8 @@ def test_packed_logprobs_equal_float64_and_padded(models, kernel):
     got = {}
     with torch.no_grad():
         for packing in logprobs.PACKING:
-            tokens = logprobs.pair_token_logps(models[kernel], prompts, chosens, rejecteds, packing=packing)
+            tokens = logprobs.pair_token_logps(models[kernel], prompts, chosens, rejecteds,
+                                               logprobs.PairOptions(packing=packing))
             got[packing] = tokens.values
             assert tokens.lengths == [len(r) for c, rj in zip(chosens, rejecteds) for r in (c, rj)]
             assert (tokens.values.double() - expected).abs().max() < 2e-5, packing
@@ -102,7 +103,8 @@ def test_unshared_pairs_come_back_in_pair_order(models):
     prompts, chosens, rejecteds = random_pairs(4, seed=3)
     with torch.no_grad():
         shared = logprobs.pair_token_logps(models["sdpa"], prompts, chosens, rejecteds)
-        separate = logprobs.pair_token_logps(models["sdpa"], prompts, chosens, rejecteds, shared=False)
+        separate = logprobs.pair_token_logps(models["sdpa"], prompts, chosens, rejecteds,
+                                             logprobs.PairOptions(shared=False))
     assert separate.lengths == shared.lengths
     assert (separate.values - shared.values).abs().max() < 5e-6
 
@@ -120,7 +122,8 @@ def test_packed_gradient_equals_padded_and_the_seed_formula(models, demo_assets)
     grads = {}
     for packing in ("none", "fit", "flat"):
         model.zero_grad()
-        chosen, rejected = logprobs.pair_token_logps(model, prompts, chosens, rejecteds, packing=packing).sums()
+        chosen, rejected = logprobs.pair_token_logps(model, prompts, chosens, rejecteds,
+                                                     logprobs.PairOptions(packing=packing)).sums()
         sigmoid_loss(PairLogps(chosen.double(), rejected.double(), ref_chosen, ref_rejected), beta).mean().backward()
         grads[packing] = {n: p.grad.double().clone() for n, p in model.named_parameters()}
 

@@ -20,7 +20,7 @@ import torch
 
 from pipeline import layout
 from pipeline.config_load import config_from_dict
-from pipeline.logprobs import pair_logps
+from pipeline.logprobs import PairOptions, pair_logps
 from pipeline.layout import CacheError
 from pipeline.losses import LOSSES, PairLogps, hinge_loss, ipo_loss, robust_loss, rewards, sigmoid_loss
 from pipeline.prepare import prepare
@@ -105,7 +105,7 @@ def test_autograd_matches_the_seed_gradient_formula(demo_assets):
     beta = 0.5
 
     model.zero_grad()
-    chosen, rejected = pair_logps(model, *map(list, zip(*pairs)), shared=True)
+    chosen, rejected = pair_logps(model, *map(list, zip(*pairs)), PairOptions(shared=True))
     loss = sigmoid_loss(PairLogps(chosen.double(), rejected.double(), ref_chosen, ref_rejected), beta).mean()
     loss.backward()
     ours = {n: p.grad.double().clone() for n, p in model.named_parameters()}
