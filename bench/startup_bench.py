@@ -76,6 +76,53 @@ PHASES = [
 # --- child: one stage, timed ---------------------------------------------------------------------
 
 
+def _timed(fn, label, events: list[dict], depth: list[int]):
+    """``fn`` recording its calls into ``events`` (phase, start, end, nesting depth)."""
+
+    def wrapper(*args, **kwargs):
+        start = time.time()
+        depth[0] += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+            phase = label(args, kwargs) if callable(label) else label
+            events.append({"phase": phase, "start": start, "end": time.time(), "depth": depth[0]})
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+def install_timers(events: list[dict]) -> None:
+    """Wrap the function of each of PHASES with a timer, wherever a module holds it."""
+    import importlib
+
+    depth = [0]
+    for module_name, attr, label in PHASES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        owner, name = module, attr
+        if "." in attr:
+            owner_name, name = attr.split(".")
+            owner = getattr(module, owner_name, None)
+            if owner is None or not hasattr(owner, name):
+                continue
+            setattr(owner, name, _timed(getattr(owner, name), label, events, depth))
+            continue
+        original = getattr(module, attr, None)
+        if original is None:
+            continue
+        wrapped = _timed(original, label, events, depth)
+        for held in list(sys.modules.values()):  # every `from .x import f` holds its own reference
+            namespace = getattr(held, "__dict__", None)
+            if namespace is not None and (held.__name__ or "").split(".")[0] in ("pipeline", "flows"):
+                for key, value in list(namespace.items()):
+                    if value is original:
+                        namespace[key] = wrapped
+
+
 def child(stage: str, config: str, out: str) -> None:
     spawn = float(os.environ["BENCH_SPAWN"])
     events: list[dict] = []
@@ -88,47 +135,7 @@ def child(stage: str, config: str, out: str) -> None:
     import flows.commands  # noqa: F401  (what flows.cli.main imports before running a command)
 
     marks["import flows.commands"] = (t, time.time())
-    depth = [0]
-
-    def timed(fn, label):
-        def wrapper(*args, **kwargs):
-            start = time.time()
-            depth[0] += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                depth[0] -= 1
-                phase = label(args, kwargs) if callable(label) else label
-                events.append({"phase": phase, "start": start, "end": time.time(), "depth": depth[0]})
-
-        wrapper.__wrapped__ = fn
-        return wrapper
-
-    import importlib
-
-    for module_name, attr, label in PHASES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        owner, name = module, attr
-        if "." in attr:
-            owner_name, name = attr.split(".")
-            owner = getattr(module, owner_name, None)
-            if owner is None or not hasattr(owner, name):
-                continue
-            setattr(owner, name, timed(getattr(owner, name), label))
-            continue
-        original = getattr(module, attr, None)
-        if original is None:
-            continue
-        wrapped = timed(original, label)
-        for held in list(sys.modules.values()):  # every `from .x import f` holds its own reference
-            namespace = getattr(held, "__dict__", None)
-            if namespace is not None and (held.__name__ or "").split(".")[0] in ("pipeline", "flows"):
-                for key, value in list(namespace.items()):
-                    if value is original:
-                        namespace[key] = wrapped
+    install_timers(events)
 
     # As the `dpo` program runs it: main() reads sys.argv (and may end the process itself, after
     # the exit handlers: the record is written by one).
@@ -255,7 +262,7 @@ def print_table(report: dict) -> None:
         print("  " + ", ".join(f"{p['package']} {p['s']:.2f}" for p in report["runs"][label]["imports"]))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", choices=["score", "train"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -271,46 +278,48 @@ def main() -> None:
     parser.add_argument("--append", action="store_true",
                         help="add these repeats to the label's earlier ones in --out (to interleave two trees)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "startup.json"))
-    args = parser.parse_args()
-    if args.child:
-        return child(args.child, args.config, args.child_out)
+    return parser.parse_args()
 
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+
+def whole_commands(env: dict, tmp: Path) -> dict[str, float]:
+    """Seconds of `python -c pass`, `dpo --help` and `import flows.commands`, each its own process."""
     python = sys.executable
+    commands = {}
+    for key, argv, log in (("python -c pass", ["-c", "pass"], "pass.log"),
+                           ("dpo --help", ["-m", "flows.cli", "--help"], "help.log"),
+                           ("import flows.commands", ["-c", "import flows.commands"], "import.log")):
+        start = time.time()
+        run_timed([python, *argv], env, tmp / log, ROOT)
+        commands[key] = time.time() - start
+    return commands
+
+
+def run_stages(args: argparse.Namespace, env: dict, tmp: Path, config: Path) -> dict[str, list]:
+    """``--repeats`` times `dpo score` then `dpo train` in child mode: each run's phases, per stage."""
     import shutil
 
-    with tempfile.TemporaryDirectory(prefix="startup-bench-") as name:
-        tmp = Path(name)
-        config = prepared_storage(args, tmp, env)
-        commands = {}
-        start = time.time()
-        run_timed([python, "-c", "pass"], env, tmp / "pass.log", ROOT)
-        commands["python -c pass"] = time.time() - start
-        start = time.time()
-        run_timed([python, "-m", "flows.cli", "--help"], env, tmp / "help.log", ROOT)
-        commands["dpo --help"] = time.time() - start
-        start = time.time()
-        run_timed([python, "-c", "import flows.commands"], env, tmp / "import.log", ROOT)
-        commands["import flows.commands"] = time.time() - start
-        imports = importtime(python, env, ROOT)
-        per_stage: dict[str, list] = {"score": [], "train": []}
-        for repeat in range(args.repeats):
-            run_env = dict(env)
-            if args.cold_hash and repeat == 0:
-                run_env["DPO_HASH_CACHE"] = str(tmp / "empty-hash-cache")
-            for stage in ("score", "train"):
-                storage = tmp / "storage"
-                if stage == "score":
-                    shutil.rmtree(storage / "refscores", ignore_errors=True)
-                shutil.rmtree(storage / "runs", ignore_errors=True)
-                out = tmp / f"{stage}-{repeat}.json"
-                ended = run_timed([python, str(Path(__file__).resolve()), "--child", stage, "--config", str(config),
-                                   "--child-out", str(out)], run_env, tmp / f"{stage}-{repeat}.log", ROOT)
-                phases = phases_of(json.loads(out.read_text()), ended)
-                phases["load average (1 min)"] = {"s": os.getloadavg()[0], "calls": 1}
-                per_stage[stage].append(phases)
-                print(f"  {stage} #{repeat}: {phases['process wall']['s']:.1f} s", flush=True)
+    per_stage: dict[str, list] = {"score": [], "train": []}
+    for repeat in range(args.repeats):
+        run_env = dict(env)
+        if args.cold_hash and repeat == 0:
+            run_env["DPO_HASH_CACHE"] = str(tmp / "empty-hash-cache")
+        for stage in ("score", "train"):
+            storage = tmp / "storage"
+            if stage == "score":
+                shutil.rmtree(storage / "refscores", ignore_errors=True)
+            shutil.rmtree(storage / "runs", ignore_errors=True)
+            out = tmp / f"{stage}-{repeat}.json"
+            ended = run_timed([sys.executable, str(Path(__file__).resolve()), "--child", stage, "--config",
+                               str(config), "--child-out", str(out)], run_env, tmp / f"{stage}-{repeat}.log", ROOT)
+            phases = phases_of(json.loads(out.read_text()), ended)
+            phases["load average (1 min)"] = {"s": os.getloadavg()[0], "calls": 1}
+            per_stage[stage].append(phases)
+            print(f"  {stage} #{repeat}: {phases['process wall']['s']:.1f} s", flush=True)
+    return per_stage
+
+
+def merged_report(args: argparse.Namespace, commands: dict, imports: list[dict], per_stage: dict) -> dict:
+    """--out's report with this run under --label (added to the label's earlier repeats with --append)."""
     report = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     earlier = report.get("runs", {}).get(args.label) if args.append else None
     if earlier:
@@ -326,6 +335,23 @@ def main() -> None:
 
     report.setdefault("machine", {"cpu": platform.processor() or platform.machine(),
                                   "nproc": len(os.sched_getaffinity(0)), "python": platform.python_version()})
+    return report
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        return child(args.child, args.config, args.child_out)
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    with tempfile.TemporaryDirectory(prefix="startup-bench-") as name:
+        tmp = Path(name)
+        config = prepared_storage(args, tmp, env)
+        commands = whole_commands(env, tmp)
+        imports = importtime(sys.executable, env, ROOT)
+        per_stage = run_stages(args, env, tmp, config)
+    report = merged_report(args, commands, imports, per_stage)
     print_table(report)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _common import write_report
