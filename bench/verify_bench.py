@@ -28,6 +28,7 @@ keep pages, and a VM's host may still cache them) to show what a disk read adds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -182,7 +183,7 @@ def _child(mode: str, cache_dir: Path, evict: bool = False) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=1.0, help="size of the synthetic cache on disk")
     parser.add_argument("--shards", type=int, default=64)
@@ -192,15 +193,26 @@ def main() -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     parser.add_argument("--evict", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure(args.child, Path(args.cache), args.evict)))
-        return 0
+    return parser.parse_args()
 
-    free = shutil.disk_usage(args.dir).free
-    if free < 1.5 * args.gb * 1e9:
-        print(f"{args.dir} has {free / 1e9:.1f} GB free; {1.5 * args.gb:.1f} GB needed", file=sys.stderr)
-        return 1
+
+@dataclasses.dataclass
+class Measured:
+    """The synthetic cache (bytes, shards, seconds to build) and every measurement's results."""
+
+    size: int
+    shards: int
+    build_seconds: float
+    runs: dict[str, list[dict]]
+    evicted: dict[str, dict]
+
+    def median(self, mode: str, key: str = "first") -> float:
+        return statistics.median(r[key] for r in self.runs[mode])
+
+
+def measure_all(args: argparse.Namespace) -> Measured:
+    """Build the cache in a temporary folder of --dir; --repeats fresh processes per mode, then the
+    evicted runs; the folder is deleted."""
     with tempfile.TemporaryDirectory(prefix="dpo-verify-bench-", dir=args.dir) as tmp:
         os.environ["DPO_HASH_CACHE"] = tmp  # keep the on-disk hash cache out of it (and out of ~)
         start = time.perf_counter()
@@ -214,40 +226,59 @@ def main() -> int:
             for mode in runs:
                 runs[mode].append(_child(mode, cache_dir))
         evicted = {"verify": _child("verify", cache_dir, evict=True), "raw": _child("raw", cache_dir, evict=True)}
+    return Measured(size, len(paths), build_seconds, runs, evicted)
 
-    def med(mode, key="first"):
-        return statistics.median(r[key] for r in runs[mode])
 
-    gb = size / 1e9
-    memory_gb = runs["sha256_memory"][0]["bytes"] / 1e9
-    rows = [
-        ("verified_refscores, 1st call in a process", gb, med("verify")),
-        ("verified_refscores, 2nd call (memoized)", gb, med("verify", "second")),
-        ("pyarrow read_table, all columns", gb, med("read_all")),
-        ("pyarrow read_table, train's 5 columns", gb, med("read_train")),
-        ("raw read of the bytes, no hashing", gb, med("raw")),
-        ("sha256 of a buffer in memory (CPU ceiling)", memory_gb, med("sha256_memory")),
-        ("verified_refscores, 1st call, after fadvise", gb, evicted["verify"]["first"]),
-        ("raw read, after fadvise", gb, evicted["raw"]["first"]),
+def result_rows(m: Measured) -> list[tuple[str, float, float]]:
+    """(case, GB, seconds) per row of the table."""
+    gb = m.size / 1e9
+    memory_gb = m.runs["sha256_memory"][0]["bytes"] / 1e9
+    return [
+        ("verified_refscores, 1st call in a process", gb, m.median("verify")),
+        ("verified_refscores, 2nd call (memoized)", gb, m.median("verify", "second")),
+        ("pyarrow read_table, all columns", gb, m.median("read_all")),
+        ("pyarrow read_table, train's 5 columns", gb, m.median("read_train")),
+        ("raw read of the bytes, no hashing", gb, m.median("raw")),
+        ("sha256 of a buffer in memory (CPU ceiling)", memory_gb, m.median("sha256_memory")),
+        ("verified_refscores, 1st call, after fadvise", gb, m.evicted["verify"]["first"]),
+        ("raw read, after fadvise", gb, m.evicted["raw"]["first"]),
     ]
-    print(f"\nsynthetic reference cache: {len(paths)} shards x {SHARD_ROWS} rows, {gb:.2f} GB "
-          f"(zstd Parquet with per-token log-probs), built in {build_seconds:.0f} s; {os.cpu_count()} CPUs; "
+
+
+def print_table(args: argparse.Namespace, m: Measured, rows: list[tuple[str, float, float]]) -> None:
+    print(f"\nsynthetic reference cache: {m.shards} shards x {SHARD_ROWS} rows, {m.size / 1e9:.2f} GB "
+          f"(zstd Parquet with per-token log-probs), built in {m.build_seconds:.0f} s; {os.cpu_count()} CPUs; "
           f"warm page cache unless 'after fadvise'; median of {args.repeats} fresh processes\n")
     print(f"{'case':<46}{'GB':>7}{'shards':>8}{'seconds':>10}{'GB/s':>8}")
     for name, size_gb, seconds in rows:
-        shards = "-" if "memory" in name else str(len(paths))
+        shards = "-" if "memory" in name else str(m.shards)
         rate = f"{size_gb / seconds:>8.2f}" if seconds > 1e-3 else f"{'-':>8}"
         print(f"{name:<46}{size_gb:>7.2f}{shards:>8}{seconds:>10.4f}{rate}")
+
+
+def main() -> int:
+    args = parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, Path(args.cache), args.evict)))
+        return 0
+
+    free = shutil.disk_usage(args.dir).free
+    if free < 1.5 * args.gb * 1e9:
+        print(f"{args.dir} has {free / 1e9:.1f} GB free; {1.5 * args.gb:.1f} GB needed", file=sys.stderr)
+        return 1
+    m = measure_all(args)
+    rows = result_rows(m)
+    print_table(args, m, rows)
     report = {
         "bench": "verify",
-        "cache": {"bytes": size, "shards": len(paths), "rows_per_shard": SHARD_ROWS, "store_token_logps": True,
-                  "build_seconds": build_seconds},
+        "cache": {"bytes": m.size, "shards": m.shards, "rows_per_shard": SHARD_ROWS, "store_token_logps": True,
+                  "build_seconds": m.build_seconds},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "page_cache": "warm (files just written and read once); 'after fadvise' rows: posix_fadvise DONTNEED first",
         "results": [{"case": name, "gb": size_gb, "seconds": seconds, "gb_per_s": size_gb / seconds if seconds else None}
                     for name, size_gb, seconds in rows],
-        "runs": runs,
-        "evicted": evicted,
+        "runs": m.runs,
+        "evicted": m.evicted,
     }
     write_report(args.out, report)
     return 0
