@@ -80,7 +80,7 @@ def run_variant(args) -> dict:
     }
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=24)
     parser.add_argument("--steps", type=int, default=5)
@@ -89,11 +89,11 @@ def main() -> int:
     parser.add_argument("--variant", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.json"))
-    args = parser.parse_args()
-    if args.variant:
-        print(json.dumps(run_variant(args)))
-        return 0
+    return parser.parse_args()
 
+
+def run_variants(args: argparse.Namespace) -> list[dict]:
+    """Prepare and score an HH slice, then each variant in its own process: [ours, baseline]."""
     from pipeline.assets import smollm2_folder
     from pipeline.config_load import load_config
     from pipeline.prepare import prepare
@@ -124,6 +124,16 @@ def main() -> int:
                 sys.stderr.write(out.stderr)
                 raise SystemExit(f"the {variant} variant failed (exit {out.returncode})")
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def main() -> int:
+    args = parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return 0
+
+    results = run_variants(args)
     ours, base = results
     # Same reference numbers, same batches: the first step's loss (policy == reference) agrees.
     if not math.isclose(ours["losses"][0], base["losses"][0], rel_tol=0, abs_tol=1e-4):
