@@ -2,10 +2,14 @@
 
 ``scored_demo``: the demo data prepared and scored once per test module that imports the fixture;
 ``demo_train``: a few steps of training on it with one loss (or a mixture); ``run_metrics``: a
-run's metrics records.
+run's metrics records; ``fail_rank_at``: a torchrun rank made to fail at a step (FAIL_HOOK
+as the children's sitecustomize).
 """
 
 from __future__ import annotations
+
+import sys
+import textwrap
 
 import pytest
 
@@ -60,3 +64,53 @@ def demo_train(scored_demo, name, steps, **extra):
 def run_metrics(run_dir) -> list[dict]:
     """The records of a run's metrics log (<run dir>/metrics.jsonl), in order."""
     return metrics.read(metrics.path_of(run_dir))
+
+
+FAIL_HOOK = """
+import os
+if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_TEST_FAIL_RANK"):
+    import pipeline.train as train_module
+
+    real_step = train_module.train_step
+
+    def failing_step(trainer, step):
+        if step == int(os.environ["DPO_TEST_FAIL_STEP"]):
+            raise RuntimeError(f"simulated failure of rank {trainer.world.rank} at step {step + 1}")
+        return real_step(trainer, step)
+
+    train_module.train_step = failing_step
+if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_TEST_ABORT_AT_EXIT"):
+    import atexit
+
+    atexit.register(os.abort)  # SIGABRT as the process ends, after its work is done
+if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_TEST_PAUSE_RANK"):
+    import time
+    import pipeline.train as train_module
+
+    real_step, real_loss, current = train_module.train_step, train_module.compute_loss, []
+
+    def step_of(trainer, step):
+        current[:] = [step]
+        return real_step(trainer, step)
+
+    def paused_loss(*args, **kwargs):
+        result = real_loss(*args, **kwargs)
+        if current == [int(os.environ["DPO_TEST_PAUSE_STEP"])]:  # mid-step: forward done, no backward
+            with open(os.environ["DPO_TEST_PAUSE_FILE"], "w") as fh:
+                fh.write(str(os.getpid()))
+            time.sleep(300)  # until the test kills this process
+        return result
+
+    train_module.train_step, train_module.compute_loss = step_of, paused_loss
+"""
+
+
+def fail_rank_at(tmp_path, monkeypatch, rank: int, step: int) -> None:
+    """Make rank ``rank`` of the torchrun children this test starts fail at (0-based) ``step``:
+    FAIL_HOOK as their sitecustomize; delenv DPO_TEST_FAIL_RANK to stop it."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent(FAIL_HOOK))
+    monkeypatch.setenv("PYTHONPATH", f"{hook}:{':'.join(sys.path)}")
+    monkeypatch.setenv("DPO_TEST_FAIL_RANK", str(rank))
+    monkeypatch.setenv("DPO_TEST_FAIL_STEP", str(step))

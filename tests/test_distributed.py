@@ -28,6 +28,7 @@ from flows import cli
 from pipeline import layout
 from pipeline.config_load import config_from_dict
 from pipeline.train import train
+from tests.helpers import FAIL_HOOK, fail_rank_at
 
 TRAIN = {"learning_rate": 1e-3, "per_device_train_batch_size": 4, "max_steps": 4, "eval_steps": 2,
          "save_steps": 2, "save_total_limit": 3, "warmup_steps": 1, "lr_scheduler_type": "linear",
@@ -90,56 +91,6 @@ def test_two_processes_train_as_one(prepared_demo, tmp_path, engine, lora):
     assert summary["fingerprint"] == one.summary["fingerprint"]
     _assert_same_run(one.run_dir, two, weights="adapter_model.safetensors" if lora else "model.safetensors")
     assert summary["final_eval"]["eval/loss"] == pytest.approx(one.summary["final_eval"]["eval/loss"], abs=TOLERANCE)
-
-
-FAIL_HOOK = """
-import os
-if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_TEST_FAIL_RANK"):
-    import pipeline.train as train_module
-
-    real_step = train_module.train_step
-
-    def failing_step(trainer, step):
-        if step == int(os.environ["DPO_TEST_FAIL_STEP"]):
-            raise RuntimeError(f"simulated failure of rank {trainer.world.rank} at step {step + 1}")
-        return real_step(trainer, step)
-
-    train_module.train_step = failing_step
-if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_TEST_ABORT_AT_EXIT"):
-    import atexit
-
-    atexit.register(os.abort)  # SIGABRT as the process ends, after its work is done
-if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_TEST_PAUSE_RANK"):
-    import time
-    import pipeline.train as train_module
-
-    real_step, real_loss, current = train_module.train_step, train_module.compute_loss, []
-
-    def step_of(trainer, step):
-        current[:] = [step]
-        return real_step(trainer, step)
-
-    def paused_loss(*args, **kwargs):
-        result = real_loss(*args, **kwargs)
-        if current == [int(os.environ["DPO_TEST_PAUSE_STEP"])]:  # mid-step: forward done, no backward
-            with open(os.environ["DPO_TEST_PAUSE_FILE"], "w") as fh:
-                fh.write(str(os.getpid()))
-            time.sleep(300)  # until the test kills this process
-        return result
-
-    train_module.train_step, train_module.compute_loss = step_of, paused_loss
-"""
-
-
-def fail_rank_at(tmp_path, monkeypatch, rank: int, step: int) -> None:
-    """Make rank ``rank`` of the torchrun children this test starts fail at (0-based) ``step``:
-    FAIL_HOOK as their sitecustomize; delenv DPO_TEST_FAIL_RANK to stop it."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(textwrap.dedent(FAIL_HOOK))
-    monkeypatch.setenv("PYTHONPATH", f"{hook}:{':'.join(sys.path)}")
-    monkeypatch.setenv("DPO_TEST_FAIL_RANK", str(rank))
-    monkeypatch.setenv("DPO_TEST_FAIL_STEP", str(step))
 
 
 @pytest.mark.parametrize("engine,resume_on", [("ddp", 1), ("fsdp", 2)])

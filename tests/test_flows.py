@@ -347,7 +347,7 @@ def test_run_command_stage_selection(tmp_path, demo_assets):
 def test_flow_trains_on_two_processes_and_names_a_failed_rank(prefect_harness, tmp_path, demo_assets, monkeypatch):
     """train.nproc_per_node 2: the train task launches torchrun as a child; a rank's failure
     fails the task with that rank and its last lines; without it the run completes on 2 processes."""
-    from tests.test_distributed import fail_rank_at
+    from tests.helpers import fail_rank_at
 
     config = demo_config(tmp_path, demo_assets)
     config["train"].update(nproc_per_node=2, per_device_train_batch_size=8, max_steps=4, eval_steps=2)

@@ -9,7 +9,7 @@ package's import graph has no cycle; (e) flows/dpo_flow.py does not import the c
 flows/audit_command.py).
 
 A stage may have modules of its own beside its main one (STAGE_PARTS; pipeline.records and
-pipeline.encoder are the prepare stage's): pipeline.audit_report, the
+pipeline.encoder are the prepare stage's, pipeline.audit_tokens the audit's): pipeline.audit_report, the
 audit's report and drill-down, is the audit stage's, so it may import pipeline.audit (the checks,
 which never import it back: (d)), and for (b) and (c) it counts as that stage: only pipeline.audit
 and flows/ may import it.
@@ -36,6 +36,7 @@ PACKAGES = ("pipeline", "flows")
 STAGES = {"pipeline.prepare", "pipeline.score", "pipeline.audit", "pipeline.train"}
 STAGE_PARTS = {
     "pipeline.audit_report": "pipeline.audit",
+    "pipeline.audit_tokens": "pipeline.audit",
     "pipeline.records": "pipeline.prepare",
     "pipeline.encoder": "pipeline.prepare",
     "pipeline.train_data": "pipeline.train",
