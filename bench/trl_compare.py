@@ -214,17 +214,11 @@ def our_rows(config: Path) -> dict:
 # --- TRL -----------------------------------------------------------------------------------------
 
 
-def trl_child(spec: dict) -> dict:
-    """The TRL side, in its own process: build the trainer (precompute included), then train."""
-    import torch
-
-    torch.set_num_threads(spec["threads"])
+def _trl_dataset(spec: dict, pairs: dict):
+    """TRL's train dataset in our trainer's order (``spec["order"]``, or with --only trl our
+    permutation of the rows our prepare would keep); returns it and the order."""
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
 
-    marks = {"imported": time.time()}
-    pairs = read_pairs(spec["data"])
     order = spec["order"]
     if order is None:  # --only trl: our trainer's permutation of the rows our prepare would keep
         from pipeline.train_data import batch_indices
@@ -237,8 +231,12 @@ def trl_child(spec: dict) -> dict:
         "chosen": [pairs[r][1] for r in order],
         "rejected": [pairs[r][2] for r in order],
     })
+    return dataset, order
 
-    spans: dict = {}
+
+def _time_trl_setup(spans: dict) -> None:
+    """Time DPOTrainer's reference precompute and tokenization into ``spans`` (seconds)."""
+    from trl import DPOTrainer
 
     def timed(name, method):
         def wrapper(*a, **k):
@@ -251,6 +249,11 @@ def trl_child(spec: dict) -> dict:
 
     DPOTrainer._precompute_ref_logps = timed("precompute_s", DPOTrainer._precompute_ref_logps)
     DPOTrainer._prepare_dataset = timed("tokenize_s", DPOTrainer._prepare_dataset)
+
+
+def _step_timer():
+    """A TrainerCallback collecting each step's seconds and each logged loss."""
+    from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -266,8 +269,14 @@ def trl_child(spec: dict) -> dict:
             if logs and "loss" in logs:
                 self.losses.append(logs["loss"])
 
-    timer = StepTimer()
-    config = DPOConfig(
+    return StepTimer()
+
+
+def _dpo_config(spec: dict):
+    """DPOConfig with our side's settings (see the module docstring)."""
+    from trl import DPOConfig
+
+    return DPOConfig(
         output_dir=spec["output_dir"], precompute_ref_log_probs=True, max_length=spec["max_length"],
         truncation_mode="keep_start", per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
         max_steps=spec["steps"], learning_rate=LEARNING_RATE, beta=BETA, loss_type=["sigmoid"],
@@ -276,6 +285,24 @@ def trl_child(spec: dict) -> dict:
         bf16=False, fp16=False, use_cpu=True, report_to="none", logging_steps=1, save_strategy="no",
         eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0, model_init_kwargs={"dtype": "float32"},
     )
+
+
+def trl_child(spec: dict) -> dict:
+    """The TRL side, in its own process: build the trainer (precompute included), then train."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from datasets import Dataset  # noqa: F401  (imported with the rest: "imported" marks all of them)
+    from transformers import AutoTokenizer, TrainerCallback  # noqa: F401
+    from trl import DPOConfig, DPOTrainer  # noqa: F401
+
+    marks = {"imported": time.time()}
+    pairs = read_pairs(spec["data"])
+    dataset, order = _trl_dataset(spec, pairs)
+    spans: dict = {}
+    _time_trl_setup(spans)
+    timer = _step_timer()
+    config = _dpo_config(spec)
     marks["init_start"] = time.time()
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     trainer = DPOTrainer(model=spec["model"], args=config, train_dataset=dataset, processing_class=tokenizer,
@@ -422,7 +449,7 @@ def print_table(report: dict) -> None:
               f"{a['truncated_both']} compared rows were cut at max_length")
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=128, help="first rows of the HH file (2312: all of it)")
     parser.add_argument("--steps", type=int, default=10)
@@ -435,21 +462,24 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "trl_compare.json"))
     parser.add_argument("--side", choices=["trl"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.side == "trl":
-        spec = json.loads(Path(args.spec).read_text())
-        Path(spec["result"]).write_text(json.dumps(trl_child(spec)))
-        return 0
+    return parser.parse_args()
 
+
+def new_report(args: argparse.Namespace) -> dict:
+    return {"bench": "trl_compare", "machine": machine(), "load": {"before": os.getloadavg()[0]},
+            "settings": {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "rows": args.rows,
+                         "steps": args.steps, "batch": args.batch, "max_length": args.max_length,
+                         "threads": args.threads, "learning_rate": LEARNING_RATE, "beta": BETA,
+                         "lr_scheduler_type": SCHEDULE, "trl_gradient_checkpointing": args.trl_gradient_checkpointing},
+            "ours": None, "trl": None, "ratios": {}}
+
+
+def run_sides(args: argparse.Namespace, report: dict) -> list[dict] | None:
+    """Ours, then TRL (in our trainer's order), each unless --only leaves it out, into ``report``
+    (with the reference agreement and whether the batches matched); returns our train rows."""
     from pipeline.assets import smollm2_folder
 
     model_dir = smollm2_folder()
-    report = {"bench": "trl_compare", "machine": machine(), "load": {"before": os.getloadavg()[0]},
-              "settings": {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "rows": args.rows,
-                           "steps": args.steps, "batch": args.batch, "max_length": args.max_length,
-                           "threads": args.threads, "learning_rate": LEARNING_RATE, "beta": BETA,
-                           "lr_scheduler_type": SCHEDULE, "trl_gradient_checkpointing": args.trl_gradient_checkpointing},
-              "ours": None, "trl": None, "ratios": {}}
     n = str(args.threads)
     with tempfile.TemporaryDirectory(prefix="trl-compare-") as tmp_name:
         tmp = Path(tmp_name)
@@ -479,8 +509,11 @@ def main() -> int:
                 used = min(args.steps * args.batch, len(order))
                 report["same_batches"] = (trl_order[:used] == order[:used] and trl["rows_trained_on"] == len(order)
                                           and args.steps * args.batch <= len(order))
-    report["load"]["after"] = os.getloadavg()[0]
-    report["settings"]["pairs"] = len(ours_rows) if ours_rows is not None else report["trl"]["rows"]
+    return ours_rows
+
+
+def add_ratios(report: dict) -> None:
+    """Ours / TRL's setup, step time and peak RSS (when both sides ran); warn if the first losses differ."""
     ours, trl = report["ours"], report["trl"]
     if ours and trl:
         report["ratios"] = {
@@ -493,6 +526,20 @@ def main() -> int:
         losses = ours["losses"][0], trl["losses"][0]
         if not math.isclose(*losses, abs_tol=1e-3):
             print(f"warning: first-step losses differ: ours {losses[0]}, TRL {losses[1]}", file=sys.stderr)
+
+
+def main() -> int:
+    args = parse_args()
+    if args.side == "trl":
+        spec = json.loads(Path(args.spec).read_text())
+        Path(spec["result"]).write_text(json.dumps(trl_child(spec)))
+        return 0
+
+    report = new_report(args)
+    ours_rows = run_sides(args, report)
+    report["load"]["after"] = os.getloadavg()[0]
+    report["settings"]["pairs"] = len(ours_rows) if ours_rows is not None else report["trl"]["rows"]
+    add_ratios(report)
     print_table(report)
     write_report(args.out, report)
     return 0
