@@ -19,6 +19,13 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HH_TEST = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 
 
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    # `make test` runs a worker per core (pytest-xdist): each computes on its share of the cores.
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_hash_cache(tmp_path_factory):
     # Keep the file-hash cache of the test run out of the user's home.

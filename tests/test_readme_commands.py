@@ -283,6 +283,9 @@ def test_every_make_example_is_a_target(example):
     for target in example.argv[1:]:
         if "=" not in target:
             assert re.search(rf"(?m)^{re.escape(target)}:", makefile), f"make {target}: no such target in Makefile"
+        else:  # a variable the Makefile reads
+            name = target.split("=", 1)[0]
+            assert re.search(rf"(?m)^{re.escape(name)} *[?:]?=", makefile), f"make {target}: no variable {name} in Makefile"
 
 
 @pytest.mark.parametrize("argv, message", [
