@@ -47,11 +47,11 @@ $(LOCK_VENV)/bin/pip-compile:
 demo: $(STAMP)
 	$(VENV)/bin/dpo demo
 
-# The suite on every core (pytest-xdist; each test file runs whole on one worker, so its module
-# fixtures are made once); `make test TEST_WORKERS=0` runs it in this one process.
+# The suite on every core (pytest-xdist: the tests dealt out one by one, so the long ones spread
+# over the workers); `make test TEST_WORKERS=0` runs it in this one process.
 TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist load
 
 test-slow: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m slow

@@ -68,10 +68,10 @@ def audit_diff(args, cache_a: Path, cache_b: Path) -> Path | None:
 
 def audit_show(args, example_id: str) -> Path | None:
     """One example token by token: each response token on a background coloured by its reference
-    log-prob (on pipeline.audit_report.LOGP_SCALE), then the lowest tokens of each response."""
+    log-prob (on pipeline.audit_tokens.LOGP_SCALE), then the lowest tokens of each response."""
     from rich.text import Text
 
-    from pipeline.audit_report import LOGP_LEGEND, cache_tokenizer, example_tokens, logp_color, shown_token
+    from pipeline.audit_tokens import LOGP_LEGEND, cache_tokenizer, example_tokens, logp_color, shown_token
 
     cache = Path(args.cache) if args.cache else cache_from(args)
     tokenizer, decoded = cache_tokenizer(cache, layout.verified_refscores(cache))
@@ -103,7 +103,7 @@ def lowest_tokens(side: str, tokens: list[dict], count: int = 5):
     from rich.table import Table
     from rich.text import Text
 
-    from pipeline.audit_report import logp_color
+    from pipeline.audit_tokens import logp_color
 
     lowest = sorted((t["logp"], i) for i, t in enumerate(tokens) if t["logp"] is not None)[:count]
     if not lowest:

@@ -8,8 +8,8 @@ pipeline/audit.py, the drill-down into one example pipeline/audit_tokens.py.
   versions), prepare's counts (truncations, rejects by reason with examples), the checks, the
   statistics, outliers linked to a token-by-token view of each (coloured by log-prob), plots;
   ``current_full_audit`` reads a saved full report back, if it still holds for the cache on disk;
-- drill-down (``example_tokens``, ``token_view``, ``logp_color``; pipeline/audit_tokens.py,
-  imported here too): one example's prompt and response tokens with their cached reference
+- drill-down (``example_tokens``, ``token_view``, ``logp_color``: pipeline/audit_tokens.py,
+  which the page's outlier views use): one example's prompt and response tokens with their cached reference
   log-probs, for the page and for `dpo audit show`.
 
 Part of the audit stage (tests/test_layering.py): it imports pipeline.audit; only flows/ imports it.
@@ -27,19 +27,7 @@ import polars as pl
 
 from . import __version__, layout
 from .audit import AuditReport, dataset_dir_of, load_scores, token_frame, utc_text
-# The drill-down's names are importable from here too (flows/audit_command.py does).
-from .audit_tokens import (  # noqa: F401
-    LOGP_LEGEND,
-    LOGP_SCALE,
-    cache_tokenizer,
-    dataset_examples,
-    example_tokens,
-    legend_html,
-    logp_color,
-    shown_token,
-    token_view,
-    tokens_html,
-)
+from .audit_tokens import cache_tokenizer, dataset_examples, legend_html, token_view, tokens_html
 from .layout import MANIFEST, CacheError
 from .run_report import png_base64
 from .store import atomic_write_json, atomic_write_text, ensure_dir, exclusive, read_json, remove_leftovers
