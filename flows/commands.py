@@ -20,7 +20,8 @@ from pipeline.distributed import DistributedError
 from pipeline.launch import launch_log_dir, rank, record_failure, train_argv
 from pipeline.layout import CacheError
 from pipeline.models import ModelError
-from pipeline.prepare import REJECT_REASONS, PrepareError, PrepareResult, prepare
+from pipeline.prepare import PrepareError, PrepareResult, prepare
+from pipeline.records import REJECT_REASONS
 from pipeline.score import ScoreResult, score
 from pipeline.scorers import ScoreError
 from pipeline.store import LockBusy, StorageError

@@ -48,8 +48,7 @@ from .data import RawRow, check_input, count_rows, hub_source, input_files, is_p
 from .encoder import Encoder
 from .models import load_tokenizer, model_source
 from .progress import Progress
-# REJECT_REASONS and PrepareError are the stage's API too (flows and docs import them from here).
-from .records import REJECT_REASONS, PrepareError, Reject, detect_format, example_id, normalize, split_of
+from .records import PrepareError, Reject, detect_format, example_id, normalize, split_of
 from .store import (
     atomic_path,
     ensure_dir,

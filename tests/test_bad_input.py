@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data import DataError
-from pipeline.prepare import REJECT_REASONS, prepare
+from pipeline.prepare import prepare
+from pipeline.records import REJECT_REASONS
 
 from .conftest import write_jsonl
 

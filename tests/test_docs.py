@@ -65,7 +65,7 @@ def test_every_config_key_has_a_docstring_and_a_row():
 
 
 def test_every_reject_reason_is_documented():
-    from pipeline.prepare import REJECT_REASONS
+    from pipeline.records import REJECT_REASONS
 
     text = (ROOT / "docs" / "reference" / "prepare.md").read_text(encoding="utf-8")
     for reason in REJECT_REASONS:
