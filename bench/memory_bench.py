@@ -99,7 +99,8 @@ def cpu_worker(args) -> dict:
     import pipeline.precision as precision
     from pipeline import layout
     from pipeline.models import load_causal_lm
-    from pipeline.train import Split, build_trainer, train_step
+    from pipeline.train import build_trainer, train_step
+    from pipeline.train_data import Split
 
     if args.no_trim:
         precision.release_memory = lambda device: None
@@ -150,7 +151,8 @@ def gpu_worker(args) -> dict:
 
     import pipeline.precision as precision
     from pipeline.config_load import config_from_dict
-    from pipeline.train import Split, build_trainer, train_step
+    from pipeline.train import build_trainer, train_step
+    from pipeline.train_data import Split
 
     device = "cpu" if args.shape == "tiny" else "cuda"
     lora = args.lora == "yes"
