@@ -8,7 +8,8 @@ position P + j and is predicted from the hidden state at position P + j - 1. So:
 Only the hidden states at response positions go through the LM head, and the log-softmax runs
 in float32 on those rows alone, in chunks: the float32 logits of the whole batch,
 [batch, seq, vocab], are never materialized (for a 49k vocabulary and 8k tokens that alone
-would be 1.6 GB).
+would be 1.6 GB), and for the backward only each token's logsumexp is kept (head_logps.py:
+the fused LM head recomputes each chunk's logits there).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-# Rows of the LM head's output turned into float32 log-probs at once: bounds the float32
-# temporaries to LOGSOFTMAX_CHUNK x vocab (e.g. 2048 x 49152 x 4 B = 400 MB).
-LOGSOFTMAX_CHUNK = 2048
+from .head_logps import CHUNK, LinearHead, checkpointed_logps, fused_logps
+
+# Rows of the LM head's output turned into float32 log-probs at once (head_logps.CHUNK).
+LOGSOFTMAX_CHUNK = CHUNK
 
 
 @dataclass
@@ -53,7 +55,8 @@ class PackedBatch:
                            move(self.targets), self.lengths, move(self.position_ids), move(self.segments))
 
 
-def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> PackedBatch:
+def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+         pad_to_multiple_of: int | None = None) -> PackedBatch:
     """Build a right-padded batch of ``prompt + response`` sequences.
 
     Right padding keeps position ids 0..len-1 for real tokens, so results do not depend on how
@@ -62,7 +65,7 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> P
     if len(prompts) != len(responses) or not prompts:
         raise ValueError("pack needs as many prompts as responses, at least one")
     seqs = [p + r for p, r in zip(prompts, responses)]
-    width = max(len(s) for s in seqs)
+    width = padded_width(max(len(s) for s in seqs), pad_to_multiple_of)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     rows, cols, targets, lengths = [], [], [], []
@@ -78,6 +81,12 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> P
     return PackedBatch(
         input_ids, attention_mask, torch.cat(rows), torch.cat(cols), torch.cat(targets), lengths
     )
+
+
+def padded_width(width: int, multiple: int | None) -> int:
+    """``width`` rounded up to a multiple of ``multiple`` (None: as is): padding at the end of the
+    rows, so that a compiled model sees a few shapes."""
+    return width if not multiple else -(-width // multiple) * multiple
 
 
 PACKING = ("none", "fit", "flat")
@@ -116,7 +125,7 @@ def plan_rows(totals: list[int], packing: str = "fit") -> list[list[int]]:
 
 def pack_pairs(
     prompts: list[list[int]], chosens: list[list[int]], rejecteds: list[list[int]], pad_id: int = 0,
-    packing: str = "fit",
+    packing: str = "fit", pad_to_multiple_of: int | None = None,
 ) -> PackedBatch:
     """Pairs as ``prompt + chosen + rejected`` runs, the prompt computed once for both, several
     pairs per row (``packing``, see PACKING).
@@ -134,7 +143,7 @@ def pack_pairs(
         raise ValueError("every sequence needs at least one prompt token to condition on")
     totals = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosens, rejecteds)]
     layout = plan_rows(totals, packing)
-    width = max(sum(totals[i] for i in row) for row in layout)
+    width = padded_width(max(sum(totals[i] for i in row) for row in layout), pad_to_multiple_of)
     input_ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(layout), width), dtype=torch.long)
     segments = torch.full((len(layout), width), -1, dtype=torch.long)
@@ -196,50 +205,67 @@ def flex_block_mask(segments: torch.Tensor):
                              _compile=segments.device.type == "cuda")
 
 
+@dataclass(frozen=True)
+class HeadOptions:
+    """What the LM head computes: ``log_sum_sq``: also each position's log sum_v p^2 (WPO's
+    weights); ``fused``: the fused LM head (head_logps.py), else plain autograd over chunks."""
+
+    log_sum_sq: bool = False
+    fused: bool = True
+
+
 def token_logps(hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor, lm_head,
-                log_sum_sq: bool = False):
+                options: HeadOptions = HeadOptions()):
     """log p(target | context) at the given positions, in float32.
 
     hidden: [B, T, H] last hidden states (any dtype); rows, cols, targets: [N];
-    lm_head: maps [n, H] -> [n, V] logits (a model's own post-processing of them included, e.g.
-    its final soft-capping: ``_logits_of``). Returns [N] float32, differentiable; with
-    ``log_sum_sq`` also [N] log sum_v p(v | context)^2 (no gradient: WPO's weights).
+    lm_head: a ``head_logps.LinearHead`` (the fused path: no [N x vocab] tensor kept for the
+    backward), or any module mapping [n, H] -> [n, V] logits, the model's own post-processing of
+    them included (``lm_head_of``): chunks under activation checkpointing, or with ``options.fused``
+    false under plain autograd. Returns [N] float32, differentiable; with ``options.log_sum_sq`` also [N]
+    log sum_v p(v | context)^2 (no gradient: WPO's weights).
     """
     selected = hidden[rows, cols]  # [N, H]
-    out, squares = [], []
-    for start in range(0, selected.shape[0], LOGSOFTMAX_CHUNK):
-        logits = lm_head(selected[start : start + LOGSOFTMAX_CHUNK])
-        logps = torch.log_softmax(logits.float(), dim=-1)  # [n, V] float32
-        chunk_targets = targets[start : start + LOGSOFTMAX_CHUNK].unsqueeze(-1)
-        out.append(logps.gather(-1, chunk_targets).squeeze(-1))
-        if log_sum_sq:
-            with torch.no_grad():
-                squares.append(torch.logsumexp(2 * logps, dim=-1))
-    empty = hidden.new_zeros((0,), dtype=torch.float32)
-    values = torch.cat(out) if out else empty
-    if log_sum_sq:
-        return values, (torch.cat(squares) if squares else empty)
-    return values
+    log_sum_sq, fused = options.log_sum_sq, options.fused
+    if isinstance(lm_head, LinearHead):
+        if fused:
+            return fused_logps(selected, targets, lm_head, log_sum_sq, LOGSOFTMAX_CHUNK)
+        lm_head = _linear_module(lm_head)
+    return checkpointed_logps(selected, targets, lm_head, log_sum_sq, LOGSOFTMAX_CHUNK, recompute=fused)
+
+
+def _linear_module(head: LinearHead):
+    """A LinearHead as a plain callable (the unfused path)."""
+    def logits(hidden):
+        out = torch.nn.functional.linear(hidden, head.weight, head.bias)
+        if head.scale != 1:
+            out = out * head.scale
+        return out if head.softcap is None else torch.tanh(out / head.softcap) * head.softcap
+    return logits
 
 
 def _logit_transform(model):
-    """The model's own post-processing of logits, when it has one we know."""
+    """The model's own post-processing of logits, when it has one we know: (softcap, scale)."""
     config = model.config
     softcap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(model, "logit_scale", None)
-    if softcap:
-        return lambda logits: torch.tanh(logits / softcap) * softcap
-    if isinstance(scale, (int, float)) and scale != 1:
-        return lambda logits: logits * scale
-    return None
+    return softcap or None, float(scale) if isinstance(scale, (int, float)) else 1.0
 
 
-def _logits_of(model):
-    """The model's LM head followed by its own post-processing of the logits (``_logit_transform``)."""
-    head, transform = model.get_output_embeddings(), _logit_transform(model)
-    if transform is None:
-        return head
-    return lambda hidden: transform(head(hidden))
+def lm_head_of(model):
+    """The model's LM head with its post-processing of the logits: a LinearHead when the head is a
+    plain nn.Linear (the fused path), else a callable (LoRA on the LM head, say)."""
+    head = model.get_output_embeddings()
+    softcap, scale = _logit_transform(model)
+    if type(head) is torch.nn.Linear:
+        return LinearHead(head.weight, head.bias, softcap, scale)
+
+    def logits(hidden):
+        out = head(hidden)
+        if scale != 1:
+            out = out * scale
+        return out if softcap is None else torch.tanh(out / softcap) * softcap
+    return logits
 
 
 def attention_implementation(model) -> str:
@@ -274,9 +300,9 @@ def default_packing(model) -> str:
     return "flat" if attention_implementation(model) == "flex_attention" else "fit"
 
 
-def response_logps(model, batch: PackedBatch, log_sum_sq: bool = False):
+def response_logps(model, batch: PackedBatch, head: HeadOptions = HeadOptions()):
     """[N] float32 per-token log-probs of the batch's response tokens under ``model`` (and with
-    ``log_sum_sq`` the [N] log sum_v p^2 of the same positions, see token_logps)."""
+    ``head.log_sum_sq`` the [N] log sum_v p^2 of the same positions, see token_logps)."""
     decoder = model.get_decoder()
     hidden = decoder(
         input_ids=batch.input_ids,
@@ -284,7 +310,7 @@ def response_logps(model, batch: PackedBatch, log_sum_sq: bool = False):
         position_ids=batch.position_ids,
         use_cache=False,
     ).last_hidden_state
-    return token_logps(hidden, batch.rows, batch.cols, batch.targets, _logits_of(model), log_sum_sq)
+    return token_logps(hidden, batch.rows, batch.cols, batch.targets, lm_head_of(model), head)
 
 
 def sequence_sums(values: torch.Tensor, lengths: list[int], weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -311,20 +337,21 @@ class ResponseLogps(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, positions, position_ids=None, segments=None, log_sum_sq: bool = False):
+    def forward(self, input_ids, attention_mask, positions, position_ids=None, segments=None,
+                head: HeadOptions = HeadOptions()):
         """positions: [3, N] the batch's rows, cols and targets, stacked (plain tensors: what the
         engines pass through and move as they should)."""
         rows, cols, targets = positions.unbind(0)
         batch = PackedBatch(input_ids, attention_mask, rows, cols, targets, [], position_ids, segments)
-        return response_logps(self.model, batch, log_sum_sq)
+        return response_logps(self.model, batch, head)
 
 
-def _logps(model, batch: PackedBatch, log_sum_sq: bool = False):
+def _logps(model, batch: PackedBatch, head: HeadOptions):
     if hasattr(model, "get_decoder"):  # a causal LM (or a peft model around one)
-        return response_logps(model, batch, log_sum_sq)
+        return response_logps(model, batch, head)
     # a ResponseLogps, possibly wrapped by DDP / fully_shard
     positions = torch.stack((batch.rows, batch.cols, batch.targets))
-    return model(batch.input_ids, batch.attention_mask, positions, batch.position_ids, batch.segments, log_sum_sq)
+    return model(batch.input_ids, batch.attention_mask, positions, batch.position_ids, batch.segments, head)
 
 
 def _causal_lm(model):
@@ -356,13 +383,18 @@ class PairOptions:
     shared: prompt computed once per pair (``pack_pairs``, laid out by ``packing``: see PACKING;
     None: the model's kernel's ``default_packing``); else the chosen and the rejected sequences
     as rows of the same right-padded batch (kernels that take no custom mask).
-    device: where the batch goes; log_sum_sq: also each position's log sum_v p^2 (WPO's weights).
+    device: where the batch goes; log_sum_sq: also each position's log sum_v p^2 (WPO's weights);
+    fused_head: the fused LM head (head_logps.py; False: plain autograd, train.fused_lm_head);
+    pad_to_multiple_of: rows padded to a multiple of this many tokens (a few shapes for a
+    compiled model: train.pad_to_multiple_of).
     """
 
     shared: bool = True
     device: str = "cpu"
     packing: str | None = None
     log_sum_sq: bool = False
+    fused_head: bool = True
+    pad_to_multiple_of: int | None = None
 
 
 def pair_token_logps(model, prompts, chosens, rejecteds, options: PairOptions = PairOptions()) -> PairTokens:
@@ -372,14 +404,17 @@ def pair_token_logps(model, prompts, chosens, rejecteds, options: PairOptions = 
     model: a causal LM, or a ``ResponseLogps`` around one (wrapped by DDP or FSDP2 or not).
     """
     log_sum_sq = options.log_sum_sq
+    head = HeadOptions(log_sum_sq, options.fused_head)
     if options.shared:
         packing = options.packing or default_packing(_causal_lm(model))
-        batch = pack_pairs(prompts, chosens, rejecteds, pad_id=0, packing=packing).to(options.device)
-        out = _logps(model, batch, log_sum_sq)
+        batch = pack_pairs(prompts, chosens, rejecteds, pad_id=0, packing=packing,
+                           pad_to_multiple_of=options.pad_to_multiple_of).to(options.device)
+        out = _logps(model, batch, head)
         values, squares = out if log_sum_sq else (out, None)
         return PairTokens(values, batch.lengths, squares)
-    batch = pack(prompts + prompts, chosens + rejecteds, pad_id=0).to(options.device)
-    out = _logps(model, batch, log_sum_sq)
+    batch = pack(prompts + prompts, chosens + rejecteds, pad_id=0, pad_to_multiple_of=options.pad_to_multiple_of)
+    batch = batch.to(options.device)
+    out = _logps(model, batch, head)
     values, squares = out if log_sum_sq else (out, None)
     # rows are all chosen then all rejected: reorder the tokens into pair order
     B = len(prompts)
