@@ -265,6 +265,23 @@ class TrainConfig:
     end of a row (logprobs.pack_pairs; the layout follows model.attn_implementation). Same
     log-probs as padded batches within float rounding, so not part of the run's identity; off: one
     right-padded row per pair."""
+    micro_batch_tokens: Optional[int] = None
+    """Split each step's pairs on a device into micro-batches of at most this many tokens (prompt +
+    chosen + rejected; a longer pair alone), longest first, instead of per_device_train_batch_size
+    pairs each: one long pair no longer sets the memory of the step. Same gradient (a mean over the
+    step's pairs). null: gradient_accumulation_steps micro-batches of per_device_train_batch_size."""
+    fused_lm_head: bool = True
+    """Log-probs through the fused LM head (pipeline/head_logps.py): no [tokens x vocab] tensor kept
+    for the backward. Same values and gradients within float rounding; false: plain autograd."""
+    torch_compile: Optional[bool] = None
+    """torch.compile the decoder layers (HF's name); recompiles are counted in metrics.jsonl
+    (compile/recompiles). null: on for CUDA, off on CPU (measured slower there: docs/benchmarks.md)."""
+    torch_compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune",
+                                         "max-autotune-no-cudagraphs"]] = None
+    """torch.compile's mode (HF's name); null: default."""
+    pad_to_multiple_of: Optional[int] = None
+    """Pad each micro-batch's rows to a multiple of this many tokens (TRL's name): a few shapes for
+    a compiled model. null: 64 with torch_compile, else no padding beyond the longest row."""
     max_steps: Optional[int] = None
     """Optimizer steps; null: num_train_epochs over the train split."""
     num_train_epochs: float = 1.0
@@ -348,8 +365,9 @@ class TrainConfig:
         check_range("train.label_smoothing", self.label_smoothing, 0.0, 0.5, hi_open=True)
         check_loss_options(self)
         check_range("train.rpo_alpha", self.rpo_alpha, 0.0, None)
-        if self.max_completion_length is not None:
-            check_range("train.max_completion_length", self.max_completion_length, 1, None)
+        for key in ("max_completion_length", "micro_batch_tokens", "pad_to_multiple_of"):
+            if getattr(self, key) is not None:
+                check_range(f"train.{key}", getattr(self, key), 1, None)
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps", "save_total_limit", "nproc_per_node", "nnodes"):
             check_range(f"train.{key}", getattr(self, key), 1, None)

@@ -169,7 +169,8 @@ def refscores_identity(cfg: Config, dataset_fp: str, backend: str) -> dict:
 RUN_KEYS_NOT_IN_IDENTITY = ("run_name", "ref_cache", "logging_steps", "eval_steps", "save_steps",
                             "save_total_limit", "per_device_eval_batch_size", "step0_check", "step0_tolerance",
                             "device", "nproc_per_node", "nnodes", "distributed", "per_device_train_batch_size",
-                            "gradient_accumulation_steps", "report_to", "padding_free")
+                            "gradient_accumulation_steps", "report_to", "padding_free", "micro_batch_tokens",
+                            "fused_lm_head", "torch_compile", "torch_compile_mode", "pad_to_multiple_of")
 
 # Run-identity keys left out while at their defaults (the identity of a run from before them).
 LOSS_KEYS_AT_DEFAULT = ("loss_weights", "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau",

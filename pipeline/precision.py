@@ -62,10 +62,37 @@ def autocast(precision: str, device: str) -> Callable:
 
 
 def make_optimizer(precision: str, params, lr: float, weight_decay: float):
-    """AdamW; for pure bf16 the stochastic-rounding variant, its moments in bf16 too."""
+    """AdamW; for pure bf16 the stochastic-rounding variant, its moments in bf16 too. torch's fused
+    AdamW where it takes the parameters (one kernel per step, and it can skip a step on the
+    device: ``guarded_step``), else its default implementation."""
     if precision == "bf16":
         return BF16AdamW(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # a device or tensor type without the fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def skips_on_device(optimizer) -> bool:
+    """Whether ``optimizer.step`` honours a ``found_inf`` tensor (skips the update on the device)."""
+    if isinstance(optimizer, BF16AdamW):
+        return True
+    return isinstance(optimizer, torch.optim.AdamW) and all(group.get("fused") for group in optimizer.param_groups)
+
+
+def guarded_step(optimizer, failed: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``failed`` (0-dim float 0/1 on the device): decided on the device
+    (GradScaler's found_inf) where the optimizer can, else read here (one host sync)."""
+    if not skips_on_device(optimizer):
+        if not failed.item():
+            optimizer.step()
+        return
+    optimizer.found_inf = failed
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 class BF16AdamW(torch.optim.Optimizer):
@@ -79,6 +106,7 @@ class BF16AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        found_inf = getattr(self, "found_inf", None)  # guarded_step: keep every value where it is set
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -101,9 +129,13 @@ class BF16AdamW(torch.optim.Optimizer):
                 weight = param.float().mul_(1 - group["lr"] * group["weight_decay"])
                 weight.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1**step))
                 del denom
-                param.copy_(stochastic_round(weight))
-                moment1.copy_(exp_avg)
-                moment2.copy_(exp_avg_sq)
+                new = stochastic_round(weight), exp_avg, exp_avg_sq
+                if found_inf is not None:
+                    skip = found_inf.to(param.device) > 0
+                    new = [torch.where(skip, old, value.to(old.dtype)) for old, value in zip((param, moment1, moment2), new)]
+                param.copy_(new[0])
+                moment1.copy_(new[1])
+                moment2.copy_(new[2])
         return None
 
 

@@ -13,11 +13,13 @@
      when train.peft is set (pipeline/adapters.py);
   4. step-0 check: a policy that starts from the reference weights must reproduce the cached
      log-probs on the first batch (rewards 0, loss ln 2);
-  5. each ``train_step``: gradient_accumulation_steps micro-batches, each ONE forward pass over prompt + chosen +
-     rejected (the prompt computed once; several pairs per row without padding, see logprobs.pack_pairs), loss
-     scaled so the sum of micro-batch gradients is the gradient of the mean over the whole batch (train_loss.py);
-     a non-finite loss or gradient norm stops the run; clip, AdamW step, schedule; metrics to metrics.jsonl
-     (metrics.py); eval and checkpoints (checkpoint.py) on their cadence;
+  5. each ``train_step`` (train_step.py): the step's pairs in micro-batches (trainer.py: by pairs, or by
+     tokens with train.micro_batch_tokens), each ONE forward pass over prompt + chosen + rejected (the prompt
+     computed once; several pairs per row without padding, see logprobs.pack_pairs), loss scaled so the sum of
+     micro-batch gradients is the gradient of the mean over the whole batch (train_loss.py); clip, AdamW step
+     (skipped on the device after a non-finite loss or gradient norm), schedule; no host sync: each logged step
+     reads the metrics of the steps since the last (one transfer) to metrics.jsonl (metrics.py), and stops
+     the run if one was non-finite; eval and checkpoints (checkpoint.py) on their cadence;
   6. final eval, final/ and run.json (with the sha256 of every file in final/: final.py).
 """
 
@@ -26,189 +28,29 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import yaml
 
-from . import adapters, distributed, final, layout, metrics, precision
+from . import adapters, compiling, distributed, final, layout, metrics, precision
 from .checkpoint import list_checkpoints, load_latest_checkpoint, restore_training, save_training
 from .config import Config, world_size
 from .distributed import World
 from .final import TrainResult, finished
 from .launch import torchrun
-from .logprobs import PairOptions, PairTokens, pair_token_logps, supports_shared_prefix
 from .models import load_causal_lm, model_fingerprint
 from .progress import Progress
-from .run_report import write_run_report
 from .store import atomic_write_text, ensure_dir, exclusive, lock_path, remove_leftovers
-from .trackers import TrackerError, Trackers, open_trackers
-from .train_data import Split, TrainError, batch_indices, load_split_data, lr_factor, warmup_steps
-from .train_loss import (PolicyLogps, add_sums, cached_reference, compute_loss, ld_reference, ld_weights, read_sums,
-                         token_count, wpo_weights)
+from .trackers import TrackerError, open_trackers
+from .train_data import Split, TrainError, batch_indices, load_split_data
+from .train_step import read_records, train_step
+from .trainer import Trainer, build_trainer
 
 log = logging.getLogger("dpo.train")
-
-
-@dataclass
-class Trainer:
-    """The state of one run: policy, optimizer, schedule, data, where to write, which rank."""
-
-    cfg: Config
-    policy: torch.nn.Module
-    """The causal LM (a peft model with LoRA); under FSDP2 its parameters are shards."""
-    engine: torch.nn.Module
-    """What runs the forward: logprobs.ResponseLogps(policy), under DDP or FSDP2 when distributed."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    splits: dict[str, Split]
-    device: str
-    total_steps: int
-    reference: Callable = cached_reference
-    """reference(split, index) -> (ref_chosen, ref_rejected); the benchmark swaps in a live model."""
-    autocast: Callable = contextlib.nullcontext
-    world: World = field(default_factory=World)
-    trackers: Trackers = field(default_factory=lambda: Trackers([]))
-    """train.report_to's trackers (rank 0 only); they see every record metrics.jsonl gets."""
-    shared: bool = field(init=False)
-    micro: int = field(init=False)
-
-    def __post_init__(self):
-        self.shared = supports_shared_prefix(self.policy)
-        self.micro = self.cfg.train.per_device_train_batch_size
-        self.batch = layout.effective_batch_size(self.cfg.train, self.world.size)
-
-    def token_logps(self, split: Split, index: list[int], log_sum_sq: bool = False) -> PairTokens:
-        """The policy's per-token log-probs of the pairs ``index``, in one forward pass
-        (padding-free rows unless train.padding_free is off)."""
-        picked = [split.prompts[i] for i in index], [split.chosens[i] for i in index], [split.rejecteds[i] for i in index]
-        packing = None if self.cfg.train.padding_free else "none"
-        with self.autocast():
-            return pair_token_logps(self.engine, *picked, PairOptions(self.shared, self.device, packing, log_sum_sq))
-
-    def pair_logps(self, split: Split, index: list[int]):
-        """(chosen [B], rejected [B]) sequence log-probs under the policy."""
-        return self.token_logps(split, index).sums()
-
-    def loss_inputs(self, split: Split, index: list[int]) -> PolicyLogps:
-        """chosen [B], rejected [B] float32 and pair weights [B] or None, for compute_loss: the sums
-        LD-DPO-weighted when train.ld_alpha is set, WPO's weights when train.use_weighting."""
-        train_cfg = self.cfg.train
-        tokens = self.token_logps(split, index, log_sum_sq=train_cfg.use_weighting)
-        weights = None if train_cfg.ld_alpha is None else ld_weights(tokens.lengths, train_cfg.ld_alpha)
-        chosen, rejected = tokens.sums(weights)
-        return PolicyLogps(chosen.float(), rejected.float(), wpo_weights(tokens) if train_cfg.use_weighting else None)
-
-    def micro_batch(self, index: list[int], accumulation_step: int) -> list[int]:
-        """This rank's pairs of one micro-batch of the global batch ``index``: micro-batch a of
-        rank r is the (a x world + r)-th run of per_device_train_batch_size pairs."""
-        start = (accumulation_step * self.world.size + self.world.rank) * self.micro
-        return index[start : start + self.micro]
-
-    def evaluate(self, step: int) -> dict:
-        """Eval-split metrics, each rank scoring every world-size-th pair (all ranks make the same
-        number of forward passes, as FSDP2 needs; a rank with no pair left repeats pair 0 and
-        discards it)."""
-        split = self.splits["eval"]
-        if not len(split):
-            return {}
-        self.engine.eval()
-        totals: dict = {}
-        share = list(range(self.world.rank, len(split), self.world.size))
-        longest = math.ceil(len(split) / self.world.size)
-        size = self.cfg.train.per_device_eval_batch_size
-        with torch.no_grad():
-            for start in range(0, longest, size):
-                index = share[start : start + size]
-                policy = self.loss_inputs(split, index or [0])
-                if not index:
-                    continue
-                _, sums = compute_loss(self.cfg, split, index, policy, 1.0, self.reference)
-                add_sums(totals, sums)  # on the device: read once, below
-        self.engine.train()
-        totals = read_sums(self.world.sum(totals))
-        return {"step": step, **{f"eval/{k}": v / len(split) for k, v in totals.items()}}
-
-    def log(self, path: Path, record: dict) -> None:
-        """Append a metrics record (rank 0 writes; the others computed the same record)."""
-        if self.world.main:
-            metrics.append(path, record)
-            self.trackers.log(record, record["step"])
-            if "eval/loss" in record and record["step"] > 0:  # report.html: watchable during the run
-                write_run_report(path.parent, metrics.read(path), self.cfg.to_dict())
-
-
-def build_trainer(cfg: Config, splits: dict[str, Split], policy, world: World = World()) -> Trainer:
-    """The engine (DDP / FSDP2 when distributed), then the optimizer (AdamW) and schedule, for
-    train.precision (precision.py)."""
-    train_cfg = cfg.train
-    steps_per_epoch = len(splits["train"]) / layout.effective_batch_size(train_cfg, world.size)
-    total_steps = train_cfg.max_steps or math.ceil(train_cfg.num_train_epochs * steps_per_epoch)
-    warmup = warmup_steps(train_cfg, total_steps)
-    device = next(policy.parameters()).device.type
-    mode = precision.resolve(cfg)
-    engine = distributed.wrap(policy, world, train_cfg.distributed, mode)
-    trained = [p for p in engine.parameters() if p.requires_grad]  # all, or LoRA's adapters (shards under FSDP2)
-    optimizer = precision.make_optimizer(mode, trained, train_cfg.learning_rate, train_cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup, total_steps, train_cfg.lr_scheduler_type)
-    )
-    autocast = precision.autocast(mode, device) if distributed.uses_autocast(world, train_cfg.distributed) \
-        else contextlib.nullcontext
-    reference = cached_reference if train_cfg.ld_alpha is None or not train_cfg.needs_reference() else \
-        functools.partial(ld_reference, alpha=train_cfg.ld_alpha)
-    return Trainer(cfg, policy, engine, optimizer, scheduler, splits, device, total_steps, reference=reference,
-                   autocast=autocast, world=world)
-
-
-def train_step(trainer: Trainer, step: int) -> dict:
-    """One optimizer step (0-based ``step``) on its batch; returns the step's metrics record.
-
-    A non-finite loss or gradient norm raises TrainError before the weights change.
-    """
-    cfg, train_cfg, split = trainer.cfg, trainer.cfg.train, trainer.splits["train"]
-    started = time.perf_counter()
-    index = batch_indices(step, trainer.batch, len(split), train_cfg.seed)  # the global batch
-    totals: dict = {}
-    accumulation = train_cfg.gradient_accumulation_steps
-    # Sum of per-pair losses x world size / effective batch: the micro-batch gradients add up, and
-    # DDP / FSDP2 average them over the ranks, to the gradient of the mean loss over the batch.
-    scale = trainer.world.size / trainer.batch
-    for micro in range(accumulation):
-        micro_index = trainer.micro_batch(index, micro)
-        with distributed.accumulating(trainer.engine, sync=micro == accumulation - 1):
-            loss, sums = compute_loss(cfg, split, micro_index, trainer.loss_inputs(split, micro_index), scale,
-                                      trainer.reference)
-            loss.backward()
-        add_sums(totals, sums)  # on the device: no host sync per micro-batch
-    totals = trainer.world.sum(totals)
-    clip = train_cfg.max_grad_norm if train_cfg.max_grad_norm > 0 else float("inf")
-    norm = distributed.clip_grad_norm(trainer.engine.parameters(), clip)
-    totals = read_sums({**totals, "grad_norm": norm})  # the step's one host sync: metric sums and gradient norm
-    grad_norm = totals.pop("grad_norm")
-    if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
-        trainer.optimizer.zero_grad(set_to_none=True)
-        ids = ", ".join(split.ids[i] for i in index[:8])
-        raise TrainError(
-            f"non-finite {'loss' if not math.isfinite(totals['loss']) else 'gradient norm'} at step "
-            f"{step + 1} (batch ids {ids}{'...' if len(index) > 8 else ''}); the weights were not "
-            "updated. Lower train.learning_rate or train.beta, check those examples, then --resume from the "
-            "last checkpoint"
-        )
-    lr = trainer.scheduler.get_last_lr()[0]
-    trainer.optimizer.step()
-    trainer.scheduler.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    precision.release_memory(trainer.device)  # RSS flat across steps on CPU
-    seconds = time.perf_counter() - started
-    return {"step": step + 1, "epoch": (step + 1) * trainer.batch / len(split),
-            **{k: v / trainer.batch for k, v in totals.items()}, "grad_norm": grad_norm, "learning_rate": lr,
-            "tokens/s": token_count(split, index) / seconds, "seconds": seconds}
 
 
 def step0_check(trainer: Trainer, cfg: Config, cache: dict, cache_dir: Path) -> dict:
@@ -454,20 +296,32 @@ def _loop(trainer: Trainer, run: _Run, start_step: int, show_progress: bool) -> 
                    initial=start_step,
                    mininterval=10 if trainer.world.size > 1 else 0.1)  # torchrun's tee prints each refresh
     last_eval: dict = {}
-    window: list[dict] = []  # step records since the last logged one (train.logging_steps)
+    window: list[dict] = []  # step records since the last logged one (train.logging_steps), on the device
+    first_graphs = None  # graphs compiled by the end of the first step (train.torch_compile)
     with bar:
+        started = time.perf_counter()  # of the window's training time (eval and saving left out)
         for step in range(start_step, total):
-            record = train_step(trainer, step)
-            window.append(record)
+            window.append(train_step(trainer, step))
+            if trainer.compiled and first_graphs is None:
+                first_graphs = compiling.graphs_compiled()
             bar.update(1)
-            bar.set_postfix_str(f"loss {record['loss']:.4f} acc {record['rewards/accuracies']:.2f} "
-                                f"lr {record['learning_rate']:.2e} {record['tokens/s']:,.0f} tok/s", refresh=False)
             done = step + 1
             saving = train_cfg.save_steps and done % train_cfg.save_steps == 0 and done < total
+            evaluating = train_cfg.eval_steps and done % train_cfg.eval_steps == 0 and done < total
             if done % train_cfg.logging_steps == 0 or done == total or saving:
-                trainer.log(metrics_path, metrics.averaged(window))
+                records = read_records(trainer, window, time.perf_counter() - started)  # the one host sync
+                record = metrics.averaged(records)
+                if trainer.compiled:
+                    graphs = compiling.graphs_compiled()
+                    record.update({"compile/graphs": graphs, "compile/recompiles": graphs - first_graphs})
+                trainer.log(metrics_path, record)
+                bar.set_postfix_str(f"loss {record['loss']:.4f} acc {record['rewards/accuracies']:.2f} "
+                                    f"lr {record['learning_rate']:.2e} {record['tokens/s']:,.0f} tok/s", refresh=False)
                 window = []
-            if train_cfg.eval_steps and done % train_cfg.eval_steps == 0 and done < total:
+            elif evaluating:
+                read_records(trainer, [])  # the guard: no eval of a run that has stopped
+            paused = time.perf_counter()
+            if evaluating:
                 last_eval = trainer.evaluate(done)
                 if last_eval:
                     trainer.log(metrics_path, last_eval)
@@ -475,6 +329,7 @@ def _loop(trainer: Trainer, run: _Run, start_step: int, show_progress: bool) -> 
                              last_eval["eval/loss"], last_eval["eval/rewards/accuracies"])
             if saving:
                 save_training(trainer, run.run_dir, done, run.fingerprint)
+            started = time.perf_counter() if not window else started + (time.perf_counter() - paused)
     return last_eval
 
 

@@ -286,3 +286,25 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
         _PERMUTATIONS.clear()
         _PERMUTATIONS[key] = np.random.default_rng([seed, epoch]).permutation(n)
     return _PERMUTATIONS[key]
+
+
+def token_micro_batches(tokens: list[int], budget: int, count: int = 1) -> list[list[int]]:
+    """Positions (into ``tokens``, each a pair's token count) grouped into micro-batches of at most
+    ``budget`` tokens, first-fit decreasing (a pair over the budget alone), then the fullest ones
+    halved until there are at least ``count`` (what every rank must run under FSDP2: the largest
+    count any rank needs). Deterministic: the same on every rank."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(tokens)), key=lambda i: (-tokens[i], i)):
+        fit = next((b for b, left in enumerate(room) if tokens[i] <= left), None)
+        if fit is None:
+            bins.append([i])
+            room.append(budget - tokens[i])
+        else:
+            bins[fit].append(i)
+            room[fit] -= tokens[i]
+    while len(bins) < min(count, len(tokens)):
+        b = max((b for b in range(len(bins)) if len(bins[b]) > 1), key=lambda b: sum(tokens[i] for i in bins[b]))
+        pairs = bins.pop(b)
+        bins[b:b] = [pairs[0::2], pairs[1::2]]  # longest first in each half
+    return bins

@@ -42,6 +42,8 @@ STAGE_PARTS = {
     "pipeline.train_data": "pipeline.train",
     "pipeline.train_loss": "pipeline.train",
     "pipeline.final": "pipeline.train",
+    "pipeline.trainer": "pipeline.train",
+    "pipeline.train_step": "pipeline.train",
 }
 """A stage's own modules beside its main one: {module: the stage it belongs to}."""
 

@@ -159,6 +159,7 @@ def test_training_steps_equal_with_and_without_padding_free(demo_assets):
     from pipeline.config_load import config_from_dict
     from pipeline.models import load_causal_lm
     from pipeline.train import build_trainer, train_step
+    from pipeline.train_step import read_records
     from pipeline.train_data import Split, batch_indices
 
     long, short = random_pairs(12, seed=11), random_pairs(12, seed=12)
@@ -179,7 +180,7 @@ def test_training_steps_equal_with_and_without_padding_free(demo_assets):
                                           "max_steps": 3}})
         torch.manual_seed(0)
         trainer = build_trainer(cfg, {"train": split, "eval": empty}, load_causal_lm(cfg.model).train())
-        return cfg, [train_step(trainer, step) for step in range(3)]
+        return cfg, read_records(trainer, [train_step(trainer, step) for step in range(3)])
 
     cfg, packed = run(True)
     _, padded = run(False)
