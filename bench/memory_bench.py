@@ -99,7 +99,8 @@ def cpu_worker(args) -> dict:
     import pipeline.precision as precision
     from pipeline import layout
     from pipeline.models import load_causal_lm
-    from pipeline.train import build_trainer, train_step
+    from pipeline.train import build_trainer
+    from pipeline.train_step import run_step
     from pipeline.train_data import Split
 
     if args.no_trim:
@@ -130,7 +131,7 @@ def cpu_worker(args) -> dict:
     trainer.optimizer.zero_grad = zero_grad_after_counting
     peaks, losses, seconds, after = [], [], [], []
     for step in range(args.steps):
-        record = train_step(trainer, step)
+        record = run_step(trainer, step)
         peaks.append(sampler.reset() / 2**20)
         after.append(RssSampler.rss() / 2**20)
         losses.append(record["loss"])
@@ -151,7 +152,8 @@ def gpu_worker(args) -> dict:
 
     import pipeline.precision as precision
     from pipeline.config_load import config_from_dict
-    from pipeline.train import build_trainer, train_step
+    from pipeline.train import build_trainer
+    from pipeline.train_step import run_step
     from pipeline.train_data import Split
 
     device = "cpu" if args.shape == "tiny" else "cuda"
@@ -190,7 +192,7 @@ def gpu_worker(args) -> dict:
             torch.cuda.reset_peak_memory_stats()
         peaks = []
         for step in range(args.steps):
-            record = train_step(trainer, step)
+            record = run_step(trainer, step)
             if device == "cuda":
                 peaks.append(torch.cuda.max_memory_allocated() / 2**30)
             out.setdefault("losses", []).append(record["loss"])

@@ -53,7 +53,8 @@ def run_variant(args) -> dict:
     from pipeline import layout
     from pipeline.config_load import load_config
     from pipeline.models import load_causal_lm
-    from pipeline.train import build_trainer, train_step
+    from pipeline.train import build_trainer
+    from pipeline.train_step import run_step
     from pipeline.train_data import batch_indices, load_split_data
 
     cfg = load_config(args.config)
@@ -66,7 +67,7 @@ def run_variant(args) -> dict:
     trainer = build_trainer(cfg, splits, policy)
     if args.variant == "baseline":
         trainer.reference = live_reference(trainer, load_causal_lm(cfg.model, "cpu"))
-    records = [train_step(trainer, step) for step in range(cfg.train.max_steps)]
+    records = [run_step(trainer, step) for step in range(cfg.train.max_steps)]
     times = [r["seconds"] for r in records]
     t = cfg.train
     return {

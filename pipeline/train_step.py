@@ -94,3 +94,11 @@ def _non_finite(trainer: Trainer, step: int, record: dict | None) -> TrainError:
         "were not updated. Lower train.learning_rate or train.beta, check those examples, then --resume from the "
         "last checkpoint"
     )
+
+
+def run_step(trainer: Trainer, step: int) -> dict:
+    """``train_step`` then ``read_records`` of its record alone (one sync: what a benchmark that
+    times each step, or a test, wants)."""
+    started = time.perf_counter()
+    record = train_step(trainer, step)
+    return read_records(trainer, [record], time.perf_counter() - started)[0]
