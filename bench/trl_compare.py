@@ -3,6 +3,7 @@
     make bench-trl   (builds .venv-bench: the dev lock + requirements/bench-trl.txt, i.e. TRL 1.16.0)
     PYTHONPATH=. .venv-bench/bin/python bench/trl_compare.py [--rows 128] [--steps 10] [--batch 4]
         [--max-length 512] [--threads 2] [--only ours|trl] [--trl-gradient-checkpointing]
+        [--set train.KEY=VALUE ...]   (our side only: e.g. train.torch_compile=true)
 
 SmolLM2-135M-Instruct (``pipeline.assets.smollm2_folder()``, float32) on the first ``--rows`` rows of
 HH-RLHF harmless-base (test split, read from ../shared/data). Every stage runs in its own child
@@ -150,7 +151,7 @@ def our_config(args, tmp: Path, data: Path, model_dir: Path) -> Path:
     config = tmp / "ours.yaml"
     import yaml
 
-    config.write_text(yaml.safe_dump({
+    config.write_text(yaml.safe_dump(with_overrides(args.set, {
         "storage": str(tmp / "storage"),
         "data": {"path": str(data), "eval_fraction": 0.0},
         "model": {"path": str(model_dir), "dtype": "float32"},
@@ -161,7 +162,18 @@ def our_config(args, tmp: Path, data: Path, model_dir: Path) -> Path:
                   "lr_scheduler_type": SCHEDULE, "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
                   "seed": SEED, "logging_steps": 1, "device": "cpu", "run_name": "bench",
                   "gradient_checkpointing": False, "precision": "float32"},
-    }))
+    })))
+    return config
+
+
+def with_overrides(pairs: list[str], config: dict) -> dict:
+    """``config`` with each ``section.key=value`` of ``--set`` applied (value parsed as YAML)."""
+    import yaml
+
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        section, _, name = key.partition(".")
+        config.setdefault(section, {})[name] = yaml.safe_load(value)
     return config
 
 
@@ -457,6 +469,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=["ours", "trl"])
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="our config only, e.g. train.torch_compile=true (TRL's side is unchanged)")
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
                         help="keep TRL's default gradient_checkpointing=True (ours has it off)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "trl_compare.json"))
@@ -470,7 +484,8 @@ def new_report(args: argparse.Namespace) -> dict:
             "settings": {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "rows": args.rows,
                          "steps": args.steps, "batch": args.batch, "max_length": args.max_length,
                          "threads": args.threads, "learning_rate": LEARNING_RATE, "beta": BETA,
-                         "lr_scheduler_type": SCHEDULE, "trl_gradient_checkpointing": args.trl_gradient_checkpointing},
+                         "lr_scheduler_type": SCHEDULE, "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
+                         "ours_overrides": args.set},
             "ours": None, "trl": None, "ratios": {}}
 
 

@@ -118,16 +118,17 @@ class BF16AdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                step = float(state["step"])
+                step = state["step"]  # a 0-dim CPU tensor: the bias corrections below read no device value
                 # Elementwise: on an FSDP2 shard (DTensor), the same update on the local part.
                 param, moment1, moment2 = _local(p), _local(state["exp_avg"]), _local(state["exp_avg_sq"])
                 grad = _local(p.grad).float()
                 exp_avg = moment1.float().lerp_(grad, 1 - beta1)
                 exp_avg_sq = moment2.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 del grad
-                denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
+                step64 = step.double()
+                denom = (exp_avg_sq / (1 - beta2**step64)).sqrt_().add_(group["eps"])
                 weight = param.float().mul_(1 - group["lr"] * group["weight_decay"])
-                weight.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1**step))
+                weight.add_(exp_avg / denom * (-group["lr"] / (1 - beta1**step64)))
                 del denom
                 new = stochastic_round(weight), exp_avg, exp_avg_sq
                 if found_inf is not None:

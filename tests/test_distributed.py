@@ -321,3 +321,25 @@ def test_failure_report_names_the_rank_killed_from_outside(tmp_path):
     del exits["1"]
     (log_dir / RANK_EXITS).write_text(json.dumps(exits))
     assert failure_report(log_dir, 1, "").startswith("rank 0 failed first (torchrun exit 1); its last lines")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_compiled_processes_with_token_micro_batches_train_as_one(prepared_demo, tmp_path, engine):
+    """train.torch_compile and train.micro_batch_tokens under DDP and FSDP2 (2 gloo processes, each
+    rank as many micro-batches as the other needs): the same run as 1 eager process with fixed
+    micro-batches, losses and gradient norms within 1e-4, and the recompiles counted."""
+    cfg = prepared_demo({**TRAIN, "run_name": "one"})
+    one = train(cfg, show_progress=False)
+    config_path = _write(cfg, tmp_path / "two.yaml")
+    assert _two_processes(config_path, "--set", f"train.distributed={engine}", "--set", "train.run_name=two",
+                          "--set", "train.torch_compile=true", "--set", "train.micro_batch_tokens=60") == 0
+    two = tmp_path / "storage" / "runs" / "two"
+    assert json.loads((two / "run.json").read_text())["fingerprint"] == one.summary["fingerprint"]
+    for x, y in zip(_losses(one.run_dir), _losses(two), strict=True):
+        assert x[0] == y[0] and x[1] == pytest.approx(y[1], abs=1e-4), (x, y)
+        if x[2] is not None:
+            assert x[2] == pytest.approx(y[2], abs=1e-4), (x, y)
+    compiled = [r for r in _steps(two) if "grad_norm" in r]
+    assert compiled and all(r["compile/graphs"] >= 1 and r["compile/recompiles"] <= 4 for r in compiled)
