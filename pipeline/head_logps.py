@@ -27,6 +27,7 @@ chunks under activation checkpointing, any module, the same memory bound.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -169,3 +170,105 @@ def checkpointed_logps(hidden: torch.Tensor, targets: torch.Tensor, lm_head, log
     if log_sum_sq:
         return values, (torch.cat(squares) if squares else empty)
     return values
+
+
+# --- the loss inside the head: gradients in the forward, as Liger's fused linear losses ---------
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """A loss over pairs that ``fused_loss`` computes chunk by chunk of whole pairs.
+
+    loss_fn(pairs, values, lengths, log_sum_sq) -> (loss, sums): the loss (0-dim, differentiable in
+    ``values``) and 0-dim metric sums of the pairs ``pairs`` (a range) from their per-token
+    log-probs ``values`` [n] (responses chosen, rejected, chosen, ... of ``lengths``) and, when
+    ``log_sum_sq``, their log sum_v p^2 (no gradient). The loss over all pairs must be the sum of
+    the chunks' losses (every DPO-family loss here: per-pair terms, summed).
+    lengths: tokens of each response, two per pair, in pair order.
+    """
+
+    loss_fn: Callable
+    lengths: list[int]
+    log_sum_sq: bool = False
+    chunk: int = CHUNK
+
+
+def pair_chunks(lengths: list[int], chunk: int) -> list[tuple[int, int, int, int]]:
+    """(first pair, end pair, first token, end token) of runs of whole pairs of about ``chunk``
+    tokens (a pair longer than that alone)."""
+    out, pair0, tok0, tok = [], 0, 0, 0
+    pairs = len(lengths) // 2
+    for i in range(pairs):
+        size = lengths[2 * i] + lengths[2 * i + 1]
+        if tok > tok0 and tok + size - tok0 > chunk:
+            out.append((pair0, i, tok0, tok))
+            pair0, tok0 = i, tok
+        tok += size
+    if pairs:
+        out.append((pair0, pairs, tok0, tok))
+    return out
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, spec):
+        head, plan, sums_out = spec
+        dtype = _compute_dtype(weight)
+        h, w = hidden.to(dtype), weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        grad_h = torch.zeros_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for pair0, pair1, tok0, tok1 in pair_chunks(plan.lengths, plan.chunk):
+            grad, loss, sums = _chunk_gradient(h[tok0:tok1], (w, b), targets[tok0:tok1], head,
+                                               (plan, range(pair0, pair1)))
+            total = total + loss
+            for key, value in sums.items():
+                sums_out[key] = sums_out[key] + value if key in sums_out else value
+            low = grad.to(dtype)
+            grad_h[tok0:tok1] = low @ w
+            if dtype == torch.float32:
+                grad_w.addmm_(low.t(), h[tok0:tok1])
+            else:
+                grad_w.add_((low.t() @ h[tok0:tok1]).float())
+            if grad_b is not None:
+                grad_b.add_(grad.sum(0))
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), None if grad_b is None else grad_b.to(bias.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = lambda t: None if t is None else t * grad_loss.to(t.dtype)  # noqa: E731
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None
+
+
+def _chunk_gradient(h, weights, targets, head: LinearHead, job):
+    """One chunk of whole pairs: its loss, metric sums and d loss / d logits ([n, V] float32)."""
+    plan, pairs = job
+    w, b = weights
+    with torch.no_grad():
+        logits, _ = _logits(h, w, b, LinearHead(head.weight, head.bias, None, head.scale))
+    with torch.enable_grad():
+        leaf = logits.requires_grad_()
+        capped = leaf if head.softcap is None else torch.tanh(leaf / head.softcap) * head.softcap
+        logps = torch.log_softmax(capped, dim=-1)
+        values = logps.gather(-1, targets[:, None]).squeeze(-1)
+        squares = torch.logsumexp(2 * logps.detach(), dim=-1) if plan.log_sum_sq else None
+        lengths = plan.lengths[2 * pairs.start : 2 * pairs.stop]
+        loss, sums = plan.loss_fn(pairs, values, lengths, squares)
+        (grad,) = torch.autograd.grad(loss, leaf)
+    if head.scale != 1:  # leaf = scale x raw logits
+        grad = grad.mul_(head.scale)
+    return grad, loss.detach().float(), {key: value.detach() for key, value in sums.items()}
+
+
+def fused_loss(hidden: torch.Tensor, targets: torch.Tensor, head: LinearHead, plan: LossPlan):
+    """(loss, metric sums) of ``plan.loss_fn`` over all pairs, their log-probs through ``head``,
+    computed chunk of pairs by chunk of pairs with its gradients (w.r.t. hidden, weight, bias) in
+    the forward: three head matmuls per chunk, as plain autograd, and no [tokens x vocab] tensor
+    kept. hidden [N, H] (the response positions), targets [N]; the loss is differentiable."""
+    sums: dict = {}
+    loss = _FusedHeadLoss.apply(hidden, head.weight, head.bias, targets, (head, plan, sums))
+    return loss, sums

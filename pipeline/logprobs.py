@@ -15,10 +15,11 @@ the fused LM head recomputes each chunk's logits there).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from .head_logps import CHUNK, LinearHead, checkpointed_logps, fused_logps
+from .head_logps import CHUNK, LinearHead, LossPlan, checkpointed_logps, fused_logps, fused_loss
 
 # Rows of the LM head's output turned into float32 log-probs at once (head_logps.CHUNK).
 LOGSOFTMAX_CHUNK = CHUNK
@@ -208,10 +209,14 @@ def flex_block_mask(segments: torch.Tensor):
 @dataclass(frozen=True)
 class HeadOptions:
     """What the LM head computes: ``log_sum_sq``: also each position's log sum_v p^2 (WPO's
-    weights); ``fused``: the fused LM head (head_logps.py), else plain autograd over chunks."""
+    weights); ``fused``: the fused LM head (head_logps.py), else plain autograd over chunks;
+    ``loss_fn`` (with the responses' ``lengths``): the loss of the pairs instead of their log-probs
+    (``pair_loss``: with ``fused``, computed inside the head, gradients in the forward)."""
 
     log_sum_sq: bool = False
     fused: bool = True
+    loss_fn: Callable | None = None
+    lengths: tuple = ()
 
 
 def token_logps(hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor, lm_head,
@@ -310,7 +315,15 @@ def response_logps(model, batch: PackedBatch, head: HeadOptions = HeadOptions())
         position_ids=batch.position_ids,
         use_cache=False,
     ).last_hidden_state
-    return token_logps(hidden, batch.rows, batch.cols, batch.targets, lm_head_of(model), head)
+    if head.loss_fn is None:
+        return token_logps(hidden, batch.rows, batch.cols, batch.targets, lm_head_of(model), head)
+    lm_head, lengths = lm_head_of(model), list(head.lengths)
+    if isinstance(lm_head, LinearHead) and head.fused:
+        plan = LossPlan(head.loss_fn, lengths, head.log_sum_sq, LOGSOFTMAX_CHUNK)
+        return fused_loss(hidden[batch.rows, batch.cols], batch.targets, lm_head, plan)
+    out = token_logps(hidden, batch.rows, batch.cols, batch.targets, lm_head, head)
+    values, squares = out if head.log_sum_sq else (out, None)
+    return head.loss_fn(range(len(lengths) // 2), values, lengths, squares)
 
 
 def sequence_sums(values: torch.Tensor, lengths: list[int], weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -429,3 +442,18 @@ def pair_logps(model, prompts, chosens, rejecteds, options: PairOptions = PairOp
     """Sequence log-probs (chosen [B], rejected [B]) float32 sums, differentiable, of both
     responses of each pair in one forward pass (``pair_token_logps``)."""
     return pair_token_logps(model, prompts, chosens, rejecteds, options).sums()
+
+
+def pair_loss(model, prompts, chosens, rejecteds, options: PairOptions, loss_fn: Callable):
+    """(loss, metric sums) of ``loss_fn`` (see head_logps.LossPlan) over B pairs in one forward
+    pass: with options.fused_head inside the LM head, chunk of pairs by chunk of pairs, its
+    gradients computed there (no [tokens x vocab] tensor kept, no recompute in the backward);
+    else from ``pair_token_logps``'s values."""
+    if not options.shared:
+        tokens = pair_token_logps(model, prompts, chosens, rejecteds, options)
+        return loss_fn(range(len(prompts)), tokens.values, tokens.lengths, tokens.log_sum_sq)
+    packing = options.packing or default_packing(_causal_lm(model))
+    batch = pack_pairs(prompts, chosens, rejecteds, pad_id=0, packing=packing,
+                       pad_to_multiple_of=options.pad_to_multiple_of).to(options.device)
+    head = HeadOptions(options.log_sum_sq, options.fused_head, loss_fn, tuple(batch.lengths))
+    return _logps(model, batch, head)

@@ -22,7 +22,7 @@ import torch
 from . import distributed, precision
 from .trainer import Trainer
 from .train_data import TrainError, batch_indices
-from .train_loss import add_sums, compute_loss, token_count
+from .train_loss import add_sums, token_count
 
 
 def train_step(trainer: Trainer, step: int) -> dict:
@@ -31,7 +31,7 @@ def train_step(trainer: Trainer, step: int) -> dict:
 
     A non-finite loss or gradient norm leaves the weights untouched (see the module docstring).
     """
-    cfg, train_cfg, split = trainer.cfg, trainer.cfg.train, trainer.splits["train"]
+    train_cfg, split = trainer.cfg.train, trainer.splits["train"]
     started = time.perf_counter()
     index = batch_indices(step, trainer.batch, len(split), train_cfg.seed)  # the global batch
     totals: dict = {}
@@ -42,8 +42,7 @@ def train_step(trainer: Trainer, step: int) -> dict:
     groups = trainer.micro_batches(index)
     for k, micro_index in enumerate(groups):
         with distributed.accumulating(trainer.engine, sync=k == len(groups) - 1):
-            loss, sums = compute_loss(cfg, split, micro_index, trainer.loss_inputs(split, micro_index), scale,
-                                      trainer.reference)
+            loss, sums = trainer.micro_loss(split, micro_index, scale)
             loss.backward()
         add_sums(totals, sums)  # on the device: no host sync per micro-batch
     totals = trainer.world.sum(totals)

@@ -20,7 +20,7 @@ import torch
 from . import compiling, distributed, layout, metrics, precision
 from .config import Config
 from .distributed import World
-from .logprobs import PairOptions, PairTokens, pair_token_logps, supports_shared_prefix
+from .logprobs import PairOptions, PairTokens, pair_loss, pair_token_logps, supports_shared_prefix
 from .run_report import write_run_report
 from .trackers import Trackers
 from .train_data import Split, lr_factor, token_micro_batches, warmup_steps
@@ -92,13 +92,33 @@ class Trainer:
         return self.token_logps(split, index).sums()
 
     def loss_inputs(self, split: Split, index: list[int]) -> PolicyLogps:
-        """chosen [B], rejected [B] float32 and pair weights [B] or None, for compute_loss: the sums
-        LD-DPO-weighted when train.ld_alpha is set, WPO's weights when train.use_weighting."""
+        """chosen [B], rejected [B] float32 and pair weights [B] or None, for compute_loss (policy_logps)."""
+        return self.policy_logps(self.token_logps(split, index, log_sum_sq=self.cfg.train.use_weighting))
+
+    def policy_logps(self, tokens: PairTokens) -> PolicyLogps:
+        """The sums of ``tokens``, LD-DPO-weighted when train.ld_alpha is set, and WPO's pair
+        weights when train.use_weighting."""
         train_cfg = self.cfg.train
-        tokens = self.token_logps(split, index, log_sum_sq=train_cfg.use_weighting)
         weights = None if train_cfg.ld_alpha is None else ld_weights(tokens.lengths, train_cfg.ld_alpha)
         chosen, rejected = tokens.sums(weights)
         return PolicyLogps(chosen.float(), rejected.float(), wpo_weights(tokens) if train_cfg.use_weighting else None)
+
+    def micro_loss(self, split: Split, index: list[int], scale: float):
+        """(loss scaled by ``scale``, metric sums) of the pairs ``index`` in one forward pass; with
+        train.fused_lm_head the loss is computed inside the LM head (logprobs.pair_loss)."""
+        train_cfg = self.cfg.train
+
+        def chunk_loss(pairs: range, values, lengths, squares):
+            tokens = PairTokens(values, lengths, squares)
+            return compute_loss(self.cfg, split, index[pairs.start : pairs.stop], self.policy_logps(tokens), scale,
+                                self.reference)
+
+        picked = [split.prompts[i] for i in index], [split.chosens[i] for i in index], [split.rejecteds[i] for i in index]
+        packing = None if train_cfg.padding_free else "none"
+        options = PairOptions(self.shared, self.device, packing, train_cfg.use_weighting, train_cfg.fused_lm_head,
+                              self.pad_multiple)
+        with self.autocast():
+            return pair_loss(self.engine, *picked, options, chunk_loss)
 
     def micro_batch(self, index: list[int], accumulation_step: int, rank: int | None = None) -> list[int]:
         """A rank's pairs (this rank's by default) of one micro-batch of the global batch ``index``:

@@ -143,3 +143,84 @@ def test_bf16_autocast_matmuls_in_bf16_gradients_in_float32(demo_assets):
     for name, grad in plain_grads.items():
         assert fused_grads[name].dtype == torch.float32
         assert (fused_grads[name] - grad).norm() <= 2e-2 * grad.norm() + 1e-6, name
+
+
+def _pair_loss_fn(ref, beta=0.5):
+    """A DPO loss with WPO-like weights (from log sum p^2, no gradient) over the pairs ``pairs``:
+    per-pair terms summed, as every loss of the trainer."""
+
+    def loss_fn(pairs, values, lengths, squares):
+        bounds = torch.tensor([0, *lengths]).cumsum(0)
+        sums = torch.stack([values[bounds[k]:bounds[k + 1]].sum() for k in range(len(lengths))])
+        weight = torch.stack([torch.exp((values - squares)[bounds[k]:bounds[k + 1]].mean().detach())
+                              for k in range(len(lengths))])
+        margin = sums[0::2] - sums[1::2] - ref[pairs.start:pairs.stop].to(sums.dtype)
+        per_pair = -torch.nn.functional.logsigmoid(beta * margin) * weight[0::2] * weight[1::2]
+        return per_pair.sum(), {"loss": per_pair.detach().sum(), "chosen": sums[0::2].detach().sum()}
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("softcap, scale", [(None, 1.0), (2.5, 0.7)])
+def test_loss_inside_the_head_matches_float64(softcap, scale):
+    """head_logps.fused_loss (gradients computed in the forward, chunk of pairs by chunk of pairs:
+    chunks of 9 tokens over pairs of 3-11 tokens) against the whole loss in float64 autograd: the
+    loss, its sums and the gradients w.r.t. hidden states, weight and bias."""
+    from pipeline.head_logps import LossPlan, fused_loss, pair_chunks
+
+    gen = torch.Generator().manual_seed(2)
+    lengths = [3, 5, 7, 4, 2, 9, 6, 1]
+    N, H, V = sum(lengths), 12, 53
+    hidden = torch.randn(N, H, generator=gen)
+    weight, bias = torch.randn(V, H, generator=gen) * 0.5, torch.randn(V, generator=gen)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    ref = torch.randn(4, generator=gen, dtype=torch.float64)
+    assert len(pair_chunks(lengths, 9)) == 4  # whole pairs per chunk, one over the size alone
+
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    plan = LossPlan(_pair_loss_fn(ref), lengths, log_sum_sq=True, chunk=9)
+    loss, sums = fused_loss(leaves[0], targets, LinearHead(leaves[1], leaves[2], softcap, scale), plan)
+    (3 * loss).backward()
+
+    exact = [t.double().clone().requires_grad_() for t in (hidden, weight, bias)]
+    values, squares = _float64_reference(*exact, targets, softcap, scale)
+    want, want_sums = _pair_loss_fn(ref)(range(4), values, lengths, squares)
+    (3 * want).backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert sums["loss"].item() == pytest.approx(want_sums["loss"].item(), rel=1e-5)
+    assert sums["chosen"].item() == pytest.approx(want_sums["chosen"].item(), rel=1e-5)
+    for got, ref_leaf in zip(leaves, exact):
+        assert (got.grad.double() - ref_leaf.grad).abs().max() <= 1e-5 * ref_leaf.grad.abs().max()
+
+
+@pytest.mark.parametrize("train", [{}, {"use_weighting": True, "rpo_alpha": 0.5},
+                                   {"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0, 0.5]},
+                                   {"length_normalize": "both"}, {"precision": "bf16-mixed"}],
+                         ids=["sigmoid", "wpo-rpo", "mixture", "normalized", "bf16-mixed"])
+def test_trainer_loss_in_the_head_equals_plain_autograd(demo_assets, train):
+    """Trainer.micro_loss with train.fused_lm_head (the loss inside the head) and without: the
+    same loss, metric sums and gradient of every parameter, for each kind of loss input."""
+    from pipeline.config_load import config_from_dict
+    from pipeline.train import build_trainer
+    from pipeline.train_data import Split
+
+    prompts, chosens, rejecteds = (list(x) for x in PAIRS)
+    ref = torch.tensor([-20.0, -3.0, -9.0], dtype=torch.float64)
+    split = Split(["a", "b", "c"], prompts, chosens, rejecteds, ref, ref - 1)
+    empty = Split([], [], [], [], ref[:0], ref[:0])
+    results = []
+    for fused in (True, False):
+        cfg = config_from_dict({"data": {"path": "x"}, "model": {"path": str(demo_assets["model"])},
+                                "train": {"fused_lm_head": fused, **train}})
+        trainer = build_trainer(cfg, {"train": split, "eval": empty}, _tiny(demo_assets).train())
+        loss, sums = trainer.micro_loss(split, [2, 0, 1], 0.25)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.policy.named_parameters() if p.grad is not None}
+        results.append((loss.item(), {k: v.item() for k, v in sums.items()}, grads))
+    (loss_f, sums_f, grads_f), (loss_p, sums_p, grads_p) = results
+    tol = 2e-2 if train.get("precision") else 1e-5
+    assert loss_f == pytest.approx(loss_p, rel=tol, abs=tol)
+    assert sums_f.keys() == sums_p.keys() and all(sums_f[k] == pytest.approx(sums_p[k], rel=tol, abs=tol) for k in sums_f)
+    assert grads_f.keys() == grads_p.keys() and grads_f
+    for name, grad in grads_p.items():
+        assert (grads_f[name] - grad).norm() <= tol * grad.norm() + 1e-7, name

@@ -90,13 +90,13 @@ def test_checkpoints_load_with_from_pretrained_and_final_has_a_model_card(prepar
 
 def test_report_html_is_written_at_evals_and_at_the_end(prepared_demo, monkeypatch):
     import pipeline.final as final_module
-    import pipeline.train as train_module
+    import pipeline.trainer as trainer_module
 
     written = []
-    real = train_module.write_run_report
+    real = trainer_module.write_run_report
     recording = (lambda run_dir, records, config, final=None: written.append(
         (max(r["step"] for r in records), final is not None)) or real(run_dir, records, config, final))
-    for module in (train_module, final_module):  # at evals (train.py), at the end (final.py)
+    for module in (trainer_module, final_module):  # at evals (trainer.py), at the end (final.py)
         monkeypatch.setattr(module, "write_run_report", recording)
     result = train(prepared_demo({**TRAIN, "run_name": "reported"}), show_progress=False)
     assert written == [(2, False), (4, False), (4, True)]  # eval at step 2, eval at 4, the end
