@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # Rows of the LM head's output turned into float32 log-probs at once: bounds the float32
-# temporaries to CHUNK x vocab (e.g. 2048 x 49152 x 4 B = 400 MB).
-CHUNK = 2048
+# temporaries to a few CHUNK x vocab (e.g. 1024 x 49152 x 4 B = 200 MB each).
+CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -245,22 +245,30 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 
 def _chunk_gradient(h, weights, targets, head: LinearHead, job):
-    """One chunk of whole pairs: its loss, metric sums and d loss / d logits ([n, V] float32)."""
+    """One chunk of whole pairs: its loss, metric sums and d loss / d logits ([n, V] float32, in
+    the logits' own buffer: one [n x V] float32 at a time, two with soft-capping).
+
+    The loss's gradient w.r.t. each token's log-prob, g ([n], autograd over the loss alone), then
+    d loss / d logits = g x (onehot(y) - softmax), as in _FusedHeadLogps.backward."""
     plan, pairs = job
     w, b = weights
     with torch.no_grad():
-        logits, _ = _logits(h, w, b, LinearHead(head.weight, head.bias, None, head.scale))
+        logits, capped = _logits(h, w, b, head)
+        norm = torch.logsumexp(logits, dim=-1)
+        values = logits.gather(-1, targets[:, None]).squeeze(-1) - norm
+        squares = torch.logsumexp((logits - norm[:, None]).mul_(2), dim=-1) if plan.log_sum_sq else None
     with torch.enable_grad():
-        leaf = logits.requires_grad_()
-        capped = leaf if head.softcap is None else torch.tanh(leaf / head.softcap) * head.softcap
-        logps = torch.log_softmax(capped, dim=-1)
-        values = logps.gather(-1, targets[:, None]).squeeze(-1)
-        squares = torch.logsumexp(2 * logps.detach(), dim=-1) if plan.log_sum_sq else None
+        leaf = values.requires_grad_()
         lengths = plan.lengths[2 * pairs.start : 2 * pairs.stop]
-        loss, sums = plan.loss_fn(pairs, values, lengths, squares)
-        (grad,) = torch.autograd.grad(loss, leaf)
-    if head.scale != 1:  # leaf = scale x raw logits
-        grad = grad.mul_(head.scale)
+        loss, sums = plan.loss_fn(pairs, leaf, lengths, squares)
+        (g,) = torch.autograd.grad(loss, leaf)
+    g = g[:, None]
+    grad = logits.sub_(norm[:, None]).exp_().mul_(-g)  # -g x softmax, in place
+    grad.scatter_add_(-1, targets[:, None], g)  # + g x onehot(y)
+    if capped is not None:  # d cap(z) / dz = 1 - tanh^2(z / cap)
+        grad.mul_(1 - capped * capped)
+    if head.scale != 1:
+        grad.mul_(head.scale)
     return grad, loss.detach().float(), {key: value.detach() for key, value in sums.items()}
 
 
