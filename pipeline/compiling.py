@@ -26,11 +26,17 @@ log = logging.getLogger("dpo.train")
 DEFAULT_PAD_MULTIPLE = 64
 
 
+# Devices where a null train.torch_compile compiles: where it was measured to pay off. Not the CPU
+# (docs/scaling.md: matmul-bound, 15-60 s per new shape for a few % per step); CUDA joins when
+# bench/gpu_suite.py has measured it there.
+COMPILE_BY_DEFAULT: frozenset[str] = frozenset()
+
+
 def enabled(cfg: Config, device: str) -> bool:
-    """train.torch_compile, or when null: on for CUDA, off on CPU (measured: docs/benchmarks.md)."""
+    """train.torch_compile, or when null: whether ``device`` is in COMPILE_BY_DEFAULT."""
     if cfg.train.torch_compile is not None:
         return cfg.train.torch_compile
-    return device == "cuda"
+    return device in COMPILE_BY_DEFAULT
 
 
 def pad_multiple(cfg: Config, compiled: bool) -> int | None:

@@ -275,8 +275,8 @@ class TrainConfig:
     for the backward. Same values and gradients within float rounding; false: plain autograd."""
     torch_compile: Optional[bool] = None
     """torch.compile the decoder layers (HF's name); recompiles are counted in metrics.jsonl
-    (compile/recompiles). null: on for CUDA; off on CPU, where it paid back its compile time only in
-    long runs (docs/benchmarks.md)."""
+    (compile/recompiles). null: off until measured to pay off on the device (not on the CPU:
+    docs/scaling.md; CUDA not yet measured: bench/gpu_suite.py)."""
     torch_compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune",
                                          "max-autotune-no-cudagraphs"]] = None
     """torch.compile's mode (HF's name); null: default."""
