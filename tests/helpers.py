@@ -86,8 +86,9 @@ if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_
 if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_TEST_PAUSE_RANK"):
     import time
     import pipeline.train as train_module
+    import pipeline.trainer as trainer_module
 
-    real_step, real_loss, current = train_module.train_step, train_module.compute_loss, []
+    real_step, real_loss, current = train_module.train_step, trainer_module.compute_loss, []
 
     def step_of(trainer, step):
         current[:] = [step]
@@ -101,7 +102,7 @@ if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_
             time.sleep(300)  # until the test kills this process
         return result
 
-    train_module.train_step, train_module.compute_loss = step_of, paused_loss
+    train_module.train_step, trainer_module.compute_loss = step_of, paused_loss
 """
 
 
