@@ -3,6 +3,7 @@
     dpo prepare -c run.yaml [--set tokenize.max_length=512 ...]
     dpo score -c run.yaml [--set score.backend=transformers ...]
     dpo train -c run.yaml [--resume] [--set train.max_steps=100 ...] [--nproc-per-node 4]
+    dpo sweep -c run.yaml --grid train.beta=0.05,0.1 [--grid train.loss_type=sigmoid,ipo]
     dpo demo [--storage DIR]
 
 Progress and summaries go to stderr; the last line of stdout is the stage's output directory,
@@ -54,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--from", dest="from_stage", choices=STAGES, help="run this stage and the ones after it")
     r.add_argument("--force", choices=STAGES, action="append", default=[],
                    help="rerun this stage from scratch, and the stages after it (repeatable)")
+    sw = sub.add_parser("sweep", help="train one run per point of a hyper-parameter grid over one reference cache")
+    _add_config_args(sw)
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a key and the values to try, e.g. --grid train.beta=0.05,0.1 (repeatable: the "
+                         "product of the grids); adds to or replaces the config's sweep.grid")
     _add_serve(sub)
     st = sub.add_parser("status", help="which stage outputs exist for this config")
     _add_config_args(st)
@@ -110,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     Called as the program (``argv`` None: the `dpo` script, ``python -m flows.cli``), a stage
     command that returned ends the process at once (``exit_now``)."""
     args = build_parser().parse_args(argv)  # --help and usage errors end here, before any import
-    from pipeline.launch import rank  # no torch
+    from pipeline.launch import die_with_parent, rank  # no torch
+
+    die_with_parent()
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO if rank() == 0 else logging.WARNING,
                         format="%(message)s")

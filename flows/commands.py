@@ -43,9 +43,11 @@ USER_ERRORS = (ConfigError, DataError, ModelError, PrepareError, ScoreError, Tra
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """USER_ERRORS, and AuditFailed when pipeline.audit is loaded (no other code can raise it)."""
-    audit = sys.modules.get("pipeline.audit")
-    return USER_ERRORS + ((audit.AuditFailed,) if audit is not None else ())
+    """USER_ERRORS, and AuditFailed when pipeline.audit is loaded, SweepFailed when flows.sweep_flow
+    is (no other code can raise them)."""
+    audit, sweep = sys.modules.get("pipeline.audit"), sys.modules.get("flows.sweep_flow")
+    return (USER_ERRORS + ((audit.AuditFailed,) if audit is not None else ())
+            + ((sweep.SweepFailed,) if sweep is not None else ()))
 
 
 def summarize_prepare(result: PrepareResult) -> str:
@@ -150,6 +152,29 @@ def print_flow_result(result: dict) -> None:
             print(f"{stage}: skipped: {result['not_needed'][stage]}", file=sys.stderr)
             continue
         print(f"{stage}: {'ran' if result['ran'][stage] else 'up to date'}: {output}", file=sys.stderr)
+
+
+@starts_prefect
+def cmd_sweep(args) -> Path:
+    from .sweep_flow import dpo_sweep
+    from .sweep_plan import parse_grid, plan_sweep
+
+    cfg = load_config(args.config, args.overrides)
+    grid, name = parse_grid(args.grid), Path(args.config).stem
+    sweep = plan_sweep(cfg, grid, name)  # refused here, before Prefect starts, when a point is bad
+    print(f"sweep {sweep.name}: {len(sweep.points)} points; report: {sweep.directory / 'report.html'}", file=sys.stderr)
+    _flow_progress(args.no_progress)
+    result = dpo_sweep(config=cfg.to_dict(), grid=grid, name=name)
+    print_sweep_table(result["rows"], result["sweep"])
+    return Path(result["report"])
+
+
+def print_sweep_table(rows: list[dict], name: str) -> None:
+    """The sweep's table, best first, on stderr."""
+    print(f"sweep {name}:", file=sys.stderr)
+    for row in rows:
+        values = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("point", "report") and v is not None)
+        print(f"  {row['point']}: {values}", file=sys.stderr)
 
 
 @starts_prefect
@@ -335,7 +360,7 @@ def cmd_demo(args) -> Path:
     return run_dir
 
 
-COMMANDS = {"prepare": cmd_prepare, "score": cmd_score, "train": cmd_train, "run": cmd_run,
+COMMANDS = {"prepare": cmd_prepare, "score": cmd_score, "train": cmd_train, "run": cmd_run, "sweep": cmd_sweep,
             "serve": cmd_serve, "status": cmd_status, "audit": cmd_audit, "demo": cmd_demo}
 
 

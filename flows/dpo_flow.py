@@ -124,7 +124,7 @@ def retry_unless_refused(task, task_run, state) -> bool:
     return not isinstance(state.data, StageRefused)
 
 
-def _child_failure(what: str, returncode: int, stderr: str) -> Exception:
+def child_failure(what: str, returncode: int, stderr: str) -> Exception:
     if "error: " in stderr and returncode in (1, 2):  # the dpo command's report of a user error
         return StageRefused(f"{what} refused: {stderr[stderr.rindex('error: ') + 7:].strip()}")
     return RuntimeError(f"{what} failed (exit {returncode}):\n{stderr[-4000:]}")
@@ -178,7 +178,7 @@ def run_score_child(config: dict) -> tuple[str, dict]:
             command.append("--no-progress")
         returncode, tail = run_streaming(command, lambda line: logger.info("%s", line), env=env)
         if returncode != 0:
-            raise _child_failure("dpo score", returncode, tail)
+            raise child_failure("dpo score", returncode, tail)
         stats = json.loads(stats_path.read_text())
     return stats.pop("output_dir"), stats
 
@@ -278,6 +278,25 @@ TASKS = {"prepare": prepare_task, "score": score_task, "audit": audit_task, "tra
 # --- flows ---------------------------------------------------------------------------------------
 
 
+def run_stage(cfg, stage: str, directory: Path, forced: bool = False) -> tuple[str | None, bool]:
+    """Run one stage's task for ``cfg`` into ``directory`` (plan's): skipped when its output is up
+    to date or the config does not need it, from scratch when ``forced``. Returns (its output,
+    whether it ran); a failed task raises (a failed audit stops what comes after it)."""
+    config = cfg.to_dict()
+    args = (config, str(directory)) if stage == "audit" else (config,)
+    unneeded = unneeded_reason(cfg)
+    if unneeded and stage in ("score", "audit"):  # a reference-free loss: no cache to make or check
+        return TASKS[stage](*args, skip=unneeded, return_state=True).result()["output_dir"], False
+    reuse = None
+    if not forced and stage_complete(cfg, stage, directory):
+        reuse = str(directory)
+    elif forced:
+        get_run_logger().info("%s: forced, removing its output", stage)
+        _remove_output(stage, directory)
+    # the state, since a skipped task's is not its return value; .result() raises a failure
+    return TASKS[stage](*args, reuse=reuse, return_state=True).result()["output_dir"], reuse is None
+
+
 def _stages_to_run(stages: list[str] | None) -> list[str]:
     stages = list(stages or STAGES)
     unknown = [s for s in stages if s not in STAGES]
@@ -294,8 +313,7 @@ def dpo_pipeline(config: PipelineConfig, stages: list[Stage] | None = None, forc
     stages: the stages to run (default: all, in pipeline order).
     force: stages to rerun from scratch, with every stage after them.
     """
-    cfg = config_from_dict(config_dict(config))
-    config = cfg.to_dict()  # resolved: absolute paths, every default filled in
+    cfg = config_from_dict(config_dict(config))  # resolved: absolute paths, every default filled in
     force = _stages_to_run(force) if force else []
     first_forced = min((STAGES.index(s) for s in force), default=len(STAGES))
     outputs: dict[str, str | None] = {}
@@ -304,24 +322,9 @@ def dpo_pipeline(config: PipelineConfig, stages: list[Stage] | None = None, forc
     planned = plan(cfg)  # fingerprints come from the inputs, so they are known before any work
     unneeded = unneeded_reason(cfg)
     for stage in _stages_to_run(stages):
-        directory = planned[stage]
-        if unneeded and stage in ("score", "audit"):  # a reference-free loss: no cache to make or check
-            args = (config, str(directory)) if stage == "audit" else (config,)
-            outputs[stage] = TASKS[stage](*args, skip=unneeded, return_state=True).result()["output_dir"]
-            ran[stage], not_run[stage] = False, unneeded
-            continue
-        forced = STAGES.index(stage) >= first_forced
-        reuse = None
-        if not forced and stage_complete(cfg, stage, directory):
-            reuse = str(directory)
-        elif forced:
-            get_run_logger().info("%s: forced, removing its output", stage)
-            _remove_output(stage, directory)
-        # the state, since a skipped task's is not its return value; .result() raises a failure
-        # (a failed audit stops the flow before training)
-        args = (config, str(directory)) if stage == "audit" else (config,)
-        outputs[stage] = TASKS[stage](*args, reuse=reuse, return_state=True).result()["output_dir"]
-        ran[stage] = reuse is None
+        outputs[stage], ran[stage] = run_stage(cfg, stage, planned[stage], forced=STAGES.index(stage) >= first_forced)
+        if unneeded and stage in ("score", "audit"):
+            not_run[stage] = unneeded
     lines = ["# dpo-pipeline", "", "| stage | ran | output |", "|---|---|---|"]
     lines += [f"| {s} | {'yes' if ran[s] else f'no, {not_run[s]}' if s in not_run else 'no, up to date'} | "
               f"`{outputs[s]}` |" for s in outputs]

@@ -21,7 +21,7 @@ def plan(cfg: Config) -> dict[str, Path]:
         "score": refscores_dir,
         "audit": cache_dir,
         # a reference-free run reads no cache (train.needs_reference() false): none in its identity
-        "train": layout.plan_run_dir(cfg, dataset_dir.name, cache_dir if cfg.train.needs_reference() else None),
+        "train": layout.plan_run(cfg, dataset_dir.name, cache_dir if cfg.train.needs_reference() else None)[1],
     }
 
 
@@ -45,3 +45,9 @@ def stage_problem(cfg: Config, stage: str, directory: Path) -> str | None:
 def stage_complete(cfg: Config, stage: str, directory: Path) -> bool:
     """Whether the stage's output is complete and verified (stage_problem says why not)."""
     return stage_problem(cfg, stage, directory) is None
+
+
+def run_fingerprint(cfg: Config, planned: dict[str, Path]) -> str:
+    """The fingerprint of the run ``plan(cfg)`` (``planned``) places: what decides its weights."""
+    cache = planned["audit"] if cfg.train.needs_reference() else None
+    return layout.plan_run(cfg, planned["prepare"].name, cache)[0]

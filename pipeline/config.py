@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from .config_checks import ConfigError, check_range
+from .config_checks import FOLDER_NAME_KEYS, RUN_NAME, ConfigError, check_folder_name, check_range  # noqa: F401
 from .loss_traits import LOSS_TRAITS, FDivergenceType, LossType, check_loss_options
+from .sweep_config import SweepConfig
 
 REQUIRED: Any = dataclasses.MISSING
 
@@ -68,12 +69,12 @@ class DataConfig:
                 raise ConfigError(f"data.{name}: must be a non-empty column name")
         # A Hub dataset is kept under <storage>/hub/datasets/<repo>/<commit>/<name>/<data_dir>/<split>/
         # (data.hub_dataset): each of these is a folder name, checked as train.run_name is.
-        _check_folder_name("data.split", self.split, "test")
+        check_folder_name("data.split", self.split, "test")
         if self.name is not None:
-            _check_folder_name("data.name", self.name, "default", ", or null for the default configuration")
+            check_folder_name("data.name", self.name, "default", ", or null for the default configuration")
         if self.data_dir is not None:
             for part in self.data_dir.split("/"):  # a folder of the repository (a/b kept as a--b)
-                _check_folder_name("data.data_dir", part, "harmless-base", ", or null for the whole repository",
+                check_folder_name("data.data_dir", part, "harmless-base", ", or null for the whole repository",
                                    whole=self.data_dir)
 
 
@@ -384,7 +385,7 @@ class TrainConfig:
         if self.step0_tolerance is not None:
             check_range("train.step0_tolerance", self.step0_tolerance, 0.0, None)
         if self.run_name is not None:
-            _check_folder_name("train.run_name", self.run_name, "beta0.1-run2",
+            check_folder_name("train.run_name", self.run_name, "beta0.1-run2",
                                ", or null for a name from the fingerprint")
 
     def loss_names(self) -> list[str]:
@@ -425,28 +426,6 @@ def world_size(train_cfg: TrainConfig) -> int:
     return train_cfg.nproc_per_node * train_cfg.nnodes
 
 
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-"""A folder name that is safe everywhere: no separators, NUL, spaces, leading dot or dash."""
-
-FOLDER_NAME_KEYS = ("train.run_name", "data.split", "data.name", "data.data_dir")
-"""The config values that become folder names under storage (layout.run_dir, data.hub_dataset),
-each checked against RUN_NAME (data.data_dir per '/'-separated part)."""
-
-
-def _check_folder_name(key: str, value: str, example: str, alternative: str = "", whole: str | None = None) -> None:
-    """A ConfigError naming ``key`` unless ``value`` is a safe folder name (RUN_NAME)."""
-    if RUN_NAME.fullmatch(value):
-        return
-    whole = value if whole is None else whole
-    shown = whole if len(whole) <= 60 else whole[:60] + "..."
-    part = "" if whole == value else f", its part {value!r} between '/'s"
-    raise ConfigError(
-        f"{key}: {shown!r} ({len(whole)} characters{part}) is not a safe folder name: use 1-100 ASCII "
-        f"letters, digits, '.', '_' or '-', starting with a letter or digit (e.g. {key}={example})"
-        f"{alternative}"
-    )
-
-
 @dataclass
 class AuditConfig:
     rescore_rows: int = 4
@@ -472,12 +451,15 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     storage: str = "storage"
     """Artifact root: datasets/, refscores/, runs/ live below it."""
+    sweep: Optional[SweepConfig] = None
+    """A hyper-parameter sweep over this config (`dpo sweep`); other commands run the config as it is."""
 
     def validate(self) -> None:
         if not self.storage:
             raise ConfigError("storage: must be a directory path")
-        for section in (self.data, self.tokenize, self.score, self.train, self.audit):
-            section.validate()
+        for section in (self.data, self.tokenize, self.score, self.train, self.audit, self.sweep):
+            if section is not None:
+                section.validate()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

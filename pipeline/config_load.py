@@ -30,7 +30,11 @@ PATH_KEYS = (("data", "path"), ("model", "path"), ("train", "init_from"), ("trai
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """``value`` as the config type ``tp``, else a ConfigError naming ``key``."""
+    if tp is Any:  # a sweep's values: checked by the point's own config
+        return value
     origin = typing.get_origin(tp)
+    if origin is dict:
+        return _coerce_dict(key, value, typing.get_args(tp)[1])
     if origin is typing.Union or origin is types.UnionType:
         return _coerce_union(key, value, typing.get_args(tp))
     if origin is list:
@@ -66,15 +70,31 @@ def _coerce_union(key: str, value: Any, args: tuple) -> Any:
     raise errors[-1][1]
 
 
-def _coerce_list(key: str, value: Any, item: Any) -> list:
-    if isinstance(value, str) and value.startswith("["):  # --set key=[a,b] arrives as text
+def _from_text(value: Any, opener: str) -> Any:
+    """A list or mapping written as YAML text (``[a, b]``, ``{a: 1}``) as its value; else as it is."""
+    if isinstance(value, str) and value.startswith(opener):
         try:
-            value = yaml.safe_load(value)
+            return yaml.safe_load(value)
         except yaml.YAMLError:
             pass
+    return value
+
+
+def _coerce_list(key: str, value: Any, item: Any) -> list:
+    value = _from_text(value, "[")  # --set key=[a,b] arrives as text
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected a list, got {value!r}")
     return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+
+
+def _coerce_dict(key: str, value: Any, item: Any) -> dict:
+    value = _from_text(value, "{")  # --set 'key={a: 1}' arrives as text
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of keys to values, got {value!r}")
+    for name in value:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{key}: {name!r} is not a key: write dotted config keys, e.g. train.beta")
+    return {name: _coerce(f"{key}.{name}", v, item) for name, v in value.items()}
 
 
 def _coerce_scalar(key: str, value: Any, tp: type) -> Any:
@@ -220,6 +240,15 @@ def config_from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
         if value and not (section in ("model", "data") and is_hub_id(value)):
             setattr(getattr(cfg, section), key, str(Path(value).resolve()))
     return cfg
+
+
+def config_with(raw: dict, values: dict[str, Any]) -> Config:
+    """``raw`` (a config's sections) with each dotted key of ``values`` set to its value, already
+    parsed (a sweep point's), then built and validated like any config."""
+    raw = _deep_copy(raw or {})
+    for key, value in values.items():
+        _set_override(raw, f"{key}={value!r}", key.split("."), value)
+    return config_from_dict(raw)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

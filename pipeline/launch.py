@@ -179,6 +179,26 @@ def record_failure(exc: BaseException) -> None:
         ErrorHandler().record_exception(exc)
 
 
+DIE_WITH_PARENT = "DPO_DIE_WITH_PARENT"
+"""Set (to the starting process's pid) for a process that must not outlive what started it."""
+
+
+def die_with_parent() -> None:
+    """In a process started with DPO_DIE_WITH_PARENT=<its parent's pid> (a sweep's training): be
+    killed when that parent dies (Linux's PR_SET_PDEATHSIG), so that a sweep killed with SIGKILL
+    leaves no orphan training that holds its run's lock; this process's own children (torchrun's
+    ranks) get the same, with this pid."""
+    parent = os.environ.get(DIE_WITH_PARENT)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if str(os.getppid()) != parent:  # the parent died before the line above
+        os._exit(1)
+    os.environ[DIE_WITH_PARENT] = str(os.getpid())
+
+
 def launch_log_dir(storage: str | Path) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path(storage) / "logs" / "torchrun" / f"{stamp}-{os.getpid()}"
@@ -193,6 +213,7 @@ def torchrun_main(argv: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.multiprocessing.subprocess_handler import SubprocessHandler
 
+    die_with_parent()
     report, args = Path(argv[0]), argv[1:]
     stopped: dict[int, str] = {}
     real_close = SubprocessHandler.close

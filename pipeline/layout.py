@@ -484,14 +484,14 @@ def _check_reference(path: Path, manifest: dict, dataset_fp: str, model_fp: dict
         )
 
 
-def plan_run_dir(cfg: Config, dataset_fp: str, cache_dir: Path | None) -> Path:
-    """Where the train stage puts (or put) the run for ``cfg`` and this reference cache (None: a
-    reference-free run, which reads no cache)."""
+def plan_run(cfg: Config, dataset_fp: str, cache_dir: Path | None) -> tuple[str, Path]:
+    """(run fingerprint, run directory) of the run for ``cfg`` and this reference cache (None: a
+    reference-free run, which reads no cache): where the train stage puts (or put) it."""
     cache_fp = None
     if cache_dir is not None:
         manifest = read_json(Path(cache_dir) / MANIFEST)
         cache_fp = manifest.get("fingerprint") if manifest else Path(cache_dir).name
-    return run_dir_for(cfg, dataset_fp, cache_fp, model_fingerprint(policy_init(cfg)))[1]
+    return run_dir_for(cfg, dataset_fp, cache_fp, model_fingerprint(policy_init(cfg)))
 
 
 def run_dir_for(cfg: Config, dataset_fp: str, cache_fp: str | None, init_fp: dict) -> tuple[str, Path]:

@@ -230,5 +230,5 @@ def test_the_demo_stages_name_their_outputs_as_pinned(prepared_demo):
     cfg = prepared_demo({})
     dataset = layout.locate_dataset(cfg)
     cache = layout.locate_ref_cache(cfg, dataset.name)
-    run = layout.plan_run_dir(cfg, dataset.name, cache)
+    run = layout.plan_run(cfg, dataset.name, cache)[1]
     assert {"dataset": dataset.name, "cache": cache.name, "run": run.name} == DEMO_PINS

@@ -74,6 +74,10 @@ def type_text(tp: Any) -> str:
     if origin is list:
         (item,) = typing.get_args(tp)
         return f"list of {type_text(item)}"
+    if origin is dict:
+        return f"mapping of keys to {type_text(typing.get_args(tp)[1])}"
+    if tp is Any:
+        return "values"
     if _is_section(tp):
         return f"section [`{section_key(tp)}`](#{slug(section_key(tp))})"
     return {bool: "bool", int: "int", float: "float", str: "str"}.get(tp, str(tp))
@@ -91,7 +95,7 @@ def default_text(f: dataclasses.Field) -> str:
     if f.default is config_module.REQUIRED and f.default_factory is dataclasses.MISSING:
         return "required"
     if f.default is dataclasses.MISSING:
-        return "(section)"
+        return "`{}`" if f.default_factory is dict else "`[]`" if f.default_factory is list else "(section)"
     return f"`{value_text(f.default)}`"
 
 
