@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     st = sub.add_parser("status", help="which stage outputs exist for this config")
     _add_config_args(st)
+    st.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="also list the points of this sweep, as dpo sweep takes --grid (repeatable)")
     _add_audit(sub)
     d = sub.add_parser("demo", help="run the pipeline on the built-in demo (offline, CPU)")
     d.add_argument("--storage", default="storage", help="artifact root (default: ./storage)")
@@ -76,7 +78,11 @@ def _add_serve(sub) -> None:
     sv = sub.add_parser("serve", help="serve the pipeline as a scheduled Prefect deployment")
     _add_config_args(sv)
     sv.add_argument("--cron", required=True, help='schedule, e.g. "0 3 * * *" (03:00 every day)')
-    sv.add_argument("--name", default="dpo-pipeline", help="deployment name (default: dpo-pipeline)")
+    sv.add_argument("--name", help="deployment name (default: dpo-pipeline, dpo-sweep with --sweep)")
+    sv.add_argument("--sweep", action="store_true",
+                    help="schedule the config's sweep (its sweep: section and --grid), not one run")
+    sv.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="--sweep: a key and the values to try, as in dpo sweep (repeatable)")
     sv.add_argument("--work-pool", metavar="POOL",
                     help="register the deployment on this work pool (Flow.deploy) and return: a worker "
                          "(`prefect worker start --pool POOL`, on this or another machine) runs it; "

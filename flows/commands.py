@@ -10,7 +10,9 @@ import functools
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline import STAGES, layout, metrics
 from pipeline.config import ConfigError, world_size
@@ -156,14 +158,15 @@ def print_flow_result(result: dict) -> None:
 
 @starts_prefect
 def cmd_sweep(args) -> Path:
-    from .sweep_flow import dpo_sweep
     from .sweep_plan import parse_grid, plan_sweep
 
     cfg = load_config(args.config, args.overrides)
     grid, name = parse_grid(args.grid), Path(args.config).stem
-    sweep = plan_sweep(cfg, grid, name)  # refused here, before Prefect starts, when a point is bad
+    sweep = plan_sweep(cfg, grid, name)  # refused here, before Prefect is imported, when a point is bad
     print(f"sweep {sweep.name}: {len(sweep.points)} points; report: {sweep.directory / 'report.html'}", file=sys.stderr)
     _flow_progress(args.no_progress)
+    from .sweep_flow import dpo_sweep
+
     result = dpo_sweep(config=cfg.to_dict(), grid=grid, name=name)
     print_sweep_table(result["rows"], result["sweep"])
     return Path(result["report"])
@@ -179,7 +182,7 @@ def print_sweep_table(rows: list[dict], name: str) -> None:
 
 @starts_prefect
 def cmd_serve(args) -> Path:
-    from .dpo_flow import api_url, dpo_pipeline
+    from .dpo_flow import api_url
 
     cfg = load_config(args.config, args.overrides)
     if not api_url():
@@ -188,16 +191,43 @@ def cmd_serve(args) -> Path:
             "Start one with `prefect server start --host 127.0.0.1` (in another terminal), then "
             "`export PREFECT_API_URL=http://127.0.0.1:4200/api` and run `dpo serve` again"
         )
+    served = _served_flow(args, cfg)
     if args.work_pool:
-        return _deploy(args, cfg, dpo_pipeline)
-    print(f"serving deployment {args.name} on {api_url()} with cron {args.cron!r}; "
+        return _deploy(args, cfg, served)
+    print(f"serving deployment {served.flow.name}/{served.name} on {api_url()} with cron {args.cron!r}; "
           "Ctrl-C stops it", file=sys.stderr)
-    dpo_pipeline.serve(name=args.name, cron=args.cron, parameters={"config": cfg.to_dict()},
-                       print_starting_message=False)
+    served.flow.serve(name=served.name, cron=args.cron, parameters=served.parameters, print_starting_message=False)
     return Path(cfg.storage)
 
 
-def _deploy(args, cfg, dpo_pipeline) -> Path:
+@dataclass
+class ServedFlow:
+    flow: Any
+    entrypoint: str
+    name: str
+    parameters: dict
+
+
+def _served_flow(args, cfg) -> ServedFlow:
+    """The flow `dpo serve` schedules: the pipeline, or with --sweep the config's sweep (its
+    points checked now, not at 3 in the morning)."""
+    if not args.sweep:
+        if args.grid:
+            raise ConfigError("--grid schedules a sweep: add --sweep")
+        from .dpo_flow import dpo_pipeline
+
+        return ServedFlow(dpo_pipeline, "flows.dpo_flow.dpo_pipeline", args.name or "dpo-pipeline",
+                          {"config": cfg.to_dict()})
+    from .sweep_flow import dpo_sweep
+    from .sweep_plan import parse_grid, plan_sweep
+
+    grid, stem = parse_grid(args.grid), Path(args.config).stem
+    sweep = plan_sweep(cfg, grid, stem)
+    return ServedFlow(dpo_sweep, "flows.sweep_flow.dpo_sweep", args.name or "dpo-sweep",
+                      {"config": cfg.to_dict(), "grid": grid or None, "name": sweep.name})
+
+
+def _deploy(args, cfg, served: ServedFlow) -> Path:
     """`dpo serve --work-pool POOL`: register the deployment on a work pool with Flow.deploy
     (code from --source, no image built or pushed) and return; a worker polling the pool runs
     the flow, on this machine or another one that sees the same code, storage and model paths."""
@@ -214,11 +244,11 @@ def _deploy(args, cfg, dpo_pipeline) -> Path:
                            f"`prefect work-pool create --type process {args.work_pool}`, then run dpo serve again")
     source = args.source or str(Path(__file__).resolve().parent.parent)  # the folder that holds flows/
     # a module path (the flow file named as a module of the folder that holds flows/)
-    flow = dpo_pipeline.from_source(source=source, entrypoint="flows.dpo_flow.dpo_pipeline")
-    flow.deploy(name=args.name, work_pool_name=args.work_pool, work_queue_name=args.work_queue,
-                cron=args.cron, parameters={"config": cfg.to_dict()}, build=False, push=False,
+    flow = served.flow.from_source(source=source, entrypoint=served.entrypoint)
+    flow.deploy(name=served.name, work_pool_name=args.work_pool, work_queue_name=args.work_queue,
+                cron=args.cron, parameters=served.parameters, build=False, push=False,
                 print_next_steps=False, ignore_warnings=True)
-    print(f"deployment dpo-pipeline/{args.name} registered on work pool {args.work_pool} ({api_url()}) "
+    print(f"deployment {served.flow.name}/{served.name} registered on work pool {args.work_pool} ({api_url()}) "
           f"with cron {args.cron!r}, code from {source}. Start a worker where it should run: "
           f"prefect worker start --pool {args.work_pool}", file=sys.stderr)
     return Path(cfg.storage)
@@ -247,7 +277,27 @@ def cmd_status(args) -> Path:
             print(f"         {problem}")
         if stage == "train" and directory.exists():
             print(f"         {run_progress(cfg, directory)}")
+    if cfg.sweep is not None or args.grid:
+        print_sweep_status(cfg, args.grid, Path(args.config).stem)
     return Path(cfg.storage)
+
+
+def print_sweep_status(cfg, grid_args: list[str], default_name: str) -> None:
+    """The config's sweep: each point's state (finished, running or stopped at which step, failed
+    and why, not started) and its run folder."""
+    from .sweep_plan import parse_grid, plan_sweep, point_state, read_point
+
+    sweep = plan_sweep(cfg, parse_grid(grid_args), default_name)
+    states = [point_state(sweep, p) for p in sweep.points]
+    print(f"sweep {sweep.name}: {states.count('finished')} of {len(states)} points finished; "
+          f"report: {sweep.directory / 'report.html'}")
+    for point, state in zip(sweep.points, states):
+        print(f"  {point.name:<40} {state:<11} {point.run_dir}")
+        if state != "finished" and point.run_dir.exists():
+            print(f"      {run_progress(point.config, point.run_dir)}")
+        if state == "failed":  # the error's first line, and its last one (a child's last output)
+            lines = (read_point(sweep.directory, point.name).get("error") or "").splitlines() or [""]
+            print("\n".join(f"      {line[:300]}" for line in dict.fromkeys([lines[0], lines[-1]])))
 
 
 def run_progress(cfg, run_dir: Path) -> str:

@@ -174,7 +174,9 @@ def _failures(outcomes: dict[str, Any]) -> dict[str, str]:
         if isinstance(outcome, str):
             failed[name] = outcome
         elif not outcome.is_completed():
-            failed[name] = (outcome.message or outcome.name).splitlines()[0][:300]
+            error = outcome.result(raise_on_failure=False)
+            text = str(error) if isinstance(error, BaseException) else outcome.message or outcome.name
+            failed[name] = text.splitlines()[0][:300]
     return failed
 
 

@@ -281,3 +281,14 @@ def seed_formula_gradient(model_path, pairs, ref_chosen, ref_rejected, beta: flo
         for name in expected:
             expected[name] += weight * (grad_w[name] - grad_l[name])
     return expected
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.prefect_settings import PREFECT_SETTINGS
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    with prefect_test_harness(server_startup_timeout=int(PREFECT_SETTINGS["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])):
+        yield

@@ -115,3 +115,12 @@ def fail_rank_at(tmp_path, monkeypatch, rank: int, step: int) -> None:
     monkeypatch.setenv("PYTHONPATH", f"{hook}:{':'.join(sys.path)}")
     monkeypatch.setenv("DPO_TEST_FAIL_RANK", str(rank))
     monkeypatch.setenv("DPO_TEST_FAIL_STEP", str(step))
+
+
+def task_runs_of(flow_state) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
+        return client.read_task_runs(flow_run_filter=flow_runs)

@@ -17,22 +17,14 @@ from pathlib import Path
 import pytest
 
 import flows.dpo_flow as pipeline_flows
-from flows.prefect_settings import PREFECT_SETTINGS
 from pipeline import STAGES
 from pipeline.config_load import config_from_dict
+
+from .helpers import task_runs_of
 
 DPO = str(Path(sys.executable).parent / "dpo")
 PREFECT = str(Path(sys.executable).parent / "prefect")
 TRAIN = {"learning_rate": 3e-3, "per_device_train_batch_size": 16, "max_steps": 20, "eval_steps": 10, "save_steps": 0, "run_name": "flow"}
-
-
-@pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    with prefect_test_harness(server_startup_timeout=int(PREFECT_SETTINGS["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])):
-        yield
 
 
 def demo_config(tmp_path, demo_assets) -> dict:
@@ -93,15 +85,6 @@ def test_flow_end_to_end_skips_and_forces(prefect_harness, tmp_path, demo_assets
 
     only = pipeline_flows.dpo_pipeline(config=config, stages=["score"])
     assert only["ran"] == {"score": False}
-
-
-def task_runs_of(flow_state) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
-        return client.read_task_runs(flow_run_filter=flow_runs)
 
 
 def test_the_flow_parameters_are_a_typed_form():
