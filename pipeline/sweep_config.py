@@ -28,7 +28,7 @@ class SweepConfig:
 
     grid: dict[str, list[Any]] = field(default_factory=dict)
     """Dotted config keys and the values to try, e.g. {train.beta: [0.05, 0.1]}: one point per
-    combination (the product of the lists). `dpo sweep --grid KEY=V1,V2` adds or replaces a key."""
+    combination (the product of the lists). `--grid KEY=V1,V2` (of `dpo sweep`) adds or replaces a key."""
     points: list[dict[str, Any]] = field(default_factory=list)
     """Explicit points, each a mapping of dotted keys to values, e.g. [{train.beta: 0.3}]; trained
     besides the grid's."""

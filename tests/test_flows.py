@@ -228,6 +228,42 @@ asyncio.run(main())
 
 
 @pytest.mark.slow
+def test_serve_a_sweep_against_a_real_server(prefect_server, tmp_path, demo_assets):
+    """`dpo serve --sweep --grid ...`: the dpo-sweep deployment with that schedule, the config and
+    the grid as its parameters; a manual run of it trains both points."""
+    env = prefect_server
+    config = tmp_path / "grid.yaml"
+    raw = demo_config(tmp_path, demo_assets)
+    raw["train"].update(max_steps=3, eval_steps=0, run_name=None)
+    config.write_text(json.dumps(raw))
+    served = subprocess.Popen([DPO, "serve", "-c", str(config), "--cron", "0 5 * * *", "--sweep",
+                               "--grid", "train.beta=0.05,0.2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    check = """
+import json
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+
+with get_client(sync_client=True) as client:
+    d = client.read_deployment_by_name("dpo-sweep/dpo-sweep")
+run = run_deployment("dpo-sweep/dpo-sweep", timeout=900)
+print(json.dumps({"crons": [s.schedule.cron for s in d.schedules], "grid": d.parameters["grid"],
+                  "name": d.parameters["name"], "state": run.state.type.value}))
+"""
+    try:
+        _wait(lambda: _deployment_exists(env, "dpo-sweep/dpo-sweep"), 180, "the deployment")
+        done = _python(check, env, timeout=1200)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result == {"crons": ["0 5 * * *"], "grid": {"train.beta": [0.05, 0.2]}, "name": "grid",
+                          "state": "COMPLETED"}
+        runs = tmp_path / "storage" / "runs"
+        assert all((runs / f"grid_beta-{b}" / "run.json").exists() for b in ("0.05", "0.2"))
+        assert (tmp_path / "storage" / "sweeps" / "grid" / "report.html").exists()
+    finally:
+        _stop(served)
+
+
+@pytest.mark.slow
 def test_deploy_on_a_work_pool_and_a_worker_runs_it(prefect_server, tmp_path, demo_assets):
     """`dpo serve --work-pool` registers the deployment (Flow.deploy) and returns; a process
     worker polling that pool runs it to completion. A missing pool is a clear error."""
