@@ -139,6 +139,9 @@ def cmd_run(args) -> Path:
     from .dpo_flow import dpo_pipeline
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.sweep is not None:
+        print(f"note: {args.config} has a sweep: section; dpo run trains its base config once (dpo sweep -c "
+              f"{args.config} trains the sweep's points)", file=sys.stderr)
     stages = list(args.only or STAGES)
     if args.from_stage:
         stages = [s for s in stages if STAGES.index(s) >= STAGES.index(args.from_stage)]

@@ -27,9 +27,11 @@ from pipeline.config import ConfigError
 from pipeline.config_load import load_config
 from pipeline.sweep_config import SweepConfig
 
+from .conftest import assert_plots_render
 from .helpers import task_runs_of
 
 DPO = str(Path(sys.executable).parent / "dpo")
+SCREENSHOT = Path(__file__).resolve().parents[1] / "bench" / "results" / "sweep_report.png"
 TRAIN = {"learning_rate": 3e-3, "per_device_train_batch_size": 16, "max_steps": 4, "eval_steps": 2,
          "save_steps": 2, "warmup_steps": 1}
 GRID = {"train.beta": [0.05, 0.2], "train.loss_type": ["sigmoid", "ipo"]}
@@ -56,6 +58,16 @@ def task_states(state) -> dict[str, object]:
     """{task run name: state}; the stages' runs are named <stage>-<suffix>, the points' train <point>."""
     return {run.name if run.name.startswith("train ") else run.name.rsplit("-", 1)[0]: run.state
             for run in task_runs_of(state)}
+
+
+def most_at_once(runs) -> int:
+    """The most task runs that were running at the same moment."""
+    events = sorted([(r.start_time, 1) for r in runs] + [(r.end_time, -1) for r in runs], key=lambda e: (e[0], e[1]))
+    running = most = 0
+    for _, change in events:
+        running += change
+        most = max(most, running)
+    return most
 
 
 # --- the points -----------------------------------------------------------------------------------
@@ -172,6 +184,15 @@ def test_the_report_and_artifact_have_a_row_per_point(swept):
     assert [row["point"] for row in artifact] == [r["point"] for r in result["rows"]]
 
 
+@pytest.mark.slow  # a headless browser: CI runs it in make test-slow, once chromium is installed
+def test_the_demo_sweeps_report_renders_in_chromium(swept, tmp_path):
+    """The 2 x 2 demo sweep's report.html loads and its plots render; the screenshot is kept in
+    bench/results/ (a CI artifact), as the audit report's is."""
+    page = Path(swept[1].result()["report"])
+    assert_plots_render(page, tmp_path, height=1600, keep=SCREENSHOT)
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
 def test_a_rerun_skips_every_point_and_status_lists_them(swept, capsys):
     from flows.sweep_flow import dpo_sweep
 
@@ -199,11 +220,12 @@ def test_a_failing_point_fails_alone_and_reference_free_points_do_not_wait(prefe
                                                                          capsys):
     """A point whose training diverges (learning rate 1e9: non-finite gradients) fails its task run
     only; the flow ends Failed naming it; the reference-free point started before the cache was
-    scored; `dpo status` says which point failed and why."""
+    scored; two points trained at once (sweep.max_parallel: 2), never three; `dpo status` says
+    which point failed and why."""
     from flows.sweep_flow import SweepFailed, dpo_sweep
 
-    sweep = {"name": "mixed", "points": [{"train.beta": 1.0, "train.loss_type": "simpo"},
-                                         {"train.learning_rate": 1e9}, {"train.beta": 0.1}]}
+    sweep = {"name": "mixed", "max_parallel": 2, "points": [{"train.beta": 1.0, "train.loss_type": "simpo"},
+                                                            {"train.learning_rate": 1e9}, {"train.beta": 0.1}]}
     config = write_config(tmp_path / "mixed.yaml", demo_assets, sweep)
     state = dpo_sweep(config=load_config(config).to_dict(), return_state=True)
     assert state.is_failed()
@@ -216,6 +238,7 @@ def test_a_failing_point_fails_alone_and_reference_free_points_do_not_wait(prefe
         "mixed_beta-0.1": "COMPLETED"}
     score = next(run for name, run in tasks.items() if name.startswith("score-"))
     assert tasks["train mixed_beta-1.0_loss_type-simpo"].start_time < score.end_time
+    assert most_at_once([run for name, run in tasks.items() if name.startswith("train ")]) == 2  # max_parallel
     runs = Path(load_config(config).storage) / "runs"
     assert json.loads((runs / "mixed_beta-0.1" / "run.json").read_text())["complete"]
     assert main(["status", "-c", str(config)]) == 0
