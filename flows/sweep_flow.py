@@ -68,7 +68,7 @@ def device_slots(sweep: SweepPlan) -> list[Optional[str]]:
     return [",".join(ids[i * per_point:(i + 1) * per_point]) for i in range(parallel)]
 
 
-def _child_env(devices: Optional[str], parallel: int) -> dict:
+def child_env(devices: Optional[str], parallel: int) -> dict:
     env = {**os.environ, DIE_WITH_PARENT: str(os.getpid()), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
@@ -85,7 +85,7 @@ def train_point_child(point: str, config: dict, devices: Optional[str], parallel
         config_path.write_text(yaml.safe_dump(config))
         command = [sys.executable, "-m", "flows.cli", "train", "-c", str(config_path), "--resume", "--no-progress"]
         returncode, tail = run_streaming(command, lambda line: logger.info("%s | %s", point, line),
-                                         env=_child_env(devices, parallel))
+                                         env=child_env(devices, parallel))
     if returncode != 0:
         raise child_failure(f"train {point}", returncode, tail)
 

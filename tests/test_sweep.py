@@ -126,6 +126,71 @@ def test_a_run_folder_of_another_configuration_is_refused(tmp_path, demo_assets)
         plan_sweep(cfg, None, "run")
 
 
+def test_points_are_pinned_to_their_own_gpus(tmp_path, demo_assets, monkeypatch):
+    """One point per visible GPU by default (train.nproc_per_node GPUs each), a CPU point's
+    threads shared out; more points at once than GPUs allow is refused."""
+    import torch
+
+    from flows.sweep_flow import child_env, device_slots
+    from flows.sweep_plan import plan_sweep
+
+    config = write_config(tmp_path / "run.yaml", demo_assets, {"grid": {"train.beta": [0.1, 0.2, 0.3]}})
+    assert device_slots(plan_sweep(load_config(config), None, "run")) == [None]  # this CPU: one at a time
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert device_slots(plan_sweep(load_config(config), None, "run")) == ["0", "1", "2", "3"]
+    two = plan_sweep(load_config(config, ["train.nproc_per_node=2"]), None, "run")
+    assert device_slots(two) == ["0,1", "2,3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert device_slots(two) == ["4,5", "6,7"]
+    with pytest.raises(ConfigError, match=r"sweep.max_parallel=3 x 2 GPU\(s\) per point needs 6 GPUs, 4 are visible"):
+        device_slots(plan_sweep(load_config(config, ["train.nproc_per_node=2", "sweep.max_parallel=3"]), None, "run"))
+    env = child_env("6,7", 2)
+    assert env["CUDA_VISIBLE_DEVICES"] == "6,7" and env["DPO_DIE_WITH_PARENT"] == str(os.getpid())
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert child_env(None, 2)["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+
+
+CHILD = """
+import sys, time
+from pipeline.launch import die_with_parent
+die_with_parent()
+print("alive", flush=True)
+time.sleep(60)
+"""
+PARENT = f"""
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", {CHILD!r}], env={{**os.environ, "DPO_DIE_WITH_PARENT": str(os.getpid())}})
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_point_s_training_dies_with_the_sweep_that_started_it():
+    """DPO_DIE_WITH_PARENT: the child is killed when its parent is (SIGKILL, which the parent
+    cannot pass on), and a child whose parent is already gone ends at once."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    time.sleep(1.5)  # the child has set its death signal
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists() and "Z" not in _state(child):
+        time.sleep(0.1)
+    assert not Path(f"/proc/{child}").exists() or "Z" in _state(child)  # gone (or a zombie awaiting init)
+    orphan = subprocess.run([sys.executable, "-c", CHILD], env={**os.environ, "DPO_DIE_WITH_PARENT": "1"},
+                            capture_output=True, text=True, timeout=60)
+    assert orphan.returncode == 1 and "alive" not in orphan.stdout
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return "Z"
+
+
 # --- a 2 x 2 sweep on the demo -------------------------------------------------------------------
 
 
