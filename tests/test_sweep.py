@@ -196,10 +196,12 @@ def _state(pid: int) -> str:
 
 @pytest.fixture(scope="module")
 def swept(prefect_harness, tmp_path_factory, demo_assets):
-    """The 2 x 2 sweep on the demo, run once for the module: (config file, the flow's state)."""
+    """The 2 x 2 sweep on the demo, run once for the module, two points at a time: (config file,
+    the flow's state)."""
     from flows.sweep_flow import dpo_sweep
 
-    config = write_config(tmp_path_factory.mktemp("sweep") / "grid.yaml", demo_assets, {"grid": GRID})
+    config = write_config(tmp_path_factory.mktemp("sweep") / "grid.yaml", demo_assets,
+                          {"grid": GRID, "max_parallel": 2}, {"save_steps": 0})
     state = dpo_sweep(config=load_config(config).to_dict(), name="grid", return_state=True)
     return config, state
 
