@@ -94,11 +94,18 @@ def _override_keys(points: list[dict]) -> list[str]:
     return list(dict.fromkeys(key for point in points for key in point.get("overrides", {})))
 
 
-def _row(point: dict, summary: dict | None, keys: list[str]) -> dict:
+def _number_columns(metric: str) -> tuple[tuple[str, str], ...]:
+    """NUMBER_COLUMNS, and the sort metric (named as it is) when it is none of them."""
+    metric = metric_name(metric)
+    known = any(metric == m for _, m in NUMBER_COLUMNS)
+    return NUMBER_COLUMNS if known else (*NUMBER_COLUMNS, (metric, metric))
+
+
+def _row(point: dict, summary: dict | None, keys: list[str], columns: tuple[tuple[str, str], ...]) -> dict:
     row: dict = {"point": point["name"]}
     row.update({key: point.get("overrides", {}).get(key) for key in keys})
     row["state"] = point.get("state", "")
-    row.update({column: _rounded(_final(summary, metric), 4) for column, metric in NUMBER_COLUMNS})
+    row.update({column: _rounded(_final(summary, metric), 4) for column, metric in columns})
     steps = (summary or {}).get("steps")
     row["steps"] = steps if isinstance(steps, int) and not isinstance(steps, bool) else None
     row["wall time (s)"] = _rounded(point.get("wall_s"), 1)
@@ -114,15 +121,16 @@ def sweep_rows(points: list[dict], metric: str = DEFAULT_METRIC) -> list[dict]:
     "run_dir", "state", "wall_s": float or None}.
 
     Row keys, in order: "point", each override key (value as given; None where a point lacks it),
-    "state", "eval loss", "reward accuracy", "reward margin", "steps", "wall time (s)", "report"
+    "state", "eval loss", "reward accuracy", "reward margin", the metric itself when it is none of
+    those three (e.g. "eval/logps/chosen"), "steps", "wall time (s)", "report"
     (the run's report.html path, "" when there is none). Missing numbers are None; numbers are
     rounded to 4 decimals, wall time to 1."""
-    return _rows(points, _ordered(points, metric))
+    return _rows(points, _ordered(points, metric), metric)
 
 
-def _rows(points: list[dict], ordered: list[tuple[dict, dict | None]]) -> list[dict]:
-    keys = _override_keys(points)
-    return [_row(point, summary, keys) for point, summary in ordered]
+def _rows(points: list[dict], ordered: list[tuple[dict, dict | None]], metric: str) -> list[dict]:
+    keys, columns = _override_keys(points), _number_columns(metric)
+    return [_row(point, summary, keys, columns) for point, summary in ordered]
 
 
 def _eval_series(records: list[dict], metric: str) -> tuple[list[int], list[float]]:
@@ -130,8 +138,9 @@ def _eval_series(records: list[dict], metric: str) -> tuple[list[int], list[floa
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def _plots(points: list[dict]) -> list[tuple[str, str]]:
-    """(title, base64 PNG) per PANELS metric: a line per point with eval records, in the given order."""
+def _plots(points: list[dict], metric: str) -> list[tuple[str, str]]:
+    """(title, base64 PNG) per PANELS metric (and the sort metric when it is none of them): a line
+    per point with eval records, in the given order."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,7 +148,9 @@ def _plots(points: list[dict]) -> list[tuple[str, str]]:
 
     runs = [(point["name"], metrics.read(metrics.path_of(point["run_dir"]))) for point in points]
     images = []
-    for title, metric in PANELS:
+    panels = PANELS if any(metric == m for _, m in PANELS) else (*PANELS, (f"Eval {metric.removeprefix('eval/')}",
+                                                                             metric))
+    for title, metric in panels:
         fig, ax = plt.subplots(figsize=(7, 3.6))
         drawn = 0
         for name, records in runs:
@@ -187,7 +198,7 @@ def write_sweep_report(sweep_dir: str | Path, name: str, points: list[dict], met
     esc = html.escape
     metric = metric_name(metric)
     ordered = _ordered(points, metric)
-    rows = _rows(points, ordered)
+    rows = _rows(points, ordered, metric)
     finished = sum(summary is not None for _, summary in ordered)
     has_best = bool(ordered) and _final(ordered[0][1], metric) is not None
     order = "lowest" if lower_is_better(metric) else "highest"
@@ -200,7 +211,7 @@ def write_sweep_report(sweep_dir: str | Path, name: str, points: list[dict], met
         *_table(rows, sweep_dir, has_best),
         "<h2>Eval curves</h2>",
     ]
-    for title, data in _plots([point for point, _ in ordered]):
+    for title, data in _plots([point for point, _ in ordered], metric):
         parts.append(f"<img alt='{esc(title)}' title='{esc(title)}' src='data:image/png;base64,{data}'>")
     parts.append("</body></html>")
     path = ensure_dir(sweep_dir) / SWEEP_REPORT

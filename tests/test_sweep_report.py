@@ -222,3 +222,16 @@ def test_plots_draw_only_points_with_eval_records(tmp_path):
     evaluated = make_point(storage, "evaluated", evals=[(10, 0.6, 0.5, 0.1), (20, 0.5, 0.7, 0.4)], state="running")
     drawn = _pngs(_Page(write_sweep_report(tmp_path / "s2", "s2", [not_started, no_evals, evaluated]).read_text()))
     assert len(drawn) == 3 and all(_has_colour(image, BLUE) for image in drawn)
+
+
+def test_a_sort_metric_outside_the_table_gets_its_column_and_plot(sweep, tmp_path):
+    """Sorted by eval/rewards/chosen (margin / 2 in these runs): the table shows that metric too,
+    and the report plots it; the three usual columns stay."""
+    rows = sweep_rows(sweep, "rewards/chosen")
+    assert _names(rows) == ["c", "a", "b", "failed", "running"]
+    assert [row["eval/rewards/chosen"] for row in rows] == [0.45, 0.15, 0.05, None, None]
+    assert list(rows[0])[-4:] == ["eval/rewards/chosen", "steps", "wall time (s)", "report"]
+    assert "eval/rewards/chosen" not in sweep_rows(sweep)[0]  # sorted by a shown metric: no extra column
+    page = _Page(write_sweep_report(tmp_path / "sweeps" / "chosen", "chosen", sweep, "rewards/chosen").read_text())
+    assert "eval/rewards/chosen" in page.rows[0][1]
+    assert len(_pngs(page)) == 4
