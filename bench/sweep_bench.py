@@ -29,7 +29,6 @@ JSON.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -48,8 +47,11 @@ BASELINE = "4 x dpo run"
 
 
 def points() -> list[dict]:
-    """The grid's product: [{"train.beta": 0.05, "train.loss_type": "sigmoid"}, ...]."""
-    return [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
+    """The grid's product, as `dpo sweep` makes it: [{"train.beta": 0.05, "train.loss_type": "sigmoid"}, ...]."""
+    from flows.sweep_plan import point_overrides
+    from pipeline.sweep_config import SweepConfig
+
+    return point_overrides(SweepConfig(grid=GRID))
 
 
 def grid_args() -> list[str]:

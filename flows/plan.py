@@ -12,17 +12,18 @@ from pipeline.config import Config
 
 def plan(cfg: Config) -> dict[str, Path]:
     """The output directory of every stage for this config (the audit's: the cache it checks)."""
+    return planned_run(cfg)[0]
+
+
+def planned_run(cfg: Config) -> tuple[dict[str, Path], str]:
+    """plan(cfg), and the fingerprint of the run it places (what decides its weights)."""
     # With data.path gone, the later stages still find the dataset prepared from it.
     dataset_dir = layout.plan_dataset_dir(cfg) if layout.source_exists(cfg) else layout.locate_dataset(cfg)
     refscores_dir = layout.plan_refscores_dir(cfg, dataset_dir.name)
     cache_dir = Path(cfg.train.ref_cache) if cfg.train.ref_cache else refscores_dir
-    return {
-        "prepare": dataset_dir,
-        "score": refscores_dir,
-        "audit": cache_dir,
-        # a reference-free run reads no cache (train.needs_reference() false): none in its identity
-        "train": layout.plan_run(cfg, dataset_dir.name, cache_dir if cfg.train.needs_reference() else None)[1],
-    }
+    # a reference-free run reads no cache (train.needs_reference() false): none in its identity
+    run_fp, run_dir = layout.plan_run(cfg, dataset_dir.name, cache_dir if cfg.train.needs_reference() else None)
+    return {"prepare": dataset_dir, "score": refscores_dir, "audit": cache_dir, "train": run_dir}, run_fp
 
 
 def stage_problem(cfg: Config, stage: str, directory: Path) -> str | None:
@@ -45,9 +46,3 @@ def stage_problem(cfg: Config, stage: str, directory: Path) -> str | None:
 def stage_complete(cfg: Config, stage: str, directory: Path) -> bool:
     """Whether the stage's output is complete and verified (stage_problem says why not)."""
     return stage_problem(cfg, stage, directory) is None
-
-
-def run_fingerprint(cfg: Config, planned: dict[str, Path]) -> str:
-    """The fingerprint of the run ``plan(cfg)`` (``planned``) places: what decides its weights."""
-    cache = planned["audit"] if cfg.train.needs_reference() else None
-    return layout.plan_run(cfg, planned["prepare"].name, cache)[0]

@@ -28,7 +28,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed, State
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.config import ConfigError, world_size
@@ -120,7 +120,7 @@ def _shared_stages(points: list[SweepPoint]) -> None:
     """prepare once per dataset the points use (in order)."""
     done: set[Path] = set()
     for point in points:
-        directory = plan(point.config)["prepare"]
+        directory = point.planned["prepare"]
         if directory not in done:
             run_stage(point.config, "prepare", directory)
             done.add(directory)
@@ -129,7 +129,7 @@ def _shared_stages(points: list[SweepPoint]) -> None:
 def _by_cache(points: list[SweepPoint]) -> dict[Path, list[SweepPoint]]:
     caches: dict[Path, list[SweepPoint]] = {}
     for point in points:
-        caches.setdefault(plan(point.config)["audit"], []).append(point)
+        caches.setdefault(point.planned["audit"], []).append(point)
     return caches
 
 
@@ -152,7 +152,7 @@ def _train_points(sweep: SweepPlan, slots: list[Optional[str]]) -> dict[str, Any
                 futures[point.name] = _submit(runner, sweep, point, len(slots))
         for cache, points in _by_cache([p for p in sweep.points if p.needs_reference()]).items():
             try:
-                run_stage(points[0].config, "score", plan(points[0].config)["score"])
+                run_stage(points[0].config, "score", points[0].planned["score"])
                 run_stage(points[0].config, "audit", cache)
             except Exception as exc:  # these points cannot train; the others go on
                 for point in points:
@@ -209,8 +209,3 @@ def dpo_sweep(config: PipelineConfig, grid: Optional[dict[str, list[Any]]] = Non
                           + "; ".join(f"{n} ({why})" for n, why in failed.items()) + f". Report: {report}; "
                           "run the sweep again to retry them (finished points are skipped)")
     return result
-
-
-def sweep_state(state: State) -> str:
-    """A train-point task's final state as the sweep's table shows it."""
-    return "skipped" if state.name == "Skipped" else state.name.lower()

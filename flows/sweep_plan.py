@@ -16,6 +16,7 @@ state, written by the flow), report.html (pipeline/sweep_report.py).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -31,8 +32,9 @@ from pipeline.config import RUN_NAME, Config, ConfigError
 from pipeline.config_load import config_with
 from pipeline.store import atomic_write_text, read_json
 from pipeline.sweep_config import SweepConfig
+from pipeline.sweep_report import metric_name
 
-from .plan import plan, run_fingerprint
+from .plan import planned_run
 
 SWEEPS = "sweeps"
 SET_BY_THE_SWEEP = ("train.run_name", "storage")
@@ -46,7 +48,12 @@ class SweepPoint:
     overrides: dict[str, Any]
     config: Config
     fingerprint: str
-    run_dir: Path
+    planned: dict[str, Path]
+    """plan(config): every stage's output folder for this point."""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.planned["train"]
 
     def needs_reference(self) -> bool:
         return self.config.train.needs_reference()
@@ -63,7 +70,6 @@ class SweepPlan:
     @property
     def directory(self) -> Path:
         return self.storage / SWEEPS / self.name
-
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
@@ -90,6 +96,10 @@ def point_overrides(spec: SweepConfig) -> list[dict[str, Any]]:
     return combos + [dict(point) for point in spec.points]
 
 
+def _folder_safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+
+
 def _value_text(value: Any) -> str:
     if isinstance(value, list):
         return "+".join(_value_text(v) for v in value)
@@ -109,7 +119,7 @@ def point_names(sweep: str, overrides: list[dict[str, Any]]) -> list[str]:
     names = []
     for point in overrides:
         parts = [f"{k if k in clash else short[k]}-{_value_text(v)}" for k, v in point.items()]
-        names.append(re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join([sweep, *parts])))
+        names.append(_folder_safe("_".join([sweep, *parts])))
     for i, (name, point) in enumerate(zip(names, overrides)):
         if len(name) > 100 or names.count(name) > 1:
             digest = hashlib.sha256(json.dumps(point, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -121,7 +131,7 @@ def _name(cfg: Config, spec: SweepConfig, overrides: list[dict], default_name: s
     if spec.name:
         return spec.name
     if default_name:
-        cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", default_name).strip("-._")[:60]
+        cleaned = _folder_safe(default_name).strip("-._")[:60]
         if cleaned and RUN_NAME.fullmatch(cleaned):
             return cleaned
     base = {k: v for k, v in cfg.to_dict().items() if k != "sweep"}
@@ -144,8 +154,8 @@ def _point(cfg: Config, name: str, overrides: dict[str, Any]) -> SweepPoint:
     except ConfigError as exc:
         shown = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
         raise ConfigError(f"sweep point {shown}: {exc}") from None
-    planned = plan(point_cfg)
-    return SweepPoint(name, overrides, point_cfg, run_fingerprint(point_cfg, planned), planned["train"])
+    planned, fingerprint = planned_run(point_cfg)
+    return SweepPoint(name, overrides, point_cfg, fingerprint, planned)
 
 
 def _check_distinct(points: list[SweepPoint]) -> None:
@@ -176,8 +186,7 @@ def plan_sweep(cfg: Config, grid: dict[str, list] | None = None, default_name: s
     grid keys; ``default_name`` (the config file's name) when sweep.name is unset."""
     spec = cfg.sweep or SweepConfig()
     if grid:
-        spec = SweepConfig(grid={**spec.grid, **grid}, points=spec.points, name=spec.name,
-                           max_parallel=spec.max_parallel, metric=spec.metric)
+        spec = dataclasses.replace(spec, grid={**spec.grid, **grid})
         spec.validate()
     overrides = point_overrides(spec)
     if not overrides:
@@ -189,8 +198,7 @@ def plan_sweep(cfg: Config, grid: dict[str, list] | None = None, default_name: s
     points = [_point(cfg, n, o) for n, o in zip(names, overrides)]
     _check_distinct(points)
     _check_folders(points)
-    metric = f"eval/{spec.metric.removeprefix('eval/')}"
-    return SweepPlan(name, metric, spec.max_parallel, Path(cfg.storage), points)
+    return SweepPlan(name, metric_name(spec.metric), spec.max_parallel, Path(cfg.storage), points)
 
 
 def write_sweep_json(sweep: SweepPlan) -> Path:
@@ -236,5 +244,9 @@ def point_state(sweep: SweepPlan, point: SweepPoint) -> str:
 
 def report_points(sweep: SweepPlan) -> list[dict]:
     """The points as pipeline/sweep_report.py takes them."""
-    return [{"name": p.name, "overrides": p.overrides, "run_dir": str(p.run_dir), "state": point_state(sweep, p),
-             "wall_s": read_point(sweep.directory, p.name).get("wall_s")} for p in sweep.points]
+    points = []
+    for point in sweep.points:
+        wall_s = read_point(sweep.directory, point.name).get("wall_s")
+        points.append({"name": point.name, "overrides": point.overrides, "run_dir": str(point.run_dir),
+                       "state": point_state(sweep, point), "wall_s": wall_s})
+    return points

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +125,8 @@ def task_runs_of(flow_state) -> list:
     with get_client(sync_client=True) as client:
         flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
         return client.read_task_runs(flow_run_filter=flow_runs)
+
+
+def mtimes(directory: Path) -> dict:
+    """{file: its mtime in ns} under ``directory``: equal before and after means nothing was rewritten."""
+    return {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}

@@ -20,7 +20,7 @@ import flows.dpo_flow as pipeline_flows
 from pipeline import STAGES
 from pipeline.config_load import config_from_dict
 
-from .helpers import task_runs_of
+from .helpers import mtimes, task_runs_of
 
 DPO = str(Path(sys.executable).parent / "dpo")
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -35,10 +35,6 @@ def demo_config(tmp_path, demo_assets) -> dict:
         "tokenize": {"max_length": 128, "max_prompt_length": 64},
         "train": TRAIN,
     }).to_dict()
-
-
-def mtimes(directory: Path) -> dict:
-    return {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
 
 
 def test_flow_end_to_end_skips_and_forces(prefect_harness, tmp_path, demo_assets, monkeypatch):

@@ -28,7 +28,7 @@ from pipeline.config_load import load_config
 from pipeline.sweep_config import SweepConfig
 
 from .conftest import assert_plots_render
-from .helpers import task_runs_of
+from .helpers import mtimes, task_runs_of
 
 DPO = str(Path(sys.executable).parent / "dpo")
 SCREENSHOT = Path(__file__).resolve().parents[1] / "bench" / "results" / "sweep_report.png"
@@ -48,10 +48,6 @@ def write_config(path: Path, demo_assets, sweep: dict | None, train: dict | None
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-def mtimes(directory: Path) -> dict:
-    return {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
 
 
 def task_states(state) -> dict[str, object]:
