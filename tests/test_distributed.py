@@ -74,7 +74,9 @@ def _two_processes(config_path, *extra) -> int:
 LORA = {"learning_rate": 1e-2, "peft": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}}
 
 
-@pytest.mark.parametrize("engine,lora", [("ddp", False), ("fsdp", False), ("ddp", True), ("fsdp", True)],
+@pytest.mark.parametrize("engine,lora", [("ddp", False), ("fsdp", False),
+                                         pytest.param("ddp", True, marks=pytest.mark.slow),  # fsdp-lora is the harder case
+                                         ("fsdp", True)],
                          ids=["ddp", "fsdp", "ddp-lora", "fsdp-lora"])
 def test_two_processes_train_as_one(prepared_demo, tmp_path, engine, lora):
     """Full fine-tuning and LoRA (frozen and trained parameters in the same FSDP2 units; the

@@ -340,23 +340,25 @@ def test_run_in_a_terminal_shows_progress_bars_and_logs_progress(tmp_path, demo_
     assert re.search(r"train: [\d,]+/[\d,]+ steps \(100%\)", screen)
 
 
-def test_run_command_stage_selection(tmp_path, demo_assets):
+def test_run_command_stage_selection(prefect_harness, tmp_path, demo_assets, capsys):
+    """`dpo run --only/--from`, in this process (`dpo run` as a process of its own, with its temporary
+    Prefect server: the slow test_run_in_a_terminal_shows_progress_bars_and_logs_progress)."""
+    from flows.cli import main
+
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps(demo_config(tmp_path, demo_assets)))
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
-    env.pop("PREFECT_API_URL", None)
-    done = subprocess.run([DPO, "run", "-c", str(config), "--only", "prepare", "--only", "score"],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = Path(done.stdout.strip().splitlines()[-1])
+    assert main(["run", "-c", str(config), "--only", "prepare", "--only", "score"]) == 0
+    done = capsys.readouterr()
+    out = Path(done.out.strip().splitlines()[-1])
     assert out.parent == tmp_path / "storage" / "refscores"  # the last selected stage's output
-    assert "prepare: ran" in done.stderr and "score: ran" in done.stderr
+    assert "prepare: ran" in done.err and "score: ran" in done.err
     assert not (tmp_path / "storage" / "runs").exists()
-    again = subprocess.run([DPO, "run", "-c", str(config), "--from", "score", "--only", "score"],
-                           capture_output=True, text=True, env=env, timeout=600)
-    assert again.returncode == 0 and "score: up to date" in again.stderr
-    bad = subprocess.run([DPO, "run", "-c", str(config), "--only", "nope"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    assert main(["run", "-c", str(config), "--from", "score", "--only", "score"]) == 0
+    again = capsys.readouterr()
+    assert "score: up to date" in again.err and "prepare:" not in again.err
+    with pytest.raises(SystemExit) as bad:
+        main(["run", "-c", str(config), "--only", "nope"])
+    assert bad.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
 def test_flow_trains_on_two_processes_and_names_a_failed_rank(prefect_harness, tmp_path, demo_assets, monkeypatch):
