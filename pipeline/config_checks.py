@@ -25,8 +25,8 @@ def check_range(key, value, lo, hi, hi_open=False):
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 """A folder name that is safe everywhere: no separators, NUL, spaces, leading dot or dash."""
 
-FOLDER_NAME_KEYS = ("train.run_name", "data.split", "data.name", "data.data_dir")
-"""The config values that become folder names under storage (layout.run_dir, data.hub_dataset),
+FOLDER_NAME_KEYS = ("train.run_name", "data.split", "data.name", "data.data_dir", "sweep.name")
+"""The config values that become folder names under storage (layout.run_dir, data.hub_dataset, sweeps/),
 each checked against RUN_NAME (data.data_dir per '/'-separated part)."""
 
 

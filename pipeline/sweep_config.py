@@ -6,7 +6,7 @@
       max_parallel: 2
 
 Only the section's own shape is checked here; each point's keys and values are checked by
-building its config (pipeline/sweep.py), so a bad one is named before anything runs.
+building its config (flows/sweep_plan.py), so a bad one is named before anything runs.
 """
 
 from __future__ import annotations

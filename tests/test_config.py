@@ -196,7 +196,7 @@ def test_invalid_yaml_is_one_line_with_line_and_column(tmp_path, text, line, col
     assert message.startswith(f"config file {path} is not valid YAML: line {line}, column {column}: "), message
 
 
-FOLDER_NAMES = ["train.run_name", "data.split", "data.name", "data.data_dir"]
+FOLDER_NAMES = ["train.run_name", "data.split", "data.name", "data.data_dir", "sweep.name"]
 
 
 def test_every_folder_name_key_is_checked():
