@@ -9,6 +9,7 @@ with the runs of an uninterrupted sweep.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -327,12 +328,20 @@ def test_kill_9_of_a_sweep_then_a_rerun_ends_with_the_runs_of_an_uninterrupted_s
                    capture_output=True)
     second = tmp_path / "killed" / "storage" / "runs" / "s_beta-0.2"
     sweep_process = subprocess.Popen([DPO, "sweep", "-c", str(killed), "--no-progress"], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _kill_9_of_a_sweep(sweep_process, second, killed, env, tmp_path)
+    finally:  # what the sweep left: the temporary Prefect server it started (Prefect's own child)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sweep_process.pid, signal.SIGKILL)
+
+
+def _kill_9_of_a_sweep(sweep_process, second: Path, killed: Path, env: dict, tmp_path: Path) -> None:
     deadline = time.monotonic() + 600
     while not list(second.glob("checkpoints/step-*")) and time.monotonic() < deadline:  # the 2nd point is under way
         time.sleep(0.2)
     assert sweep_process.poll() is None, "the sweep ended before the second point saved a checkpoint"
-    os.kill(sweep_process.pid, signal.SIGKILL)
+    os.kill(sweep_process.pid, signal.SIGKILL)  # the sweep process alone: its children must die with it
     sweep_process.wait()
     status = subprocess.run([DPO, "status", "-c", str(killed)], capture_output=True, text=True, env=env, timeout=120)
     assert re.search(r"s_beta-0.2\s+running", status.stdout) is not None  # what the killed flow last recorded
