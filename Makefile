@@ -47,11 +47,12 @@ $(LOCK_VENV)/bin/pip-compile:
 demo: $(STAMP)
 	$(VENV)/bin/dpo demo
 
-# The suite on every core (pytest-xdist: the tests dealt out one by one, so the long ones spread
-# over the workers); `make test TEST_WORKERS=0` runs it in this one process.
+# The suite on every core (pytest-xdist; a worker that runs out of tests takes some from the
+# other's queue, so one long test near the end does not leave a core idle);
+# `make test TEST_WORKERS=0` runs it in this one process.
 TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist load
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-slow: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m slow
