@@ -363,11 +363,13 @@ def test_run_command_stage_selection(prefect_harness, tmp_path, demo_assets, cap
 
 def test_flow_trains_on_two_processes_and_names_a_failed_rank(prefect_harness, tmp_path, demo_assets, monkeypatch):
     """train.nproc_per_node 2: the train task launches torchrun as a child; a rank's failure
-    fails the task with that rank and its last lines; without it the run completes on 2 processes."""
+    fails the task with that rank and its last lines; without it the run completes on 2 processes.
+    (A reference-free loss: the flow scores nothing, and what is tested is the launch.)"""
     from tests.helpers import fail_rank_at
 
     config = demo_config(tmp_path, demo_assets)
-    config["train"].update(nproc_per_node=2, per_device_train_batch_size=8, max_steps=4, eval_steps=2)
+    config["train"].update(nproc_per_node=2, per_device_train_batch_size=8, max_steps=4, eval_steps=2,
+                           loss_type="simpo")
     fail_rank_at(tmp_path, monkeypatch, rank=0, step=1)
     with pytest.raises(Exception, match=r"rank 0 failed first(.|\n)*simulated failure of rank 0 at step 2"):
         pipeline_flows.dpo_pipeline(config=config)
