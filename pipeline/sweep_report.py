@@ -94,11 +94,15 @@ def _override_keys(points: list[dict]) -> list[str]:
     return list(dict.fromkeys(key for point in points for key in point.get("overrides", {})))
 
 
+def _with_metric(known: tuple[tuple[str, str], ...], metric: str, label: str) -> tuple[tuple[str, str], ...]:
+    """``known`` (label, metric) pairs, and (``label``, the sort metric) when it is none of them."""
+    return known if any(metric == m for _, m in known) else (*known, (label, metric))
+
+
 def _number_columns(metric: str) -> tuple[tuple[str, str], ...]:
     """NUMBER_COLUMNS, and the sort metric (named as it is) when it is none of them."""
     metric = metric_name(metric)
-    known = any(metric == m for _, m in NUMBER_COLUMNS)
-    return NUMBER_COLUMNS if known else (*NUMBER_COLUMNS, (metric, metric))
+    return _with_metric(NUMBER_COLUMNS, metric, metric)
 
 
 def _row(point: dict, summary: dict | None, keys: list[str], columns: tuple[tuple[str, str], ...]) -> dict:
@@ -148,13 +152,12 @@ def _plots(points: list[dict], metric: str) -> list[tuple[str, str]]:
 
     runs = [(point["name"], metrics.read(metrics.path_of(point["run_dir"]))) for point in points]
     images = []
-    panels = PANELS if any(metric == m for _, m in PANELS) else (*PANELS, (f"Eval {metric.removeprefix('eval/')}",
-                                                                             metric))
-    for title, metric in panels:
+    panels = _with_metric(PANELS, metric, f"Eval {metric.removeprefix('eval/')}")
+    for title, panel_metric in panels:
         fig, ax = plt.subplots(figsize=(7, 3.6))
         drawn = 0
         for name, records in runs:
-            steps, values = _eval_series(records, metric)
+            steps, values = _eval_series(records, panel_metric)
             if steps:
                 style = LINE_STYLES[drawn // 10 % len(LINE_STYLES)]
                 ax.plot(steps, values, marker="o", linestyle=style, label=name, linewidth=1.6, markersize=4)
