@@ -57,7 +57,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m slow
 
-# docs/reference/config.md from pipeline/config.py's dataclasses and docstrings (tests/test_docs.py
+# docs/reference/config.md from pipeline/config/schema.py's dataclasses and docstrings (tests/test_docs.py
 # fails while the committed page differs from what this writes).
 docs: $(STAMP)
 	$(VENV)/bin/python tools/gen_config_docs.py

@@ -39,9 +39,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 def make_bundle(bundle: Path, rows: int) -> None:
     import pyarrow.parquet as pq
 
-    from pipeline.assets import smollm2_folder
-    from pipeline.config_load import config_from_dict
-    from pipeline.prepare import prepare
+    from pipeline.models.assets import smollm2_folder
+    from pipeline.config.load import config_from_dict
+    from pipeline.prepare.stage import prepare
 
     model_dir = smollm2_folder()
     bundle.mkdir(parents=True, exist_ok=True)
@@ -86,16 +86,16 @@ def build_model(bundle: Path, weights: Path | None, target: Path, shape: str = "
 
 
 def run_backend(name: str, model_dir: Path, dtype: str, data, max_sequence: int):
-    from pipeline.config_load import config_from_dict
+    from pipeline.config.load import config_from_dict
 
     cfg = config_from_dict({"data": {"path": "unused"}, "model": {"path": str(model_dir), "dtype": dtype},
                             "score": {"backend": name, "tokens_per_batch": 65536, "gpu_memory_utilization": 0.5}})
     if name == "vllm":
-        from pipeline.scorers.vllm import VllmScorer
+        from pipeline.logprobs.backends.vllm import VllmScorer
 
         scorer = VllmScorer(cfg, max_sequence)
     else:
-        from pipeline.scorers.transformers_backend import TransformersScorer
+        from pipeline.logprobs.backends.transformers_backend import TransformersScorer
 
         scorer = TransformersScorer(cfg)
     prompts, chosens, rejecteds = data

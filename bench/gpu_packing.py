@@ -11,7 +11,7 @@ For each model shape and attention kernel (sdpa: dense [B, 1, T, T] mask; flex_a
 block-sparse BlockMask; eager on the small shape only) and each layout (none: one right-padded
 row per pair; fit: pairs first-fit into rows as long as the longest pair; flat: one row per
 batch, no padding):
-- scoring: the transformers scorer (pipeline/scorers/transformers_backend.py) over all rows,
+- scoring: the transformers scorer (pipeline/logprobs/backends/transformers_backend.py) over all rows,
   tokens_per_batch 16384: real tokens (prompt once + both responses) per second, and the max
   |diff| per token against the padded sdpa run of the same dtype;
 - training: forward + backward of random micro-batches of --micro pairs (sigmoid loss against
@@ -61,8 +61,8 @@ def load(model_dir: Path, kernel: str, dtype):
 def score_run(model_dir: Path, kernel: str, dtype: str, layout: str, data, tokens_per_batch: int):
     import torch
 
-    from pipeline.config_load import config_from_dict
-    from pipeline.scorers.transformers_backend import TransformersScorer
+    from pipeline.config.load import config_from_dict
+    from pipeline.logprobs.backends.transformers_backend import TransformersScorer
 
     cfg = config_from_dict({"data": {"path": "unused"},
                             "model": {"path": str(model_dir), "dtype": dtype, "attn_implementation": kernel},
@@ -85,8 +85,8 @@ def score_run(model_dir: Path, kernel: str, dtype: str, layout: str, data, token
 def train_run(model_dir: Path, kernel: str, layout: str, data, batches, dtype):
     import torch
 
-    from pipeline.logprobs import PairOptions, pair_token_logps
-    from pipeline.losses import PairLogps, sigmoid_loss
+    from pipeline.logprobs.response import PairOptions, pair_token_logps
+    from pipeline.logprobs.losses import PairLogps, sigmoid_loss
 
     model = load(model_dir, kernel, dtype).train()
     prompts, chosens, rejecteds = data
@@ -127,7 +127,7 @@ def exactness(model_dir: Path, data, rows: int, report: dict) -> None:
     """float32 kernel x layout against float64 eager padded, on the first ``rows`` pairs."""
     import torch
 
-    from pipeline.logprobs import PairOptions, pair_token_logps
+    from pipeline.logprobs.response import PairOptions, pair_token_logps
 
     picked = [column[:rows] for column in data]
     with torch.no_grad():

@@ -8,7 +8,7 @@ prepare`` cuts them: max_length 1024, prompt 768), each variant in its own proce
 memory; a crash or an OOM is a row with its error, not the end of the suite):
 
 - ours, eager and compiled (train.torch_compile), fused LM head on and off (train.fused_lm_head):
-  ``build_trainer`` + ``run_step`` (pipeline/train_step.py) on ``--batch`` pairs per step,
+  ``build_trainer`` + ``run_step`` (pipeline/train/step.py) on ``--batch`` pairs per step,
   train.precision bf16 (pure) on the GPU, gradient checkpointing on the 8B shape only; the
   reference log-probs are zeros (they cost nothing and change no speed or memory);
 - TRL 1.16 ``DPOTrainer(precompute_ref_log_probs=True, bf16=True)`` with its GPU defaults
@@ -30,7 +30,7 @@ credited with them (the same numerator for ours and TRL). MFU = that / the card'
 rate measured first, in this script (``torch.mm`` of 8192 x 8192 bfloat16 matrices; on the CPU
 dry run 512 x 512 float32). Peak memory: ``torch.cuda.max_memory_allocated`` from just before the
 first step (weights included); on CPU, the process's max RSS. recompiles: graphs Dynamo compiled
-after the first step (``pipeline.compiling.graphs_compiled``). "vs TRL": our seconds per step and
+after the first step (``pipeline.models.compiling.graphs_compiled``). "vs TRL": our seconds per step and
 peak memory over TRL's on the same shape; for the scoring row, our scoring seconds over TRL's
 precompute seconds on the same pairs.
 
@@ -62,7 +62,7 @@ transformers, accelerate, tokenizers, pyarrow and pandas but no TRL, datasets or
     PYTHONPATH=. .venv/bin/python bench/gpu_suite.py --dry-run [--compile] [--out x.json]
 
 Without --bundle (or ./.gpu_bundle) the lengths are tokenized here from ../shared/data with
-SmolLM2's tokenizer (``pipeline.assets.smollm2_folder(with_model=False)``). Writes JSON to --out,
+SmolLM2's tokenizer (``pipeline.models.assets.smollm2_folder(with_model=False)``). Writes JSON to --out,
 else $OUT/gpu_suite.json when $OUT is set, else bench/results/gpu_suite.json.
 """
 
@@ -199,12 +199,12 @@ def ours_worker(spec: dict) -> dict:
     """Our trainer (build_trainer + run_step) on the pairs, one variant (compile, fused head)."""
     import torch
 
-    import pipeline.precision as precision
-    from pipeline import compiling
-    from pipeline.config_load import config_from_dict
-    from pipeline.train import build_trainer
-    from pipeline.train_data import Split
-    from pipeline.train_step import run_step
+    import pipeline.models.precision as precision
+    from pipeline.models import compiling
+    from pipeline.config.load import config_from_dict
+    from pipeline.train.stage import build_trainer
+    from pipeline.train.batches import Split
+    from pipeline.train.step import run_step
 
     compiled, fused = VARIANTS[spec["variant"]]
     cfg = config_from_dict({"data": {"path": "unused"}, "model": {"path": "unused"}, "train": {
@@ -322,7 +322,7 @@ def trl_worker(spec: dict) -> dict:
     from datasets import Dataset
     from trl import DPOTrainer
 
-    from pipeline.train_data import batch_indices
+    from pipeline.train.batches import batch_indices
 
     prompts, chosens, rejecteds = token_ids(spec)
     n = len(prompts)
@@ -364,9 +364,9 @@ def timed_scoring(scorer, spec: dict, data: tuple) -> dict:
 
 def score_worker(spec: dict) -> dict:
     """The transformers scorer (what `dpo score` runs) over the pairs, the model in bfloat16 on the GPU."""
-    import pipeline.models as models
-    from pipeline.config_load import config_from_dict
-    from pipeline.scorers.transformers_backend import TransformersScorer
+    import pipeline.models.loading as models
+    from pipeline.config.load import config_from_dict
+    from pipeline.logprobs.backends.transformers_backend import TransformersScorer
 
     dtype = "float32" if spec["precision"] == "float32" else "bfloat16"
     model = build_model(spec, dtype)
@@ -379,7 +379,7 @@ def score_worker(spec: dict) -> dict:
 
 
 def vllm_worker(spec: dict) -> dict:
-    """vLLM's scorer (pipeline/scorers/vllm.py) over the pairs, random weights (load_format dummy)."""
+    """vLLM's scorer (pipeline/logprobs/backends/vllm.py) over the pairs, random weights (load_format dummy)."""
     import functools
 
     try:
@@ -388,8 +388,8 @@ def vllm_worker(spec: dict) -> dict:
         return {"status": "not importable", "error": repr(exc)[:200]}
     from transformers import LlamaConfig
 
-    from pipeline.config_load import config_from_dict
-    from pipeline.scorers.vllm import VllmScorer
+    from pipeline.config.load import config_from_dict
+    from pipeline.logprobs.backends.vllm import VllmScorer
 
     folder = Path(tempfile.mkdtemp(prefix="gpu-suite-vllm-"))
     LlamaConfig(**spec["config"], max_position_embeddings=4096, architectures=["LlamaForCausalLM"]).save_pretrained(folder)
@@ -437,7 +437,7 @@ def hh_lengths(args: argparse.Namespace, count: int) -> list[list[int]]:
             raise SystemExit(f"{HH_TEST} is missing: pass --bundle (bench/gpu_check.py --make-bundle)")
         from transformers import AutoTokenizer
 
-        from pipeline.assets import smollm2_folder
+        from pipeline.models.assets import smollm2_folder
 
         tokenizer = AutoTokenizer.from_pretrained(str(smollm2_folder(with_model=False)))
         pairs = list(read_pairs(HH_TEST).values())[:count]

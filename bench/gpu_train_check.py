@@ -1,7 +1,7 @@
 """GPU train check: the demo's prepare -> score -> train on CUDA, in each training mode.
 
 This calls the stage functions directly (no Prefect, no polars: the lent GPU machine has neither)
-on the built-in demo assets with the demo's settings (pipeline.assets.DEMO_TRAIN, cmd_demo's
+on the built-in demo assets with the demo's settings (pipeline.models.assets.DEMO_TRAIN, cmd_demo's
 tokenize limits and eval split), once per mode, each in its own storage folder, and prints per
 mode: wall seconds of the train stage, seconds per optimizer step (median of metrics.jsonl's
 per-step times), first and final eval reward accuracy, the step-0 check's max mean per-token
@@ -48,7 +48,7 @@ MODES = {  # name: (model.dtype, train overrides, distributed)
 
 
 def mode_config(mode: str, assets: dict, root: Path, device: str, max_steps: int | None, nproc: int) -> dict:
-    from pipeline.assets import DEMO_TRAIN
+    from pipeline.models.assets import DEMO_TRAIN
 
     dtype, overrides, engine = MODES[mode]
     train_cfg = {**DEMO_TRAIN, **overrides, "device": device, "run_name": f"demo-{mode}"}
@@ -71,8 +71,8 @@ def worker(config_path: Path) -> int:
     """One torchrun rank: train, then write this rank's peak CUDA memory beside the config."""
     import torch
 
-    from pipeline.config_load import config_from_dict
-    from pipeline.train import train
+    from pipeline.config.load import config_from_dict
+    from pipeline.train.stage import train
 
     config = json.loads(config_path.read_text())
     train(config_from_dict(config), show_progress=False)
@@ -83,8 +83,8 @@ def worker(config_path: Path) -> int:
 
 def _prepare_and_score(cfg, row: dict) -> None:
     """The prepare and score stages, their seconds and counts into ``row``."""
-    from pipeline.prepare import prepare
-    from pipeline.score import score
+    from pipeline.prepare.stage import prepare
+    from pipeline.score.stage import score
 
     started = time.perf_counter()
     prepared = prepare(cfg, show_progress=False)
@@ -102,8 +102,8 @@ def _train(mode: str, config: dict, cfg, root: Path, row: dict):
     ``row``; returns the finished run."""
     import torch
 
-    from pipeline.launch import torchrun
-    from pipeline.train import finished_run, train
+    from pipeline.train.launch import torchrun
+    from pipeline.train.stage import finished_run, train
 
     cuda = config["train"]["device"] == "cuda"
     if cuda:
@@ -129,7 +129,7 @@ def _train(mode: str, config: dict, cfg, root: Path, row: dict):
 
 def _run_figures(result) -> dict:
     """Steps, seconds per step, eval accuracies and losses, and the step-0 check of a finished run."""
-    from pipeline import layout
+    from pipeline.storage import layout
 
     metrics = [json.loads(line) for line in (result.run_dir / layout.METRICS).read_text().splitlines() if line.strip()]
     steps = [m for m in metrics if "loss" in m and "eval/loss" not in m]
@@ -156,7 +156,7 @@ def _run_figures(result) -> dict:
 def run_mode(mode: str, assets: dict, root: Path, device: str, max_steps: int | None, nproc: int) -> dict:
     import torch
 
-    from pipeline.config_load import config_from_dict
+    from pipeline.config.load import config_from_dict
 
     config = mode_config(mode, assets, root, device, max_steps, nproc)
     cfg = config_from_dict(config)
@@ -193,7 +193,7 @@ def run_modes(args: argparse.Namespace, report: dict) -> None:
     """Every mode of --modes on the demo assets, rows (or failures, skips) into ``report``."""
     import torch
 
-    from pipeline.assets import build_demo_assets
+    from pipeline.models.assets import build_demo_assets
 
     root = args.root or Path(tempfile.mkdtemp(prefix="gpu-train-check-"))
     assets = build_demo_assets(root / "demo")

@@ -74,7 +74,7 @@ class RssSampler:
 
 def _config(storage: str, model_path: str, data_path: str, mode: str, args: argparse.Namespace):
     """The CPU rows' config; ``args`` gives batch_size, steps and max_length."""
-    from pipeline.config_load import config_from_dict
+    from pipeline.config.load import config_from_dict
 
     batch, steps, max_length = args.batch_size, args.steps, args.max_length
     return config_from_dict({
@@ -96,12 +96,12 @@ def cpu_worker(args) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    import pipeline.precision as precision
-    from pipeline import layout
-    from pipeline.models import load_causal_lm
-    from pipeline.train import build_trainer
-    from pipeline.train_step import run_step
-    from pipeline.train_data import Split
+    import pipeline.models.precision as precision
+    from pipeline.storage import layout
+    from pipeline.models.loading import load_causal_lm
+    from pipeline.train.stage import build_trainer
+    from pipeline.train.step import run_step
+    from pipeline.train.batches import Split
 
     if args.no_trim:
         precision.release_memory = lambda device: None
@@ -150,11 +150,11 @@ def gpu_worker(args) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import pipeline.precision as precision
-    from pipeline.config_load import config_from_dict
-    from pipeline.train import build_trainer
-    from pipeline.train_step import run_step
-    from pipeline.train_data import Split
+    import pipeline.models.precision as precision
+    from pipeline.config.load import config_from_dict
+    from pipeline.train.stage import build_trainer
+    from pipeline.train.step import run_step
+    from pipeline.train.batches import Split
 
     device = "cpu" if args.shape == "tiny" else "cuda"
     lora = args.lora == "yes"
@@ -181,7 +181,7 @@ def gpu_worker(args) -> dict:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         out["parameters"] = sum(p.numel() for p in policy.parameters())
         if lora:
-            from pipeline.adapters import with_lora
+            from pipeline.models.adapters import with_lora
 
             policy.enable_input_require_grads()  # checkpointing with a frozen embedding (peft's advice)
             policy = with_lora(policy, cfg.train.peft)
@@ -238,8 +238,8 @@ def parse_args() -> argparse.Namespace:
 
 def run_cpu(args: argparse.Namespace, modes: list[str], report: dict) -> None:
     """Prepare an HH slice, then one worker process per mode (and per trim setting) into report["cpu"]."""
-    from pipeline.assets import smollm2_folder
-    from pipeline.prepare import prepare
+    from pipeline.models.assets import smollm2_folder
+    from pipeline.prepare.stage import prepare
 
     model_dir = smollm2_folder()
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,9 +28,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "prepare.json"))
     args = parser.parse_args()
 
-    from pipeline.assets import smollm2_folder
-    from pipeline.config_load import config_from_dict
-    from pipeline.prepare import prepare
+    from pipeline.models.assets import smollm2_folder
+    from pipeline.config.load import config_from_dict
+    from pipeline.prepare.stage import prepare
 
     if not Path(args.data).exists():
         print(f"no data at {args.data}: see ../shared/data/README.md", file=sys.stderr)

@@ -95,9 +95,9 @@ class Workload:
 
 def prepare_slice(args: argparse.Namespace):
     """Prepare ``--rows`` HH examples with SmolLM2's tokenizer; returns the config and the examples."""
-    from pipeline.assets import smollm2_folder
-    from pipeline.config_load import config_from_dict
-    from pipeline.prepare import prepare
+    from pipeline.models.assets import smollm2_folder
+    from pipeline.config.load import config_from_dict
+    from pipeline.prepare.stage import prepare
 
     model_dir = smollm2_folder()
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +116,7 @@ def prepare_slice(args: argparse.Namespace):
 def time_ours(cfg, examples: list[dict], budgets: str):
     """TransformersScorer per token budget with prefix sharing, and the first budget without;
     returns {method: {seconds, values}} and the scorer (its model serves the naive baseline)."""
-    from pipeline.scorers.transformers_backend import TransformersScorer
+    from pipeline.logprobs.backends.transformers_backend import TransformersScorer
 
     ex_prompts = [e["prompt_ids"] for e in examples]
     ex_chosen = [e["chosen_ids"] for e in examples]

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 STEP = """
 import sys, time, json
 sys.path.insert(0, {root!r})
-from pipeline.config_load import load_config
+from pipeline.config.load import load_config
 cfg = load_config({config!r})
 started = time.perf_counter()
 {body}
@@ -40,10 +40,10 @@ print(json.dumps({{"seconds": time.perf_counter() - started}}))
 """
 
 BODIES = {
-    "score": "from pipeline.score import score\nr = score(cfg, show_progress=False)",
-    "up to date": "from pipeline.score import score\nr = score(cfg, show_progress=False)\nassert r.skipped",
-    "resume": "from pipeline.score import score\nr = score(cfg, show_progress=False)\nassert not r.skipped",
-    "train read": ("from pipeline import layout\nfrom pipeline.train_data import load_split_data\n"
+    "score": "from pipeline.score.stage import score\nr = score(cfg, show_progress=False)",
+    "up to date": "from pipeline.score.stage import score\nr = score(cfg, show_progress=False)\nassert r.skipped",
+    "resume": "from pipeline.score.stage import score\nr = score(cfg, show_progress=False)\nassert not r.skipped",
+    "train read": ("from pipeline import layout\nfrom pipeline.train.batches import load_split_data\n"
                    "d = layout.locate_dataset(cfg)\nfp = layout.verified_dataset(d)['fingerprint']\n"
                    "splits, _ = load_split_data(d, layout.locate_ref_cache(cfg, fp))"),
 }
@@ -67,9 +67,9 @@ def main() -> int:
     import yaml
 
     from _common import write_report
-    from pipeline.assets import build_demo_assets, demo_preferences
-    from pipeline.config_load import config_from_dict
-    from pipeline.prepare import prepare
+    from pipeline.models.assets import build_demo_assets, demo_preferences
+    from pipeline.config.load import config_from_dict
+    from pipeline.prepare.stage import prepare
 
     root = Path(tempfile.mkdtemp(prefix="shards-bench-"))
     assets = build_demo_assets(root / "demo")

@@ -3,13 +3,13 @@
     .venv/bin/python bench/startup_bench.py [--rows 32] [--repeats 2] [--threads 2] [--steps 1]
         [--label before|after] [--append] [--cold-hash] [--out bench/results/startup.json]
 
-SmolLM2-135M-Instruct (``pipeline.assets.smollm2_folder()``, float32) on the first ``--rows`` rows
+SmolLM2-135M-Instruct (``pipeline.models.assets.smollm2_folder()``, float32) on the first ``--rows`` rows
 of HH-RLHF harmless-base (test split, ../shared/data), prepared once into a temporary storage. Then,
 ``--repeats`` times: `dpo score` (its cache deleted first) and `dpo train` (``--steps`` steps, its
 run folder deleted first), each in its own process with ``OMP_NUM_THREADS`` = ``--threads``, as a
 user runs them.
 
-Each stage process is this script in child mode: it imports ``flows.cli`` and ``flows.commands``
+Each stage process is this script in child mode: it imports ``flows.cli`` and ``flows.cli.commands``
 (timed), wraps the library functions of each start-up phase with a timer (the same function
 objects, replaced wherever a module holds them: nothing in the library changes), then calls
 ``flows.cli.main()`` with the stage's arguments in ``sys.argv``, as the `dpo` script does. Every
@@ -18,7 +18,7 @@ the hashing inside the phases above them), in seconds, median over the repeats (
 brackets). ``python start``: from just before the parent starts the process to the child's first
 line; ``command``: from calling ``main`` to the exit handlers; ``exit``: from there to the parent
 seeing the process end (the interpreter's teardown). Also measured: ``python -c pass``,
-``dpo --help``, and the biggest imports of ``flows.commands`` (``python -X importtime``).
+``dpo --help``, and the biggest imports of ``flows.cli.commands`` (``python -X importtime``).
 
 Before/after: run it in each tree with the same ``--out`` and its own ``--label``; ``--append``
 adds the repeats to the label's earlier ones, so that runs of the two trees can alternate (the
@@ -44,32 +44,32 @@ from pathlib import Path  # noqa: E402
 
 # (module, attribute or Class.method, phase) in the order a run meets them.
 PHASES = [
-    ("pipeline.config_load", "load_config", "config load"),
-    ("pipeline.layout", "locate_dataset", "locate dataset"),
-    ("pipeline.layout", "dataset_identity", "dataset identity (data, tokenizer files)"),
-    ("pipeline.layout", "verified_dataset", "verify dataset manifest"),
-    ("pipeline.layout", "refscores_identity", "score identity"),
-    ("pipeline.layout", "locate_ref_cache", "locate reference cache"),
-    ("pipeline.layout", "verified_refscores", "verify cache manifest"),
-    ("pipeline.models", "model_fingerprint", "model fingerprint"),
+    ("pipeline.config.load", "load_config", "config load"),
+    ("pipeline.storage.layout", "locate_dataset", "locate dataset"),
+    ("pipeline.storage.layout", "dataset_identity", "dataset identity (data, tokenizer files)"),
+    ("pipeline.storage.layout", "verified_dataset", "verify dataset manifest"),
+    ("pipeline.storage.layout", "refscores_identity", "score identity"),
+    ("pipeline.storage.layout", "locate_ref_cache", "locate reference cache"),
+    ("pipeline.storage.layout", "verified_refscores", "verify cache manifest"),
+    ("pipeline.models.loading", "model_fingerprint", "model fingerprint"),
     ("pipeline.store", "sha256_file", lambda a, k: "sha256 (file-hash cache)"
      if k.get("use_cache", a[1] if len(a) > 1 else True) else "sha256 (uncached)"),
     ("pipeline.store", "sha256_verified", "sha256 (once per process)"),
-    ("pipeline.models", "check_causal_lm", "model config check"),
-    ("pipeline.models", "load_tokenizer", "tokenizer load"),
-    ("pipeline.scorers.transformers_backend", "TransformersScorer.__init__", "scorer init"),
-    ("pipeline.models", "load_causal_lm", "model load"),
-    ("pipeline.scorers.transformers_backend", "TransformersScorer._self_check", "scorer self-check"),
-    ("pipeline.runners", "run_shards", "shards (scorer init + scoring)"),
-    ("pipeline.score", "score", "score stage"),
-    ("pipeline.train", "_identify", "train identity (verify, fingerprints)"),
-    ("pipeline.train", "load_split_data", "load_split_data"),
-    ("pipeline.train", "build_trainer", "build trainer"),
-    ("pipeline.train", "step0_check", "step-0 check"),
-    ("pipeline.train", "Trainer.evaluate", "eval"),
-    ("pipeline.train", "train_step", "train steps"),
-    ("pipeline.train", "_finish", "finish (final/, run.json)"),
-    ("pipeline.train", "train", "train stage"),
+    ("pipeline.models.loading", "check_causal_lm", "model config check"),
+    ("pipeline.models.loading", "load_tokenizer", "tokenizer load"),
+    ("pipeline.logprobs.backends.transformers_backend", "TransformersScorer.__init__", "scorer init"),
+    ("pipeline.models.loading", "load_causal_lm", "model load"),
+    ("pipeline.logprobs.backends.transformers_backend", "TransformersScorer._self_check", "scorer self-check"),
+    ("pipeline.score.runners", "run_shards", "shards (scorer init + scoring)"),
+    ("pipeline.score.stage", "score", "score stage"),
+    ("pipeline.train.stage", "_identify", "train identity (verify, fingerprints)"),
+    ("pipeline.train.stage", "load_split_data", "load_split_data"),
+    ("pipeline.train.stage", "build_trainer", "build trainer"),
+    ("pipeline.train.stage", "step0_check", "step-0 check"),
+    ("pipeline.train.stage", "Trainer.evaluate", "eval"),
+    ("pipeline.train.stage", "train_step", "train steps"),
+    ("pipeline.train.stage", "_finish", "finish (final/, run.json)"),
+    ("pipeline.train.stage", "train", "train stage"),
 ]
 
 
@@ -128,13 +128,13 @@ def child(stage: str, config: str, out: str) -> None:
     events: list[dict] = []
     marks = {"python start": (spawn, T_FIRST_LINE)}
     t = time.time()
-    import flows.cli
+    import flows.cli.main
 
     marks["import flows.cli"] = (t, time.time())
     t = time.time()
-    import flows.commands  # noqa: F401  (what flows.cli.main imports before running a command)
+    import flows.cli.commands  # noqa: F401  (what flows.cli.main imports before running a command)
 
-    marks["import flows.commands"] = (t, time.time())
+    marks["import flows.cli.commands"] = (t, time.time())
     install_timers(events)
 
     # As the `dpo` program runs it: main() reads sys.argv (and may end the process itself, after
@@ -150,7 +150,7 @@ def child(stage: str, config: str, out: str) -> None:
     import atexit
 
     atexit.register(record)
-    flows.cli.main()
+    flows.cli.main.main()
 
 
 # --- parent --------------------------------------------------------------------------------------
@@ -191,9 +191,9 @@ def phases_of(record: dict, ended: float) -> dict[str, dict]:
 
 
 def importtime(python: str, env: dict, cwd: Path, top: int = 10) -> list[dict]:
-    """The biggest packages `import flows.commands` pulls in (cumulative seconds, from -X importtime):
+    """The biggest packages `import flows.cli.commands` pulls in (cumulative seconds, from -X importtime):
     top-level packages outside the standard library, wherever in the import tree they load."""
-    proc = subprocess.run([python, "-X", "importtime", "-c", "import flows.commands"], env=env, cwd=cwd,
+    proc = subprocess.run([python, "-X", "importtime", "-c", "import flows.cli.commands"], env=env, cwd=cwd,
                           capture_output=True, text=True, check=True)
     packages: dict[str, float] = {}
     for line in proc.stderr.splitlines():
@@ -212,7 +212,7 @@ def prepared_storage(args, tmp: Path, env: dict) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _common import hh_slice
 
-    from pipeline.assets import smollm2_folder
+    from pipeline.models.assets import smollm2_folder
 
     data = hh_slice(tmp, args.rows)
     config = tmp / "startup.yaml"
@@ -254,11 +254,11 @@ def print_table(report: dict) -> None:
                 cells.append(f"{cell['s']:>12.3f} ({cell['calls']:>2})" if cell else f"{'-':>18}")
             print(f"  {phase:<52}" + "".join(cells))
     print("\nwhole commands (seconds)")
-    for key in ("python -c pass", "dpo --help", "import flows.commands"):
+    for key in ("python -c pass", "dpo --help", "import flows.cli.commands"):
         print(f"  {key:<52}" + "".join(f"{report['runs'][label]['commands'].get(key, float('nan')):>18.3f}"
                                        for label in labels))
     for label in labels:
-        print(f"\nbiggest imports of flows.commands ({label}, -X importtime, cumulative s):")
+        print(f"\nbiggest imports of flows.cli.commands ({label}, -X importtime, cumulative s):")
         print("  " + ", ".join(f"{p['package']} {p['s']:.2f}" for p in report["runs"][label]["imports"]))
 
 
@@ -282,12 +282,12 @@ def parse_args() -> argparse.Namespace:
 
 
 def whole_commands(env: dict, tmp: Path) -> dict[str, float]:
-    """Seconds of `python -c pass`, `dpo --help` and `import flows.commands`, each its own process."""
+    """Seconds of `python -c pass`, `dpo --help` and `import flows.cli.commands`, each its own process."""
     python = sys.executable
     commands = {}
     for key, argv, log in (("python -c pass", ["-c", "pass"], "pass.log"),
                            ("dpo --help", ["-m", "flows.cli", "--help"], "help.log"),
-                           ("import flows.commands", ["-c", "import flows.commands"], "import.log")):
+                           ("import flows.cli.commands", ["-c", "import flows.cli.commands"], "import.log")):
         start = time.time()
         run_timed([python, *argv], env, tmp / log, ROOT)
         commands[key] = time.time() - start

@@ -4,7 +4,7 @@
         [--out bench/results/sweep.json]
     (or `make bench-sweep`)
 
-The built-in demo (``pipeline.assets.build_demo_assets``: the tiny demo model and its 600
+The built-in demo (``pipeline.models.assets.build_demo_assets``: the tiny demo model and its 600
 preference pairs, the config of `dpo demo`: eval_fraction 0.1, max_length 128 / max_prompt_length
 64, train ``DEMO_TRAIN`` with ``--max-steps`` steps) trained at the 4 points of
 ``--grid train.beta=0.05,0.1 --grid train.loss_type=sigmoid,ipo``, three ways, each on a fresh
@@ -49,7 +49,7 @@ BASELINE = "4 x dpo run"
 def points() -> list[dict]:
     """The grid's product, as `dpo sweep` makes it: [{"train.beta": 0.05, "train.loss_type": "sigmoid"}, ...]."""
     from flows.sweep_plan import point_overrides
-    from pipeline.sweep_config import SweepConfig
+    from pipeline.config.sweep import SweepConfig
 
     return point_overrides(SweepConfig(grid=GRID))
 
@@ -62,7 +62,7 @@ def write_config(directory: Path, assets: dict, max_steps: int, sweep: bool) -> 
     """The demo's config with storage ``directory/storage``; the sweep's has no train.run_name."""
     import yaml
 
-    from pipeline.assets import DEMO_TRAIN
+    from pipeline.models.assets import DEMO_TRAIN
 
     train = dict(DEMO_TRAIN, max_steps=max_steps)
     if sweep:
@@ -155,7 +155,7 @@ def print_tables(results: dict[str, dict], machine: dict) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    from pipeline.assets import DEMO_TRAIN
+    from pipeline.models.assets import DEMO_TRAIN
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-steps", type=int, default=DEMO_TRAIN["max_steps"], help="steps per run")
@@ -167,7 +167,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     sys.path.insert(0, str(ROOT))
     args = parse_args()
-    from pipeline.assets import build_demo_assets
+    from pipeline.models.assets import build_demo_assets
 
     scenarios = [("sweep", lambda d, a: run_sweep(d, a, args, []))]
     if not args.skip_parallel:

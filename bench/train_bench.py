@@ -3,7 +3,7 @@
     PYTHONPATH=. .venv/bin/python bench/train_bench.py [--rows 24] [--steps 5] [--batch-size 4]
     (or `make bench-train`)
 
-SmolLM2-135M on an HH slice. Both variants run the trainer's own step, ``pipeline.train.train_step``,
+SmolLM2-135M on an HH slice. Both variants run the trainer's own step, ``pipeline.train.stage.train_step``,
 on a ``Trainer`` from ``build_trainer`` (one shared-prefix forward per micro-batch, the configured
 loss, clipping, AdamW, schedule), on the same batches. The only difference is the reference:
 - ours: ``trainer.reference`` is the default ``cached_reference`` (the score cache); only the
@@ -35,7 +35,7 @@ def live_reference(trainer, model):
     """A ``Trainer.reference`` that runs ``model`` (frozen) on the batch instead of reading the cache."""
     import torch
 
-    from pipeline.logprobs import PairOptions, pair_logps
+    from pipeline.logprobs.response import PairOptions, pair_logps
 
     model.requires_grad_(False)
 
@@ -50,12 +50,12 @@ def live_reference(trainer, model):
 def run_variant(args) -> dict:
     import torch
 
-    from pipeline import layout
-    from pipeline.config_load import load_config
-    from pipeline.models import load_causal_lm
-    from pipeline.train import build_trainer
-    from pipeline.train_step import run_step
-    from pipeline.train_data import batch_indices, load_split_data
+    from pipeline.storage import layout
+    from pipeline.config.load import load_config
+    from pipeline.models.loading import load_causal_lm
+    from pipeline.train.stage import build_trainer
+    from pipeline.train.step import run_step
+    from pipeline.train.batches import batch_indices, load_split_data
 
     cfg = load_config(args.config)
     dataset_dir = layout.locate_dataset(cfg)
@@ -95,10 +95,10 @@ def parse_args() -> argparse.Namespace:
 
 def run_variants(args: argparse.Namespace) -> list[dict]:
     """Prepare and score an HH slice, then each variant in its own process: [ours, baseline]."""
-    from pipeline.assets import smollm2_folder
-    from pipeline.config_load import load_config
-    from pipeline.prepare import prepare
-    from pipeline.score import score
+    from pipeline.models.assets import smollm2_folder
+    from pipeline.config.load import load_config
+    from pipeline.prepare.stage import prepare
+    from pipeline.score.stage import score
 
     model_dir = smollm2_folder()
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,7 @@
         [--max-length 512] [--threads 2] [--only ours|trl] [--trl-gradient-checkpointing]
         [--set train.KEY=VALUE ...]   (our side only: e.g. train.torch_compile=true)
 
-SmolLM2-135M-Instruct (``pipeline.assets.smollm2_folder()``, float32) on the first ``--rows`` rows of
+SmolLM2-135M-Instruct (``pipeline.models.assets.smollm2_folder()``, float32) on the first ``--rows`` rows of
 HH-RLHF harmless-base (test split, read from ../shared/data). Every stage runs in its own child
 process with ``OMP_NUM_THREADS`` = ``--threads`` (and the TRL child calls ``torch.set_num_threads``),
 so wall times include process start-up as a user sees it and each process's peak RSS is its own
@@ -25,7 +25,7 @@ rows our prepare kept, ``--batch`` pairs per step without accumulation, AdamW (`
 TRL ``optim="adamw_torch"``), learning rate 1e-6, cosine schedule, no warmup, no weight decay,
 clipping 1.0, beta 0.1, sigmoid loss, no gradient checkpointing (TRL's default is on:
 ``--trl-gradient-checkpointing`` keeps it), no bf16, no saving. TRL gets the same batches in the same
-order: its dataset is ordered by our trainer's permutation (``pipeline.train_data.batch_indices``) and
+order: its dataset is ordered by our trainer's permutation (``pipeline.train.batches.batch_indices``) and
 sampled sequentially (exact as long as steps x batch <= rows).
 
 Step time: seconds per optimizer step, mean over the steps after the first (warm-up); ours is the
@@ -178,7 +178,7 @@ def with_overrides(pairs: list[str], config: dict) -> dict:
 
 
 def run_ours(args, tmp: Path, config: Path, env: dict) -> dict:
-    from pipeline import layout
+    from pipeline.storage import layout
 
     stages = {}
     for stage in ("prepare", "score", "train"):
@@ -208,8 +208,8 @@ def our_rows(config: Path) -> dict:
     import pyarrow.dataset as pa_dataset
     import pyarrow.parquet as pq
 
-    from pipeline import layout
-    from pipeline.config_load import load_config
+    from pipeline.storage import layout
+    from pipeline.config.load import load_config
 
     cfg = load_config(config)
     dataset_dir = layout.locate_dataset(cfg)
@@ -233,7 +233,7 @@ def _trl_dataset(spec: dict, pairs: dict):
 
     order = spec["order"]
     if order is None:  # --only trl: our trainer's permutation of the rows our prepare would keep
-        from pipeline.train_data import batch_indices
+        from pipeline.train.batches import batch_indices
 
         kept = sorted(pairs)
         order = [kept[i] for i in batch_indices(0, len(kept), len(kept), SEED)]
@@ -492,7 +492,7 @@ def new_report(args: argparse.Namespace) -> dict:
 def run_sides(args: argparse.Namespace, report: dict) -> list[dict] | None:
     """Ours, then TRL (in our trainer's order), each unless --only leaves it out, into ``report``
     (with the reference agreement and whether the batches matched); returns our train rows."""
-    from pipeline.assets import smollm2_folder
+    from pipeline.models.assets import smollm2_folder
 
     model_dir = smollm2_folder()
     n = str(args.threads)
@@ -509,7 +509,7 @@ def run_sides(args: argparse.Namespace, report: dict) -> list[dict] | None:
             prepared = our_rows(config)
             ours_rows = prepared["rows"]
             report["ours"]["rows_rejected_by_prepare"] = prepared["rejected"]
-            from pipeline.train_data import batch_indices
+            from pipeline.train.batches import batch_indices
 
             n_rows = len(ours_rows)
             order = [ours_rows[i]["source_row"] for i in batch_indices(0, n_rows, n_rows, SEED)]

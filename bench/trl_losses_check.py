@@ -27,7 +27,7 @@ import types
 
 import torch
 
-from pipeline.losses import LOSSES, TRL_LOSS_TYPES, PairLogps, combined_loss, sft_loss
+from pipeline.logprobs.losses import LOSSES, TRL_LOSS_TYPES, PairLogps, combined_loss, sft_loss
 import os
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")

@@ -13,7 +13,7 @@ cache; sha256 of the files is memoized per process and is not part of any row):
   proven read    refvalues.read_shards, every column (score's up-to-date check, the audit)
   plain read     the same columns with pyarrow, no page checksums, no digests, no row checks
   train read     refvalues.read_shards of the columns training reads vs the plain pyarrow scan
-  quick audit    pipeline.audit.audit(cache) end to end (no model)
+  quick audit    pipeline.audit.checks.audit(cache) end to end (no model)
 
 Prints a table and writes JSON.
 """
@@ -42,10 +42,10 @@ def build_cache(tmp: Path, data: str) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.assets import smollm2_folder
-    from pipeline.config_load import config_from_dict
-    from pipeline.prepare import prepare
-    from pipeline.score import score
+    from pipeline.models.assets import smollm2_folder
+    from pipeline.config.load import config_from_dict
+    from pipeline.prepare.stage import prepare
+    from pipeline.score.stage import score
 
     tokenizer_dir = smollm2_folder(with_model=False)
     model_dir = tmp / "model"
@@ -74,8 +74,8 @@ def measure(cache: Path, repeats: int) -> dict:
     import polars as pl
     import pyarrow.dataset as pa_dataset
 
-    from pipeline import layout, refvalues
-    from pipeline.audit import AuditReport, audit, check_rows, load_scores
+    from pipeline.storage import layout, refvalues
+    from pipeline.audit.checks import AuditReport, audit, check_rows, load_scores
 
     manifest = layout.verified_refscores(cache)
     paths = [cache / s["file"] for s in manifest["shards"]]

@@ -8,7 +8,7 @@ before it reads a byte: presence and sha256 of each shard against the manifest, 
 once per file per process (``store.sha256_verified``). This builds a synthetic cache in the real
 format -- ``--shards`` Parquet shards of 4096 rows with the score stage's schema (per-token
 log-probs included, random float32, zstd, written by ``store.write_parquet``) totalling ``--gb``
-on disk, and a manifest as ``pipeline.score`` writes it -- under a temporary folder in ``--dir``
+on disk, and a manifest as ``pipeline.score.stage`` writes it -- under a temporary folder in ``--dir``
 (free space is checked first; the folder is deleted at the end), then times, each in a fresh
 process so that nothing is memoized:
 
@@ -54,7 +54,7 @@ def _shard(index: int, mean_tokens: int, rng):
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.score import scores_schema
+    from pipeline.score.stage import scores_schema
 
     columns = {}
     columns["id"] = pa.array([f"{index:05d}{row:011x}" for row in range(SHARD_ROWS)], pa.string())
@@ -74,8 +74,8 @@ def build_cache(storage: Path, gb: float, n_shards: int) -> Path:
     """A complete refscores directory of ``n_shards`` shards totalling about ``gb`` GB."""
     import numpy as np
 
-    from pipeline import layout
-    from pipeline.score import scores_schema
+    from pipeline.storage import layout
+    from pipeline.score.stage import scores_schema
     from pipeline.store import ensure_dir, fingerprint, write_manifest, write_parquet
 
     inputs = {
@@ -140,7 +140,7 @@ def measure(mode: str, cache_dir: Path, evict: bool) -> dict:
     if evict:
         _evict(paths)
     if mode == "verify":
-        from pipeline import layout
+        from pipeline.storage import layout
 
         start = time.perf_counter()
         layout.verified_refscores(cache_dir)

@@ -17,4 +17,4 @@ if [ ! -f "$VENV/.installed" ]; then
   "$VENV/bin/pip" install -q pytest hypothesis pyyaml pyarrow tqdm
   touch "$VENV/.installed"
 fi
-"$VENV/bin/python" -m pytest -q -s tests/test_vllm_backend.py -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest -q -s tests/logprobs/backends/test_vllm.py -p no:cacheprovider "$@"

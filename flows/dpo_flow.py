@@ -31,18 +31,19 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
-from pipeline import STAGES, layout
-from pipeline.audit import AuditFailed, audit
-from pipeline.audit_report import save_report
-from pipeline.config import world_size
-from pipeline.config_load import config_from_dict
-from pipeline.launch import launch_log_dir, run_streaming, train_argv
-from pipeline.prepare import prepare
+from pipeline import STAGES
+from pipeline.storage import layout
+from pipeline.audit.checks import AuditFailed, audit
+from pipeline.audit.report import save_report
+from pipeline.config.schema import world_size
+from pipeline.config.load import config_from_dict
+from pipeline.train.launch import launch_log_dir, run_streaming, train_argv
+from pipeline.prepare.stage import prepare
 from pipeline.store import exclusive, lock_path
-from pipeline.train import TrainResult, launch, train
+from pipeline.train.stage import TrainResult, launch, train
 
-from .params import PipelineConfig, Stage, config_dict
-from .plan import plan, stage_complete  # noqa: F401  (plan: part of this module's API)
+from flows.params import PipelineConfig, Stage, config_dict
+from flows.plan import plan, stage_complete  # noqa: F401  (plan: part of this module's API)
 
 
 def api_url() -> str | None:

@@ -1,9 +1,9 @@
-"""The flow's typed parameters: pydantic models made from `pipeline.config`'s dataclasses.
+"""The flow's typed parameters: pydantic models made from `pipeline.config.schema`'s dataclasses.
 
 Prefect builds a flow's parameter schema from its signature, so typing `config` with these
 models gives the UI (and `prefect deployment run --param`) a form: one section per config
 section, every key with its type, choices, default and the description written under it in
-`pipeline/config.py`. The dataclasses stay the one definition: these models are derived from
+`pipeline/config/schema.py`. The dataclasses stay the one definition: these models are derived from
 them, and the values they validate still go through `config_from_dict` (ranges, paths).
 
     PipelineConfig.model_validate({"data": {"path": "prefs.jsonl"}, "model": {"path": "m"}})
@@ -21,14 +21,14 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from pipeline import STAGES
-from pipeline.config import Config
+from pipeline.config.schema import Config
 
 Stage = Literal[STAGES]  # type: ignore[valid-type]  # a Literal of the stage names
 
 
 def attribute_docs(cls: type) -> dict[str, str]:
     """The string literal under each annotated attribute of a class body (the style of
-    pipeline/config.py), by attribute name."""
+    pipeline/config/schema.py), by attribute name."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {}
     for node, after in zip(body, body[1:]):

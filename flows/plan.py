@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import layout
-from pipeline.audit_report import current_full_audit
-from pipeline.config import Config
+from pipeline.storage import layout
+from pipeline.audit.report import current_full_audit
+from pipeline.config.schema import Config
 
 
 def plan(cfg: Config) -> dict[str, Path]:

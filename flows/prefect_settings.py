@@ -6,7 +6,7 @@ context), so ``apply_prefect_settings`` must run before the first ``import prefe
 process; the processes Prefect starts (the ephemeral API server, a served deployment's runs) and
 the stages' child processes inherit them. Defaults only: a setting already in the environment
 (the user's) wins. Importing `flows.dpo_flow` (a library use, a deployment, a worker) sets nothing.
-This module imports nothing but ``os``: `flows.commands` imports it for every command.
+This module imports nothing but ``os``: `flows.cli.commands` imports it for every command.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ PREFECT_SETTINGS = {
     # Without PREFECT_API_URL each command starts a temporary API server and polls its health for
     # this long (Prefect's default: 20 s). On a fresh PREFECT_HOME the server first creates and
     # migrates its database: 40 s on a 2-core machine with other work running, 155 s with two
-    # CPU-bound processes added (tests/test_prefect_settings.py). The cost of a longer wait: a
+    # CPU-bound processes added (tests/flows/test_prefect_settings.py). The cost of a longer wait: a
     # server that cannot start at all (a broken install) is reported only after it.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
 }

@@ -31,15 +31,23 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline.config import ConfigError, world_size
-from pipeline.config_load import config_from_dict
-from pipeline.launch import DIE_WITH_PARENT, run_streaming
-from pipeline.sweep_report import sweep_rows, write_sweep_report
+from pipeline.config.schema import ConfigError, world_size
+from pipeline.config.load import config_from_dict
+from pipeline.train.launch import DIE_WITH_PARENT, run_streaming
+from pipeline.reports.sweep_report import sweep_rows, write_sweep_report
 
-from .dpo_flow import child_failure, run_stage
-from .params import PipelineConfig, config_dict
-from .plan import plan, stage_complete
-from .sweep_plan import SweepPlan, SweepPoint, plan_sweep, read_point, record_point, report_points, write_sweep_json
+from flows.dpo_flow import child_failure, run_stage
+from flows.params import PipelineConfig, config_dict
+from flows.plan import plan, stage_complete
+from flows.sweep_plan import (
+    SweepPlan,
+    SweepPoint,
+    plan_sweep,
+    read_point,
+    record_point,
+    report_points,
+    write_sweep_json,
+)
 
 
 class SweepFailed(RuntimeError):

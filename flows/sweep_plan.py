@@ -11,7 +11,7 @@ point whose run folder holds a finished run of another configuration. No Prefect
 `dpo status` starts fast.
 
 Under storage: sweeps/<name>/sweep.json (the points), points/<point>.json (each point's last
-state, written by the flow), report.html (pipeline/sweep_report.py).
+state, written by the flow), report.html (pipeline/reports/sweep_report.py).
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from typing import Any
 
 import yaml
 
-from pipeline import layout
-from pipeline.config import RUN_NAME, Config, ConfigError
-from pipeline.config_load import config_with
+from pipeline.storage import layout
+from pipeline.config.schema import RUN_NAME, Config, ConfigError
+from pipeline.config.load import config_with
 from pipeline.store import atomic_write_text, read_json
-from pipeline.sweep_config import SweepConfig
-from pipeline.sweep_report import metric_name
+from pipeline.config.sweep import SweepConfig
+from pipeline.reports.sweep_report import metric_name
 
-from .plan import planned_run
+from flows.plan import planned_run
 
 SWEEPS = "sweeps"
 SET_BY_THE_SWEEP = ("train.run_name", "storage")
@@ -243,7 +243,7 @@ def point_state(sweep: SweepPlan, point: SweepPoint) -> str:
 
 
 def report_points(sweep: SweepPlan) -> list[dict]:
-    """The points as pipeline/sweep_report.py takes them."""
+    """The points as pipeline/reports/sweep_report.py takes them."""
     points = []
     for point in sweep.points:
         wall_s = read_point(sweep.directory, point.name).get("wall_s")

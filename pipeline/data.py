@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from .config import is_hub_id
-from .store import fingerprint, sha256_file
+from pipeline.config.schema import is_hub_id
+from pipeline.store import fingerprint, sha256_file
 
 
 class DataError(ValueError):
@@ -120,7 +120,7 @@ def hub_dataset(repo_id: str, name: str | None, data_dir: str | None, split: str
     target = Path(storage, "hub", "datasets", *parts)
     if (target / "state.json").is_file():
         return target
-    from .store import exclusive, lock_path
+    from pipeline.store import exclusive, lock_path
 
     with exclusive(lock_path(storage, "hub", "--".join(parts)), f"Hub dataset {shown} ({split})", wait=True):
         if not (target / "state.json").is_file():

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from flows.prefect_settings import apply_prefect_settings
-from pipeline.assets import build_demo_assets
-from pipeline.config_load import config_from_dict
+from pipeline.models.assets import build_demo_assets
+from pipeline.config.load import config_from_dict
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HH_TEST = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
@@ -62,8 +62,8 @@ def _demo_config(storage: Path, demo_assets, train: dict):
 @pytest.fixture(scope="session")
 def _scored_demo_storage(tmp_path_factory, demo_assets) -> Path:
     """A storage root holding the demo prepared and scored, once per session (copied by tests)."""
-    from pipeline.prepare import prepare
-    from pipeline.score import score
+    from pipeline.prepare.stage import prepare
+    from pipeline.score.stage import score
 
     storage = tmp_path_factory.mktemp("scored-demo") / "storage"
     cfg = _demo_config(storage, demo_assets, {})
@@ -76,8 +76,8 @@ def _scored_demo_storage(tmp_path_factory, demo_assets) -> Path:
 def prepared_demo(tmp_path, demo_assets, _scored_demo_storage):
     """prepared_demo(train_section) -> Config on the demo data and model, prepared and scored: a
     copy of the session's scored storage in this test's folder (the stages find it up to date)."""
-    from pipeline.prepare import prepare
-    from pipeline.score import score
+    from pipeline.prepare.stage import prepare
+    from pipeline.score.stage import score
 
     def make(train: dict):
         cfg = _demo_config(tmp_path / "storage", demo_assets, train)
@@ -91,8 +91,8 @@ def prepared_demo(tmp_path, demo_assets, _scored_demo_storage):
 
 def crash_training_at(monkeypatch, cfg, step: int) -> None:
     """Train ``cfg`` and stop it (as a kill would) right after step ``step`` is logged."""
-    import pipeline.metrics as metrics_module
-    import pipeline.train as train_module
+    import pipeline.storage.metrics as metrics_module
+    import pipeline.train.stage as train_module
 
     real_append = metrics_module.append
 
@@ -128,8 +128,8 @@ def make_config(tmp_path, demo_assets):
 def scored(tmp_path, demo_assets):
     """(cfg, cache, config_file): a config with its own copy of the demo model (so it can be
     damaged), prepared and scored (shards of 200 rows); config_file holds the config as JSON."""
-    from pipeline.prepare import prepare
-    from pipeline.score import score
+    from pipeline.prepare.stage import prepare
+    from pipeline.score.stage import score
 
     model = tmp_path / "model"
     shutil.copytree(demo_assets["model"], model)

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import metrics
-from pipeline.config_load import config_from_dict
+from pipeline.storage import metrics
+from pipeline.config.load import config_from_dict
 
 
 @pytest.fixture(scope="module")
 def scored_demo(tmp_path_factory, demo_assets):
     """The demo data prepared and scored once for the module; train(cfg) per loss reads that cache."""
-    from pipeline.prepare import prepare
-    from pipeline.score import score
+    from pipeline.prepare.stage import prepare
+    from pipeline.score.stage import score
 
     storage = tmp_path_factory.mktemp("losses") / "storage"
 
@@ -51,7 +51,7 @@ DEMO_BETA = {"ipo": 1.0, "sppo_hard": 1.0, "simpo": 1.0, "orpo": 1.0}
 def demo_train(scored_demo, name, steps, **extra):
     """Train ``steps`` steps of loss ``name`` (or a list) on the scored demo: (the step records,
     the eval records) of its metrics log."""
-    from pipeline.train import train
+    from pipeline.train.stage import train
 
     settings = {**DEMO, "max_steps": steps, "loss_type": name, "run_name": f"{name}-{steps}",
                 "beta": DEMO_BETA.get(name, 0.1) if isinstance(name, str) else 0.1, **extra}
@@ -70,7 +70,7 @@ def run_metrics(run_dir) -> list[dict]:
 FAIL_HOOK = """
 import os
 if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_TEST_FAIL_RANK"):
-    import pipeline.train as train_module
+    import pipeline.train.stage as train_module
 
     real_step = train_module.train_step
 
@@ -86,8 +86,8 @@ if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_
     atexit.register(os.abort)  # SIGABRT as the process ends, after its work is done
 if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_TEST_PAUSE_RANK"):
     import time
-    import pipeline.train as train_module
-    import pipeline.trainer as trainer_module
+    import pipeline.train.stage as train_module
+    import pipeline.train.trainer as trainer_module
 
     real_step, real_loss, current = train_module.train_step, trainer_module.compute_loss, []
 

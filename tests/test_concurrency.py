@@ -24,15 +24,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import layout
-from pipeline.assets import demo_preferences
-from pipeline.config_load import config_from_dict
-from pipeline.prepare import prepare
-from pipeline.score import score
+from pipeline.storage import layout
+from pipeline.models.assets import demo_preferences
+from pipeline.config.load import config_from_dict
+from pipeline.prepare.stage import prepare
+from pipeline.score.stage import score
 from pipeline.store import lock_path
-from pipeline.train import train
+from pipeline.train.stage import train
 
-from .conftest import write_jsonl
+from tests.conftest import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 180  # seconds for any one process; a hang fails the test instead of blocking it
@@ -409,8 +409,8 @@ def test_train_removes_dead_writers_leftovers(setup, tmp_path):
 
 
 def test_audit_report_removes_dead_writers_leftovers(setup, tmp_path):
-    from pipeline.audit import audit
-    from pipeline.audit_report import save_report
+    from pipeline.audit.checks import audit
+    from pipeline.audit.report import save_report
 
     storage = setup.storage_with(tmp_path / "storage", "datasets", "refscores")
     cache = storage / "refscores" / setup.cache.name

@@ -1,5 +1,5 @@
 """docs/ cannot drift from the code: the configuration reference is generated from
-pipeline/config.py (and must be regenerated when that changes), every key and reject reason is
+pipeline/config/schema.py (and must be regenerated when that changes), every key and reject reason is
 documented, every YAML example is a valid configuration, and every relative link of README.md
 and docs/**/*.md names an existing file and heading. (The command examples:
 tests/test_readme_commands.py.)"""
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import Config
-from pipeline.config_load import config_from_dict
+from pipeline.config.schema import Config
+from pipeline.config.load import config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -31,7 +31,7 @@ def _generator():
 
 
 def test_config_reference_is_up_to_date():
-    """docs/reference/config.md is what tools/gen_config_docs.py renders from pipeline/config.py now."""
+    """docs/reference/config.md is what tools/gen_config_docs.py renders from pipeline/config/schema.py now."""
     rendered = _generator().render()
     committed = CONFIG_MD.read_text(encoding="utf-8") if CONFIG_MD.is_file() else ""
     assert committed == rendered, "docs/reference/config.md is stale: run make docs"
@@ -61,11 +61,11 @@ def test_every_config_key_has_a_docstring_and_a_row():
             assert f"| `{key}` |" in text, f"{key} has no row in docs/reference/config.md: run make docs"
             if not docs.get(f.name):
                 undocumented.append(key)
-    assert not undocumented, f"write a docstring under {', '.join(undocumented)} in pipeline/config.py"
+    assert not undocumented, f"write a docstring under {', '.join(undocumented)} in pipeline/config/schema.py"
 
 
 def test_every_reject_reason_is_documented():
-    from pipeline.records import REJECT_REASONS
+    from pipeline.prepare.records import REJECT_REASONS
 
     text = (ROOT / "docs" / "reference" / "prepare.md").read_text(encoding="utf-8")
     for reason in REJECT_REASONS:

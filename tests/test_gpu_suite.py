@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import requires_hh
+from tests.conftest import requires_hh
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @requires_hh()
 def test_gpu_suite_dry_run(tmp_path):
-    from pipeline.assets import AssetError, smollm2_folder
+    from pipeline.models.assets import AssetError, smollm2_folder
 
     try:
         smollm2_folder(with_model=False)  # the tokenizer that gives the HH lengths

@@ -1,23 +1,22 @@
 """The layers, checked on the import graph (read with `ast`, nothing is imported or executed).
 
-    flows/cli.py (the parser) -> flows/commands.py -> flows/dpo_flow.py -> stages (pipeline.prepare, ...)
-                                                   -> library (every other module of pipeline/, incl. scorers)
+    flows/cli/ (the `dpo` command) -> flows/ (Prefect flows and plans) -> stages -> library
+    stages:  pipeline/prepare/, pipeline/score/, pipeline/audit/, pipeline/train/ (pipeline.STAGES)
+    library: every other package and module of pipeline/ (config/, models/, logprobs/, storage/,
+             reports/, store.py, data.py, errors.py, progress.py)
 
-(a) pipeline/ never imports flows/; (b) stages never import each other: they meet only in
-layout's contract and the files on disk; (c) library modules import no stage; (d) the pipeline
-package's import graph has no cycle; (e) flows/dpo_flow.py does not import the command line (flows/cli.py, flows/commands.py,
-flows/audit_command.py).
-
-A stage may have modules of its own beside its main one (STAGE_PARTS; pipeline.records and
-pipeline.encoder are the prepare stage's, pipeline.audit_tokens the audit's): pipeline.audit_report, the
-audit's report and drill-down, is the audit stage's, so it may import pipeline.audit (the checks,
-which never import it back: (d)), and for (b) and (c) it counts as that stage: only pipeline.audit
-and flows/ may import it.
+The folders say which module belongs to which stage: a stage is the package pipeline/<name>/ of
+each name in pipeline.STAGES (read from pipeline/__init__.py), and every module inside it is that
+stage's. (a) pipeline/ never imports flows/; (b) stages never import each other: they meet only
+in pipeline.storage's contract and the files on disk; (c) library modules import no stage; (d) the
+pipeline package's import graph has no cycle, and neither has the graph of its rooms (a top-level
+module or a subpackage: the arrows between folders go one way); (e) the Prefect flows (flows/,
+outside flows/cli/) do not import the command line.
 
 (d) in two strengths: imports at module level (what runs at import time) have no cycle, and
-neither do all imports, those inside functions included (``pipeline.scorers.make_scorer`` imports
-the backend it picks lazily; the backends take their shared types from ``scorers.base``, never
-from the package that picks them).
+neither do all imports, those inside functions included (``pipeline.logprobs.backends.make_scorer``
+imports the backend it picks lazily; the backends take their shared types from ``backends.base``,
+never from the package that picks them).
 
 Every import counts, wherever it is written (module level, inside functions, under `if`), and
 so do `importlib.import_module("...")` calls with a literal name. Relative imports are resolved
@@ -33,19 +32,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "flows")
-STAGES = {"pipeline.prepare", "pipeline.score", "pipeline.audit", "pipeline.train"}
-STAGE_PARTS = {
-    "pipeline.audit_report": "pipeline.audit",
-    "pipeline.audit_tokens": "pipeline.audit",
-    "pipeline.records": "pipeline.prepare",
-    "pipeline.encoder": "pipeline.prepare",
-    "pipeline.train_data": "pipeline.train",
-    "pipeline.train_loss": "pipeline.train",
-    "pipeline.final": "pipeline.train",
-    "pipeline.trainer": "pipeline.train",
-    "pipeline.train_step": "pipeline.train",
-}
-"""A stage's own modules beside its main one: {module: the stage it belongs to}."""
+CLI = "flows.cli"
 
 Edge = tuple[str, str]
 Graph = dict[str, dict[str, bool]]  # {module: {imported module: deferred (only inside functions)}}
@@ -149,24 +136,51 @@ def library_imports_flows(graph) -> list[Edge]:
     return sorted((m, t) for m, ts in graph.items() if _in(m, "pipeline") for t in ts if _in(t, "flows"))
 
 
-def stage_of(module: str, stages=STAGES, parts=STAGE_PARTS) -> str | None:
-    """The stage ``module`` is (or is a part of), None for a library module."""
-    return module if module in stages else parts.get(module)
+def stages_in(root: Path) -> set[str]:
+    """The stage packages: pipeline/<name>/ for each name of ``STAGES`` in pipeline/__init__.py."""
+    tree = ast.parse((root / "pipeline" / "__init__.py").read_text(encoding="utf-8"))
+    names = next((ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                  and any(isinstance(t, ast.Name) and t.id == "STAGES" for t in node.targets)), ())
+    return {f"pipeline.{name}" for name in names if (root / "pipeline" / name / "__init__.py").is_file()}
 
 
-def stages_import_stages(graph, stages=STAGES, parts=STAGE_PARTS) -> list[Edge]:
-    return sorted((m, t) for m, ts in graph.items() if stage_of(m, stages, parts) for t in ts
-                  if stage_of(t, stages, parts) not in (None, stage_of(m, stages, parts)))
+def stage_of(module: str, stages: set[str]) -> str | None:
+    """The stage whose folder holds ``module``, None for a library module."""
+    return next((stage for stage in stages if _in(module, stage)), None)
 
 
-def library_imports_stages(graph, stages=STAGES, parts=STAGE_PARTS) -> list[Edge]:
+def stages_import_stages(graph, stages: set[str]) -> list[Edge]:
+    return sorted((m, t) for m, ts in graph.items() if stage_of(m, stages) for t in ts
+                  if stage_of(t, stages) not in (None, stage_of(m, stages)))
+
+
+def library_imports_stages(graph, stages: set[str]) -> list[Edge]:
     return sorted((m, t) for m, ts in graph.items()
-                  if _in(m, "pipeline") and not stage_of(m, stages, parts) for t in ts if stage_of(t, stages, parts))
+                  if _in(m, "pipeline") and not stage_of(m, stages) for t in ts if stage_of(t, stages))
 
 
-def cli_imported_by_flow(graph) -> list[Edge]:
-    return sorted((m, t) for m, ts in graph.items() if m == "flows.dpo_flow" for t in ts
-                  if t in ("flows.cli", "flows.commands", "flows.audit_command"))
+def cli_imported_by_flows(graph) -> list[Edge]:
+    return sorted((m, t) for m, ts in graph.items() if _in(m, "flows") and not _in(m, CLI) for t in ts
+                  if _in(t, CLI))
+
+
+def room_of(module: str) -> str:
+    """pipeline.storage.layout -> pipeline.storage; pipeline.store -> pipeline.store; pipeline -> pipeline."""
+    return ".".join(module.split(".")[:2])
+
+
+def rooms(graph: Graph, package: str = "pipeline") -> Graph:
+    """The graph between rooms (a top-level module or a subpackage of ``package``); the package's
+    own __init__ (STAGES, __version__) is the floor everything may stand on, not a room."""
+    found: Graph = {}
+    for module, targets in graph.items():
+        if not _in(module, package) or module == package:
+            continue
+        room = found.setdefault(room_of(module), {})
+        for target, deferred in targets.items():
+            if _in(target, package) and target != package and room_of(target) != room_of(module):
+                room[room_of(target)] = room.get(room_of(target), True) and deferred
+    return found
 
 
 def at_import_time(graph: Graph) -> Graph:
@@ -210,25 +224,27 @@ def graph() -> Graph:
     return import_graph(ROOT)
 
 
-def test_the_graph_sees_the_modules_and_their_imports(graph):
-    """The builder itself, on edges known to exist: relative, absolute, `from . import x`, and
-    imports written inside functions."""
-    assert STAGES | {"pipeline", "pipeline.layout", "pipeline.scorers", "pipeline.scorers.vllm",
-                     "flows.cli", "flows.dpo_flow"} <= set(graph)
-    assert "pipeline.layout" in graph["pipeline.score"]  # from . import layout
-    assert "pipeline.config" in graph["pipeline.scorers.vllm"]  # from ..config import Config
-    assert graph["pipeline.layout"]["pipeline.scorers"] is True  # only inside plan_refscores_dir()
-    assert graph["pipeline.layout"]["pipeline.store"] is False  # at module level
-    assert graph["flows.commands"]["flows.dpo_flow"] is True  # only inside cmd_run() and others
-    assert "pipeline" in graph["flows.commands"]  # from pipeline import STAGES, distributed, layout
-    assert STAGES - {"pipeline.audit"} <= set(graph["flows.commands"])
-    assert graph["flows.audit_command"]["pipeline.audit"] is True  # only inside the audit commands
-    assert set(STAGE_PARTS) <= set(graph)  # a renamed part fails here, not silently as a library module
-    assert graph["pipeline.audit_report"]["pipeline.audit"] is False
-    assert "pipeline.audit_report" not in graph["pipeline.audit"]
-    # The parser imports the commands only inside main(): `dpo --help` imports no torch.
-    assert graph["flows.cli"]["flows.commands"] is True
-    assert {target for target, lazy in graph["flows.cli"].items() if not lazy} == {"pipeline"}
+@pytest.fixture(scope="module")
+def stages() -> set[str]:
+    return stages_in(ROOT)
+
+
+def test_the_graph_sees_the_modules_and_their_imports(graph, stages):
+    """The builder itself, on edges known to exist: absolute, `from package import module`, and
+    imports written inside functions; the stages are the folders named by pipeline.STAGES."""
+    assert stages == {"pipeline.prepare", "pipeline.score", "pipeline.audit", "pipeline.train"}
+    assert stages | {"pipeline", "pipeline.storage.layout", "pipeline.logprobs.backends",
+                     "pipeline.logprobs.backends.vllm", "flows.cli.main", "flows.dpo_flow"} <= set(graph)
+    assert "pipeline.storage.layout" in graph["pipeline.score.stage"]  # from pipeline.storage import layout
+    assert "pipeline.config.schema" in graph["pipeline.logprobs.backends.vllm"]
+    assert graph["flows.cli.commands"]["flows.dpo_flow"] is True  # only inside cmd_run() and others
+    assert graph["flows.cli.audit_command"]["pipeline.audit.checks"] is True  # only inside the audit commands
+    assert stage_of("pipeline.audit.report", stages) == "pipeline.audit"
+    assert graph["pipeline.audit.report"]["pipeline.audit.checks"] is False
+    assert "pipeline.audit.report" not in graph["pipeline.audit.checks"]
+    # main() imports the commands only once the arguments are parsed: `dpo --help` imports no torch.
+    assert graph["flows.cli.main"]["flows.cli.commands"] is True
+    assert all(lazy or target in ("pipeline", "flows.cli.parser") for target, lazy in graph["flows.cli.main"].items())
 
 
 def test_pipeline_never_imports_flows(graph):
@@ -236,13 +252,13 @@ def test_pipeline_never_imports_flows(graph):
     assert not edges, "pipeline/ must not depend on flows/ (Prefect, the command line):\n" + _show(edges)
 
 
-def test_stages_import_none_of_each_other(graph):
-    edges = stages_import_stages(graph)
-    assert not edges, "stages meet only through pipeline.layout and the files on disk:\n" + _show(edges)
+def test_stages_import_none_of_each_other(graph, stages):
+    edges = stages_import_stages(graph, stages)
+    assert not edges, "stages meet only through pipeline.storage and the files on disk:\n" + _show(edges)
 
 
-def test_library_modules_import_no_stage(graph):
-    edges = library_imports_stages(graph)
+def test_library_modules_import_no_stage(graph, stages):
+    edges = library_imports_stages(graph, stages)
     assert not edges, "a library module (not a stage) imports a stage:\n" + _show(edges)
 
 
@@ -257,9 +273,15 @@ def test_pipeline_has_no_import_cycle(graph):
     assert cycle is None, "import cycle in pipeline/ (imports inside functions included): " + " -> ".join(cycle)
 
 
-def test_the_flow_does_not_import_the_command_line(graph):
-    edges = cli_imported_by_flow(graph)
-    assert not edges, "flows/dpo_flow.py must not import the command line:\n" + _show(edges)
+def test_the_rooms_have_no_cycle(graph):
+    """Between folders too, the arrows go one way: storage may stand on models, never the reverse."""
+    cycle = find_cycle(rooms(graph))
+    assert cycle is None, "import cycle between pipeline/'s packages and modules: " + " -> ".join(cycle)
+
+
+def test_the_flows_do_not_import_the_command_line(graph):
+    edges = cli_imported_by_flows(graph)
+    assert not edges, "the Prefect flows (flows/) must not import the command line (flows/cli/):\n" + _show(edges)
 
 
 # --- the checker catches what it is meant to catch ----------------------------------------------------
@@ -275,71 +297,110 @@ def _write(root: Path, files: dict[str, str]) -> Path:
 
 def test_the_checks_report_each_kind_of_violation(tmp_path):
     root = _write(tmp_path, {
-        "pipeline/__init__.py": "",
-        "pipeline/store.py": "def f():\n    from flows import cli\n",  # (a), inside a function
-        "pipeline/prepare.py": "def g():\n    if True:\n        from . import score\n",  # (b), nested
-        "pipeline/score.py": "import pipeline.store\n",
-        "pipeline/audit.py": "from pipeline.train import x as y\n",  # (b), absolute, a name
-        "pipeline/train.py": "x = 1\n",
-        "pipeline/layout.py": "import importlib\nm = importlib.import_module('pipeline.audit')\n",  # (c)
+        "pipeline/__init__.py": "STAGES = ('prepare', 'score', 'audit', 'train')\n",
+        "pipeline/store.py": "def f():\n    from flows.cli import main\n",  # (a), inside a function
+        "pipeline/prepare/__init__.py": "",
+        "pipeline/prepare/stage.py": "def g():\n    if True:\n        from ..score import stage\n",  # (b), nested
+        "pipeline/score/__init__.py": "",
+        "pipeline/score/stage.py": "import pipeline.store\n",
+        "pipeline/audit/__init__.py": "",
+        "pipeline/audit/checks.py": "from pipeline.train.stage import x as y\n",  # (b), absolute, a name
+        "pipeline/train/__init__.py": "",
+        "pipeline/train/stage.py": "x = 1\n",
+        "pipeline/storage/__init__.py": "",
+        "pipeline/storage/layout.py": "import importlib\nm = importlib.import_module('pipeline.audit.checks')\n",  # (c)
         "pipeline/sub/__init__.py": "from .. import prepare\n",  # (c), from a subpackage
-        "pipeline/sub/deep.py": "import flows.cli as cli\n",  # (a), a submodule
+        "pipeline/sub/deep.py": "import flows.cli.main as cli\n",  # (a), a submodule
         "pipeline/a.py": "from .b import thing\n",
         "pipeline/b.py": "def h():\n    import pipeline.a\n",  # (d) a -> b -> a
         "flows/__init__.py": "",
-        "flows/cli.py": "from .pipeline import run\n",
-        "flows/dpo_flow.py": "def run():\n    from . import cli\n",  # (e)
+        "flows/cli/__init__.py": "",
+        "flows/cli/main.py": "from flows.dpo_flow import run\n",
+        "flows/dpo_flow.py": "def run():\n    from .cli import main\n",  # (e)
     })
-    graph = import_graph(root)
-    assert library_imports_flows(graph) == [("pipeline.store", "flows.cli"), ("pipeline.sub.deep", "flows.cli")]
-    assert stages_import_stages(graph) == [("pipeline.audit", "pipeline.train"), ("pipeline.prepare", "pipeline.score")]
-    assert library_imports_stages(graph) == [("pipeline.layout", "pipeline.audit"), ("pipeline.sub", "pipeline.prepare")]
+    graph, stages = import_graph(root), stages_in(root)
+    assert stages == {"pipeline.prepare", "pipeline.score", "pipeline.audit", "pipeline.train"}
+    assert library_imports_flows(graph) == [("pipeline.store", "flows.cli.main"), ("pipeline.sub.deep", "flows.cli.main")]
+    assert stages_import_stages(graph, stages) == [("pipeline.audit.checks", "pipeline.train.stage"),
+                                                   ("pipeline.prepare.stage", "pipeline.score.stage")]
+    assert library_imports_stages(graph, stages) == [("pipeline.storage.layout", "pipeline.audit.checks"),
+                                                     ("pipeline.sub", "pipeline.prepare")]
     assert find_cycle(graph) == ["pipeline.a", "pipeline.b", "pipeline.a"]
-    assert cli_imported_by_flow(graph) == [("flows.dpo_flow", "flows.cli")]
+    assert cli_imported_by_flows(graph) == [("flows.dpo_flow", "flows.cli.main")]
     # The failure messages name the offending edges.
-    assert "pipeline.store imports flows.cli" in _show(library_imports_flows(graph))
+    assert "pipeline.store imports flows.cli.main" in _show(library_imports_flows(graph))
 
 
 def test_the_checks_pass_a_clean_layering(tmp_path):
     root = _write(tmp_path, {
-        "pipeline/__init__.py": "STAGES = ()\n",
+        "pipeline/__init__.py": "STAGES = ('prepare', 'score')\n",
         "pipeline/store.py": "import os\n",
-        "pipeline/layout.py": "from . import store\nfrom .store import os\n",
-        "pipeline/prepare.py": "from . import layout\nfrom pipeline import STAGES\n",
-        "pipeline/score.py": "def f():\n    from .layout import store\n",
+        "pipeline/storage/__init__.py": "",
+        "pipeline/storage/layout.py": "from pipeline import store\nfrom ..store import os\n",
+        "pipeline/prepare/__init__.py": "",
+        "pipeline/prepare/stage.py": "from pipeline.storage import layout\nfrom pipeline import STAGES\n",
+        "pipeline/prepare/records.py": "from . import stage\n",
+        "pipeline/score/__init__.py": "",
+        "pipeline/score/stage.py": "def f():\n    from ..storage.layout import store\n",
         "flows/__init__.py": "",
-        "flows/dpo_flow.py": "from pipeline import prepare, score\n",
-        "flows/cli.py": "from .pipeline import prepare\n",
+        "flows/dpo_flow.py": "from pipeline.prepare import stage\nfrom pipeline.score.stage import f\n",
+        "flows/cli/__init__.py": "",
+        "flows/cli/main.py": "from flows.dpo_flow import stage\n",
     })
-    graph = import_graph(root)
-    assert graph["pipeline.prepare"] == {"pipeline.layout": False, "pipeline": False}
-    assert graph["pipeline.score"] == {"pipeline.layout": True}  # only inside a function
-    assert graph["flows.dpo_flow"] == {"pipeline.prepare": False, "pipeline.score": False}
-    assert not (library_imports_flows(graph) or stages_import_stages(graph) or library_imports_stages(graph)
-                or cli_imported_by_flow(graph))
-    assert find_cycle(graph) is None
+    graph, stages = import_graph(root), stages_in(root)
+    assert graph["pipeline.prepare.stage"] == {"pipeline.storage.layout": False, "pipeline": False}
+    assert graph["pipeline.score.stage"] == {"pipeline.storage.layout": True}  # only inside a function
+    assert graph["flows.dpo_flow"] == {"pipeline.prepare.stage": False, "pipeline.score.stage": False}
+    assert not (library_imports_flows(graph) or stages_import_stages(graph, stages)
+                or library_imports_stages(graph, stages) or cli_imported_by_flows(graph))
+    assert find_cycle(graph) is None and find_cycle(rooms(graph)) is None
 
 
-def test_a_stages_own_module_counts_as_that_stage(tmp_path):
-    """pipeline.audit_report may import pipeline.audit (its stage) and the library; a library
-    module or another stage that imports it imports the audit stage; it may not import another stage."""
+def test_a_stages_own_modules_are_the_folder_its_stage_is(tmp_path):
+    """pipeline/audit/report.py may import pipeline/audit/checks.py (its stage) and the library; a
+    library module or another stage that imports it imports the audit stage. A folder not named in
+    STAGES is library, whatever it holds."""
     root = _write(tmp_path, {
-        "pipeline/__init__.py": "",
-        "pipeline/layout.py": "",
-        "pipeline/audit.py": "from . import layout\n",
-        "pipeline/audit_report.py": "from .audit import x\nfrom . import layout\ndef f():\n    from . import train\n",
-        "pipeline/train.py": "from pipeline import audit_report\n",
-        "pipeline/store.py": "from .audit_report import y\n",
+        "pipeline/__init__.py": "STAGES = ('audit', 'train', 'ghost')\n",
+        "pipeline/storage/__init__.py": "",
+        "pipeline/storage/layout.py": "",
+        "pipeline/audit/__init__.py": "",
+        "pipeline/audit/checks.py": "from pipeline.storage import layout\n",
+        "pipeline/audit/report.py": "from .checks import x\nfrom pipeline.storage import layout\ndef f():\n    from ..train import stage\n",
+        "pipeline/train/__init__.py": "",
+        "pipeline/train/stage.py": "from pipeline.audit import report\n",
+        "pipeline/reports/__init__.py": "",
+        "pipeline/reports/run.py": "from pipeline.audit.report import y\n",
         "flows/__init__.py": "",
-        "flows/commands.py": "from pipeline import audit, audit_report\n",
+        "flows/cli/__init__.py": "",
+        "flows/cli/commands.py": "from pipeline.audit import checks, report\n",
+    })
+    graph, stages = import_graph(root), stages_in(root)
+    assert stages == {"pipeline.audit", "pipeline.train"}  # no folder: no stage
+    assert stages_import_stages(graph, stages) == [("pipeline.audit.report", "pipeline.train.stage"),
+                                                   ("pipeline.train.stage", "pipeline.audit.report")]
+    assert library_imports_stages(graph, stages) == [("pipeline.reports.run", "pipeline.audit.report")]
+    # Were the audit not a stage, its folder would be library, and its import of train a violation.
+    assert library_imports_stages(graph, {"pipeline.train"}) == [("pipeline.audit.report", "pipeline.train.stage")]
+
+
+def test_a_cycle_between_folders_is_found_where_the_modules_have_none(tmp_path):
+    """storage.layout -> models.loading -> storage.paths: no module imports itself back, but the
+    folders storage/ and models/ stand on each other."""
+    root = _write(tmp_path, {
+        "pipeline/__init__.py": "STAGES = ()\n",
+        "pipeline/storage/__init__.py": "",
+        "pipeline/storage/layout.py": "from pipeline.models import loading\n",
+        "pipeline/storage/paths.py": "",
+        "pipeline/models/__init__.py": "",
+        "pipeline/models/loading.py": "def f():\n    from pipeline.storage import paths\n",
+        "pipeline/store.py": "from pipeline import STAGES\n",
+        "flows/__init__.py": "",
     })
     graph = import_graph(root)
-    assert stages_import_stages(graph) == [("pipeline.audit_report", "pipeline.train"),
-                                           ("pipeline.train", "pipeline.audit_report")]
-    assert library_imports_stages(graph) == [("pipeline.store", "pipeline.audit_report")]
-    # Without STAGE_PARTS it would be a library module, and its import of its own stage a violation.
-    assert library_imports_stages(graph, parts={}) == [("pipeline.audit_report", "pipeline.audit"),
-                                                       ("pipeline.audit_report", "pipeline.train")]
+    assert find_cycle(graph) is None
+    assert rooms(graph)["pipeline.models"] == {"pipeline.storage": True}
+    assert find_cycle(rooms(graph)) == ["pipeline.models", "pipeline.storage", "pipeline.models"]
 
 
 def test_cycles_at_import_time_and_through_functions(tmp_path):

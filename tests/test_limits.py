@@ -161,12 +161,12 @@ def test_the_checkers_find_what_they_look_for(tmp_path):
     assert [line.split(" ", 1)[1] for line in many_parameters(tmp_path)] == ["wide: 7 parameters"]
     assert long_modules(tmp_path, limit=503) == []
 
-    source = ("import pipeline.train as train_module\nfrom pipeline import store\nfrom pipeline.audit import _x, ok\n"
+    source = ("import pipeline.train.stage as train_module\nfrom pipeline import store\nfrom pipeline.audit.checks import _x, ok\n"
               "from tests.test_audit import scored\nimport tests.helpers\n"
               "def test(monkeypatch):\n    store._VERIFIED.clear()\n    train_module._finish()\n"
               "    monkeypatch.setattr(store, '_lock', None)\n    monkeypatch.setattr('pipeline.store._lock', None)\n"
               "    monkeypatch.setattr(store, 'public', None)\n    other._private()\n    store.__name__\n")
     assert sorted(private_uses(source)) == sorted([
-        "line 3: from pipeline.audit import _x", "line 7: store._VERIFIED", "line 8: train_module._finish",
+        "line 3: from pipeline.audit.checks import _x", "line 7: store._VERIFIED", "line 8: train_module._finish",
         "line 9: setattr(store, '_lock')", "line 10: setattr('pipeline.store._lock')"])
     assert test_imports(source) == ["line 4: tests.test_audit"]

@@ -9,7 +9,7 @@ included, `...` dropped; `run.yaml` and `CONFIG` stand for a config file, `<fing
 `CACHE_A`, `CACHE_B`, `ID` and `DIR` for what they name.
 
 Checked, in the default suite, every example: the command line through the real argument
-parser and the real command up to its configuration (`flows.commands.run` with the config
+parser and the real command up to its configuration (`flows.cli.commands.run` with the config
 loaded, `--set` and `--nproc-per-node` applied and validated, stopped right after); a `--set`
 span applied to the example config; a `make` line's target in the Makefile.
 
@@ -22,7 +22,7 @@ Run, under `-m slow`, in the order the docs give them:
   HuggingFaceTB/SmolLM2-135M-Instruct and the demo rows as Anthropic/hh-rlhf harmless-base;
 - parsed only (``PARSE_ONLY`` says why): the ones that need several GPUs, several machines
   or a Prefect server;
-- `dpo demo [--storage DIR]` by tests/test_cli.py (``RUN_ELSEWHERE``).
+- `dpo demo [--storage DIR]` by tests/flows/cli/test_main.py (``RUN_ELSEWHERE``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import demo_model_files, demo_valid_jsonl, hub_cache
+from tests.conftest import demo_model_files, demo_valid_jsonl, hub_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -164,7 +164,7 @@ def on_the_hub_example(example: Example) -> bool:
 
 PARSE_ONLY = {e.where: parse_only(e) for e in COMMANDS if parse_only(e)}
 
-RUN_ELSEWHERE = {"dpo demo [--storage DIR]": ("tests/test_cli.py", "test_demo_runs_offline_end_to_end",
+RUN_ELSEWHERE = {"dpo demo [--storage DIR]": ("tests/flows/cli/test_main.py", "test_demo_runs_offline_end_to_end",
                                               '[DPO, "demo", "--storage", str(tmp_path)')}
 """Examples a slow test of another file runs already, as written: (file, test, what it runs)."""
 
@@ -213,11 +213,11 @@ def concrete(argv, config: Path, values: dict | None = None) -> list[str]:
 
 
 def check_parses(argv: list[str], monkeypatch) -> None:
-    """`dpo ARGV` through flows.cli's parser and flows.commands.run, stopped right after the
+    """`dpo ARGV` through flows.cli's parser and flows.cli.commands.run, stopped right after the
     command loaded its configuration (nothing prepared, scored, trained, served or audited);
     a usage error or a refused configuration fails the test with the program's message."""
-    from flows import audit_command, commands
-    from flows.cli import build_parser
+    from flows.cli import audit_command, commands
+    from flows.cli.main import build_parser
 
     real_load = commands.load_config
 
@@ -261,7 +261,7 @@ def check_parses(argv: list[str], monkeypatch) -> None:
 @pytest.mark.parametrize("example", [e for e in EXAMPLES if e.kind != "make"], ids=lambda e: e.where)
 def test_every_command_and_set_example_is_accepted(example, run_yaml, monkeypatch, capsys):
     if example.kind == "set":
-        from pipeline.config_load import load_config
+        from pipeline.config.load import load_config
 
         words = list(example.argv)
         assert words[0] == "--set" and len(words) == 2, example.text
@@ -327,8 +327,8 @@ def _run(example: Example, argv: list[str], cwd: Path, env: dict) -> subprocess.
 def _cache_and_example_id(config: Path) -> tuple[Path, str]:
     import pyarrow.parquet as pq
 
-    from pipeline import layout
-    from pipeline.config_load import load_config
+    from pipeline.storage import layout
+    from pipeline.config.load import load_config
 
     cfg = load_config(config)
     cache = layout.plan_refscores_dir(cfg, layout.plan_dataset_dir(cfg).name)

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import models
-from pipeline.config_load import config_from_dict
-from pipeline.models import ModelError
-from pipeline.scorers.transformers_backend import TransformersScorer
+from pipeline.models import loading as models
+from pipeline.config.load import config_from_dict
+from pipeline.models.loading import ModelError
+from pipeline.logprobs.backends.transformers_backend import TransformersScorer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_the_self_check_switches_off_sharing_that_disagrees(counted_scorer, monk
 def test_the_self_check_keeps_sharing_within_tolerance(counted_scorer, monkeypatch):
     """Shared vs the model beyond tolerance, but shared vs separate and separate vs the model each
     within it: sharing stays on, as when the two were checked apart."""
-    from pipeline.scorers import transformers_backend
+    from pipeline.logprobs.backends import transformers_backend
 
     real_own, real_shared = transformers_backend.own_logps, TransformersScorer.score_shared
     shift = np.float32(6e-4)  # tolerance 1e-3 in float32: 2 x 6e-4 is over it, 6e-4 is not
@@ -104,14 +104,14 @@ def test_the_self_check_keeps_sharing_within_tolerance(counted_scorer, monkeypat
 
 
 def test_commands_import_no_audit_code():
-    code = "import sys, flows.commands; print(sorted(m for m in ('polars', 'pipeline.audit', 'pipeline.audit_report') if m in sys.modules))"
+    code = "import sys, flows.cli.commands; print(sorted(m for m in ('polars', 'pipeline.audit.checks', 'pipeline.audit.report') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_an_audit_failure_is_still_a_users_error():
-    from flows import commands
-    from pipeline.audit import AuditFailed
+    from flows.cli import commands
+    from pipeline.audit.checks import AuditFailed
 
     assert AuditFailed in commands.user_errors()
     assert set(commands.USER_ERRORS) <= set(commands.user_errors())
@@ -121,7 +121,7 @@ def test_exit_now_does_what_the_teardown_is_for(tmp_path):
     script = textwrap.dedent("""
         import atexit, sys, threading, time
         from pathlib import Path
-        from flows.cli import exit_now
+        from flows.cli.main import exit_now
 
         out = Path(sys.argv[1])
         def late():

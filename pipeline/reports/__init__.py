@@ -1,0 +1,1 @@
+"""HTML reports a person opens in a browser: a training run's and a sweep's."""
