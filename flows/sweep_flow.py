@@ -21,8 +21,9 @@ import queue
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -31,7 +32,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline.config.schema import ConfigError, world_size
+from pipeline.errors import ConfigError, SweepFailed
+from pipeline.config.schema import world_size
 from pipeline.config.load import config_from_dict
 from pipeline.train.launch import DIE_WITH_PARENT, run_streaming
 from pipeline.reports.sweep_report import sweep_rows, write_sweep_report
@@ -50,12 +52,28 @@ from flows.sweep_plan import (
 )
 
 
-class SweepFailed(RuntimeError):
-    """Some points of a sweep failed (the others finished); the message names them."""
+class DeviceSlots:
+    """The device sets of one running sweep (CUDA_VISIBLE_DEVICES values; None on a CPU), one per
+    point trained at once. A point takes a free one for its training and gives it back after, so
+    never more points train than there are slots, and no two on the same GPUs.
 
+        slots = DeviceSlots(device_slots(sweep))
+        with slots.taken() as devices: ...       # waits for a free one
+    """
 
-_DEVICES: dict[str, queue.Queue] = {}
-"""Free device sets (CUDA_VISIBLE_DEVICES values; None on a CPU) of each running sweep, by its folder."""
+    def __init__(self, slots: list[Optional[str]]):
+        self.count = len(slots)
+        self._free: queue.Queue = queue.Queue()
+        for slot in slots:
+            self._free.put(slot)
+
+    @contextmanager
+    def taken(self) -> Iterator[Optional[str]]:
+        devices = self._free.get()
+        try:
+            yield devices
+        finally:
+            self._free.put(devices)
 
 
 def device_slots(sweep: SweepPlan) -> list[Optional[str]]:
@@ -99,7 +117,7 @@ def train_point_child(point: str, config: dict, devices: Optional[str], parallel
 
 
 @task(name="train-point", cache_policy=NO_CACHE, task_run_name="train {point}")
-def train_point(point: str, overrides: dict[str, Any], config: dict, sweep_dir: str, parallel: int = 1) -> dict:
+def train_point(point: str, overrides: dict[str, Any], config: dict, sweep_dir: str, slots: DeviceSlots) -> dict:
     """Train one point of a sweep (a normal run, train.run_name = point); Skipped when finished."""
     cfg = config_from_dict(config)
     run_dir = plan(cfg)["train"]
@@ -108,18 +126,15 @@ def train_point(point: str, overrides: dict[str, Any], config: dict, sweep_dir: 
         get_run_logger().info("%s: up to date, reusing %s", point, run_dir)
         return Completed(name="Skipped", message=f"up to date: reused {run_dir}",
                          data={"output_dir": str(run_dir), "skipped": True})
-    slots = _DEVICES[sweep_dir]
-    devices = slots.get()  # a free one: never more points run than slots exist
-    started, before = time.monotonic(), read_point(sweep_dir, point).get("wall_s") or 0.0
-    record_point(sweep_dir, point, "running", devices=devices)
-    try:
-        train_point_child(point, config, devices, parallel)
-    except BaseException as exc:
-        record_point(sweep_dir, point, "failed", error=str(exc)[-2000:],
-                     wall_s=before + time.monotonic() - started)
-        raise
-    finally:
-        slots.put(devices)
+    with slots.taken() as devices:
+        started, before = time.monotonic(), read_point(sweep_dir, point).get("wall_s") or 0.0
+        record_point(sweep_dir, point, "running", devices=devices)
+        try:
+            train_point_child(point, config, devices, slots.count)
+        except BaseException as exc:
+            record_point(sweep_dir, point, "failed", error=str(exc)[-2000:],
+                         wall_s=before + time.monotonic() - started)
+            raise
     record_point(sweep_dir, point, "finished", error=None, wall_s=before + time.monotonic() - started)
     return {"output_dir": str(run_dir), "skipped": False}
 
@@ -141,23 +156,20 @@ def _by_cache(points: list[SweepPoint]) -> dict[Path, list[SweepPoint]]:
     return caches
 
 
-def _submit(runner, sweep: SweepPlan, point: SweepPoint, parallel: int):
+def _submit(runner, sweep: SweepPlan, point: SweepPoint, slots: DeviceSlots):
     params = {"point": point.name, "overrides": point.overrides, "config": point.config.to_dict(),
-              "sweep_dir": str(sweep.directory), "parallel": parallel}
+              "sweep_dir": str(sweep.directory), "slots": slots}
     return runner.submit(train_point, params)
 
 
-def _train_points(sweep: SweepPlan, slots: list[Optional[str]]) -> dict[str, Any]:
+def _train_points(sweep: SweepPlan, slots: DeviceSlots) -> dict[str, Any]:
     """Submit every point (reference-free ones first, the others once their cache is scored and
     audited) and wait for them; returns {point: final state, or the error of its cache}."""
-    free = _DEVICES[str(sweep.directory)] = queue.Queue()
-    for slot in slots:
-        free.put(slot)
     futures, outcomes = {}, {}
-    with ThreadPoolTaskRunner(max_workers=len(slots)) as runner:
+    with ThreadPoolTaskRunner(max_workers=slots.count) as runner:
         for point in sweep.points:
             if not point.needs_reference():
-                futures[point.name] = _submit(runner, sweep, point, len(slots))
+                futures[point.name] = _submit(runner, sweep, point, slots)
         for cache, points in _by_cache([p for p in sweep.points if p.needs_reference()]).items():
             try:
                 run_stage(points[0].config, "score", points[0].planned["score"])
@@ -168,11 +180,10 @@ def _train_points(sweep: SweepPlan, slots: list[Optional[str]]) -> dict[str, Any
                     record_point(str(sweep.directory), point.name, "failed", error=outcomes[point.name])
                 continue
             for point in points:
-                futures[point.name] = _submit(runner, sweep, point, len(slots))
+                futures[point.name] = _submit(runner, sweep, point, slots)
         for name, future in futures.items():
             future.wait()
             outcomes[name] = future.state
-    _DEVICES.pop(str(sweep.directory), None)
     return outcomes
 
 
@@ -199,10 +210,10 @@ def dpo_sweep(config: PipelineConfig, grid: Optional[dict[str, list[Any]]] = Non
     """
     cfg = config_from_dict(config_dict(config))
     sweep = plan_sweep(cfg, grid, name)  # every point checked before any work
-    slots = device_slots(sweep)
+    slots = DeviceSlots(device_slots(sweep))
     write_sweep_json(sweep)
     logger = get_run_logger()
-    logger.info("sweep %s: %d points, %d at a time, in %s", sweep.name, len(sweep.points), len(slots),
+    logger.info("sweep %s: %d points, %d at a time, in %s", sweep.name, len(sweep.points), slots.count,
                 sweep.directory)
     _shared_stages(sweep.points)
     outcomes = _train_points(sweep, slots)

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.errors import ConfigError
 from flows.cli.main import main
 from flows.sweep_plan import parse_grid, point_names, point_overrides
-from pipeline.config.schema import ConfigError
 from pipeline.config.load import load_config
 from pipeline.config.sweep import SweepConfig
 
@@ -147,6 +147,44 @@ def test_points_are_pinned_to_their_own_gpus(tmp_path, demo_assets, monkeypatch)
     assert env["CUDA_VISIBLE_DEVICES"] == "6,7" and env["DPO_DIE_WITH_PARENT"] == str(os.getpid())
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert child_env(None, 2)["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+
+
+def test_device_slots_lend_each_set_to_one_point_at_a_time():
+    """Six points on two GPU sets, from six threads (as the task runner's): never two points on
+    one set, never more than two at once, and every set back when they are done, even after a failure."""
+    import threading
+
+    from flows.sweep_flow import DeviceSlots
+
+    slots, holders, most, lock = DeviceSlots(["0", "1"]), {}, [0], threading.Lock()
+
+    def point(i: int) -> None:
+        with slots.taken() as devices:
+            with lock:
+                assert devices not in holders.values()
+                holders[i] = devices
+                most[0] = max(most[0], len(holders))
+            time.sleep(0.02)
+            with lock:
+                del holders[i]
+            if i == 3:
+                raise RuntimeError("a failed point gives its GPUs back")
+
+    threads = [threading.Thread(target=lambda i=i: _swallow(point, i)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert slots.count == 2 and most[0] == 2 and not holders
+    with slots.taken() as first, slots.taken() as second:
+        assert {first, second} == {"0", "1"}
+
+
+def _swallow(function, *args) -> None:
+    try:
+        function(*args)
+    except RuntimeError:
+        pass
 
 
 CHILD = """
@@ -286,7 +324,8 @@ def test_a_failing_point_fails_alone_and_reference_free_points_do_not_wait(prefe
     only; the flow ends Failed naming it; the reference-free point started before the cache was
     scored; two points trained at once (sweep.max_parallel: 2), never three; `dpo status` says
     which point failed and why."""
-    from flows.sweep_flow import SweepFailed, dpo_sweep
+    from flows.sweep_flow import dpo_sweep
+    from pipeline.errors import SweepFailed
 
     sweep = {"name": "mixed", "max_parallel": 2, "points": [{"train.beta": 1.0, "train.loss_type": "simpo"},
                                                             {"train.learning_rate": 1e9}, {"train.beta": 0.1}]}
