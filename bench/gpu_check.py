@@ -19,10 +19,7 @@ each backend and dtype; writes JSON to $OUT/gpu_check.json (or --out).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import os
 import shutil
 import sys
 import tempfile
@@ -31,16 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import ROOT, hh_slice  # noqa: E402
+from _common import ROOT, bench_parser, finish, hh_slice
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 def make_bundle(bundle: Path, rows: int) -> None:
     import pyarrow.parquet as pq
 
-    from pipeline.models.assets import smollm2_folder
     from pipeline.config.load import config_from_dict
+    from pipeline.models.assets import smollm2_folder
     from pipeline.prepare.stage import prepare
 
     model_dir = smollm2_folder()
@@ -113,14 +110,13 @@ def run_backend(name: str, model_dir: Path, dtype: str, data, max_sequence: int)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, "gpu_check.json", gpu=True)
     parser.add_argument("--make-bundle", type=Path)
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--bundle", type=Path, default=ROOT / ".gpu_bundle")
     parser.add_argument("--weights", type=Path, help="a SmolLM2 folder with weights, if one is there")
     parser.add_argument("--shapes", default="smollm2-135m,llama-1b",
                         help=f"model shapes (random weights but SmolLM2's with --weights): {', '.join(SHAPES)}")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "results")) / "gpu_check.json")
     args = parser.parse_args()
     if args.make_bundle:
         make_bundle(args.make_bundle, args.rows)
@@ -146,10 +142,8 @@ def main() -> int:
         report_shape(report, shape, backends, model_dir, Rows(data, max_sequence, tokens))
     if "vllm" not in backends:
         print("vLLM is not installed on this machine: only the transformers backend was measured")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"(differences are against transformers/float32 on the same GPU and shape)\nwrote {args.out}")
-    return 0
+    print("(differences are against transformers/float32 on the same GPU and shape)")
+    return finish(args.out, report)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import random
 import sys
 import tempfile
@@ -34,11 +32,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from gpu_check import build_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import build_model  # noqa: E402
+from _common import ROOT, bench_parser, finish, save_report
 
-ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = ("none", "fit", "flat")
 
 
@@ -85,8 +82,8 @@ def score_run(model_dir: Path, kernel: str, dtype: str, layout: str, data, token
 def train_run(model_dir: Path, kernel: str, layout: str, data, batches, dtype):
     import torch
 
-    from pipeline.logprobs.response import PairOptions, pair_token_logps
     from pipeline.logprobs.losses import PairLogps, sigmoid_loss
+    from pipeline.logprobs.response import PairOptions, pair_token_logps
 
     model = load(model_dir, kernel, dtype).train()
     prompts, chosens, rejecteds = data
@@ -146,7 +143,7 @@ def exactness(model_dir: Path, data, rows: int, report: dict) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, "gpu_packing.json", gpu=True)
     parser.add_argument("--bundle", type=Path, default=ROOT / ".gpu_bundle")
     parser.add_argument("--shapes", default="smollm2-135m,llama-1b")
     parser.add_argument("--kernels", default="sdpa,flex_attention")
@@ -158,8 +155,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eager", action="store_true", help="also eager attention on the small shape")
     parser.add_argument("--rows", type=int, help="only the first N pairs")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script")
-    parser.add_argument("--out", type=Path,
-                        default=Path(os.environ.get("OUT", ROOT / "bench" / "results")) / "gpu_packing.json")
     return parser.parse_args()
 
 
@@ -175,8 +170,7 @@ class Bench:
     report: dict
 
     def save(self) -> None:
-        self.args.out.parent.mkdir(parents=True, exist_ok=True)
-        self.args.out.write_text(json.dumps(self.report, indent=2) + "\n")
+        save_report(self.args.out, self.report)
 
 
 def load_bench(args: argparse.Namespace) -> Bench:
@@ -264,8 +258,7 @@ def main() -> int:
             except Exception as exc:
                 print(f"  exactness failed: {exc!r}", file=sys.stderr)
             bench.save()
-    print(f"wrote {args.out}")
-    return 0
+    return finish(args.out, bench.report)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ prepare`` cuts them: max_length 1024, prompt 768), each variant in its own proce
 memory; a crash or an OOM is a row with its error, not the end of the suite):
 
 - ours, eager and compiled (train.torch_compile), fused LM head on and off (train.fused_lm_head):
-  ``build_trainer`` + ``run_step`` (pipeline/train/step.py) on ``--batch`` pairs per step,
+  ``build_trainer`` + ``Trainer.run_step`` (pipeline/train/trainer.py) on ``--batch`` pairs per step,
   train.precision bf16 (pure) on the GPU, gradient checkpointing on the 8B shape only; the
   reference log-probs are zeros (they cost nothing and change no speed or memory);
 - TRL 1.16 ``DPOTrainer(precompute_ref_log_probs=True, bf16=True)`` with its GPU defaults
@@ -20,7 +20,7 @@ memory; a crash or an OOM is a row with its error, not the end of the suite):
   (``load_format="dummy"``: random weights) when ``import vllm`` works.
 
 Measures. tokens/s: sequence tokens (each pair's prompt counted for both responses, as
-``train_loss.token_count``: what a padded trainer such as TRL computes, padding left out) of
+``batches.token_count``: what a padded trainer such as TRL computes, padding left out) of
 the timed steps (after ``--warmup``) over their seconds (each step synchronized). Model FLOP/s
 = 6 x N x tokens/s for training (2 x N x tokens/s for scoring and the precompute), N =
 non-embedding parameters + the LM head's (vocab x hidden; counted once when tied to the input
@@ -85,10 +85,10 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import HH_TEST, ROOT, write_report  # noqa: E402
-from memory_bench import LLAMA_SHAPES  # noqa: E402
-from trl_compare import read_pairs  # noqa: E402
+from memory_bench import LLAMA_SHAPES
+from trl_compare import read_pairs
+
+from _common import HH_TEST, ROOT, bench_parser, finish
 
 SHAPES = {  # LlamaConfig keywords; SmolLM2-135M's from its config.json, the Llamas' from memory_bench
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -196,15 +196,14 @@ def matmul_worker(spec: dict) -> dict:
 
 
 def ours_worker(spec: dict) -> dict:
-    """Our trainer (build_trainer + run_step) on the pairs, one variant (compile, fused head)."""
+    """Our trainer (build_trainer + Trainer.run_step) on the pairs, one variant (compile, fused head)."""
     import torch
 
     import pipeline.models.precision as precision
-    from pipeline.models import compiling
     from pipeline.config.load import config_from_dict
-    from pipeline.train.stage import build_trainer
+    from pipeline.models import compiling
     from pipeline.train.batches import Split
-    from pipeline.train.step import run_step
+    from pipeline.train.stage import build_trainer
 
     compiled, fused = VARIANTS[spec["variant"]]
     cfg = config_from_dict({"data": {"path": "unused"}, "model": {"path": "unused"}, "train": {
@@ -222,7 +221,7 @@ def ours_worker(spec: dict) -> dict:
     reset_peak(spec["device"])
     records, graphs = [], []
     for step in range(spec["steps"]):
-        records.append(run_step(trainer, step))
+        records.append(trainer.run_step(step))
         graphs.append(compiling.graphs_compiled())
     timed = records[spec["warmup"]:]
     seconds = [r["seconds"] for r in timed]
@@ -592,7 +591,7 @@ def print_table(report: dict) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, "gpu_suite.json", gpu=True)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shape, a few pairs: the code paths")
     parser.add_argument("--device", choices=["cuda", "cpu"])
     parser.add_argument("--shapes", help=f"comma-separated, of {', '.join(SHAPES)}")
@@ -606,8 +605,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-prompt", type=int, help="prompt tokens (default 768; dry run 32)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="no variant starts after this many seconds")
     parser.add_argument("--bundle", type=Path, default=ROOT / ".gpu_bundle", help="bench/gpu_check.py's bundle")
-    default_out = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "results"
-    parser.add_argument("--out", type=Path, default=default_out / "gpu_suite.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -650,8 +647,7 @@ def main() -> int:
     report["matmul_flops_per_s"], report["matmul_dtype"] = matmul.get("flops_per_s"), matmul.get("dtype")
     add_derived(report["rows"], report["matmul_flops_per_s"])
     print_table(report)
-    write_report(args.out, report)
-    return 0
+    return finish(args.out, report)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,7 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+from _common import bench_parser, finish
 
 MODES = {  # name: (model.dtype, train overrides, distributed)
     "float32": ("float32", {}, None),
@@ -129,9 +127,9 @@ def _train(mode: str, config: dict, cfg, root: Path, row: dict):
 
 def _run_figures(result) -> dict:
     """Steps, seconds per step, eval accuracies and losses, and the step-0 check of a finished run."""
-    from pipeline.storage import layout
+    from pipeline.storage import paths
 
-    metrics = [json.loads(line) for line in (result.run_dir / layout.METRICS).read_text().splitlines() if line.strip()]
+    metrics = [json.loads(line) for line in (result.run_dir / paths.METRICS).read_text().splitlines() if line.strip()]
     steps = [m for m in metrics if "loss" in m and "eval/loss" not in m]
     step_seconds = [m["seconds"] for m in steps]
     summary = result.summary
@@ -176,7 +174,7 @@ def _fmt(value, spec: str) -> str:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, "gpu_train_check.json", gpu=True)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)}")
     parser.add_argument("--nproc", type=int, help="processes of ddp/fsdp (default: the visible GPUs; "
@@ -184,8 +182,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--max-steps", type=int, help="override DEMO_TRAIN's max_steps (dry runs)")
     parser.add_argument("--root", type=Path, help="working folder (default: a fresh temporary one)")
-    parser.add_argument("--out", type=Path,
-                        default=Path(os.environ.get("OUT", ROOT / "bench" / "results")) / "gpu_train_check.json")
     return parser.parse_args()
 
 
@@ -247,10 +243,7 @@ def main() -> int:
         pass
     run_modes(args, report)
     print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"wrote {args.out}")
-    return 1 if report["failures"] else 0
+    return finish(args.out, report, failed=bool(report["failures"]))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 
     PYTHONPATH=. .venv/bin/python bench/memory_bench.py [--steps 5] [--batch-size 4] [--max-length 512]
 
-CPU: SmolLM2-135M on an HH slice, through the trainer's own ``train_step`` (the reference
+CPU: SmolLM2-135M on an HH slice, through the trainer's own ``Trainer.train_step`` (the reference
 log-probs are zeros instead of a score cache: they change no memory). Each mode runs in its own
 process; a thread samples the RSS (/proc/self/statm) every 2 ms, so the peak of each step is its
 own. Also reported: the training state in bytes per parameter, counted from the tensors (weights +
 gradients + AdamW states, just before zero_grad of the first step), and the same run without the
-malloc_trim that ``train_step`` does on CPU (``--no-trim`` rows: what RSS does without it).
+malloc_trim that ``Trainer.train_step`` does on CPU (``--no-trim`` rows: what RSS does without it).
 
 GPU (only when CUDA is available): random-weight Llama models of real shapes (1B and 8B configs,
 built from LlamaConfig, no download) on one GPU, gradient checkpointing on, one synthetic pair of
@@ -29,10 +29,8 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, hh_slice, write_report  # noqa: E402
+from _common import ROOT, bench_parser, finish, hh_slice
 
 MODES = ("float32", "bf16-mixed", "bf16")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -92,22 +90,21 @@ def _zero_reference(split, index):
 
 
 def cpu_worker(args) -> dict:
-    """One mode, one process: per-step peak RSS of ``train_step`` on SmolLM2-135M."""
+    """One mode, one process: per-step peak RSS of ``Trainer.train_step`` on SmolLM2-135M."""
     import pyarrow.parquet as pq
     import torch
 
     import pipeline.models.precision as precision
-    from pipeline.storage import layout
     from pipeline.models.loading import load_causal_lm
-    from pipeline.train.stage import build_trainer
-    from pipeline.train.step import run_step
+    from pipeline.storage import locate, paths
     from pipeline.train.batches import Split
+    from pipeline.train.stage import build_trainer
 
     if args.no_trim:
         precision.release_memory = lambda device: None
     sampler = RssSampler()
     cfg = _config(args.storage, args.model, args.data, args.mode, args)
-    table = pq.read_table(layout.locate_dataset(cfg) / layout.EXAMPLES)
+    table = pq.read_table(locate.find_dataset(cfg) / paths.EXAMPLES)
     n = table.num_rows
     split = Split(table.column("id").to_pylist(), table.column("prompt_ids").to_pylist(),
                   table.column("chosen_ids").to_pylist(), table.column("rejected_ids").to_pylist(),
@@ -115,7 +112,7 @@ def cpu_worker(args) -> dict:
     empty = Split([], [], [], [], torch.zeros(0), torch.zeros(0))
     before_load = RssSampler.rss()
     torch.manual_seed(0)
-    policy = load_causal_lm(layout.policy_init(cfg), "cpu").train()
+    policy = load_causal_lm(paths.policy_init(cfg), "cpu").train()
     trainer = build_trainer(cfg, {"train": split, "eval": empty}, policy)
     trainer.reference = _zero_reference
     after_load = RssSampler.rss()
@@ -131,7 +128,7 @@ def cpu_worker(args) -> dict:
     trainer.optimizer.zero_grad = zero_grad_after_counting
     peaks, losses, seconds, after = [], [], [], []
     for step in range(args.steps):
-        record = run_step(trainer, step)
+        record = trainer.run_step(step)
         peaks.append(sampler.reset() / 2**20)
         after.append(RssSampler.rss() / 2**20)
         losses.append(record["loss"])
@@ -152,9 +149,8 @@ def gpu_worker(args) -> dict:
 
     import pipeline.models.precision as precision
     from pipeline.config.load import config_from_dict
-    from pipeline.train.stage import build_trainer
-    from pipeline.train.step import run_step
     from pipeline.train.batches import Split
+    from pipeline.train.stage import build_trainer
 
     device = "cpu" if args.shape == "tiny" else "cuda"
     lora = args.lora == "yes"
@@ -192,7 +188,7 @@ def gpu_worker(args) -> dict:
             torch.cuda.reset_peak_memory_stats()
         peaks = []
         for step in range(args.steps):
-            record = run_step(trainer, step)
+            record = trainer.run_step(step)
             if device == "cuda":
                 peaks.append(torch.cuda.max_memory_allocated() / 2**30)
             out.setdefault("losses", []).append(record["loss"])
@@ -216,7 +212,7 @@ def _spawn(argv: list[str], env: dict | None = None) -> dict:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, "memory.json")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
@@ -227,7 +223,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--gpu-dry-run", action="store_true", help="run the GPU section's code on CPU, tiny shape")
     parser.add_argument("--lora-modes", default="bf16", help="precisions of the GPU LoRA rows ('' for none)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))
     worker = parser.add_argument_group("worker (internal)")
     for name in ("--worker", "--mode", "--storage", "--model", "--data", "--shape"):
         worker.add_argument(name, help=argparse.SUPPRESS)
@@ -314,8 +309,7 @@ def main() -> int:
         print_gpu(report)
     else:
         print("\nGPU section skipped: no CUDA device")
-    write_report(args.out, report)
-    return 0
+    return finish(args.out, report)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -18,18 +17,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import HH_TEST, ROOT, write_report  # noqa: E402
+from _common import HH_TEST, bench_parser, finish
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, "prepare.json")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", default=str(HH_TEST))
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "prepare.json"))
     args = parser.parse_args()
 
-    from pipeline.models.assets import smollm2_folder
     from pipeline.config.load import config_from_dict
+    from pipeline.models.assets import smollm2_folder
     from pipeline.prepare.stage import prepare
 
     if not Path(args.data).exists():
@@ -75,8 +73,7 @@ def main() -> int:
     print(f"{'seconds':<26}{median['seconds']:>14.2f}")
     print(f"{'rows/s':<26}{median['rows_per_s']:>14.0f}")
     print(f"{'tokens/s':<26}{median['tokens_per_s']:>14.0f}")
-    write_report(args.out, report)
-    return 0
+    return finish(args.out, report)
 
 
 if __name__ == "__main__":

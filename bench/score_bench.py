@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from _common import ROOT, hh_slice, write_report  # noqa: E402
+from _common import bench_parser, finish, hh_slice
 
 
 def matmul_ceiling(seconds: float = 3.0) -> float:
@@ -66,11 +66,10 @@ def naive_score(model, prompts, responses, batch_size=8):
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, "score.json")
     parser.add_argument("--rows", type=int, default=48, help="HH examples (2 sequences each)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--budgets", default="1024,2048,4096", help="tokens_per_batch values to try")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "score.json"))
     return parser.parse_args()
 
 
@@ -95,8 +94,8 @@ class Workload:
 
 def prepare_slice(args: argparse.Namespace):
     """Prepare ``--rows`` HH examples with SmolLM2's tokenizer; returns the config and the examples."""
-    from pipeline.models.assets import smollm2_folder
     from pipeline.config.load import config_from_dict
+    from pipeline.models.assets import smollm2_folder
     from pipeline.prepare.stage import prepare
 
     model_dir = smollm2_folder()
@@ -200,8 +199,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform()},
         "results": rows,
     }
-    write_report(args.out, report)
-    return 0
+    return finish(args.out, report)
 
 
 if __name__ == "__main__":

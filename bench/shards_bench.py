@@ -16,7 +16,6 @@ Prints a table and writes JSON to bench/results/shards.json (or --out).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -25,9 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from _common import ROOT, bench_parser, finish
 
 STEP = """
 import sys, time, json
@@ -43,9 +40,9 @@ BODIES = {
     "score": "from pipeline.score.stage import score\nr = score(cfg, show_progress=False)",
     "up to date": "from pipeline.score.stage import score\nr = score(cfg, show_progress=False)\nassert r.skipped",
     "resume": "from pipeline.score.stage import score\nr = score(cfg, show_progress=False)\nassert not r.skipped",
-    "train read": ("from pipeline import layout\nfrom pipeline.train.batches import load_split_data\n"
-                   "d = layout.locate_dataset(cfg)\nfp = layout.verified_dataset(d)['fingerprint']\n"
-                   "splits, _ = load_split_data(d, layout.locate_ref_cache(cfg, fp))"),
+    "train read": ("from pipeline.storage import locate, trust\nfrom pipeline.train.batches import load_split_data\n"
+                   "d = locate.find_dataset(cfg)\nfp = trust.verified_dataset(d)['fingerprint']\n"
+                   "splits, _ = load_split_data(d, locate.find_refscores(cfg, fp))"),
 }
 
 
@@ -58,17 +55,15 @@ def timed_step(name: str, config: Path) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, "shards.json")
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "shards.json")
     args = parser.parse_args()
 
     import yaml
 
-    from _common import write_report
-    from pipeline.models.assets import build_demo_assets, demo_preferences
     from pipeline.config.load import config_from_dict
+    from pipeline.models.assets import build_demo_assets, demo_preferences
     from pipeline.prepare.stage import prepare
 
     root = Path(tempfile.mkdtemp(prefix="shards-bench-"))
@@ -112,8 +107,7 @@ def main() -> int:
     print(f"{'step':<12}{'seconds':>10}")
     for step in ("score", "up to date", "resume", "status", "train read"):
         print(f"{step:<12}{results[step]:>10.2f}")
-    write_report(args.out, results)
-    return 0
+    return finish(args.out, results)
 
 
 if __name__ == "__main__":

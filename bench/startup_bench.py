@@ -42,15 +42,17 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from _common import ROOT, bench_parser, finish, hh_slice  # noqa: E402
+
 # (module, attribute or Class.method, phase) in the order a run meets them.
 PHASES = [
     ("pipeline.config.load", "load_config", "config load"),
-    ("pipeline.storage.layout", "locate_dataset", "locate dataset"),
-    ("pipeline.storage.layout", "dataset_identity", "dataset identity (data, tokenizer files)"),
-    ("pipeline.storage.layout", "verified_dataset", "verify dataset manifest"),
-    ("pipeline.storage.layout", "refscores_identity", "score identity"),
-    ("pipeline.storage.layout", "locate_ref_cache", "locate reference cache"),
-    ("pipeline.storage.layout", "verified_refscores", "verify cache manifest"),
+    ("pipeline.storage.locate", "find_dataset", "locate dataset"),
+    ("pipeline.storage.paths", "dataset_identity", "dataset identity (data, tokenizer files)"),
+    ("pipeline.storage.trust", "verified_dataset", "verify dataset manifest"),
+    ("pipeline.storage.paths", "refscores_identity", "score identity"),
+    ("pipeline.storage.locate", "find_refscores", "locate reference cache"),
+    ("pipeline.storage.trust", "verified_refscores", "verify cache manifest"),
     ("pipeline.models.loading", "model_fingerprint", "model fingerprint"),
     ("pipeline.store", "sha256_file", lambda a, k: "sha256 (file-hash cache)"
      if k.get("use_cache", a[1] if len(a) > 1 else True) else "sha256 (uncached)"),
@@ -66,8 +68,8 @@ PHASES = [
     ("pipeline.train.stage", "load_split_data", "load_split_data"),
     ("pipeline.train.stage", "build_trainer", "build trainer"),
     ("pipeline.train.stage", "step0_check", "step-0 check"),
-    ("pipeline.train.stage", "Trainer.evaluate", "eval"),
-    ("pipeline.train.stage", "train_step", "train steps"),
+    ("pipeline.train.evaluator", "Evaluator.evaluate", "eval"),
+    ("pipeline.train.trainer", "Trainer.train_step", "train steps"),
     ("pipeline.train.stage", "_finish", "finish (final/, run.json)"),
     ("pipeline.train.stage", "train", "train stage"),
 ]
@@ -209,9 +211,6 @@ def importtime(python: str, env: dict, cwd: Path, top: int = 10) -> list[dict]:
 def prepared_storage(args, tmp: Path, env: dict) -> Path:
     import yaml
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import hh_slice
-
     from pipeline.models.assets import smollm2_folder
 
     data = hh_slice(tmp, args.rows)
@@ -229,9 +228,6 @@ def prepared_storage(args, tmp: Path, env: dict) -> Path:
     run_timed([sys.executable, "-m", "flows.cli", "prepare", "-c", str(config), "--no-progress"], env,
               tmp / "prepare.log", ROOT)
     return config
-
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def summarize(runs: list[dict[str, dict]]) -> dict[str, dict]:
@@ -263,7 +259,7 @@ def print_table(report: dict) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, "startup.json", whole_doc=True)
     parser.add_argument("--child", choices=["score", "train"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -277,7 +273,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cold-hash", action="store_true", help="first repeat with an empty file-hash cache")
     parser.add_argument("--append", action="store_true",
                         help="add these repeats to the label's earlier ones in --out (to interleave two trees)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "startup.json"))
     return parser.parse_args()
 
 
@@ -338,7 +333,7 @@ def merged_report(args: argparse.Namespace, commands: dict, imports: list[dict],
     return report
 
 
-def main() -> None:
+def main() -> int | None:
     args = parse_args()
     if args.child:
         return child(args.child, args.config, args.child_out)
@@ -353,11 +348,8 @@ def main() -> None:
         per_stage = run_stages(args, env, tmp, config)
     report = merged_report(args, commands, imports, per_stage)
     print_table(report)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import write_report
-
-    write_report(args.out, report)
+    return finish(args.out, report)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

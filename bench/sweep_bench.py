@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, write_report  # noqa: E402
+from _common import ROOT, bench_parser, finish
 
 DPO = str(Path(sys.executable).parent / "dpo")
 GRID = {"train.beta": [0.05, 0.1], "train.loss_type": ["sigmoid", "ipo"]}
@@ -48,8 +48,9 @@ BASELINE = "4 x dpo run"
 
 def points() -> list[dict]:
     """The grid's product, as `dpo sweep` makes it: [{"train.beta": 0.05, "train.loss_type": "sigmoid"}, ...]."""
-    from flows.sweep_plan import point_overrides
     from pipeline.config.sweep import SweepConfig
+
+    from flows.sweep_plan import point_overrides
 
     return point_overrides(SweepConfig(grid=GRID))
 
@@ -157,15 +158,13 @@ def print_tables(results: dict[str, dict], machine: dict) -> None:
 def parse_args() -> argparse.Namespace:
     from pipeline.models.assets import DEMO_TRAIN
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, "sweep.json", whole_doc=True)
     parser.add_argument("--max-steps", type=int, default=DEMO_TRAIN["max_steps"], help="steps per run")
     parser.add_argument("--skip-parallel", action="store_true", help="leave out the sweep with max_parallel=2")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "sweep.json"))
     return parser.parse_args()
 
 
 def main() -> int:
-    sys.path.insert(0, str(ROOT))
     args = parse_args()
     from pipeline.models.assets import build_demo_assets
 
@@ -189,9 +188,8 @@ def main() -> int:
     machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     print_tables(results, machine)
     ratios = {name: result["wall_s"] / results[BASELINE]["wall_s"] for name, result in results.items()}
-    write_report(args.out, {"bench": "sweep", "grid": GRID, "max_steps": args.max_steps, "machine": machine,
-                            "scenarios": results, "ratio_vs_separate": ratios})
-    return 0
+    return finish(args.out, {"bench": "sweep", "grid": GRID, "max_steps": args.max_steps, "machine": machine,
+                             "scenarios": results, "ratio_vs_separate": ratios})
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     PYTHONPATH=. .venv/bin/python bench/train_bench.py [--rows 24] [--steps 5] [--batch-size 4]
     (or `make bench-train`)
 
-SmolLM2-135M on an HH slice. Both variants run the trainer's own step, ``pipeline.train.stage.train_step``,
+SmolLM2-135M on an HH slice. Both variants run the trainer's own step, ``Trainer.train_step``,
 on a ``Trainer`` from ``build_trainer`` (one shared-prefix forward per micro-batch, the configured
 loss, clipping, AdamW, schedule), on the same batches. The only difference is the reference:
 - ours: ``trainer.reference`` is the default ``cached_reference`` (the score cache); only the
@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, hh_slice, write_report  # noqa: E402
+from _common import ROOT, bench_parser, finish, hh_slice
 
 
 def live_reference(trainer, model):
@@ -50,24 +50,23 @@ def live_reference(trainer, model):
 def run_variant(args) -> dict:
     import torch
 
-    from pipeline.storage import layout
     from pipeline.config.load import load_config
     from pipeline.models.loading import load_causal_lm
-    from pipeline.train.stage import build_trainer
-    from pipeline.train.step import run_step
+    from pipeline.storage import locate, paths, trust
     from pipeline.train.batches import batch_indices, load_split_data
+    from pipeline.train.stage import build_trainer
 
     cfg = load_config(args.config)
-    dataset_dir = layout.locate_dataset(cfg)
-    cache_dir = layout.locate_ref_cache(cfg, layout.verified_dataset(dataset_dir)["fingerprint"])
+    dataset_dir = locate.find_dataset(cfg)
+    cache_dir = locate.find_refscores(cfg, trust.verified_dataset(dataset_dir)["fingerprint"])
     splits, _ = load_split_data(dataset_dir, cache_dir)
     split = splits["train"]
     torch.manual_seed(cfg.train.seed)
-    policy = load_causal_lm(layout.policy_init(cfg), "cpu").train()  # float32 master weights, as train()
+    policy = load_causal_lm(paths.policy_init(cfg), "cpu").train()  # float32 master weights, as train()
     trainer = build_trainer(cfg, splits, policy)
     if args.variant == "baseline":
         trainer.reference = live_reference(trainer, load_causal_lm(cfg.model, "cpu"))
-    records = [run_step(trainer, step) for step in range(cfg.train.max_steps)]
+    records = [trainer.run_step(step) for step in range(cfg.train.max_steps)]
     times = [r["seconds"] for r in records]
     t = cfg.train
     return {
@@ -82,21 +81,20 @@ def run_variant(args) -> dict:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, "train.json")
     parser.add_argument("--rows", type=int, default=24)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--variant", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.json"))
     return parser.parse_args()
 
 
 def run_variants(args: argparse.Namespace) -> list[dict]:
     """Prepare and score an HH slice, then each variant in its own process: [ours, baseline]."""
-    from pipeline.models.assets import smollm2_folder
     from pipeline.config.load import load_config
+    from pipeline.models.assets import smollm2_folder
     from pipeline.prepare.stage import prepare
     from pipeline.score.stage import score
 
@@ -108,7 +106,7 @@ def run_variants(args: argparse.Namespace) -> list[dict]:
             "storage": tmp, "data": {"path": str(data), "eval_fraction": 0.0},
             "model": {"path": str(model_dir)},
             "tokenize": {"max_length": args.max_length, "max_prompt_length": args.max_length // 2},
-            # train_step's settings; lr 1e-6, sigmoid loss, beta 0.1, clip 1.0 are the defaults.
+            # the step's settings; lr 1e-6, sigmoid loss, beta 0.1, clip 1.0 are the defaults.
             "train": {"per_device_train_batch_size": args.batch_size, "max_steps": args.steps, "device": "cpu",
                       "step0_check": "off"},
         }))
@@ -150,8 +148,7 @@ def main() -> int:
     report = {"bench": "train", "model": "SmolLM2-135M-Instruct", "batch_size": args.batch_size,
               "max_length": args.max_length, "results": results,
               "ratio_time": ratio_time, "ratio_peak_rss": ratio_mem}
-    write_report(args.out, report)
-    return 0
+    return finish(args.out, report)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ order: its dataset is ordered by our trainer's permutation (``pipeline.train.bat
 sampled sequentially (exact as long as steps x batch <= rows).
 
 Step time: seconds per optimizer step, mean over the steps after the first (warm-up); ours is the
-``seconds`` of each step in ``metrics.jsonl`` (timed inside ``train_step``), TRL's from a
+``seconds`` of each step in ``metrics.jsonl`` (timed inside ``Trainer.train_step``), TRL's from a
 ``TrainerCallback`` (``on_step_begin`` to ``on_step_end``). The three ratios are ours / TRL's.
 
 Reference agreement: TRL's precomputed ``ref_chosen_logps`` / ``ref_rejected_logps`` against our
@@ -53,8 +53,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, hh_slice, write_report  # noqa: E402
+from _common import ROOT, bench_parser, finish, hh_slice
 
 MARKER = "\n\nAssistant:"
 LEARNING_RATE = 1e-6
@@ -178,7 +177,7 @@ def with_overrides(pairs: list[str], config: dict) -> dict:
 
 
 def run_ours(args, tmp: Path, config: Path, env: dict) -> dict:
-    from pipeline.storage import layout
+    from pipeline.storage import paths
 
     stages = {}
     for stage in ("prepare", "score", "train"):
@@ -187,7 +186,7 @@ def run_ours(args, tmp: Path, config: Path, env: dict) -> dict:
         st = stages[stage]
         print(f"  ours {stage}: {st['wall_s']:.1f} s, peak RSS {st['peak_rss_gb']:.2f} GB "
               f"(others' CPU meanwhile {st['others_cpu_s']:.1f} s)", flush=True)
-    records = [json.loads(line) for line in (tmp / "storage" / "runs" / "bench" / layout.METRICS).open()]
+    records = [json.loads(line) for line in (tmp / "storage" / "runs" / "bench" / paths.METRICS).open()]
     steps = [r for r in records if r.get("step", 0) > 0 and "loss" in r]
     return {
         "stages": stages,
@@ -208,19 +207,19 @@ def our_rows(config: Path) -> dict:
     import pyarrow.dataset as pa_dataset
     import pyarrow.parquet as pq
 
-    from pipeline.storage import layout
     from pipeline.config.load import load_config
+    from pipeline.storage import locate, paths, trust
 
     cfg = load_config(config)
-    dataset_dir = layout.locate_dataset(cfg)
-    cache_dir = layout.locate_ref_cache(cfg, layout.verified_dataset(dataset_dir)["fingerprint"])
-    examples = pq.read_table(dataset_dir / layout.EXAMPLES, columns=[
+    dataset_dir = locate.find_dataset(cfg)
+    cache_dir = locate.find_refscores(cfg, trust.verified_dataset(dataset_dir)["fingerprint"])
+    examples = pq.read_table(dataset_dir / paths.EXAMPLES, columns=[
         "id", "split", "source_row", "prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids",
     ]).to_pylist()
     scores = pa_dataset.dataset(sorted(str(p) for p in cache_dir.glob("part-*.parquet")), format="parquet")
     logps = {r["id"]: r for r in scores.to_table(columns=["id", "chosen_logp", "rejected_logp"]).to_pylist()}
     rows = [{**r, **logps[r["id"]]} for r in examples if r["split"] == "train"]
-    return {"rows": rows, "rejected": pq.read_metadata(dataset_dir / layout.REJECTS).num_rows}
+    return {"rows": rows, "rejected": pq.read_metadata(dataset_dir / paths.REJECTS).num_rows}
 
 
 # --- TRL -----------------------------------------------------------------------------------------
@@ -462,7 +461,7 @@ def print_table(report: dict) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, "trl_compare.json")
     parser.add_argument("--rows", type=int, default=128, help="first rows of the HH file (2312: all of it)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4, help="pairs per step (no accumulation)")
@@ -473,7 +472,6 @@ def parse_args() -> argparse.Namespace:
                         help="our config only, e.g. train.torch_compile=true (TRL's side is unchanged)")
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
                         help="keep TRL's default gradient_checkpointing=True (ours has it off)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "trl_compare.json"))
     parser.add_argument("--side", choices=["trl"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -556,8 +554,7 @@ def main() -> int:
     report["settings"]["pairs"] = len(ours_rows) if ours_rows is not None else report["trl"]["rows"]
     add_ratios(report)
     print_table(report)
-    write_report(args.out, report)
-    return 0
+    return finish(args.out, report)
 
 
 if __name__ == "__main__":

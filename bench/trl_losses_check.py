@@ -23,12 +23,14 @@ import argparse
 import collections
 import dataclasses
 import math
+import os
 import types
 
 import torch
 
 from pipeline.logprobs.losses import LOSSES, TRL_LOSS_TYPES, PairLogps, combined_loss, sft_loss
-import os
+
+from _common import bench_parser
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -115,7 +117,7 @@ def ours(loss_types, weights, case: Case, gamma=0.5):
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()

@@ -20,7 +20,6 @@ Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -29,8 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import HH_TEST, ROOT, write_report  # noqa: E402
+from _common import HH_TEST, bench_parser, finish
 
 TRAIN_COLUMNS = ["id", "chosen_logp", "rejected_logp", "chosen_tokens", "rejected_tokens"]
 
@@ -42,8 +40,8 @@ def build_cache(tmp: Path, data: str) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.models.assets import smollm2_folder
     from pipeline.config.load import config_from_dict
+    from pipeline.models.assets import smollm2_folder
     from pipeline.prepare.stage import prepare
     from pipeline.score.stage import score
 
@@ -74,10 +72,10 @@ def measure(cache: Path, repeats: int) -> dict:
     import polars as pl
     import pyarrow.dataset as pa_dataset
 
-    from pipeline.storage import layout, refvalues
     from pipeline.audit.checks import AuditReport, audit, check_rows, load_scores
+    from pipeline.storage import refvalues, trust
 
-    manifest = layout.verified_refscores(cache)
+    manifest = trust.verified_refscores(cache)
     paths = [cache / s["file"] for s in manifest["shards"]]
     table = pa_dataset.dataset([str(p) for p in paths]).to_table()
     scores = load_scores(cache, manifest)
@@ -98,10 +96,9 @@ def measure(cache: Path, repeats: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, "value_checks.json")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data", default=str(HH_TEST))
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "value_checks.json"))
     args = parser.parse_args()
     if not Path(args.data).exists():
         print(f"no data at {args.data}: see ../shared/data/README.md", file=sys.stderr)
@@ -115,9 +112,8 @@ def main() -> int:
     print(f"{'step':<22}{'median s':>10}")
     for name, seconds in result["seconds"].items():
         print(f"{name:<22}{seconds:>10.4f}")
-    write_report(args.out, {"bench": "value_checks", "data": args.data, "repeats": args.repeats,
-                            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, **result})
-    return 0
+    return finish(args.out, {"bench": "value_checks", "data": args.data, "repeats": args.repeats,
+                             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, **result})
 
 
 if __name__ == "__main__":

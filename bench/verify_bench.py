@@ -3,7 +3,7 @@
     PYTHONPATH=. .venv/bin/python bench/verify_bench.py [--gb 1.0] [--shards 64] [--repeats 3]
                                                         [--dir /tmp] [--out bench/results/verify.json]
 
-Every reader of a cache (train, audit, score's resume) calls ``layout.verified_refscores(dir)``
+Every reader of a cache (train, audit, score's resume) calls ``trust.verified_refscores(dir)``
 before it reads a byte: presence and sha256 of each shard against the manifest, hashed at most
 once per file per process (``store.sha256_verified``). This builds a synthetic cache in the real
 format -- ``--shards`` Parquet shards of 4096 rows with the score stage's schema (per-token
@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, write_report  # noqa: E402
+from _common import ROOT, bench_parser, finish
 
 SHARD_ROWS = 4096
 TRAIN_COLUMNS = ["id", "chosen_logp", "rejected_logp", "chosen_tokens", "rejected_tokens"]
@@ -74,13 +74,14 @@ def build_cache(storage: Path, gb: float, n_shards: int) -> Path:
     """A complete refscores directory of ``n_shards`` shards totalling about ``gb`` GB."""
     import numpy as np
 
-    from pipeline.storage import layout
     from pipeline.score.stage import scores_schema
+    from pipeline.storage import paths
+    from pipeline.storage.shards import ShardPlan
     from pipeline.store import ensure_dir, fingerprint, write_manifest, write_parquet
 
     inputs = {
         "kind": "refscores",
-        "schema_version": layout.REFSCORES_SCHEMA_VERSION,
+        "schema_version": paths.REFSCORES_SCHEMA_VERSION,
         "dataset_fingerprint": hashlib.sha256(b"synthetic dataset").hexdigest(),
         "model": {"config_sha256": hashlib.sha256(b"config").hexdigest(),
                   "weights": {"model.safetensors": hashlib.sha256(b"weights").hexdigest()}},
@@ -89,18 +90,18 @@ def build_cache(storage: Path, gb: float, n_shards: int) -> Path:
         "store_token_logps": True,
         "shard_rows": SHARD_ROWS,
     }
-    out_dir = ensure_dir(layout.refscores_dir(storage, fingerprint(inputs)))
+    out_dir = ensure_dir(paths.refscores_dir(storage, fingerprint(inputs)))
     rng = np.random.default_rng(0)
     per_shard = gb * 1e9 / n_shards
     mean_tokens = max(1, int(per_shard / (2 * SHARD_ROWS * 4)))  # float32 per token, two sides
-    shards = []
+    shards, sharding = [], ShardPlan(n_shards * SHARD_ROWS, SHARD_ROWS)
     for index in range(n_shards):
         table = _shard(index, mean_tokens, rng)
-        name = layout.shard_name(index)
+        name = ShardPlan.file(index)
         sha = write_parquet(table, out_dir / name, table.num_rows, {"dpo.shard": str(index)})
         if index == 0:  # zstd squeezes the exponents a little: aim the rest at the target size
             mean_tokens = max(1, round(mean_tokens * per_shard / (out_dir / name).stat().st_size))
-        shards.append({"file": name, "first_row": index * SHARD_ROWS, "rows": table.num_rows, "sha256": sha,
+        shards.append({"file": name, "first_row": sharding.rows_of(index).start, "rows": table.num_rows, "sha256": sha,
                        "chosen_tokens": int(sum(table.column("chosen_tokens").to_pylist())),
                        "rejected_tokens": int(sum(table.column("rejected_tokens").to_pylist()))})
         print(f"\rwriting shard {index + 1}/{n_shards}", end="", file=sys.stderr, flush=True)
@@ -108,7 +109,7 @@ def build_cache(storage: Path, gb: float, n_shards: int) -> Path:
     write_manifest(out_dir, {
         "kind": "refscores", "fingerprint": out_dir.name, "inputs": inputs, "model_path": "(synthetic)",
         "rows": sum(s["rows"] for s in shards), "columns": scores_schema(True).names,
-        "versions": layout.library_versions(),
+        "versions": paths.library_versions(),
         "settings": {"device": "cpu", "tokens_per_batch": 2048, "prefix_sharing": True},
         "shards": shards,
         "tokens": {side: sum(s[f"{side}_tokens"] for s in shards) for side in ("chosen", "rejected")},
@@ -140,13 +141,13 @@ def measure(mode: str, cache_dir: Path, evict: bool) -> dict:
     if evict:
         _evict(paths)
     if mode == "verify":
-        from pipeline.storage import layout
+        from pipeline.storage import trust
 
         start = time.perf_counter()
-        layout.verified_refscores(cache_dir)
+        trust.verified_refscores(cache_dir)
         first = time.perf_counter() - start
         start = time.perf_counter()
-        layout.verified_refscores(cache_dir)
+        trust.verified_refscores(cache_dir)
         return {"first": first, "second": time.perf_counter() - start}
     if mode in ("read_all", "read_train"):
         import pyarrow.parquet as pq
@@ -184,12 +185,11 @@ def _child(mode: str, cache_dir: Path, evict: bool = False) -> dict:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, "verify.json")
     parser.add_argument("--gb", type=float, default=1.0, help="size of the synthetic cache on disk")
     parser.add_argument("--shards", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default="/tmp", help="where to build the temporary cache")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "verify.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     parser.add_argument("--evict", action="store_true", help=argparse.SUPPRESS)
@@ -280,8 +280,7 @@ def main() -> int:
         "runs": m.runs,
         "evicted": m.evicted,
     }
-    write_report(args.out, report)
-    return 0
+    return finish(args.out, report)
 
 
 if __name__ == "__main__":
