@@ -32,14 +32,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 from pipeline import STAGES
-from pipeline.storage import layout
-from pipeline.audit.checks import AuditFailed, audit
+from pipeline.audit.checks import audit
 from pipeline.audit.report import save_report
-from pipeline.config.schema import world_size
 from pipeline.config.load import config_from_dict
-from pipeline.train.launch import launch_log_dir, run_streaming, train_argv
+from pipeline.config.schema import world_size
+from pipeline.errors import AuditFailed, StageRefused
 from pipeline.prepare.stage import prepare
+from pipeline.storage import paths, trust
 from pipeline.store import exclusive, lock_path
+from pipeline.train.launch import launch_log_dir, run_streaming, train_argv
 from pipeline.train.stage import TrainResult, launch, train
 
 from flows.params import PipelineConfig, Stage, config_dict
@@ -57,11 +58,11 @@ def _remove_output(stage: str, directory: Path) -> None:
     """--force: delete a stage's output, holding its writer lock (never under a running writer)."""
     if stage == "audit":
         for suffix in (".json", ".html"):
-            path = layout.audit_report_path(layout.storage_of(directory), directory.name, "full", suffix)
+            path = paths.audit_report_path(paths.storage_of(directory), directory.name, "full", suffix)
             path.unlink(missing_ok=True)
         return
     if directory.exists():
-        storage, kind = layout.storage_of(directory), directory.parent.name
+        storage, kind = paths.storage_of(directory), directory.parent.name
         with exclusive(lock_path(storage, kind, directory.name), f"{stage} output {directory}", wait=True):
             shutil.rmtree(directory)
 
@@ -112,11 +113,6 @@ def prepare_task(config: dict, reuse: str | None = None) -> dict:
     ]
     create_table_artifact(rows, key="dpo-prepare", description=f"rows kept and rejected: {result.output_dir}")
     return {"output_dir": str(result.output_dir), "counts": counts}
-
-
-class StageRefused(RuntimeError):
-    """A stage refused its input (the child printed `error: ...`, a user error such as a bad
-    config or a missing model): running it again cannot help, so it is not retried."""
 
 
 def retry_unless_refused(task, task_run, state) -> bool:
@@ -192,7 +188,7 @@ def score_task(config: dict, reuse: str | None = None, skip: str | None = None) 
         return skipped("score", reuse)
     logger = get_run_logger()
     output_dir, stats = run_score_child(config)
-    manifest = layout.verified_refscores(output_dir)
+    manifest = trust.verified_refscores(output_dir)
     logger.info("score: %s (%s rows, %s)", output_dir, manifest["rows"], stats.get("backend"))
     create_table_artifact(
         [{

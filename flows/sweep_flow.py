@@ -32,11 +32,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline.errors import ConfigError, SweepFailed
-from pipeline.config.schema import world_size
 from pipeline.config.load import config_from_dict
-from pipeline.train.launch import DIE_WITH_PARENT, run_streaming
+from pipeline.config.schema import world_size
+from pipeline.errors import ConfigError, SweepFailed
 from pipeline.reports.sweep_report import sweep_rows, write_sweep_report
+from pipeline.train.launch import DIE_WITH_PARENT, run_streaming
 
 from flows.dpo_flow import child_failure, run_stage
 from flows.params import PipelineConfig, config_dict

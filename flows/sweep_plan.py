@@ -27,12 +27,13 @@ from typing import Any
 
 import yaml
 
-from pipeline.storage import layout
-from pipeline.config.schema import RUN_NAME, Config, ConfigError
 from pipeline.config.load import config_with
-from pipeline.store import atomic_write_text, read_json
+from pipeline.config.schema import RUN_NAME, Config
 from pipeline.config.sweep import SweepConfig
+from pipeline.errors import ConfigError
 from pipeline.reports.sweep_report import metric_name
+from pipeline.storage import trust
+from pipeline.store import atomic_write_text, read_json
 
 from flows.plan import planned_run
 
@@ -174,7 +175,7 @@ def _check_distinct(points: list[SweepPoint]) -> None:
 
 def _check_folders(points: list[SweepPoint]) -> None:
     for point in points:
-        summary = layout.verified_run(point.run_dir)
+        summary = trust.verified_run(point.run_dir)
         if summary is not None and summary.get("fingerprint") != point.fingerprint:
             raise ConfigError(
                 f"sweep: {point.run_dir} holds a finished run of another configuration: name the sweep "
@@ -233,7 +234,7 @@ def read_point(sweep_dir: str | Path, point: str) -> dict:
 def point_state(sweep: SweepPlan, point: SweepPoint) -> str:
     """finished (a verified run of this point's fingerprint), else what the flow last recorded
     (running, failed, ...), else not started."""
-    summary = layout.verified_run(point.run_dir)
+    summary = trust.verified_run(point.run_dir)
     if summary is not None and summary.get("fingerprint") == point.fingerprint:
         return "finished"
     recorded = read_point(sweep.directory, point.name).get("state")

@@ -25,11 +25,8 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from pipeline.config.schema import is_hub_id
+from pipeline.errors import DataError
 from pipeline.store import fingerprint, sha256_file
-
-
-class DataError(ValueError):
-    """The input cannot be read (missing file, unknown type, damaged file); says what to do."""
 
 
 @dataclass

@@ -30,6 +30,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import LockBusy, StorageError
+
 log = logging.getLogger("dpo.store")
 
 MANIFEST = "manifest.json"
@@ -218,14 +220,6 @@ def write_manifest(directory: str | Path, manifest: dict) -> None:
 
 
 # --- storage errors and locks ----------------------------------------------------------------
-
-
-class StorageError(RuntimeError):
-    """The storage root cannot be written (read-only, a file, no permission); says what to do."""
-
-
-class LockBusy(RuntimeError):
-    """Another process writes the same output directory and this stage does not wait."""
 
 
 def ensure_dir(path: str | Path, fix: str = "set `storage` to a writable folder") -> Path:

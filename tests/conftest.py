@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.prefect_settings import apply_prefect_settings
-from pipeline.models.assets import build_demo_assets
 from pipeline.config.load import config_from_dict
+from pipeline.models.assets import build_demo_assets
+
+from flows.prefect_settings import apply_prefect_settings
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HH_TEST = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
@@ -146,6 +147,30 @@ def scored(tmp_path, demo_assets):
     config_file = tmp_path / "run.yaml"
     config_file.write_text(json.dumps(raw))
     return cfg, cache, config_file
+
+
+@pytest.fixture(scope="module")
+def scored_demo(tmp_path_factory, demo_assets):
+    """The demo data prepared and scored once per test module that uses it; make(train) is a config
+    whose train section is ``train``, reading that cache (tests/helpers.py's demo_train trains on it)."""
+    from pipeline.prepare.stage import prepare
+    from pipeline.score.stage import score
+
+    storage = tmp_path_factory.mktemp("losses") / "storage"
+
+    def make(train: dict):
+        return config_from_dict({
+            "storage": str(storage),
+            "data": {"path": str(demo_assets["data"]), "eval_fraction": 0.02},  # 12 eval pairs: quick
+            "model": {"path": str(demo_assets["model"])},
+            "tokenize": {"max_length": 128, "max_prompt_length": 64},
+            "train": train,
+        })
+
+    cfg = make({})
+    prepare(cfg, show_progress=False)
+    score(cfg, show_progress=False)
+    return make
 
 
 def standard_rows(n=20):

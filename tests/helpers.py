@@ -1,7 +1,6 @@
 """Helpers shared by test modules (imported, unlike conftest.py's fixtures, which pytest finds itself).
 
-``scored_demo``: the demo data prepared and scored once per test module that imports the fixture;
-``demo_train``: a few steps of training on it with one loss (or a mixture); ``run_metrics``: a
+``demo_train``: a few steps of training on conftest's ``scored_demo`` with one loss (or a mixture); ``run_metrics``: a
 run's metrics records; ``fail_rank_at``: a torchrun rank made to fail at a step (FAIL_HOOK
 as the children's sitecustomize).
 """
@@ -12,34 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from pipeline.storage import metrics
-from pipeline.config.load import config_from_dict
-
-
-@pytest.fixture(scope="module")
-def scored_demo(tmp_path_factory, demo_assets):
-    """The demo data prepared and scored once for the module; train(cfg) per loss reads that cache."""
-    from pipeline.prepare.stage import prepare
-    from pipeline.score.stage import score
-
-    storage = tmp_path_factory.mktemp("losses") / "storage"
-
-    def make(train: dict):
-        return config_from_dict({
-            "storage": str(storage),
-            "data": {"path": str(demo_assets["data"]), "eval_fraction": 0.02},  # 12 eval pairs: quick
-            "model": {"path": str(demo_assets["model"])},
-            "tokenize": {"max_length": 128, "max_prompt_length": 64},
-            "train": train,
-        })
-
-    cfg = make({})
-    prepare(cfg, show_progress=False)
-    score(cfg, show_progress=False)
-    return make
-
 
 DEMO = {"learning_rate": 3e-3, "per_device_train_batch_size": 16, "warmup_steps": 2, "eval_steps": 0,
         "save_steps": 0, "max_steps": 3}
@@ -70,26 +42,25 @@ def run_metrics(run_dir) -> list[dict]:
 FAIL_HOOK = """
 import os
 if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_TEST_FAIL_RANK"):
-    import pipeline.train.stage as train_module
+    from pipeline.train.trainer import Trainer
 
-    real_step = train_module.train_step
+    real_step = Trainer.train_step
 
     def failing_step(trainer, step):
         if step == int(os.environ["DPO_TEST_FAIL_STEP"]):
             raise RuntimeError(f"simulated failure of rank {trainer.world.rank} at step {step + 1}")
         return real_step(trainer, step)
 
-    train_module.train_step = failing_step
+    Trainer.train_step = failing_step
 if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_TEST_ABORT_AT_EXIT"):
     import atexit
 
     atexit.register(os.abort)  # SIGABRT as the process ends, after its work is done
 if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_TEST_PAUSE_RANK"):
     import time
-    import pipeline.train.stage as train_module
-    import pipeline.train.trainer as trainer_module
+    from pipeline.train.trainer import Trainer
 
-    real_step, real_loss, current = train_module.train_step, trainer_module.compute_loss, []
+    real_step, real_loss, current = Trainer.train_step, Trainer.micro_loss, []
 
     def step_of(trainer, step):
         current[:] = [step]
@@ -103,7 +74,7 @@ if "LOCAL_RANK" in os.environ and os.environ.get("RANK") == os.environ.get("DPO_
             time.sleep(300)  # until the test kills this process
         return result
 
-    train_module.train_step, trainer_module.compute_loss = step_of, paused_loss
+    Trainer.train_step, Trainer.micro_loss = step_of, paused_loss
 """
 
 

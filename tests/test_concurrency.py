@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.storage import layout
-from pipeline.models.assets import demo_preferences
 from pipeline.config.load import config_from_dict
+from pipeline.models.assets import demo_preferences
 from pipeline.prepare.stage import prepare
 from pipeline.score.stage import score
+from pipeline.storage import paths
 from pipeline.store import lock_path
 from pipeline.train.stage import train
 
@@ -169,7 +169,7 @@ def without_timing(rows: list[dict]) -> list[dict]:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / layout.METRICS).read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / paths.METRICS).read_text().splitlines()]
 
 
 class Setup:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import commands
 from pipeline import errors
 from pipeline.errors import AuditFailed, CacheError, ConfigError, DpoError
+
+from flows.cli import commands
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_USER_ERRORS = {"pipeline/prepare/records.py": {"Reject"}}

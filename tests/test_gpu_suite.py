@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @requires_hh()
 def test_gpu_suite_dry_run(tmp_path):
-    from pipeline.models.assets import AssetError, smollm2_folder
+    from pipeline.errors import AssetError
+    from pipeline.models.assets import smollm2_folder
 
     try:
         smollm2_folder(with_model=False)  # the tokenizer that gives the HH lengths

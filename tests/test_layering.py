@@ -165,7 +165,7 @@ def cli_imported_by_flows(graph) -> list[Edge]:
 
 
 def room_of(module: str) -> str:
-    """pipeline.storage.layout -> pipeline.storage; pipeline.store -> pipeline.store; pipeline -> pipeline."""
+    """pipeline.storage.locate -> pipeline.storage; pipeline.store -> pipeline.store; pipeline -> pipeline."""
     return ".".join(module.split(".")[:2])
 
 
@@ -233,9 +233,9 @@ def test_the_graph_sees_the_modules_and_their_imports(graph, stages):
     """The builder itself, on edges known to exist: absolute, `from package import module`, and
     imports written inside functions; the stages are the folders named by pipeline.STAGES."""
     assert stages == {"pipeline.prepare", "pipeline.score", "pipeline.audit", "pipeline.train"}
-    assert stages | {"pipeline", "pipeline.storage.layout", "pipeline.logprobs.backends",
+    assert stages | {"pipeline", "pipeline.storage.locate", "pipeline.logprobs.backends",
                      "pipeline.logprobs.backends.vllm", "flows.cli.main", "flows.dpo_flow"} <= set(graph)
-    assert "pipeline.storage.layout" in graph["pipeline.score.stage"]  # from pipeline.storage import layout
+    assert "pipeline.storage.locate" in graph["pipeline.score.stage"]  # from pipeline.storage import locate
     assert "pipeline.config.schema" in graph["pipeline.logprobs.backends.vllm"]
     assert graph["flows.cli.commands"]["flows.dpo_flow"] is True  # only inside cmd_run() and others
     assert graph["flows.cli.audit_command"]["pipeline.audit.checks"] is True  # only inside the audit commands
@@ -308,7 +308,7 @@ def test_the_checks_report_each_kind_of_violation(tmp_path):
         "pipeline/train/__init__.py": "",
         "pipeline/train/stage.py": "x = 1\n",
         "pipeline/storage/__init__.py": "",
-        "pipeline/storage/layout.py": "import importlib\nm = importlib.import_module('pipeline.audit.checks')\n",  # (c)
+        "pipeline/storage/locate.py": "import importlib\nm = importlib.import_module('pipeline.audit.checks')\n",  # (c)
         "pipeline/sub/__init__.py": "from .. import prepare\n",  # (c), from a subpackage
         "pipeline/sub/deep.py": "import flows.cli.main as cli\n",  # (a), a submodule
         "pipeline/a.py": "from .b import thing\n",
@@ -323,7 +323,7 @@ def test_the_checks_report_each_kind_of_violation(tmp_path):
     assert library_imports_flows(graph) == [("pipeline.store", "flows.cli.main"), ("pipeline.sub.deep", "flows.cli.main")]
     assert stages_import_stages(graph, stages) == [("pipeline.audit.checks", "pipeline.train.stage"),
                                                    ("pipeline.prepare.stage", "pipeline.score.stage")]
-    assert library_imports_stages(graph, stages) == [("pipeline.storage.layout", "pipeline.audit.checks"),
+    assert library_imports_stages(graph, stages) == [("pipeline.storage.locate", "pipeline.audit.checks"),
                                                      ("pipeline.sub", "pipeline.prepare")]
     assert find_cycle(graph) == ["pipeline.a", "pipeline.b", "pipeline.a"]
     assert cli_imported_by_flows(graph) == [("flows.dpo_flow", "flows.cli.main")]
@@ -336,20 +336,20 @@ def test_the_checks_pass_a_clean_layering(tmp_path):
         "pipeline/__init__.py": "STAGES = ('prepare', 'score')\n",
         "pipeline/store.py": "import os\n",
         "pipeline/storage/__init__.py": "",
-        "pipeline/storage/layout.py": "from pipeline import store\nfrom ..store import os\n",
+        "pipeline/storage/locate.py": "from pipeline import store\nfrom ..store import os\n",
         "pipeline/prepare/__init__.py": "",
-        "pipeline/prepare/stage.py": "from pipeline.storage import layout\nfrom pipeline import STAGES\n",
+        "pipeline/prepare/stage.py": "from pipeline.storage import locate\nfrom pipeline import STAGES\n",
         "pipeline/prepare/records.py": "from . import stage\n",
         "pipeline/score/__init__.py": "",
-        "pipeline/score/stage.py": "def f():\n    from ..storage.layout import store\n",
+        "pipeline/score/stage.py": "def f():\n    from ..storage.locate import store\n",
         "flows/__init__.py": "",
         "flows/dpo_flow.py": "from pipeline.prepare import stage\nfrom pipeline.score.stage import f\n",
         "flows/cli/__init__.py": "",
         "flows/cli/main.py": "from flows.dpo_flow import stage\n",
     })
     graph, stages = import_graph(root), stages_in(root)
-    assert graph["pipeline.prepare.stage"] == {"pipeline.storage.layout": False, "pipeline": False}
-    assert graph["pipeline.score.stage"] == {"pipeline.storage.layout": True}  # only inside a function
+    assert graph["pipeline.prepare.stage"] == {"pipeline.storage.locate": False, "pipeline": False}
+    assert graph["pipeline.score.stage"] == {"pipeline.storage.locate": True}  # only inside a function
     assert graph["flows.dpo_flow"] == {"pipeline.prepare.stage": False, "pipeline.score.stage": False}
     assert not (library_imports_flows(graph) or stages_import_stages(graph, stages)
                 or library_imports_stages(graph, stages) or cli_imported_by_flows(graph))
@@ -363,10 +363,10 @@ def test_a_stages_own_modules_are_the_folder_its_stage_is(tmp_path):
     root = _write(tmp_path, {
         "pipeline/__init__.py": "STAGES = ('audit', 'train', 'ghost')\n",
         "pipeline/storage/__init__.py": "",
-        "pipeline/storage/layout.py": "",
+        "pipeline/storage/locate.py": "",
         "pipeline/audit/__init__.py": "",
-        "pipeline/audit/checks.py": "from pipeline.storage import layout\n",
-        "pipeline/audit/report.py": "from .checks import x\nfrom pipeline.storage import layout\ndef f():\n    from ..train import stage\n",
+        "pipeline/audit/checks.py": "from pipeline.storage import locate\n",
+        "pipeline/audit/report.py": "from .checks import x\nfrom pipeline.storage import locate\ndef f():\n    from ..train import stage\n",
         "pipeline/train/__init__.py": "",
         "pipeline/train/stage.py": "from pipeline.audit import report\n",
         "pipeline/reports/__init__.py": "",
@@ -385,12 +385,12 @@ def test_a_stages_own_modules_are_the_folder_its_stage_is(tmp_path):
 
 
 def test_a_cycle_between_folders_is_found_where_the_modules_have_none(tmp_path):
-    """storage.layout -> models.loading -> storage.paths: no module imports itself back, but the
+    """storage.locate -> models.loading -> storage.paths: no module imports itself back, but the
     folders storage/ and models/ stand on each other."""
     root = _write(tmp_path, {
         "pipeline/__init__.py": "STAGES = ()\n",
         "pipeline/storage/__init__.py": "",
-        "pipeline/storage/layout.py": "from pipeline.models import loading\n",
+        "pipeline/storage/locate.py": "from pipeline.models import loading\n",
         "pipeline/storage/paths.py": "",
         "pipeline/models/__init__.py": "",
         "pipeline/models/loading.py": "def f():\n    from pipeline.storage import paths\n",

@@ -327,11 +327,11 @@ def _run(example: Example, argv: list[str], cwd: Path, env: dict) -> subprocess.
 def _cache_and_example_id(config: Path) -> tuple[Path, str]:
     import pyarrow.parquet as pq
 
-    from pipeline.storage import layout
     from pipeline.config.load import load_config
+    from pipeline.storage import locate
 
     cfg = load_config(config)
-    cache = layout.plan_refscores_dir(cfg, layout.plan_dataset_dir(cfg).name)
+    cache = locate.refscores_dir_for(cfg, locate.dataset_dir_for(cfg).name)
     first = sorted(cache.glob("part-*.parquet"))[0]
     return cache, pq.read_table(first, columns=["id"]).column("id")[0].as_py()
 

@@ -28,8 +28,9 @@ OUTPUT = ROOT / "docs" / "reference" / "config.md"
 if str(ROOT) not in sys.path:  # run as a script from a checkout: pipeline/ and flows/ beside it
     sys.path.insert(0, str(ROOT))
 
-from flows.params import attribute_docs  # noqa: E402  (pydantic only, no Prefect)
 from pipeline.config import schema as config_module  # noqa: E402
+
+from flows.params import attribute_docs  # noqa: E402  (pydantic only, no Prefect)
 
 HEADER = """\
 # Configuration reference

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.storage import layout
-from pipeline.config.schema import ConfigError
 from pipeline.config.load import load_config
+from pipeline.errors import ConfigError
+from pipeline.storage import locate, trust
 
 
 def cache_from(args) -> Path:
@@ -21,9 +21,9 @@ def cache_from(args) -> Path:
     cfg = load_config(args.config, args.overrides)
     if cfg.train.ref_cache:
         return Path(cfg.train.ref_cache)
-    dataset_fp = layout.plan_dataset_dir(cfg).name
-    planned = layout.plan_refscores_dir(cfg, dataset_fp)
-    return planned if planned.exists() else layout.locate_ref_cache(cfg, dataset_fp)
+    dataset_fp = locate.dataset_dir_for(cfg).name
+    directory = locate.refscores_dir_for(cfg, dataset_fp)
+    return directory if directory.exists() else locate.find_refscores(cfg, dataset_fp)
 
 
 def cmd_audit(args) -> Path | None:
@@ -74,7 +74,7 @@ def audit_show(args, example_id: str) -> Path | None:
     from pipeline.audit.tokens import LOGP_LEGEND, cache_tokenizer, example_tokens, logp_color, shown_token
 
     cache = Path(args.cache) if args.cache else cache_from(args)
-    tokenizer, decoded = cache_tokenizer(cache, layout.verified_refscores(cache))
+    tokenizer, decoded = cache_tokenizer(cache, trust.verified_refscores(cache))
     shown = example_tokens(cache, example_id, tokenizer)
     if args.json:
         print(json.dumps(shown))
@@ -119,8 +119,9 @@ def lowest_tokens(side: str, tokens: list[dict], count: int = 5):
 
 
 def audit_report(args, cache: Path | None) -> Path | None:
-    from pipeline.audit.checks import AuditFailed, audit
+    from pipeline.audit.checks import audit
     from pipeline.audit.report import save_report
+    from pipeline.errors import AuditFailed
 
     cfg = load_config(args.config, args.overrides) if args.config else None
     cache = cache or cache_from(args)

@@ -15,42 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import STAGES
-from pipeline.storage import layout, metrics
-from pipeline.config.schema import ConfigError, world_size
 from pipeline.config.load import config_from_dict, load_config
-from pipeline.data import DataError
-from pipeline.train.distributed import DistributedError
-from pipeline.train.launch import launch_log_dir, rank, record_failure, train_argv
-from pipeline.storage.layout import CacheError
-from pipeline.models.loading import ModelError
-from pipeline.prepare.stage import PrepareError, PrepareResult, prepare
+from pipeline.config.schema import world_size
+from pipeline.errors import ConfigError, DistributedError, DpoError, LockBusy, NoServer
 from pipeline.prepare.records import REJECT_REASONS
+from pipeline.prepare.stage import PrepareResult, prepare
 from pipeline.score.stage import ScoreResult, score
-from pipeline.logprobs.backends import ScoreError
-from pipeline.store import LockBusy, StorageError
-from pipeline.train.stage import TrainError, TrainResult, finished_run, launch, train
+from pipeline.storage import metrics, trust
+from pipeline.train.launch import launch_log_dir, rank, record_failure, train_argv
+from pipeline.train.stage import TrainResult, finished_run, launch, train
 
 from flows.cli.audit_command import cmd_audit
 from flows.prefect_settings import apply_prefect_settings
-
-
-class NoServer(RuntimeError):
-    """Scheduling needs a Prefect server and none is configured; says how to start one."""
-
-
-# Errors a user can fix; anything else is a bug and keeps its traceback. With AuditFailed, which
-# pipeline.audit.checks defines: only the audits import it (it brings polars, 0.2 s that `dpo score` and
-# `dpo train` do not need; bench/startup_bench.py), so ``run`` adds it once it is loaded.
-USER_ERRORS = (ConfigError, DataError, ModelError, PrepareError, ScoreError, TrainError,
-               CacheError, StorageError, LockBusy, NoServer, DistributedError)
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """USER_ERRORS, and AuditFailed when pipeline.audit.checks is loaded, SweepFailed when flows.sweep_flow
-    is (no other code can raise them)."""
-    audit, sweep = sys.modules.get("pipeline.audit.checks"), sys.modules.get("flows.sweep_flow")
-    return (USER_ERRORS + ((audit.AuditFailed,) if audit is not None else ())
-            + ((sweep.SweepFailed,) if sweep is not None else ()))
 
 
 def summarize_prepare(result: PrepareResult) -> str:
@@ -306,10 +282,10 @@ def print_sweep_status(cfg, grid_args: list[str], default_name: str) -> None:
 
 def run_progress(cfg, run_dir: Path) -> str:
     """One line on a run: finished, or running / stopped at which step, on how many processes."""
-    from pipeline.train.checkpoint import list_checkpoints
     from pipeline.store import exclusive, lock_path
+    from pipeline.train.checkpoint import list_checkpoints
 
-    summary = layout.verified_run(run_dir)
+    summary = trust.verified_run(run_dir)
     if summary is not None:
         settings = summary.get("settings", {})
         processes = settings.get("world_size", 1)
@@ -428,10 +404,10 @@ def run(args) -> int:
     config error), anything else keeps its traceback."""
     try:
         output_dir = COMMANDS[args.command](args)
-    except user_errors() as exc:
+    except DpoError as exc:  # a user's error (pipeline/errors.py); anything else is a bug
         print(f"error: {exc}", file=sys.stderr)
         record_failure(exc)  # under torchrun: which rank failed, for the launcher
-        return 2 if isinstance(exc, ConfigError) else 1
+        return exc.exit_code
     except BaseException as exc:
         record_failure(exc)
         raise

@@ -28,16 +28,12 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from pipeline.storage import layout, refvalues
 from pipeline.config.schema import Config
-from pipeline.data import DataError, resolve_input
-from pipeline.storage.layout import MANIFEST, SHARD_RE, CacheError
-from pipeline.models.loading import ModelError
-from pipeline.store import read_json, sha256_verified
-
-
-class AuditFailed(RuntimeError):
-    """The audit found problems (they are in its report); the exit code says so."""
+from pipeline.data import resolve_input
+from pipeline.errors import CacheError, DataError, ModelError
+from pipeline.storage import locate, paths, refvalues, trust
+from pipeline.storage.shards import ShardPlan
+from pipeline.store import MANIFEST, read_json, sha256_verified
 
 
 @dataclass
@@ -83,7 +79,7 @@ def utc_text(timestamp: float) -> str:
 
 
 def dataset_dir_of(cache_dir: Path, manifest: dict) -> Path:
-    return layout.dataset_dir(layout.storage_of(cache_dir), manifest["inputs"]["dataset_fingerprint"])
+    return paths.dataset_dir(paths.storage_of(cache_dir), manifest["inputs"]["dataset_fingerprint"])
 
 
 # --- integrity ------------------------------------------------------------------------------------
@@ -100,7 +96,8 @@ def check_integrity(report: AuditReport, cache_dir: Path) -> dict | None:
     if manifest.get("complete") is not True:
         report.fail("integrity", "the manifest's completion flag is not set: scoring did not finish")
     try:
-        listed = {s["file"]: s for s in layout.refscores_shards(manifest)}
+        listed = {s["file"]: s for s in trust.refscores_shards(manifest)}
+        ShardPlan.of(manifest)  # the row checks and the re-score find rows in shards by it
     except CacheError as exc:
         report.fail("integrity", str(exc))
         return None
@@ -109,7 +106,7 @@ def check_integrity(report: AuditReport, cache_dir: Path) -> dict | None:
         if path.name.startswith(".tmp-"):
             report.fail("integrity", f"temporary file {path.name} left by an interrupted write")
         elif path.name not in listed and path.name != MANIFEST:
-            kind = "unlisted shard" if SHARD_RE.match(path.name) else "foreign file"
+            kind = "unlisted shard" if ShardPlan.index_of(path.name) is not None else "foreign file"
             report.fail("integrity", f"{kind} {path.name} in the cache directory")
     if sum(s["rows"] for s in listed.values()) != manifest.get("rows"):
         report.fail("integrity", "the shards' row counts do not add up to the manifest's rows")
@@ -178,8 +175,8 @@ def _check_ids(report: AuditReport, cache_dir: Path, manifest: dict, ids: pl.Ser
     if not dataset_dir.exists():
         report.fail("integrity", f"the dataset it was scored on is gone ({dataset_dir})")
         return
-    layout.verified_dataset(dataset_dir)
-    dataset_ids = pl.read_parquet(dataset_dir / layout.EXAMPLES, columns=["id"])["id"]
+    trust.verified_dataset(dataset_dir)
+    dataset_ids = pl.read_parquet(dataset_dir / paths.EXAMPLES, columns=["id"])["id"]
     if not ids.equals(dataset_ids):
         missing = set(dataset_ids) - set(ids)
         report.fail("integrity", f"ids differ from the dataset's ({len(missing)} examples unscored)")
@@ -206,13 +203,13 @@ def _compare_sources(report: AuditReport, cfg: Config, manifest: dict) -> None:
     dataset_manifest = read_json(dataset_dir_of(Path(report.cache_dir), manifest) / MANIFEST) or {}
     then = dataset_manifest.get("inputs") or {}
     if then:
-        if layout.source_exists(cfg) and input_sha256(resolve_input(cfg.data, cfg.storage)) != then["data_sha256"]:
+        if locate.source_exists(cfg) and input_sha256(resolve_input(cfg.data, cfg.storage)) != then["data_sha256"]:
             report.fail("staleness", f"the data file changed since it was prepared ({cfg.data.path})")
         now_files, then_files = tokenizer_files(cfg.model), then["tokenizer_files"]
         for name in sorted(set(now_files) | set(then_files)):
             if now_files.get(name) != then_files.get(name):
                 report.fail("staleness", f"tokenizer file {name} changed since the data was prepared")
-        for group, current in (("data", layout.data_settings(cfg)), ("tokenize", layout.tokenize_settings(cfg))):
+        for group, current in (("data", paths.data_settings(cfg)), ("tokenize", paths.tokenize_settings(cfg))):
             for key, value in then[f"{group}_settings"].items():
                 if current.get(key) != value:
                     report.fail("staleness", f"setting {group}.{key} was {value!r}, is {current.get(key)!r}")
@@ -299,7 +296,7 @@ def check_rows(report: AuditReport, cache_dir: Path, manifest: dict, scores: pl.
 
     started = time.perf_counter()
     problems = refvalues.row_problems(scores.to_arrow())
-    dataset = pl.read_parquet(dataset_dir_of(cache_dir, manifest) / layout.EXAMPLES,
+    dataset = pl.read_parquet(dataset_dir_of(cache_dir, manifest) / paths.EXAMPLES,
                               columns=["id", "chosen_tokens", "rejected_tokens"])
     ids = scores["id"]
     for side in refvalues.SIDES:
@@ -307,12 +304,9 @@ def check_rows(report: AuditReport, cache_dir: Path, manifest: dict, scores: pl.
         problems += [refvalues.RowProblem(i, ids[i], side, f"{scores[f'{side}_tokens'][i]} tokens, the dataset has "
                                           f"{dataset[f'{side}_tokens'][i]}") for i in differs.to_list()]
     problems.sort(key=lambda p: (p.row, p.side))
-    starts = [(s["first_row"], s["file"]) for s in manifest["shards"] if isinstance(s.get("first_row"), int)]
-    listed = []
-    for problem in problems[:ROWS_LISTED]:
-        shard = next((name for first, name in reversed(starts) if first <= problem.row), "?")
-        listed.append({"row": problem.row, "id": problem.id, "shard": shard, "side": problem.side,
-                       "problem": problem.problem})
+    shards = ShardPlan.of(manifest)
+    listed = [{"row": problem.row, "id": problem.id, "shard": ShardPlan.file(shards.shard_of(problem.row)),
+               "side": problem.side, "problem": problem.problem} for problem in problems[:ROWS_LISTED]]
     failed = sorted({p.row for p in problems})
     report.stats["row_checks"] = {"rows": scores.height, "failed_rows": len(failed), "failures": listed,
                                   "seconds": round(time.perf_counter() - started, 4)}
@@ -332,7 +326,7 @@ def check_rows(report: AuditReport, cache_dir: Path, manifest: dict, scores: pl.
 @dataclass
 class Rescore:
     """What a full audit re-scores: ``rows`` examples drawn with ``seed``, in ``dtype`` (None: the
-    cache's), held to ``tolerance`` (None: layout.logprob_tolerance of the dtypes and backend),
+    cache's), held to ``tolerance`` (None: trust.logprob_tolerance of the dtypes and backend),
     plus the rows that failed the row checks (``failed``), always."""
 
     rows: int
@@ -353,22 +347,22 @@ def rescore_check(report: AuditReport, cfg: Config, cache_dir: Path, manifest: d
 
     inputs, rows, failed, tolerance = manifest["inputs"], plan.rows, plan.failed, plan.tolerance
     model_cfg = dataclasses.replace(cfg.model, dtype=plan.dtype or inputs["dtype"])
-    examples = pl.read_parquet(dataset_dir_of(cache_dir, manifest) / layout.EXAMPLES,
+    examples = pl.read_parquet(dataset_dir_of(cache_dir, manifest) / paths.EXAMPLES,
                                columns=["id", "prompt_ids", "chosen_ids", "rejected_ids"])
     scorer = make_scorer("transformers", dataclasses.replace(cfg, model=model_cfg), 0, manifest.get("settings"))
     rng = np.random.default_rng(plan.seed)
     sample = rng.choice(examples.height, size=min(rows, examples.height), replace=False).tolist()
     picked = sorted(set(sample) | set(failed))
-    shard_rows = inputs["shard_rows"]
+    shards = ShardPlan(examples.height, inputs["shard_rows"])
     token_diffs, seq_diffs, seq_per_token = [], [], []
-    for shard_index in sorted({i // shard_rows for i in picked}):
-        start = shard_index * shard_rows
-        part = examples.slice(start, shard_rows)
-        local = [i - start for i in picked if start <= i < start + shard_rows]
+    for index in sorted({shards.shard_of(i) for i in picked}):
+        span = shards.rows_of(index)
+        part = examples.slice(span.start, len(span))
+        local = [i - span.start for i in picked if i in span]
         token_ids = [part[f"{name}_ids"].to_list() for name in ("prompt", "chosen", "rejected")]
         chosen, rejected = scorer.score_pairs(*token_ids, rows=local)
         for i in local:
-            cached = scores.row(start + i, named=True)
+            cached = scores.row(span.start + i, named=True)
             for side, values in (("chosen", chosen[i]), ("rejected", rejected[i])):
                 seq_diffs.append(abs(float(np.sum(values, dtype=np.float64)) - cached[f"{side}_logp"]))
                 seq_per_token.append(seq_diffs[-1] / max(len(values), 1))
@@ -377,7 +371,7 @@ def rescore_check(report: AuditReport, cfg: Config, cache_dir: Path, manifest: d
                     token_diffs.append(np.abs(values - kept) if kept.shape == values.shape else np.array([np.inf]))
     del scorer
     tokens = np.concatenate(token_diffs) if token_diffs else np.zeros(0)
-    limit = tolerance if tolerance is not None else layout.logprob_tolerance(
+    limit = tolerance if tolerance is not None else trust.logprob_tolerance(
         (model_cfg.dtype, inputs["dtype"]), inputs["backend"])
     result = {"rows": len(picked), "ids": examples["id"].gather(picked).to_list(), "dtype": model_cfg.dtype,
               "token_max": float(tokens.max()) if tokens.size else None,
@@ -423,7 +417,7 @@ def audit(cache_dir: str | Path, cfg: Config | None = None, rescore_rows: int = 
 def diff_caches(a: str | Path, b: str | Path) -> dict:
     """Row-by-row comparison of two caches of the same dataset (e.g. vllm vs transformers)."""
     a, b = Path(a), Path(b)
-    ma, mb = layout.verified_refscores(a), layout.verified_refscores(b)
+    ma, mb = trust.verified_refscores(a), trust.verified_refscores(b)
     if ma["inputs"]["dataset_fingerprint"] != mb["inputs"]["dataset_fingerprint"]:
         raise CacheError("the two caches were scored on different datasets: nothing to compare row by row")
     left, right = load_scores(a, ma), load_scores(b, mb)

@@ -26,12 +26,13 @@ from pathlib import Path
 import polars as pl
 
 from pipeline import __version__
-from pipeline.storage import layout
 from pipeline.audit.checks import AuditReport, dataset_dir_of, load_scores, token_frame, utc_text
 from pipeline.audit.tokens import cache_tokenizer, dataset_examples, legend_html, token_view, tokens_html
-from pipeline.storage.layout import MANIFEST, CacheError
+from pipeline.errors import CacheError
 from pipeline.reports.run_report import png_base64
+from pipeline.storage import paths, trust
 from pipeline.store import (
+    MANIFEST,
     atomic_write_json,
     atomic_write_text,
     ensure_dir,
@@ -39,7 +40,6 @@ from pipeline.store import (
     read_json,
     remove_leftovers,
 )
-
 
 # --- report ---------------------------------------------------------------------------------------
 
@@ -75,7 +75,7 @@ def outlier_ids(stats: dict, limit: int = EXAMPLES_SHOWN) -> list[str]:
 
 def reject_examples(dataset_dir: Path, per_reason: int = 3, chars: int = 300) -> dict[str, list[dict]]:
     """Up to ``per_reason`` rejected rows of each reason: source row, detail, the raw line cut short."""
-    rejects = pl.read_parquet(dataset_dir / layout.REJECTS, columns=["source_row", "reason", "detail", "raw"])
+    rejects = pl.read_parquet(dataset_dir / paths.REJECTS, columns=["source_row", "reason", "detail", "raw"])
     shown = rejects.group_by("reason", maintain_order=True).head(per_reason).with_columns(
         (pl.col("raw").str.len_chars() > chars).alias("cut"), pl.col("raw").str.slice(0, chars))
     out: dict[str, list[dict]] = {}
@@ -97,7 +97,7 @@ def report_sources(report: AuditReport, scores: pl.DataFrame | None) -> ReportSo
     if not isinstance((manifest.get("inputs") or {}).get("dataset_fingerprint"), str):
         return sources
     dataset_dir = dataset_dir_of(cache_dir, manifest)
-    if not layout.is_verified(layout.verified_dataset, dataset_dir):
+    if not trust.is_verified(trust.verified_dataset, dataset_dir):
         return sources
     sources.dataset = read_json(dataset_dir / MANIFEST) or {}
     sources.rejects = reject_examples(dataset_dir)
@@ -418,7 +418,7 @@ def _outliers_html(st: dict, linked: set[str]) -> list[str]:
 def report_dir(report: AuditReport) -> Path:
     """<storage>/audits/<cache fingerprint>/: the report lives apart from the (read-only) cache."""
     name = report.cache_fingerprint or Path(report.cache_dir).name
-    return layout.audit_dir(layout.storage_of(report.cache_dir), name)
+    return paths.audit_dir(paths.storage_of(report.cache_dir), name)
 
 
 def save_report(report: AuditReport, directory: str | Path | None = None) -> Path:
@@ -435,7 +435,7 @@ def save_report(report: AuditReport, directory: str | Path | None = None) -> Pat
     ensure_dir(directory, fix="write the report to a writable folder with `dpo audit ... --report-dir DIR`")
     with exclusive(directory / ".lock", f"audit report {directory}", wait=True):
         # a killed writer's temporary report files (only those: the folder may be the user's)
-        remove_leftovers(directory, of=tuple(f"{level}{suffix}" for level in layout.AUDIT_LEVELS
+        remove_leftovers(directory, of=tuple(f"{level}{suffix}" for level in paths.AUDIT_LEVELS
                                              for suffix in (".json", ".html")))
         atomic_write_json(directory / f"{report.level}.json", report.to_dict())
         return write_html(report, scores, directory / f"{report.level}.html", sources)
@@ -446,10 +446,10 @@ def current_full_audit(cache_dir: str | Path, rescore_rows: int = 0) -> dict | N
     the shards it read are those the (verified) manifest lists, and it re-scored enough rows."""
     cache_dir = Path(cache_dir)
     try:
-        manifest = layout.verified_refscores(cache_dir)
+        manifest = trust.verified_refscores(cache_dir)
     except CacheError:
         return None
-    saved = read_json(layout.audit_report_path(layout.storage_of(cache_dir), manifest["fingerprint"], "full"))
+    saved = read_json(paths.audit_report_path(paths.storage_of(cache_dir), manifest["fingerprint"], "full"))
     if not saved or saved.get("passed") is not True:
         return None
     if saved.get("shards") != {s["file"]: s["sha256"] for s in manifest["shards"]}:

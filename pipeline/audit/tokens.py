@@ -17,12 +17,11 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.storage import layout
 from pipeline.audit.checks import dataset_dir_of, load_scores
 from pipeline.config.schema import ModelConfig
-from pipeline.storage.layout import MANIFEST
 from pipeline.models.loading import load_tokenizer, tokenizer_files
-from pipeline.store import read_json
+from pipeline.storage import paths, trust
+from pipeline.store import MANIFEST, read_json
 
 LOGP_SCALE = (-10.0, 0.0)
 """The fixed scale (nats) per-token log-probs are coloured on, in every report and terminal: red
@@ -89,19 +88,19 @@ def token_view(example: dict, row: dict, tokenizer=None) -> dict:
 
 def dataset_examples(dataset_dir: Path, ids: list[str]) -> list[dict]:
     """The rows of examples.parquet with these ids."""
-    return pl.scan_parquet(dataset_dir / layout.EXAMPLES).filter(pl.col("id").is_in(ids)).collect().to_dicts()
+    return pl.scan_parquet(dataset_dir / paths.EXAMPLES).filter(pl.col("id").is_in(ids)).collect().to_dicts()
 
 
 def example_tokens(cache_dir: str | Path, example_id: str, tokenizer) -> dict:
     """An example's prompt and response tokens, each with its cached reference log-prob (see
     token_view; ``tokenizer`` None: token ids only)."""
     cache_dir = Path(cache_dir)
-    manifest = layout.verified_refscores(cache_dir)
+    manifest = trust.verified_refscores(cache_dir)
     scores = load_scores(cache_dir, manifest).filter(pl.col("id") == example_id)
     if scores.height == 0:
         raise KeyError(f"no example with id {example_id} in {cache_dir}")
     dataset_dir = dataset_dir_of(cache_dir, manifest)
-    layout.verified_dataset(dataset_dir)
+    trust.verified_dataset(dataset_dir)
     return token_view(dataset_examples(dataset_dir, [example_id])[0], scores.row(0, named=True), tokenizer)
 
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import re
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and says what to fix."""
+from pipeline.errors import ConfigError
 
 
 def check_range(key, value, lo, hi, hi_open=False):
@@ -26,7 +24,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 """A folder name that is safe everywhere: no separators, NUL, spaces, leading dot or dash."""
 
 FOLDER_NAME_KEYS = ("train.run_name", "data.split", "data.name", "data.data_dir", "sweep.name")
-"""The config values that become folder names under storage (layout.run_dir, data.hub_dataset, sweeps/),
+"""The config values that become folder names under storage (paths.run_dir, data.hub_dataset, sweeps/),
 each checked against RUN_NAME (data.data_dir per '/'-separated part)."""
 
 

@@ -22,7 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config.schema import RENAMED, REQUIRED, Config, ConfigError, is_hub_id
+from pipeline.config.schema import RENAMED, REQUIRED, Config, is_hub_id
+from pipeline.errors import ConfigError
 
 PATH_KEYS = (("data", "path"), ("model", "path"), ("train", "init_from"), ("train", "ref_cache"))
 """The keys that hold a file or folder path (or, for model and data, a Hub id)."""

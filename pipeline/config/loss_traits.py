@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.config.checks import ConfigError, check_range
+from pipeline.config.checks import check_range
+from pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pipeline.config.checks import FOLDER_NAME_KEYS, RUN_NAME, ConfigError, check_folder_name, check_range  # noqa: F401
+from pipeline.config.checks import FOLDER_NAME_KEYS, RUN_NAME, check_folder_name, check_range  # noqa: F401
 from pipeline.config.loss_traits import LOSS_TRAITS, FDivergenceType, LossType, check_loss_options
 from pipeline.config.sweep import SweepConfig
+from pipeline.errors import ConfigError
 
 REQUIRED: Any = dataclasses.MISSING
 

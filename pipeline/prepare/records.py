@@ -13,6 +13,7 @@ from collections import Counter
 from typing import Any, Iterable
 
 from pipeline.config.schema import Config
+from pipeline.errors import PrepareError
 from pipeline.store import fingerprint
 
 ID_HEX_CHARS = 16  # 64-bit content ids: collisions are negligible below ~1e8 examples
@@ -32,10 +33,6 @@ REJECT_REASONS = {
     "too_long": "the prompt leaves no room for a response within tokenize.max_length",
     "row_too_large": "the row is larger than data.max_row_bytes (rejected before tokenizing)",
 }
-
-
-class PrepareError(RuntimeError):
-    """The stage cannot produce a dataset; the message says what to fix."""
 
 
 class Reject(Exception):

@@ -42,7 +42,6 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import layout
 from pipeline.config.schema import Config
 from pipeline.data import (
     RawRow,
@@ -54,10 +53,12 @@ from pipeline.data import (
     read_rows,
     resolve_input,
 )
-from pipeline.prepare.encoder import Encoder
+from pipeline.errors import PrepareError
 from pipeline.models.loading import load_tokenizer, model_source
+from pipeline.prepare.encoder import Encoder
+from pipeline.prepare.records import Reject, detect_format, example_id, normalize, split_of
 from pipeline.progress import Progress
-from pipeline.prepare.records import PrepareError, Reject, detect_format, example_id, normalize, split_of
+from pipeline.storage import paths, trust
 from pipeline.store import (
     atomic_path,
     ensure_dir,
@@ -127,16 +128,16 @@ def _progress(total: int | None, enabled: bool) -> Progress:
 def prepare(cfg: Config, show_progress: bool = True) -> PrepareResult:
     """Run the prepare stage (or find its complete output) and return where the dataset lives."""
     data_path = check_input(resolve_input(cfg.data, cfg.storage))
-    inputs = layout.dataset_identity(cfg)
+    inputs = paths.dataset_identity(cfg)
     fp = fingerprint(inputs)
-    out_dir = layout.dataset_dir(cfg.storage, fp)
-    if layout.is_verified(layout.verified_dataset, out_dir):
+    out_dir = paths.dataset_dir(cfg.storage, fp)
+    if trust.is_verified(trust.verified_dataset, out_dir):
         log.info("prepare: up to date, %s", out_dir)
-        return PrepareResult(out_dir, layout.verified_dataset(out_dir), skipped=True)
+        return PrepareResult(out_dir, trust.verified_dataset(out_dir), skipped=True)
     # One writer per dataset; a second `dpo prepare` of the same data waits, then finds it done.
     with exclusive(lock_path(cfg.storage, "datasets", fp), f"dataset {out_dir}", wait=True):
-        if layout.is_verified(layout.verified_dataset, out_dir):
-            return PrepareResult(out_dir, layout.verified_dataset(out_dir), skipped=True)
+        if trust.is_verified(trust.verified_dataset, out_dir):
+            return PrepareResult(out_dir, trust.verified_dataset(out_dir), skipped=True)
         _clear(out_dir)
         started = time.perf_counter()
         tokenizer = load_tokenizer(cfg.model)
@@ -150,7 +151,7 @@ def prepare(cfg: Config, show_progress: bool = True) -> PrepareResult:
             "tokenizer_source": model_source(cfg.model),
             **written,
             "contract": _contract(cfg, tokenizer, written["chat_template_applied"]),
-            "versions": layout.library_versions(),
+            "versions": paths.library_versions(),
             "seconds": round(time.perf_counter() - started, 3),
             "complete": True,
         }
@@ -204,14 +205,14 @@ def _write_dataset(cfg: Config, data_path: Path, tokenizer, out_dir: Path, show_
     )
     log.info("prepare: %s, format %s%s", data_path, fmt, " (chat template)" if chat else "")
     writer = _Writer(cfg, fmt, Encoder(tokenizer, cfg, chat))
-    examples_path = out_dir / layout.EXAMPLES
+    examples_path = out_dir / paths.EXAMPLES
     with _progress(count_rows(data_path), show_progress) as bar:
         stats = _write_examples(examples_path, itertools.chain(sample, rows), writer, bar)
     rejects = writer.rejects
     kept, rejected, rows_read = stats["kept"], len(rejects["reason"]), stats["rows_read"]
     if kept + rejected != rows_read:  # an internal invariant; never expected to fire
         raise PrepareError(f"accounting error: {kept} kept + {rejected} rejected != {rows_read} read")
-    rejects_path = out_dir / layout.REJECTS
+    rejects_path = out_dir / paths.REJECTS
     rejects_sha = write_parquet(pa.table(rejects, schema=REJECTS_SCHEMA), rejects_path, row_group_size=65536)
     by_reason = dict(sorted(Counter(rejects["reason"]).items()))
     _check_reject_share(cfg, data_path, rows_read, rejected, by_reason, rejects_path)
@@ -226,8 +227,8 @@ def _write_dataset(cfg: Config, data_path: Path, tokenizer, out_dir: Path, show_
         "tokens": {"prompt": stats["prompt_tokens"], "chosen": stats["chosen_tokens"],
                    "rejected": stats["rejected_tokens"], "max_sequence": stats["max_sequence"]},
         "files": {
-            layout.EXAMPLES: {"sha256": sha256_file(examples_path, use_cache=False), "rows": kept},
-            layout.REJECTS: {"sha256": rejects_sha, "rows": rejected},
+            paths.EXAMPLES: {"sha256": sha256_file(examples_path, use_cache=False), "rows": kept},
+            paths.REJECTS: {"sha256": rejects_sha, "rows": rejected},
         },
     }
 

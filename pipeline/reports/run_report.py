@@ -1,6 +1,6 @@
 """report.html next to a run: what a person opens in a browser to watch or judge a training run.
 
-    write_run_report(run_dir, records, config)   # at every eval and at the end (train.py)
+    write_run_report(run_dir, records, config)   # at every eval and at the end (train/metrics_log.py, final.py)
 
 Loss, reward accuracy, reward margin and the chosen / rejected rewards over the steps, train
 (each logged record) and eval (each eval) on the same axes; the step-0 check; the run's config.

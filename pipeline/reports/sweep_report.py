@@ -22,9 +22,9 @@ import os
 from pathlib import Path
 from urllib.parse import quote
 
-from pipeline.storage import metrics
-from pipeline.storage.layout import RUN_SUMMARY
 from pipeline.reports.run_report import REPORT, png_base64
+from pipeline.storage import metrics
+from pipeline.storage.paths import RUN_SUMMARY
 from pipeline.store import atomic_write_text, ensure_dir, read_json
 
 SWEEP_REPORT = "report.html"

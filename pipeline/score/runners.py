@@ -1,10 +1,10 @@
 """Where shard jobs run: in this process, in N local worker processes, or on a Ray cluster.
 
-    for entry, stats, settings in run_shards(plan, missing, Workers("local", count=2)):
+    for entry, stats, settings in run_shards(work, missing, Workers("local", count=2)):
         ...   # one result per shard, in completion order
 
 Each worker loads the model once (a ``shards.ShardJob``) and takes shards until none is left;
-workers get plan paths and shard indices, never data. The coordinator (the score stage) is the
+workers get paths and shard indices, never data. The coordinator (the score stage) is the
 only writer of the manifest, so the shards' completion order does not matter.
 
 - ``local``: ``concurrent.futures.ProcessPoolExecutor`` (spawn), one process per worker, each
@@ -30,8 +30,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Iterator
 
-from pipeline.logprobs.backends import ScoreError
-from pipeline.score.shards import ShardJob, ShardPlan
+from pipeline.errors import ScoreError
+from pipeline.score.shards import ShardJob, ShardWork
 
 log = logging.getLogger("dpo.score")
 
@@ -62,17 +62,17 @@ class Workers:
     address: str | None = None
 
 
-def run_shards(plan: ShardPlan, indices: list[int], workers: Workers, job: ShardJob | None = None,
+def run_shards(work: ShardWork, indices: list[int], workers: Workers, job: ShardJob | None = None,
                progress=None) -> Iterator[Result]:
-    """Run the shards ``indices`` of ``plan``; one local worker runs them in this process, with
+    """Run the shards ``indices`` of ``work``; one local worker runs them in this process, with
     ``job`` (a loaded ShardJob) when given and ``progress`` called as each batch is scored."""
     if not indices:
         return iter(())
     if workers.runner == "ray":
-        return _run_ray(plan, indices, workers.count, workers.gpus_each, workers.address)
+        return _run_ray(work, indices, workers.count, workers.gpus_each, workers.address)
     if workers.count <= 1:
-        return _run_here(job or ShardJob(plan), indices, progress)
-    return _run_pool(plan, indices, workers.count, workers.gpus_each)
+        return _run_here(job or ShardJob(work), indices, progress)
+    return _run_pool(work, indices, workers.count, workers.gpus_each)
 
 
 def _run_here(job: ShardJob, indices: list[int], progress) -> Iterator[Result]:
@@ -86,7 +86,7 @@ def _run_here(job: ShardJob, indices: list[int], progress) -> Iterator[Result]:
 _JOB: ShardJob | None = None
 
 
-def _init_worker(plan: ShardPlan, devices, threads: int) -> None:
+def _init_worker(work: ShardWork, devices, threads: int) -> None:
     """In a fresh worker process, before anything touches CUDA: its GPUs, its CPU threads."""
     global _JOB
     assigned = devices.get()
@@ -95,7 +95,7 @@ def _init_worker(plan: ShardPlan, devices, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    _JOB = ShardJob(plan)
+    _JOB = ShardJob(work)
 
 
 def _worker_run(index: int) -> Result:
@@ -103,10 +103,10 @@ def _worker_run(index: int) -> Result:
     return entry, stats, _JOB.settings()
 
 
-def _device_sets(workers: int, gpus_per_worker: int, plan: ShardPlan) -> list[str | None]:
+def _device_sets(workers: int, gpus_per_worker: int, work: ShardWork) -> list[str | None]:
     import torch
 
-    cuda = plan.config.get("score", {}).get("device", "auto") != "cpu" and torch.cuda.is_available()
+    cuda = work.config.get("score", {}).get("device", "auto") != "cpu" and torch.cuda.is_available()
     if not cuda:
         return [None] * workers
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -119,19 +119,19 @@ def _device_sets(workers: int, gpus_per_worker: int, plan: ShardPlan) -> list[st
     return [",".join(ids[w * gpus_per_worker : (w + 1) * gpus_per_worker]) for w in range(workers)]
 
 
-def _run_pool(plan: ShardPlan, indices: list[int], workers: int, gpus_per_worker: int) -> Iterator[Result]:
+def _run_pool(work: ShardWork, indices: list[int], workers: int, gpus_per_worker: int) -> Iterator[Result]:
     todo = list(indices)
     for attempt in range(RETRIES + 1):
         context = multiprocessing.get_context("spawn")
         devices = context.Queue()
-        for assigned in _device_sets(workers, gpus_per_worker, plan):
+        for assigned in _device_sets(workers, gpus_per_worker, work):
             devices.put(assigned)
         # On a CPU the thread count changes low-order bits (seen: one of 2,000 values, 4.8e-7):
-        # every worker computes with the coordinator's count (plan.cpu_threads), so that the bytes
+        # every worker computes with the coordinator's count (work.cpu_threads), so that the bytes
         # do not depend on how many workers wrote them. On a GPU it only feeds the host side.
-        threads = plan.cpu_threads or max(1, (os.cpu_count() or 1) // workers)
+        threads = work.cpu_threads or max(1, (os.cpu_count() or 1) // workers)
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                   initargs=(plan, devices, threads))
+                                   initargs=(work, devices, threads))
         pending = {pool.submit(_worker_run, index): index for index in todo}
         try:
             while pending:
@@ -162,19 +162,19 @@ def _run_pool(plan: ShardPlan, indices: list[int], workers: int, gpus_per_worker
 class _ShardActor:
     """A Ray actor: one ShardJob (one model load) per worker."""
 
-    def __init__(self, plan: ShardPlan):
-        if plan.cpu_threads:  # as _run_pool's workers: the coordinator's CPU numerics
+    def __init__(self, work: ShardWork):
+        if work.cpu_threads:  # as _run_pool's workers: the coordinator's CPU numerics
             import torch
 
-            torch.set_num_threads(plan.cpu_threads)
-        self.job = ShardJob(plan)
+            torch.set_num_threads(work.cpu_threads)
+        self.job = ShardJob(work)
 
     def run(self, index: int) -> Result:
         entry, stats = self.job.run(index)
         return entry, stats, self.job.settings()
 
 
-def _run_ray(plan: ShardPlan, indices: list[int], workers: int, gpus_per_worker: int,
+def _run_ray(work: ShardWork, indices: list[int], workers: int, gpus_per_worker: int,
              address: str | None) -> Iterator[Result]:
     try:
         import ray
@@ -191,10 +191,10 @@ def _run_ray(plan: ShardPlan, indices: list[int], workers: int, gpus_per_worker:
     else:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     try:
-        cuda = plan.config.get("score", {}).get("device", "auto") != "cpu" and bool(ray.cluster_resources().get("GPU"))
+        cuda = work.config.get("score", {}).get("device", "auto") != "cpu" and bool(ray.cluster_resources().get("GPU"))
         actor = ray.remote(num_cpus=1, num_gpus=gpus_per_worker if cuda else 0, max_restarts=RETRIES,
                            max_task_retries=RETRIES)(_ShardActor)
-        pool = ActorPool([actor.remote(plan) for _ in range(workers)])
+        pool = ActorPool([actor.remote(work) for _ in range(workers)])
         try:
             yield from pool.map_unordered(lambda worker, index: worker.run.remote(index), indices)
         except ray_errors.RayTaskError as exc:  # raised in a worker: a ScoreError as itself

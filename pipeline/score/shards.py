@@ -1,22 +1,22 @@
 """One shard of a reference cache: the unit of scoring work, idempotent and verifiable alone.
 
-    job = ShardJob(plan)                  # in a worker: loads the model once, lazily
+    job = ShardJob(work)                  # in a worker: loads the model once, lazily
     entry, stats = job.run(index)         # writes <out_dir>/part-NNNNN.parquet atomically
 
-A shard is rows ``[index x shard_rows, (index + 1) x shard_rows)`` of the prepared dataset. Its
-bytes depend only on those rows and the cache's identity and settings, never on which worker
-wrote it or when, so any number of workers, in any order, produce the same cache. Rows that a
-complete cache of another dataset already holds (same model, tokenizer, dtype, backend; see
-``find_donors``) are copied from it, verified, instead of being scored again.
+A shard holds the rows ``work.shards.rows_of(index)`` of the prepared dataset (a ShardPlan,
+storage/shards.py: the audit re-scores in the same shards). Its bytes depend only on those rows
+and the cache's identity and settings, never on which worker wrote it or when, so any number
+of workers, in any order, produce the same cache. Rows that a complete cache of another dataset
+already holds (same model, tokenizer, dtype, backend; see ``find_donors``) are copied from it,
+verified, instead of being scored again.
 
-Everything a worker gets is plain data and file paths (``ShardPlan``), never tensors or tables:
+Everything a worker gets is plain data and file paths (``ShardWork``), never tensors or tables:
 the same job runs in this process, in a local worker process, or in a Ray actor.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +26,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.storage import layout
 from pipeline.config.load import config_from_dict
-from pipeline.storage.layout import shard_name
-from pipeline.storage.refvalues import COLUMNS_KEY, ValueProofError, column_digests, read_shard
-from pipeline.logprobs.backends import Progress, ScoreError, make_scorer
-from pipeline.store import read_json, write_parquet
+from pipeline.errors import ScoreError, ValueProofError
+from pipeline.logprobs.backends import Progress, make_scorer
+from pipeline.storage import paths, trust
+from pipeline.storage.refvalues import COLUMNS_KEY, column_digests, read_shard
+from pipeline.storage.shards import ShardPlan
+from pipeline.store import MANIFEST, read_json, write_parquet
 
 log = logging.getLogger("dpo.score")
 
@@ -57,7 +58,7 @@ def scores_schema(store_token_logps: bool) -> pa.Schema:
 
 
 @dataclass
-class ShardPlan:
+class ShardWork:
     """What a worker needs to write any shard of one cache: plain values and paths."""
 
     config: dict
@@ -73,23 +74,19 @@ class ShardPlan:
     bits, so all workers use the coordinator's); None on a GPU."""
 
     @property
-    def shard_rows(self) -> int:
-        return self.inputs["shard_rows"]
-
-    @property
-    def n_shards(self) -> int:
-        return math.ceil(self.rows / self.shard_rows)
+    def shards(self) -> ShardPlan:
+        return ShardPlan(self.rows, self.inputs["shard_rows"])
 
 
 class ShardJob:
-    """Writes shards of one plan; reads the dataset, the donors' ids and the model once each,
+    """Writes shards of one cache; reads the dataset, the donors' ids and the model once each,
     and only when needed (a shard whose rows are all reused loads no model)."""
 
-    def __init__(self, plan: ShardPlan, scorer=None, examples: pa.Table | None = None):
+    def __init__(self, work: ShardWork, scorer=None, examples: pa.Table | None = None):
         """``scorer``: an already-loaded one to use; ``examples``: the prepared examples, whole,
         when the caller holds them already (the coordinator's own job), else read as needed."""
-        self.plan = plan
-        self.cfg = config_from_dict(plan.config)
+        self.work = work
+        self.cfg = config_from_dict(work.config)
         self._scorer = scorer
         self._examples = examples
         self._groups: tuple | None = None
@@ -98,7 +95,7 @@ class ShardJob:
     @property
     def scorer(self):
         if self._scorer is None:
-            self._scorer = make_scorer(self.plan.inputs["backend"], self.cfg, self.plan.max_sequence)
+            self._scorer = make_scorer(self.work.inputs["backend"], self.cfg, self.work.max_sequence)
         return self._scorer
 
     def rows(self, start: int, count: int) -> pa.Table:
@@ -107,7 +104,7 @@ class ShardJob:
         for the next shard, usually the following rows)."""
         if self._examples is not None:  # given whole (the coordinator's own job)
             return self._examples.slice(start, count)
-        file = pq.ParquetFile(Path(self.plan.dataset_dir) / layout.EXAMPLES)
+        file = pq.ParquetFile(Path(self.work.dataset_dir) / paths.EXAMPLES)
         bounds = np.cumsum([0] + [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)])
         first = int(np.searchsorted(bounds, start, side="right") - 1)
         last = int(np.searchsorted(bounds, start + count, side="left"))
@@ -120,8 +117,8 @@ class ShardJob:
         """id -> (donor cache dir, shard file, row in it), over every donor."""
         if self._donors is None:
             self._donors = {}
-            for donor in self.plan.donors:
-                manifest = read_json(Path(donor) / layout.MANIFEST) or {}
+            for donor in self.work.donors:
+                manifest = read_json(Path(donor) / MANIFEST) or {}
                 for shard in manifest.get("shards", []):
                     ids = pq.read_table(Path(donor) / shard["file"], columns=["id"]).column("id").to_pylist()
                     for row, example_id in enumerate(ids):
@@ -130,8 +127,9 @@ class ShardJob:
 
     def run(self, index: int, progress: Progress | None = None) -> tuple[dict, dict]:
         """Write shard ``index``; returns (its manifest entry, this call's stats)."""
-        plan, started = self.plan, time.perf_counter()
-        part = self.rows(index * plan.shard_rows, min(plan.shard_rows, plan.rows - index * plan.shard_rows))
+        work, started = self.work, time.perf_counter()
+        span = work.shards.rows_of(index)
+        part = self.rows(span.start, len(span))
         ids = part.column("id").combine_chunks()
         token_ids = [part.column(f"{name}_ids").to_pylist() for name in ("prompt", "chosen", "rejected")]
         stats = {"rows_scored": 0, "rows_reused": 0, "tokens_scored": 0, "sequence_tokens": 0}
@@ -151,13 +149,13 @@ class ShardJob:
         elif progress is not None:
             progress(2 * len(ids), 0, 0)
         stats["rows_scored"], stats["rows_reused"] = len(todo), len(ids) - len(todo)
-        check_values(plan.inputs["backend"], index, ids, token_ids[1:], (chosen, rejected))
-        table = shard_table(ids, chosen, rejected, scores_schema(plan.inputs["store_token_logps"]))
+        check_values(work.inputs["backend"], index, ids, token_ids[1:], (chosen, rejected))
+        table = shard_table(ids, chosen, rejected, scores_schema(work.inputs["store_token_logps"]))
         # The values are proven from here on: their digests travel inside the shard (refvalues).
         metadata = {**self._metadata(index), COLUMNS_KEY: column_digests(table)}
-        sha = write_parquet(table, Path(plan.out_dir) / shard_name(index), table.num_rows, metadata,
+        sha = write_parquet(table, Path(work.out_dir) / ShardPlan.file(index), table.num_rows, metadata,
                             page_checksum=True)
-        entry = {"file": shard_name(index), "first_row": index * plan.shard_rows, "rows": table.num_rows,
+        entry = {"file": ShardPlan.file(index), "first_row": span.start, "rows": table.num_rows,
                  "sha256": sha, "chosen_tokens": int(sum(len(v) for v in chosen)),
                  "rejected_tokens": int(sum(len(v) for v in rejected))}
         if reused:
@@ -170,12 +168,12 @@ class ShardJob:
         return None if self._scorer is None else self._scorer.settings
 
     def _metadata(self, index: int) -> dict:
-        inputs = self.plan.inputs
+        inputs = self.work.inputs
         return {
-            f"{META}fingerprint": Path(self.plan.out_dir).name,
+            f"{META}fingerprint": Path(self.work.out_dir).name,
             f"{META}schema_version": str(inputs["schema_version"]),
             f"{META}shard": str(index),
-            f"{META}first_row": str(index * self.plan.shard_rows),
+            f"{META}first_row": str(self.work.shards.rows_of(index).start),
             f"{META}dataset_fingerprint": inputs["dataset_fingerprint"],
             f"{META}backend": inputs["backend"],
             f"{META}dtype": inputs["dtype"],
@@ -186,7 +184,7 @@ class ShardJob:
         {donor fingerprint: rows copied}. A donor row must have this row's token counts."""
         chosen: list = [None] * len(ids)
         rejected: list = [None] * len(ids)
-        if not self.plan.donors:
+        if not self.work.donors:
             return chosen, rejected, {}
         found: dict = {}
         index = self.donor_rows()
@@ -217,21 +215,21 @@ def find_donors(storage: str, fp: str, inputs: dict, dataset_identity: dict) -> 
     backend and schema, with per-token values stored, on a dataset tokenized the same way (same
     tokenizer files, tokenize and format settings), and whose files verify. Newest first."""
     found = []
-    root = layout.refscores_dir(storage, fp).parent
+    root = paths.refscores_dir(storage, fp).parent
     if not inputs.get("store_token_logps") or not root.is_dir():
         return found
     same = ("schema_version", "model", "dtype", "backend", "store_token_logps")
     for directory in root.iterdir():
-        manifest = read_json(directory / layout.MANIFEST)
+        manifest = read_json(directory / MANIFEST)
         if not manifest or manifest.get("complete") is not True or directory.name == fp:
             continue
         donor_inputs = manifest.get("inputs") or {}
         if any(donor_inputs.get(key) != inputs.get(key) for key in same):
             continue
-        dataset = read_json(layout.dataset_dir(storage, donor_inputs.get("dataset_fingerprint", "")) / layout.MANIFEST)
+        dataset = read_json(paths.dataset_dir(storage, donor_inputs.get("dataset_fingerprint", "")) / MANIFEST)
         if not dataset or not _tokenized_alike(dataset.get("inputs") or {}, dataset_identity):
             continue
-        if not layout.is_verified(layout.verified_refscores, directory):
+        if not trust.is_verified(trust.verified_refscores, directory):
             log.warning("score: not reusing rows of %s: its files do not verify", directory)
             continue
         found.append((directory.stat().st_mtime, str(directory)))

@@ -17,7 +17,6 @@ missing shards and ends with the same bytes as an uninterrupted run.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,16 +25,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.storage import layout
 from pipeline.config.schema import Config
-from pipeline.storage.layout import SHARD_RE, shard_name
-from pipeline.models.loading import ModelError, check_causal_lm, model_source
-from pipeline.progress import Progress
-from pipeline.storage.refvalues import ValueProofError, read_shard
-from pipeline.score.runners import Result, Workers, default_workers, run_shards
-from pipeline.logprobs.backends import ScoreError, Scorer, resolve_backend
+from pipeline.errors import ModelError, ScoreError, ValueProofError
+from pipeline.logprobs.backends import Scorer, resolve_backend
 from pipeline.logprobs.backends.transformers_backend import resolve_device
-from pipeline.score.shards import META, ShardJob, ShardPlan, find_donors, scores_schema, shard_tokens
+from pipeline.models.loading import check_causal_lm, model_source
+from pipeline.progress import Progress
+from pipeline.score.runners import Result, Workers, default_workers, run_shards
+from pipeline.score.shards import META, ShardJob, ShardWork, find_donors, scores_schema, shard_tokens
+from pipeline.storage import locate, paths, trust
+from pipeline.storage.refvalues import read_shard
+from pipeline.storage.shards import ShardPlan
 from pipeline.store import (
     MANIFEST,
     ensure_dir,
@@ -66,7 +66,7 @@ class ScoreResult:
     stats: dict  # this run: backend, device, rows and tokens scored, seconds, tokens/s
 
 
-# --- shard plan ----------------------------------------------------------------------------------
+# --- checks --------------------------------------------------------------------------------------
 
 
 def _check_vocabulary(examples: pa.Table, model_config, dataset_manifest: dict) -> None:
@@ -90,7 +90,7 @@ def _check_vocabulary(examples: pa.Table, model_config, dataset_manifest: dict) 
 
 
 def _verify_existing(
-    out_dir: Path, fp: str, n_shards: int, shard_ids: list[pa.Array], recorded: dict
+    out_dir: Path, fp: str, shard_ids: list[pa.Array], recorded: dict
 ) -> tuple[set[int], dict[str, str]]:
     """(indices of the shards on disk whose values are proven, {shard: why it is rescored}).
 
@@ -102,14 +102,13 @@ def _verify_existing(
         name = path.name
         if name == MANIFEST:
             continue
-        match = SHARD_RE.match(name)
-        if not match or int(match.group(1)) >= n_shards:
+        index = ShardPlan.index_of(name)
+        if index is None or index >= len(shard_ids):
             raise ScoreError(
                 f"foreign file {path} in the score cache: this directory holds only "
-                f"{shard_name(0)}..{shard_name(n_shards - 1)} and manifest.json. Remove it and "
+                f"{ShardPlan.file(0)}..{ShardPlan.file(len(shard_ids) - 1)} and manifest.json. Remove it and "
                 "run again"
             )
-        index = int(match.group(1))
         reason = _unproven(path, fp, shard_ids[index], recorded.get(name))
         if reason is None:
             done.add(index)
@@ -147,23 +146,23 @@ def score(cfg: Config, show_progress: bool = True, scorer: Scorer | None = None)
 
     ``scorer``: an already-loaded scorer to reuse (tests, audits); by default one is built.
     """
-    dataset_dir = layout.locate_dataset(cfg)
-    dataset_manifest = layout.verified_dataset(dataset_dir)
+    dataset_dir = locate.find_dataset(cfg)
+    dataset_manifest = trust.verified_dataset(dataset_dir)
     backend = scorer.name if scorer is not None else resolve_backend(cfg.score.backend)
-    inputs = layout.refscores_identity(cfg, dataset_manifest["fingerprint"], backend)
+    inputs = paths.refscores_identity(cfg, dataset_manifest["fingerprint"], backend)
     fp = fingerprint(inputs)
-    out_dir = layout.refscores_dir(cfg.storage, fp)
+    out_dir = paths.refscores_dir(cfg.storage, fp)
     # tokens_scored: response tokens; sequence_tokens: prompt + response tokens run through the model
     stats = {"backend": backend, "rows_scored": 0, "tokens_scored": 0, "sequence_tokens": 0, "seconds": 0.0}
     # Up to date only when every value is proven; anything else goes to _score_missing, which
     # keeps the proven shards and rescores the others.
-    if layout.is_verified(layout.proven_refscores, out_dir):
+    if trust.is_verified(trust.verified_refscores, out_dir, values=True):
         log.info("score: up to date, %s", out_dir)
-        return ScoreResult(out_dir, layout.verified_refscores(out_dir), True, stats)
+        return ScoreResult(out_dir, trust.verified_refscores(out_dir), True, stats)
     # One writer per cache: a second `dpo score` waits, then finds the cache done (or resumes it).
     with exclusive(lock_path(cfg.storage, "refscores", fp), f"reference cache {out_dir}", wait=True):
-        if layout.is_verified(layout.proven_refscores, out_dir):
-            return ScoreResult(out_dir, layout.verified_refscores(out_dir), True, stats)
+        if trust.is_verified(trust.verified_refscores, out_dir, values=True):
+            return ScoreResult(out_dir, trust.verified_refscores(out_dir), True, stats)
         started = time.perf_counter()
         job = _Job(cfg, dataset_dir, dataset_manifest, inputs, out_dir, scorer, stats, show_progress)
         manifest = _score_missing(job)
@@ -223,25 +222,25 @@ class _Missing:
 def _score_missing(job: _Job) -> dict:
     """Write the shards not yet on disk (a killed run resumes here) and then the manifest."""
     cfg, dataset_dir, out_dir = job.cfg, job.dataset_dir, job.out_dir
-    examples = pq.read_table(dataset_dir / layout.EXAMPLES, columns=["id", "prompt_ids", "chosen_ids", "rejected_ids"])
+    examples = pq.read_table(dataset_dir / paths.EXAMPLES, columns=["id", "prompt_ids", "chosen_ids", "rejected_ids"])
     if examples.num_rows == 0:
         raise ScoreError(f"the prepared dataset {dataset_dir} has no examples to score")
     _check_vocabulary(examples, check_causal_lm(cfg.model), job.dataset_manifest)
-    shard_rows = cfg.score.shard_rows
-    n_shards = math.ceil(examples.num_rows / shard_rows)
-    shard_ids = [examples.column("id").slice(k * shard_rows, shard_rows).combine_chunks() for k in range(n_shards)]
+    sharding = ShardPlan(examples.num_rows, cfg.score.shard_rows)
+    spans = [sharding.rows_of(k) for k in range(sharding.count)]
+    shard_ids = [examples.column("id").slice(span.start, len(span)).combine_chunks() for span in spans]
     ensure_dir(out_dir)
     previous = read_manifest(out_dir) or {}
     recorded = {s.get("file"): s for s in previous.get("shards", []) if isinstance(s, dict)}
-    shards, rescored = _finished_shards(out_dir, n_shards, shard_ids, recorded, shard_rows)
+    shards, rescored = _finished_shards(out_dir, sharding, shard_ids, recorded)
     job.stats["rescored"] = rescored
-    missing = [k for k in range(n_shards) if k not in shards]
+    missing = [k for k in range(sharding.count) if k not in shards]
     if shards:
-        log.info("score: resuming, %d of %d shards already scored", len(shards), n_shards)
+        log.info("score: resuming, %d of %d shards already scored", len(shards), sharding.count)
     base = {"kind": "refscores", "fingerprint": out_dir.name, "inputs": job.inputs, "model_path": str(cfg.model.path),
             "model_source": model_source(cfg.model),
             "rows": examples.num_rows, "columns": scores_schema(cfg.score.store_token_logps).names,
-            "versions": layout.library_versions()}
+            "versions": paths.library_versions()}
     listing = _Listing(out_dir, base, shards)
     settings = previous.get("settings") or {}
     if missing:
@@ -252,17 +251,17 @@ def _score_missing(job: _Job) -> dict:
 def _score_shards(job: _Job, todo: _Missing, listing: _Listing, settings: dict) -> dict:
     """Score the missing shards (rows found in other caches copied); the settings to record."""
     cfg, inputs = job.cfg, job.inputs
-    plan = ShardPlan(cfg.to_dict(), str(job.dataset_dir), str(job.out_dir), inputs, todo.examples.num_rows,
+    work = ShardWork(cfg.to_dict(), str(job.dataset_dir), str(job.out_dir), inputs, todo.examples.num_rows,
                      job.dataset_manifest["tokens"]["max_sequence"])
     if inputs["backend"] == "transformers" and resolve_device(cfg.score.device) == "cpu":
         import torch
 
-        plan.cpu_threads = torch.get_num_threads()
+        work.cpu_threads = torch.get_num_threads()
     if cfg.score.reuse:
-        plan.donors = find_donors(cfg.storage, job.out_dir.name, inputs, job.dataset_manifest["inputs"])
-    settings = _run_missing(job, plan, todo, listing, settings)
-    if not settings and plan.donors:  # every row copied, no model loaded: the donor's settings
-        settings = (read_manifest(Path(plan.donors[0])) or {}).get("settings") or {}
+        work.donors = find_donors(cfg.storage, job.out_dir.name, inputs, job.dataset_manifest["inputs"])
+    settings = _run_missing(job, work, todo, listing, settings)
+    if not settings and work.donors:  # every row copied, no model loaded: the donor's settings
+        settings = (read_manifest(Path(work.donors[0])) or {}).get("settings") or {}
     # Every worker has stopped: a temporary file left now is a killed worker's half shard.
     remove_leftovers(job.out_dir)
     return settings
@@ -275,22 +274,22 @@ def _workers(cfg, backend: str) -> tuple[int, int]:
     return cfg.score.workers or default_workers(device, gpus), gpus
 
 
-def _run_missing(job: _Job, plan: ShardPlan, todo: _Missing, listing: _Listing, settings: dict) -> dict:
+def _run_missing(job: _Job, work: ShardWork, todo: _Missing, listing: _Listing, settings: dict) -> dict:
     """Run the missing shards on the configured workers; record each as it lands."""
     cfg, stats, missing = job.cfg, job.stats, todo.indices
-    workers, gpus = _workers(cfg, plan.inputs["backend"])
+    workers, gpus = _workers(cfg, work.inputs["backend"])
     workers = min(workers, len(missing))
     stats.update(workers=workers, runner=cfg.score.runner, rows_reused=0)
-    if plan.donors:
-        log.info("score: rows already scored in %d other cache(s) are copied: %s", len(plan.donors),
-                 ", ".join(Path(d).name[:12] for d in plan.donors))
+    if work.donors:
+        log.info("score: rows already scored in %d other cache(s) are copied: %s", len(work.donors),
+                 ", ".join(Path(d).name[:12] for d in work.donors))
     if workers > 1 or cfg.score.runner == "ray":
         log.info("score: %d shards on %d %s worker(s)", len(missing), workers, cfg.score.runner)
     todo_rows = sum(len(todo.shard_ids[k]) for k in missing)
-    bar = Progress(todo_rows, f"score ({plan.inputs['backend']})", "rows", job.show_progress, log)
+    bar = Progress(todo_rows, f"score ({work.inputs['backend']})", "rows", job.show_progress, log)
     clock = time.perf_counter()
     last_write = time.perf_counter()
-    here = ShardJob(plan, job.scorer, todo.examples)  # used when one local worker: this process
+    here = ShardJob(work, job.scorer, todo.examples)  # used when one local worker: this process
 
     def progress(sequences: int, response_tokens: int, sequence_tokens: int) -> None:
         bar.update(sequences / 2)  # two sequences (chosen, rejected) per row
@@ -301,7 +300,7 @@ def _run_missing(job: _Job, plan: ShardPlan, todo: _Missing, listing: _Listing, 
 
     with bar:
         where = Workers(cfg.score.runner, workers, gpus, cfg.score.ray_address)
-        for result in run_shards(plan, missing, where, here, progress):
+        for result in run_shards(work, missing, where, here, progress):
             settings = _record(job, listing, result, settings)
             if workers > 1 or cfg.score.runner == "ray":
                 bar.update(result[0]["rows"])
@@ -315,7 +314,7 @@ def _record(job: _Job, listing: _Listing, result: Result, settings: dict) -> dic
     """Add a finished shard to the listing and its counts to the stats; the settings to record
     (the first worker's; another's that differ are logged)."""
     entry, shard_stats, worker_settings = result
-    index = int(SHARD_RE.match(entry["file"]).group(1))
+    index = ShardPlan.index_of(entry["file"])
     listing.shards[index] = entry
     for key in ("rows_scored", "rows_reused", "tokens_scored", "sequence_tokens"):
         job.stats[key] += shard_stats[key]
@@ -328,17 +327,17 @@ def _record(job: _Job, listing: _Listing, result: Result, settings: dict) -> dic
     return settings
 
 
-def _finished_shards(out_dir: Path, n_shards: int, shard_ids: list[pa.Array], recorded: dict,
-                     shard_rows: int) -> tuple[dict[int, dict], dict[str, str]]:
+def _finished_shards(out_dir: Path, sharding: ShardPlan, shard_ids: list[pa.Array],
+                     recorded: dict) -> tuple[dict[int, dict], dict[str, str]]:
     """(manifest entries of the proven shards already on disk, {shard: why it is rescored});
     removes dead writers' temp files and the shards that are not proven."""
     shards = {}
-    done, rescored = _verify_existing(out_dir, out_dir.name, n_shards, shard_ids, recorded)
+    done, rescored = _verify_existing(out_dir, out_dir.name, shard_ids, recorded)
     for index in sorted(done):
-        path = out_dir / shard_name(index)
+        path = out_dir / ShardPlan.file(index)
         entry = recorded.get(path.name)
         if entry is None or "chosen_tokens" not in entry:  # written, but its run died before recording it
-            entry = {"file": path.name, "first_row": index * shard_rows, "rows": len(shard_ids[index]),
+            entry = {"file": path.name, "first_row": sharding.rows_of(index).start, "rows": len(shard_ids[index]),
                      "sha256": sha256_verified(path), **shard_tokens(path)}
         shards[index] = entry
     return shards, rescored

@@ -1,4 +1,4 @@
-"""A run's metrics log, <run dir>/metrics.jsonl (layout.METRICS): one JSON record per line.
+"""A run's metrics log, <run dir>/metrics.jsonl (paths.METRICS): one JSON record per line.
 
     metrics.append(metrics.path_of(run_dir), {"step": 3, "loss": 0.69, ...})   # train, rank 0
     records = metrics.read(metrics.path_of(run_dir))                           # report, model card, status
@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.storage import layout
+from pipeline.storage.paths import METRICS
 from pipeline.store import atomic_write_text
 
 
 def path_of(run_dir: str | Path) -> Path:
-    return Path(run_dir) / layout.METRICS
+    return Path(run_dir) / METRICS
 
 
 def _line(record: dict) -> str:

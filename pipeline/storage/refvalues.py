@@ -35,6 +35,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pa_dataset
 import pyarrow.parquet as pq
 
+from pipeline.errors import ValueProofError
+
 COLUMNS_KEY = "dpo_pipeline.column_sha256"
 """Parquet key-value metadata: JSON {column: sha256 of its canonical bytes}."""
 
@@ -50,10 +52,6 @@ SUM_RTOL = 1e-9
 magnitudes: float64 summation orders differ by ~1e-16 x tokens; a flipped bit by far more."""
 
 SIDES = ("chosen", "rejected")
-
-
-class ValueProofError(ValueError):
-    """A shard's values are not proven: damaged bytes, a changed value, or an inconsistent row."""
 
 
 # --- digests --------------------------------------------------------------------------------------

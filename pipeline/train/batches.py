@@ -1,15 +1,14 @@
 """The train stage's data: the prepared examples joined with their cached reference log-probs
-(checked against the cache's contract), and which pairs each optimizer step takes and at what
-learning rate.
+(checked against the cache's contract), and which pairs each optimizer step takes (the learning
+rate at each step: schedule.py).
 
     splits, cache = load_split_data(dataset_dir, cache_dir, token_reference=False)
     index = batch_indices(step, batch_size, len(splits["train"]), seed)   # the step's pairs
-    factor = lr_factor(step, warmup_steps(cfg.train, total), total, cfg.train.lr_scheduler_type)
+    groups = token_micro_batches(tokens, budget)                          # train.micro_batch_tokens
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +18,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.storage import layout
-from pipeline.storage.refvalues import ValueProofError, read_shards
-
-
-class TrainError(RuntimeError):
-    """The stage refuses to train (contract broken, bad run folder); says what to do."""
+from pipeline.errors import TrainError, ValueProofError
+from pipeline.storage.paths import EXAMPLES
+from pipeline.storage.refvalues import read_shards
+from pipeline.storage.trust import verified_dataset, verified_refscores
 
 
 class TokenLists:
@@ -133,10 +130,10 @@ def load_split_data(dataset_dir: Path, cache_dir: Path | None,
     which the cache has only when scored with score.store_token_logps: true (else TrainError).
     """
     # Both verified: every file is present and hashes as its manifest says, before a byte is read.
-    dataset = layout.verified_dataset(dataset_dir)
+    dataset = verified_dataset(dataset_dir)
     if cache_dir is None:
         return _examples_only(dataset_dir), None
-    cache = layout.verified_refscores(cache_dir)
+    cache = verified_refscores(cache_dir)
     if cache["inputs"]["dataset_fingerprint"] != dataset["fingerprint"]:
         raise TrainError(
             f"the reference cache {cache_dir.name[:12]} was scored on dataset "
@@ -144,7 +141,7 @@ def load_split_data(dataset_dir: Path, cache_dir: Path | None,
             f"{dataset['fingerprint'][:12]}: {_FIX}"
         )
     examples = pq.read_table(
-        dataset_dir / layout.EXAMPLES,
+        dataset_dir / EXAMPLES,
         columns=["id", "split", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_tokens", "rejected_tokens"],
     )
     scores = _aligned_scores(examples, _read_scores(cache_dir, cache, token_reference), cache_dir)
@@ -234,7 +231,7 @@ def _split_of(ex: pa.Table, sc: pa.Table, token_reference: bool) -> Split:
 
 def _examples_only(dataset_dir: Path) -> dict[str, Split]:
     """The splits of a prepared dataset without reference values (a reference-free run)."""
-    examples = pq.read_table(dataset_dir / layout.EXAMPLES,
+    examples = pq.read_table(dataset_dir / EXAMPLES,
                              columns=["id", "split", "prompt_ids", "chosen_ids", "rejected_ids"])
     splits = {}
     for name in ("train", "eval"):
@@ -244,28 +241,7 @@ def _examples_only(dataset_dir: Path) -> dict[str, Split]:
     return splits
 
 
-# --- schedule and batching -----------------------------------------------------------------------
-
-
-def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
-    """Multiplier of train.learning_rate at optimizer step ``step`` (0-based), as Hugging Face's
-    schedulers (transformers.get_scheduler): warmup step / warmup from 0, then linear or cosine
-    decay to 0 at ``total``; "constant" has no warmup."""
-    if kind == "constant":
-        return 1.0
-    if step < warmup:
-        return step / max(1, warmup)
-    if kind == "constant_with_warmup":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if kind == "linear":
-        return max(0.0, 1.0 - progress)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def warmup_steps(train_cfg, total_steps: int) -> int:
-    """train.warmup_steps, else train.warmup_ratio of the total, rounded up (as Hugging Face)."""
-    return train_cfg.warmup_steps or math.ceil(train_cfg.warmup_ratio * total_steps)
+# --- batching ------------------------------------------------------------------------------------
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
@@ -308,3 +284,8 @@ def token_micro_batches(tokens: list[int], budget: int, count: int = 1) -> list[
         pairs = bins.pop(b)
         bins[b:b] = [pairs[0::2], pairs[1::2]]  # longest first in each half
     return bins
+
+
+def token_count(split: Split, index: list[int]) -> int:
+    """Tokens a forward pass over the pairs ``index`` computes (the prompt counted for both responses)."""
+    return sum(2 * len(split.prompts[i]) + len(split.chosens[i]) + len(split.rejecteds[i]) for i in index)

@@ -30,8 +30,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.train import distributed
 from pipeline.models.loading import load_tokenizer
+from pipeline.train import distributed
 
 log = logging.getLogger("dpo.train")
 

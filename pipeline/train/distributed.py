@@ -24,10 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import DistributedError
 from pipeline.logprobs.response import ResponseLogps
-
-class DistributedError(RuntimeError):
-    """A distributed run cannot start or failed on some rank; says which and what to do."""
 
 
 @dataclass(frozen=True)
@@ -223,8 +221,7 @@ def load_full_state(engine, optimizer, world: World, weights: dict, optim: dict 
     """Put full state dicts (from ``full_state``, read from disk by every rank) into the
     engine's model (sharding them under FSDP2) and optimizer. ``weights`` may hold only the
     trained parameters (LoRA): the others keep their loaded values."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     module = inner(engine)
     options = StateDictOptions(full_state_dict=True, strict=False)

@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.models import adapters, precision
-from pipeline.train import distributed
-from pipeline.storage import layout, metrics
 from pipeline.config.schema import Config
+from pipeline.errors import TrainError
+from pipeline.models import adapters, precision
 from pipeline.models.loading import load_causal_lm, load_tokenizer
 from pipeline.reports.run_report import write_run_report
+from pipeline.storage import metrics, paths, trust
 from pipeline.store import atomic_write_json, atomic_write_text, sha256_file
-from pipeline.train.batches import TrainError
+from pipeline.train import distributed
 
 log = logging.getLogger("dpo.train")
 
@@ -41,7 +41,7 @@ class TrainResult:
 def finished(run_dir: Path, run_fp: str, quiet: bool = False) -> TrainResult | None:
     """The finished run in ``run_dir`` when its run.json and final/ verify (None when there is
     none); a finished run of another fingerprint is refused."""
-    previous = layout.verified_run(run_dir)
+    previous = trust.verified_run(run_dir)
     if previous is None:
         return None
     if previous.get("fingerprint") != run_fp:
@@ -60,7 +60,7 @@ def whole_policy(trainer):
     if not trainer.world.main:
         return None
     cfg = trainer.cfg
-    policy = load_causal_lm(layout.policy_init(cfg), "cpu")
+    policy = load_causal_lm(paths.policy_init(cfg), "cpu")
     if cfg.train.peft is not None:
         policy = adapters.with_lora(policy, cfg.train.peft)
     policy.load_state_dict(weights)
@@ -101,17 +101,17 @@ def write_final(trainer, run, policy, last_eval: dict) -> dict:
                      "autocast_dtype": precision.compute_dtype(precision.resolve(trainer.cfg)),
                      "world_size": trainer.world.size,
                      "distributed": trainer.cfg.train.distributed if trainer.world.size > 1 else None},
-        "versions": layout.library_versions(),
+        "versions": paths.library_versions(),
         "complete": True,
     }
-    atomic_write_json(run.run_dir / layout.RUN_SUMMARY, summary)
+    atomic_write_json(run.run_dir / paths.RUN_SUMMARY, summary)
     return summary
 
 
 def model_card(cfg: Config, run, records: list[dict], first_eval: dict | None, last_eval: dict) -> str:
     """final/README.md: a Hugging Face model card (metadata header + what was trained, on what,
     how, with what result)."""
-    hub_data = (layout.verified_dataset(run.dataset_dir).get("source") or {}).get("hub") or {}
+    hub_data = (trust.verified_dataset(run.dataset_dir).get("source") or {}).get("hub") or {}
     header = {"base_model": str(cfg.model.path), "library_name": "peft" if cfg.train.peft else "transformers",
               "tags": ["dpo", "dpo-pipeline"]}
     if hub_data:

@@ -75,7 +75,7 @@ def torchrun(argv: list[str], nproc: int, log_dir: Path, echo: bool = True, env:
                               stderr=None if echo else subprocess.PIPE, text=True)
         returncode, tail = done.returncode, done.stderr or ""
     if returncode != 0:
-        from pipeline.train.distributed import DistributedError  # torch: only when a launch failed
+        from pipeline.errors import DistributedError  # torch: only when a launch failed
 
         raise DistributedError(failure_report(log_dir, returncode, tail))
 

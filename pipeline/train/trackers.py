@@ -19,12 +19,10 @@ import json
 import os
 from pathlib import Path
 
+from pipeline.errors import TrackerError
+
 REPORTERS = ("tensorboard", "mlflow", "wandb", "trackio")
 PROJECT = "dpo-pipeline"
-
-
-class TrackerError(RuntimeError):
-    """A chosen tracker cannot be used (its library is missing); says how to install it."""
 
 
 def _require(module: str, extra: str):

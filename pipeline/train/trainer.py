@@ -1,9 +1,19 @@
-"""The trainer: the state of one run (policy, engine, optimizer, schedule, data, rank) and how it
-splits a step's pairs into micro-batches and runs the policy on them; ``build_trainer`` makes one
-from a config, the splits and a loaded policy (DDP / FSDP2, AdamW, schedule, torch.compile).
+"""The trainer: the state of one run (policy, engine, optimizer, schedule, data, rank) and its step:
+the step's pairs in micro-batches, each one forward pass and its backward, then clipping, the
+optimizer and the schedule, without a host sync; ``build_trainer`` makes one from a config, the
+splits and a loaded policy (DDP / FSDP2, AdamW, schedule, torch.compile).
 
     trainer = build_trainer(cfg, splits, policy, world)
-    record = train_step(trainer, step)                       # pipeline/train/step.py
+    record = trainer.train_step(step)                 # tensors on the device, nothing read
+    records = trainer.read_records(window, seconds)   # one transfer: floats, or TrainError
+    record = trainer.run_step(step)                   # both, one step (what a benchmark times)
+
+The metrics stay on the device until a logged step reads them all at once (metrics_log.py decides
+when). The guard's promise: a step whose loss or gradient norm is not finite does not change the
+weights, nor does any step after it (``StepGuard``: a flag on the device that the optimizer reads
+as its ``found_inf``, as it does under GradScaler); the next read raises TrainError naming the
+first such step and its batch ids. With an optimizer that cannot skip on the device (one without
+``found_inf`` support), the guard reads the flag before the update: one sync per step.
 """
 
 from __future__ import annotations
@@ -11,17 +21,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from pipeline.models import compiling, precision
-from pipeline.train import distributed
-from pipeline.storage import layout, metrics
 from pipeline.config.schema import Config
-from pipeline.train.distributed import World
+from pipeline.errors import TrainError
 from pipeline.logprobs.response import (
     PairOptions,
     PairTokens,
@@ -29,19 +36,13 @@ from pipeline.logprobs.response import (
     pair_token_logps,
     supports_shared_prefix,
 )
-from pipeline.reports.run_report import write_run_report
-from pipeline.train.trackers import Trackers
-from pipeline.train.batches import Split, lr_factor, token_micro_batches, warmup_steps
-from pipeline.train.loss import (
-    PolicyLogps,
-    add_sums,
-    cached_reference,
-    compute_loss,
-    ld_reference,
-    ld_weights,
-    read_sums,
-    wpo_weights,
-)
+from pipeline.models import compiling, precision
+from pipeline.storage import paths
+from pipeline.train import distributed
+from pipeline.train.batches import Split, batch_indices, token_count, token_micro_batches
+from pipeline.train.distributed import World
+from pipeline.train.loss import add_sums, cached_reference, ld_reference, pair_objective
+from pipeline.train.schedule import lr_scheduler, total_steps
 
 
 class StepGuard:
@@ -61,7 +62,7 @@ class StepGuard:
 
 @dataclass
 class Trainer:
-    """The state of one run: policy, optimizer, schedule, data, where to write, which rank."""
+    """The state of one run (policy, optimizer, schedule, data, which rank) and its step."""
 
     cfg: Config
     policy: torch.nn.Module
@@ -77,64 +78,48 @@ class Trainer:
     """reference(split, index) -> (ref_chosen, ref_rejected); the benchmark swaps in a live model."""
     autocast: Callable = contextlib.nullcontext
     world: World = field(default_factory=World)
-    trackers: Trackers = field(default_factory=lambda: Trackers([]))
-    """train.report_to's trackers (rank 0 only); they see every record metrics.jsonl gets."""
     compiled: bool = False
     """Whether the decoder layers are compiled (train.torch_compile, compiling.py)."""
     shared: bool = field(init=False)
     micro: int = field(init=False)
     guard: StepGuard = field(init=False)
-    """The non-finite guard (train_step.py): read with the metrics, never per step."""
+    """The non-finite guard (see the module docstring): read with the metrics, never per step."""
 
     def __post_init__(self):
         self.shared = supports_shared_prefix(self.policy)
         self.micro = self.cfg.train.per_device_train_batch_size
-        self.batch = layout.effective_batch_size(self.cfg.train, self.world.size)
+        self.batch = paths.effective_batch_size(self.cfg.train, self.world.size)
         self.pad_multiple = compiling.pad_multiple(self.cfg, self.compiled)
         self.guard = StepGuard(next(self.policy.parameters()).device)
 
     def token_logps(self, split: Split, index: list[int], log_sum_sq: bool = False) -> PairTokens:
         """The policy's per-token log-probs of the pairs ``index``, in one forward pass
         (padding-free rows unless train.padding_free is off)."""
-        picked = [split.prompts[i] for i in index], [split.chosens[i] for i in index], [split.rejecteds[i] for i in index]
-        packing = None if self.cfg.train.padding_free else "none"
-        options = PairOptions(self.shared, self.device, packing, log_sum_sq, self.cfg.train.fused_lm_head,
-                              self.pad_multiple)
         with self.autocast():
-            return pair_token_logps(self.engine, *picked, options)
+            return pair_token_logps(self.engine, *self._pairs(split, index), self._options(log_sum_sq))
 
     def pair_logps(self, split: Split, index: list[int]):
         """(chosen [B], rejected [B]) sequence log-probs under the policy."""
         return self.token_logps(split, index).sums()
 
-    def loss_inputs(self, split: Split, index: list[int]) -> PolicyLogps:
-        """chosen [B], rejected [B] float32 and pair weights [B] or None, for compute_loss (policy_logps)."""
-        return self.policy_logps(self.token_logps(split, index, log_sum_sq=self.cfg.train.use_weighting))
-
-    def policy_logps(self, tokens: PairTokens) -> PolicyLogps:
-        """The sums of ``tokens``, LD-DPO-weighted when train.ld_alpha is set, and WPO's pair
-        weights when train.use_weighting."""
-        train_cfg = self.cfg.train
-        weights = None if train_cfg.ld_alpha is None else ld_weights(tokens.lengths, train_cfg.ld_alpha)
-        chosen, rejected = tokens.sums(weights)
-        return PolicyLogps(chosen.float(), rejected.float(), wpo_weights(tokens) if train_cfg.use_weighting else None)
-
     def micro_loss(self, split: Split, index: list[int], scale: float):
-        """(loss scaled by ``scale``, metric sums) of the pairs ``index`` in one forward pass; with
-        train.fused_lm_head the loss is computed inside the LM head (logprobs.pair_loss)."""
-        train_cfg = self.cfg.train
-
-        def chunk_loss(pairs: range, values, lengths, squares):
-            tokens = PairTokens(values, lengths, squares)
-            return compute_loss(self.cfg, split, index[pairs.start : pairs.stop], self.policy_logps(tokens), scale,
-                                self.reference)
-
-        picked = [split.prompts[i] for i in index], [split.chosens[i] for i in index], [split.rejecteds[i] for i in index]
-        packing = None if train_cfg.padding_free else "none"
-        options = PairOptions(self.shared, self.device, packing, train_cfg.use_weighting, train_cfg.fused_lm_head,
-                              self.pad_multiple)
+        """(loss scaled by ``scale``, metric sums) of the pairs ``index`` in one forward pass: their
+        objective (loss.pair_objective) computed by the logprobs layer, inside the LM head with
+        train.fused_lm_head (logprobs.pair_loss)."""
+        objective = pair_objective(self.cfg, split, index, scale, self.reference)
         with self.autocast():
-            return pair_loss(self.engine, *picked, options, chunk_loss)
+            return pair_loss(self.engine, *self._pairs(split, index), self._options(self.cfg.train.use_weighting),
+                             objective)
+
+    def _pairs(self, split: Split, index: list[int]) -> tuple[list, list, list]:
+        """The prompts, chosen and rejected token ids of the pairs ``index``."""
+        return [split.prompts[i] for i in index], [split.chosens[i] for i in index], [split.rejecteds[i] for i in index]
+
+    def _options(self, log_sum_sq: bool) -> PairOptions:
+        """How the policy runs a batch of pairs (train.padding_free, fused_lm_head, the row padding)."""
+        packing = None if self.cfg.train.padding_free else "none"
+        return PairOptions(self.shared, self.device, packing, log_sum_sq, self.cfg.train.fused_lm_head,
+                           self.pad_multiple)
 
     def micro_batch(self, index: list[int], accumulation_step: int, rank: int | None = None) -> list[int]:
         """A rank's pairs (this rank's by default) of one micro-batch of the global batch ``index``:
@@ -146,7 +131,7 @@ class Trainer:
     def micro_batches(self, index: list[int]) -> list[list[int]]:
         """This rank's micro-batches of the global batch ``index``: gradient_accumulation_steps of
         per_device_train_batch_size pairs, or with train.micro_batch_tokens the same pairs regrouped
-        by tokens (train_data.token_micro_batches), as many on every rank."""
+        by tokens (batches.token_micro_batches), as many on every rank."""
         accumulation = self.cfg.train.gradient_accumulation_steps
         budget = self.cfg.train.micro_batch_tokens
         fixed = [self.micro_batch(index, a) for a in range(accumulation)]
@@ -162,46 +147,85 @@ class Trainer:
         pairs, tokens = pairs_and_tokens(self.world.rank)
         return [[pairs[k] for k in group] for group in token_micro_batches(tokens, budget, count)]
 
-    def evaluate(self, step: int) -> dict:
-        """Eval-split metrics, each rank scoring every world-size-th pair (all ranks make the same
-        number of forward passes, as FSDP2 needs; a rank with no pair left repeats pair 0 and
-        discards it)."""
-        split = self.splits["eval"]
-        if not len(split):
-            return {}
-        self.engine.eval()
+    def train_step(self, step: int) -> dict:
+        """One optimizer step (0-based ``step``) on its batch; returns the step's metrics record, its
+        sums and gradient norm 0-dim tensors on the device (``read_records`` reads them).
+
+        A non-finite loss or gradient norm leaves the weights untouched (see the module docstring).
+        """
+        train_cfg, split = self.cfg.train, self.splits["train"]
+        started = time.perf_counter()
+        index = batch_indices(step, self.batch, len(split), train_cfg.seed)  # the global batch
         totals: dict = {}
-        share = list(range(self.world.rank, len(split), self.world.size))
-        longest = math.ceil(len(split) / self.world.size)
-        size = self.cfg.train.per_device_eval_batch_size
-        with torch.no_grad():
-            for start in range(0, longest, size):
-                index = share[start : start + size]
-                policy = self.loss_inputs(split, index or [0])
-                if not index:
-                    continue
-                _, sums = compute_loss(self.cfg, split, index, policy, 1.0, self.reference)
-                add_sums(totals, sums)  # on the device: read once, below
-        self.engine.train()
-        totals = read_sums(self.world.sum(totals))
-        return {"step": step, **{f"eval/{k}": v / len(split) for k, v in totals.items()}}
+        # Sum of per-pair losses x world size / effective batch: the micro-batch gradients add up, and
+        # DDP / FSDP2 average them over the ranks, to the gradient of the mean loss over the batch,
+        # however the pairs are grouped into micro-batches.
+        scale = self.world.size / self.batch
+        groups = self.micro_batches(index)
+        for k, micro_index in enumerate(groups):
+            with distributed.accumulating(self.engine, sync=k == len(groups) - 1):
+                loss, sums = self.micro_loss(split, micro_index, scale)
+                loss.backward()
+            add_sums(totals, sums)  # on the device: no host sync per micro-batch
+        totals = self.world.sum(totals)
+        clip = train_cfg.max_grad_norm if train_cfg.max_grad_norm > 0 else float("inf")
+        norm = distributed.clip_grad_norm(self.engine.parameters(), clip)
+        self.guard.record(~(torch.isfinite(totals["loss"]) & torch.isfinite(norm)), step)
+        lr = self.scheduler.get_last_lr()[0]
+        precision.guarded_step(self.optimizer, self.guard.failed)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        precision.release_memory(self.device)  # RSS flat across steps on CPU
+        return {"step": step + 1, "epoch": (step + 1) * self.batch / len(split),
+                **{k: v / self.batch for k, v in totals.items()}, "grad_norm": norm, "learning_rate": lr,
+                "tokens": token_count(split, index), "seconds": time.perf_counter() - started}
 
-    def log(self, path: Path, record: dict) -> None:
-        """Append a metrics record (rank 0 writes; the others computed the same record)."""
-        if self.world.main:
-            metrics.append(path, record)
-            self.trackers.log(record, record["step"])
-            if "eval/loss" in record and record["step"] > 0:  # report.html: watchable during the run
-                write_run_report(path.parent, metrics.read(path), self.cfg.to_dict())
+    def read_records(self, records: list[dict], seconds: float | None = None) -> list[dict]:
+        """``records`` (from train_step) with their tensors read as floats, in one transfer, with
+        ``seconds`` (the wall time they took together, read included; None: each step's own time)
+        spread evenly and tokens/s. Raises TrainError when a step was non-finite (StepGuard): with
+        no records, the guard's check alone (no eval of a run that has stopped)."""
+        guard = self.guard
+        keys = [(n, key) for n, record in enumerate(records) for key, value in record.items()
+                if isinstance(value, torch.Tensor)]
+        values = [records[n][key].detach().to(guard.failed.device, torch.float64).reshape(()) for n, key in keys]
+        read = torch.stack([guard.failed.double(), guard.first.double(), *values]).tolist()
+        failed, first, read = read[0], int(read[1]), read[2:]
+        out = [dict(record) for record in records]
+        for (n, key), value in zip(keys, read):
+            out[n][key] = value
+        if failed:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self._non_finite(first, next((r for r in out if r["step"] == first + 1), None))
+        share = None if seconds is None else seconds / max(len(out), 1)
+        for record in out:
+            record["seconds"] = record["seconds"] if share is None else share
+            record["tokens/s"] = record.pop("tokens") / record["seconds"]
+        return out
 
+    def run_step(self, step: int) -> dict:
+        """``train_step`` then ``read_records`` of its record alone (one sync: what a benchmark that
+        times each step, or a test, wants)."""
+        started = time.perf_counter()
+        record = self.train_step(step)
+        return self.read_records([record], time.perf_counter() - started)[0]
+
+    def _non_finite(self, step: int, record: dict | None) -> TrainError:
+        split = self.splits["train"]
+        index = batch_indices(step, self.batch, len(split), self.cfg.train.seed)
+        ids = ", ".join(split.ids[i] for i in index[:8])
+        what = "gradient norm" if record is not None and math.isfinite(record["loss"]) else "loss"
+        return TrainError(
+            f"non-finite {what} at step {step + 1} (batch ids {ids}{'...' if len(index) > 8 else ''}); the weights "
+            "were not updated. Lower train.learning_rate or train.beta, check those examples, then --resume from the "
+            "last checkpoint"
+        )
 
 def build_trainer(cfg: Config, splits: dict[str, Split], policy, world: World = World()) -> Trainer:
-    """The engine (DDP / FSDP2 when distributed), then the optimizer (AdamW) and schedule, for
-    train.precision (precision.py)."""
+    """The engine (DDP / FSDP2 when distributed), then the optimizer (AdamW) and schedule
+    (schedule.py), for train.precision (precision.py)."""
     train_cfg = cfg.train
-    steps_per_epoch = len(splits["train"]) / layout.effective_batch_size(train_cfg, world.size)
-    total_steps = train_cfg.max_steps or math.ceil(train_cfg.num_train_epochs * steps_per_epoch)
-    warmup = warmup_steps(train_cfg, total_steps)
+    total = total_steps(train_cfg, len(splits["train"]), paths.effective_batch_size(train_cfg, world.size))
     device = next(policy.parameters()).device.type
     mode = precision.resolve(cfg)
     compiled = compiling.enabled(cfg, device)
@@ -210,12 +234,10 @@ def build_trainer(cfg: Config, splits: dict[str, Split], policy, world: World = 
     engine = distributed.wrap(policy, world, train_cfg.distributed, mode)
     trained = [p for p in engine.parameters() if p.requires_grad]  # all, or LoRA's adapters (shards under FSDP2)
     optimizer = precision.make_optimizer(mode, trained, train_cfg.learning_rate, train_cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup, total_steps, train_cfg.lr_scheduler_type)
-    )
+    scheduler = lr_scheduler(optimizer, train_cfg, total)
     autocast = precision.autocast(mode, device) if distributed.uses_autocast(world, train_cfg.distributed) \
         else contextlib.nullcontext
     reference = cached_reference if train_cfg.ld_alpha is None or not train_cfg.needs_reference() else \
         functools.partial(ld_reference, alpha=train_cfg.ld_alpha)
-    return Trainer(cfg, policy, engine, optimizer, scheduler, splits, device, total_steps, reference=reference,
+    return Trainer(cfg, policy, engine, optimizer, scheduler, splits, device, total, reference=reference,
                    autocast=autocast, world=world, compiled=compiled)

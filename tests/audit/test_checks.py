@@ -11,10 +11,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.storage import layout
 from pipeline.audit.checks import audit, diff_caches
 from pipeline.audit.tokens import example_tokens
 from pipeline.score.stage import score
+from pipeline.storage import paths
 from pipeline.store import sha256_file
 
 DPO = str(Path(sys.executable).parent / "dpo")
@@ -137,7 +137,7 @@ def test_diff_show_and_report(scored, tmp_path):
     done = subprocess.run([DPO, "audit", str(cache), "--json"], capture_output=True, text=True)
     assert done.returncode == 0
     assert json.loads(done.stdout.strip().splitlines()[-1])["passed"] is True
-    html = layout.audit_report_path(cfg.storage, cache.name, "quick", ".html").read_text()
+    html = paths.audit_report_path(cfg.storage, cache.name, "quick", ".html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "PASSED" in html
     # The report lives apart from the cache: the cache holds only its shards and manifest.
     assert sorted(p.name for p in cache.iterdir()) == ["manifest.json"] + [f"part-0000{i}.parquet" for i in range(3)]

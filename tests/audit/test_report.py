@@ -15,6 +15,7 @@ from pipeline.audit.checks import audit
 from pipeline.audit.report import outlier_ids, save_report
 from pipeline.audit.tokens import LOGP_SCALE, example_tokens, logp_color, shown_token
 from pipeline.score.stage import score
+
 from tests.conftest import assert_plots_render, chromium
 
 ROOT = Path(__file__).resolve().parents[2]

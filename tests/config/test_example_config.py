@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config.schema import is_hub_id
 from pipeline.config.load import load_config
+from pipeline.config.schema import is_hub_id
 
 from tests.conftest import HH_TEST, hub_cache, requires_hh
 

@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.config.schema import ConfigError
 from pipeline.config.load import config_from_dict, load_config
+from pipeline.errors import ConfigError
 
 BASE = {"data": {"path": "d.jsonl"}, "model": {"path": "m"}}
 

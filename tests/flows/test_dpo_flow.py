@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-import flows.dpo_flow as pipeline_flows
 from pipeline import STAGES
 from pipeline.config.load import config_from_dict
+
+import flows.dpo_flow as pipeline_flows
 
 from tests.helpers import mtimes, task_runs_of
 

@@ -22,11 +22,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.errors import ConfigError
-from flows.cli.main import main
-from flows.sweep_plan import parse_grid, point_names, point_overrides
 from pipeline.config.load import load_config
 from pipeline.config.sweep import SweepConfig
+from pipeline.errors import ConfigError
+
+from flows.cli.main import main
+from flows.sweep_plan import parse_grid, point_names, point_overrides
 
 from tests.conftest import assert_plots_render
 from tests.helpers import mtimes, task_runs_of
@@ -324,8 +325,9 @@ def test_a_failing_point_fails_alone_and_reference_free_points_do_not_wait(prefe
     only; the flow ends Failed naming it; the reference-free point started before the cache was
     scored; two points trained at once (sweep.max_parallel: 2), never three; `dpo status` says
     which point failed and why."""
-    from flows.sweep_flow import dpo_sweep
     from pipeline.errors import SweepFailed
+
+    from flows.sweep_flow import dpo_sweep
 
     sweep = {"name": "mixed", "max_parallel": 2, "points": [{"train.beta": 1.0, "train.loss_type": "simpo"},
                                                             {"train.learning_rate": 1e9}, {"train.beta": 0.1}]}

@@ -201,8 +201,8 @@ def test_trainer_loss_in_the_head_equals_plain_autograd(demo_assets, train):
     """Trainer.micro_loss with train.fused_lm_head (the loss inside the head) and without: the
     same loss, metric sums and gradient of every parameter, for each kind of loss input."""
     from pipeline.config.load import config_from_dict
-    from pipeline.train.stage import build_trainer
     from pipeline.train.batches import Split
+    from pipeline.train.stage import build_trainer
 
     prompts, chosens, rejecteds = (list(x) for x in PAIRS)
     ref = torch.tensor([-20.0, -3.0, -9.0], dtype=torch.float64)

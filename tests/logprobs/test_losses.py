@@ -15,13 +15,14 @@ import typing
 import pytest
 import torch
 
-from pipeline.logprobs import losses
-from pipeline.config.schema import ConfigError, TrainConfig
 from pipeline.config.load import config_from_dict
 from pipeline.config.loss_traits import LOSS_TRAITS, LossType, losses_with
+from pipeline.config.schema import TrainConfig
+from pipeline.errors import ConfigError
+from pipeline.logprobs import losses
 from pipeline.logprobs.losses import FUNCTIONS, LOSSES, TRL_LOSS_TYPES, PairLogps, combined_loss, scores
 
-from tests.helpers import demo_train, scored_demo  # noqa: F401  (scored_demo: a fixture of this module)
+from tests.helpers import demo_train
 
 BASE = {"data": {"path": "d.jsonl"}, "model": {"path": "m"}}
 
@@ -339,7 +340,7 @@ def test_new_keys_at_their_defaults_keep_old_run_fingerprints():
     """The fingerprint of a default run, computed by the code before these keys existed (commit
     f426951): the new keys are left out of the identity at their defaults, a one-loss list is
     that loss, and a changed value changes the identity."""
-    from pipeline.storage.layout import run_identity
+    from pipeline.storage.paths import run_identity
     from pipeline.store import fingerprint
 
     def fp(*overrides):

@@ -155,12 +155,11 @@ def test_training_steps_equal_with_and_without_padding_free(demo_assets):
     (so micro-batches really share rows) gives the same losses, gradient norms and rewards at every
     step, the loss the mean over the effective batch (2 micro-batches of 6 pairs), to float32
     rounding; and the key stays out of the run's identity."""
-    from pipeline.storage import layout
     from pipeline.config.load import config_from_dict
     from pipeline.models.loading import load_causal_lm
-    from pipeline.train.stage import build_trainer, train_step
-    from pipeline.train.step import read_records
+    from pipeline.storage import paths
     from pipeline.train.batches import Split, batch_indices
+    from pipeline.train.stage import build_trainer
 
     long, short = random_pairs(12, seed=11), random_pairs(12, seed=12)
     cut = lambda lists, n: [x[:n] for x in lists]  # noqa: E731  short pairs: up to 4 + 3 + 3 tokens
@@ -180,7 +179,7 @@ def test_training_steps_equal_with_and_without_padding_free(demo_assets):
                                           "max_steps": 3}})
         torch.manual_seed(0)
         trainer = build_trainer(cfg, {"train": split, "eval": empty}, load_causal_lm(cfg.model).train())
-        return cfg, read_records(trainer, [train_step(trainer, step) for step in range(3)])
+        return cfg, trainer.read_records([trainer.train_step(step) for step in range(3)])
 
     cfg, packed = run(True)
     _, padded = run(False)
@@ -192,4 +191,4 @@ def test_training_steps_equal_with_and_without_padding_free(demo_assets):
     totals = [len(prompts[i]) + len(chosens[i]) + len(rejecteds[i]) for i in first]
     assert len(logprobs.plan_rows(totals, "fit")) < len(first)
     other = config_from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "padding_free": False}})
-    assert layout.run_identity(cfg, "d", "c", {}) == layout.run_identity(other, "d", "c", {})
+    assert paths.run_identity(cfg, "d", "c", {}) == paths.run_identity(other, "d", "c", {})

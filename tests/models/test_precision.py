@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.storage import layout
-from pipeline.models import precision
-from pipeline.config.schema import ConfigError
 from pipeline.config.load import config_from_dict
-from pipeline.storage.layout import LOGPROB_TOLERANCE_HALF, policy_init, run_identity
+from pipeline.errors import ConfigError
+from pipeline.models import precision
+from pipeline.storage import paths
+from pipeline.storage.paths import policy_init, run_identity
+from pipeline.storage.trust import LOGPROB_TOLERANCE_HALF
 from pipeline.train.stage import train
 
 DEMO_TRAIN = {"learning_rate": 3e-3, "beta": 0.1, "per_device_train_batch_size": 16, "max_steps": 40,
@@ -27,7 +28,7 @@ def demo_config(prepared_demo):
 
 
 def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / layout.METRICS).read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / paths.METRICS).read_text().splitlines()]
 
 
 def saved_dtypes(folder) -> set[str]:

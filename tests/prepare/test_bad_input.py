@@ -15,9 +15,9 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import DataError
-from pipeline.prepare.stage import prepare
+from pipeline.errors import DataError
 from pipeline.prepare.records import REJECT_REASONS
+from pipeline.prepare.stage import prepare
 
 from tests.conftest import write_jsonl
 

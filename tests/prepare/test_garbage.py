@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config.load import config_from_dict
-from pipeline.data import DataError
-from pipeline.prepare.stage import PrepareError, prepare
+from pipeline.errors import DataError, PrepareError
+from pipeline.prepare.stage import prepare
 
 text = st.text(max_size=30)
 scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), text)

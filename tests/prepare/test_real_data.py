@@ -16,7 +16,8 @@ REPLACEMENT = "\ufffd"  # a cut through a multi-byte character decodes to this
 
 
 def _smollm2(with_model: bool):
-    from pipeline.models.assets import AssetError, smollm2_folder
+    from pipeline.errors import AssetError
+    from pipeline.models.assets import smollm2_folder
 
     try:
         return smollm2_folder(with_model=with_model)

@@ -11,7 +11,8 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.prepare.stage import PrepareError, prepare
+from pipeline.errors import PrepareError
+from pipeline.prepare.stage import prepare
 
 from tests.conftest import standard_rows, write_jsonl
 
@@ -276,8 +277,7 @@ def test_split_is_by_id_and_stable(tmp_path, make_config):
 
 
 def test_unusable_inputs_fail_clearly(tmp_path, make_config):
-    from pipeline.data import DataError
-    from pipeline.models.loading import ModelError
+    from pipeline.errors import DataError, ModelError
 
     with pytest.raises(DataError, match="does not exist"):
         prepare(make_config(tmp_path / "missing.jsonl"), show_progress=False)
@@ -318,7 +318,7 @@ def test_glob_pattern_reads_several_files_in_order(tmp_path, make_config):
 
 
 def test_glob_pattern_errors(tmp_path, make_config):
-    from pipeline.data import DataError
+    from pipeline.errors import DataError
 
     with pytest.raises(DataError, match="matches no file"):
         prepare(make_config(str(tmp_path / "none-*.jsonl")), show_progress=False)

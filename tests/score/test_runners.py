@@ -21,6 +21,7 @@ import yaml
 from pipeline.config.load import config_from_dict
 from pipeline.prepare.stage import prepare
 from pipeline.score.stage import score
+
 from tests.conftest import varied_rows, write_jsonl
 
 DPO = str(Path(sys.executable).parent / "dpo")
@@ -216,7 +217,7 @@ def test_a_dead_workers_half_shard_is_not_left_in_the_cache(tmp_path, config, mo
     """A worker killed while writing leaves a `.tmp-part-*` file; the coordinator, once every
     worker has stopped, removes it before the cache is complete (as a kill -9 can leave it)."""
     import pipeline.score.shards as shards_module
-    from pipeline.storage.layout import verified_refscores
+    from pipeline.storage.trust import verified_refscores
 
     data = write_jsonl(tmp_path / "d.jsonl", varied_rows(40))
     cfg = config(data, "dead")
@@ -224,7 +225,7 @@ def test_a_dead_workers_half_shard_is_not_left_in_the_cache(tmp_path, config, mo
     real_run = shards_module.ShardJob.run
 
     def run_and_leave_a_half_shard(self, index, progress=None):
-        (Path(self.plan.out_dir) / f".tmp-part-{index:05d}.parquet.dead").write_bytes(b"PAR1 half")
+        (Path(self.work.out_dir) / f".tmp-part-{index:05d}.parquet.dead").write_bytes(b"PAR1 half")
         return real_run(self, index, progress)
 
     monkeypatch.setattr(shards_module.ShardJob, "run", run_and_leave_a_half_shard)

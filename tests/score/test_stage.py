@@ -16,13 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline.errors import CacheError, ModelError, ScoreError
 from pipeline.logprobs import response as logprobs
-from pipeline.storage.layout import CacheError
-from pipeline.models.loading import ModelError
+from pipeline.logprobs.backends.transformers_backend import TransformersScorer
 from pipeline.prepare.stage import prepare
 from pipeline.score.stage import score
-from pipeline.logprobs.backends import ScoreError
-from pipeline.logprobs.backends.transformers_backend import TransformersScorer
 
 from tests.conftest import varied_rows, write_jsonl
 
@@ -148,8 +146,8 @@ def test_resume_after_crash_is_byte_identical(scored_setup, monkeypatch, tmp_pat
     expected = {p.name: p.read_bytes() for p in reference.output_dir.iterdir()}
     assert len(expected) == 7  # 6 shards + manifest
 
-    import pipeline.score.stage
     import pipeline.score.shards as score_module
+    import pipeline.score.stage
 
     # The progress manifest after every shard (by default at most every 2 s), so that both cases
     # happen: a shard on disk and listed, and one on disk but not yet listed.

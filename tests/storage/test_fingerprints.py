@@ -4,7 +4,7 @@ A fingerprint names a stage's output folder, and a stage skips its work when the
 same inputs exists: a fingerprint that changes with a refactoring makes every user's prepared
 datasets, scored caches and runs invisible (all recomputed, the runs not resumed). These values
 were computed before issue 21 moved code between modules; they may change only with a schema
-version (layout.*_SCHEMA_VERSION), on purpose.
+version (paths.*_SCHEMA_VERSION), on purpose.
 
 The inputs are literal bytes (a model folder whose files the fingerprints hash but nothing loads,
 a JSONL file), so the pins depend on the identity code alone, not on a tokenizer or torch.
@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.storage import layout
 from pipeline.config.load import config_from_dict
-from pipeline.models.loading import model_fingerprint
+from pipeline.storage import locate, paths
 from pipeline.store import fingerprint
 
 ROWS = [{"prompt": f"Question {i}?", "chosen": f" Answer {i}.", "rejected": f" No {i}."} for i in range(4)]
@@ -174,13 +173,14 @@ def fingerprints(files: dict[str, Path], train: dict, **sections) -> dict[str, s
     """The dataset's, the reference caches' (both backends) and the run's fingerprints, and the
     run folder's name, as the stages compute them."""
     cfg = _config(files, train, **sections)
-    dataset = fingerprint(layout.dataset_identity(cfg))
-    caches = {backend: fingerprint(layout.refscores_identity(cfg, dataset, backend))
+    dataset = fingerprint(paths.dataset_identity(cfg))
+    caches = {backend: fingerprint(paths.refscores_identity(cfg, dataset, backend))
               for backend in ("transformers", "vllm")}
-    cache = caches["transformers"] if cfg.train.needs_reference() else None
-    run, run_dir = layout.run_dir_for(cfg, dataset, cache, model_fingerprint(layout.policy_init(cfg)))
-    return {"dataset": dataset, "cache": caches["transformers"], "cache_vllm": caches["vllm"], "run": run,
-            "run_dir": run_dir.name}
+    # the cache is not scored: the run names it by its folder's name, its fingerprint
+    cache_dir = paths.refscores_dir(cfg.storage, caches["transformers"]) if cfg.train.needs_reference() else None
+    run = locate.run_dir_for(cfg, dataset, cache_dir)
+    return {"dataset": dataset, "cache": caches["transformers"], "cache_vllm": caches["vllm"], "run": run.fingerprint,
+            "run_dir": run.path.name}
 
 
 @pytest.mark.parametrize("case", sorted(TRAIN_CASES))
@@ -228,7 +228,7 @@ def test_the_demo_stages_name_their_outputs_as_pinned(prepared_demo):
     bytes on every machine with the locked packages), prepared and scored by the stages, and the
     folder its default run goes to."""
     cfg = prepared_demo({})
-    dataset = layout.locate_dataset(cfg)
-    cache = layout.locate_ref_cache(cfg, dataset.name)
-    run = layout.plan_run(cfg, dataset.name, cache)[1]
+    dataset = locate.find_dataset(cfg)
+    cache = locate.find_refscores(cfg, dataset.name)
+    run = locate.run_dir_for(cfg, dataset.name, cache).path
     assert {"dataset": dataset.name, "cache": cache.name, "run": run.name} == DEMO_PINS

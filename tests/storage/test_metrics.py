@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pipeline.storage import layout, metrics
+from pipeline.storage import metrics, paths
 
 
 def test_append_read_and_truncate(tmp_path):
     path = metrics.path_of(tmp_path)
-    assert path == tmp_path / layout.METRICS
+    assert path == tmp_path / paths.METRICS
     assert metrics.read(path) == []
     records = [{"step": 0, "eval/loss": 0.69}, {"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}]
     for record in records:

@@ -18,15 +18,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.storage import layout, refvalues
 from pipeline import store
-from pipeline.models.assets import demo_preferences
 from pipeline.audit.checks import audit
 from pipeline.config.load import config_from_dict
+from pipeline.errors import TrainError
+from pipeline.models.assets import demo_preferences
 from pipeline.prepare.stage import prepare
+from pipeline.score.shards import scores_schema, shard_table
 from pipeline.score.stage import score
-from pipeline.score.shards import shard_table, scores_schema
-from pipeline.train.stage import TrainError, train
+from pipeline.storage import refvalues, trust
+from pipeline.train.stage import train
 
 from tests.conftest import write_jsonl
 
@@ -83,7 +84,7 @@ def damage(path: Path, column: str) -> tuple[str, float, float]:
 
 def record_as_adopted(cache: Path) -> None:
     """The manifest an earlier version wrote after adopting the damaged shard: its sha256 listed."""
-    manifest_path = cache / layout.MANIFEST
+    manifest_path = cache / store.MANIFEST
     manifest = json.loads(manifest_path.read_text())
     for entry in manifest["shards"]:
         if entry["file"] == SHARD:
@@ -99,7 +100,7 @@ def test_flip_changes_what_the_issue_says():
 @pytest.mark.parametrize("column", ["chosen_logp", "chosen_token_logps"])
 def test_unlisted_damaged_shard_is_rescored_not_adopted(cached, column):
     cfg, cache, original = cached
-    (cache / layout.MANIFEST).unlink()
+    (cache / store.MANIFEST).unlink()
     damage(cache / SHARD, column)
     again = score(cfg, show_progress=False)
     assert not again.skipped
@@ -114,7 +115,7 @@ def test_adopted_damaged_shard_fails_audit_by_row_train_and_score_repair(cached,
     cfg, cache, original = cached
     example_id, before, after = damage(cache / SHARD, column)
     record_as_adopted(cache)
-    layout.verified_refscores(cache)  # the bytes match the manifest: only the values can tell
+    trust.verified_refscores(cache)  # the bytes match the manifest: only the values can tell
     # The audit names the shard's checksum and the row, and re-scores that row whatever the sample.
     report = audit(cache, cfg=cfg, rescore_rows=2, seed=0)
     assert not report.passed
@@ -151,7 +152,7 @@ def test_sequence_value_off_its_per_token_sum_fails_even_with_recomputed_checksu
     pq.write_table(table.replace_schema_metadata(metadata), path)
     with pytest.raises(refvalues.ValueProofError, match=r"id .* \(chosen: sequence log-prob .* the sum of its per-token"):
         refvalues.read_shard(path)
-    (cache / layout.MANIFEST).unlink()
+    (cache / store.MANIFEST).unlink()
     again = score(cfg, show_progress=False)
     assert "sum of its per-token values" in again.stats["rescored"][SHARD]
 

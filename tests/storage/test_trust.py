@@ -14,16 +14,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from flows.cli.main import main as dpo_main
-from pipeline.storage import layout
 from pipeline import store
-from pipeline.models.assets import demo_preferences
 from pipeline.audit.checks import audit
 from pipeline.audit.report import current_full_audit, save_report
-from pipeline.storage.layout import CacheError
+from pipeline.errors import CacheError
+from pipeline.models.assets import demo_preferences
 from pipeline.prepare.stage import prepare
 from pipeline.score.stage import score
+from pipeline.storage import locate, paths, trust
 from pipeline.train.stage import train
+
+from flows.cli.main import main as dpo_main
 
 from tests.conftest import write_jsonl
 
@@ -59,7 +60,7 @@ def test_flipped_byte_at_spread_offsets_is_a_clean_audit_failure(cached, capsys)
     size = shard.stat().st_size
     offsets = sorted({round(i * (size - 1) / 239) for i in range(240)})
     assert len(offsets) >= 200
-    report_file = layout.audit_report_path(cfg.storage, cache.name, "quick")
+    report_file = paths.audit_report_path(cfg.storage, cache.name, "quick")
     for offset in offsets:
         original = flip(shard, offset)
         report_file.unlink(missing_ok=True)
@@ -113,20 +114,20 @@ def test_deleted_shard_is_rescored_not_up_to_date(cached):
 
 def test_damaged_dataset_is_refused(cached):
     cfg, _, _ = cached
-    examples = layout.plan_dataset_dir(cfg) / layout.EXAMPLES
+    examples = locate.dataset_dir_for(cfg) / paths.EXAMPLES
     flip(examples, examples.stat().st_size // 2)
     with pytest.raises(CacheError, match="examples.parquet is damaged.*dpo prepare"):
         train(cfg, show_progress=False)
     # prepare sees it too: it rewrites the dataset instead of calling it up to date.
     assert not prepare(cfg, show_progress=False).skipped
-    layout.verified_dataset(examples.parent)
+    trust.verified_dataset(examples.parent)
 
 
 def test_scoring_and_training_need_no_raw_data(cached):
     """Later stages only need token ids: with data.path gone they find the prepared dataset."""
     cfg, cache, _ = cached
     Path(cfg.data.path).unlink()
-    assert layout.locate_dataset(cfg) == cache.parent.parent / "datasets" / layout.verified_refscores(cache)["inputs"]["dataset_fingerprint"]
+    assert locate.find_dataset(cfg) == cache.parent.parent / "datasets" / trust.verified_refscores(cache)["inputs"]["dataset_fingerprint"]
     assert score(cfg, show_progress=False).skipped
     assert train(cfg, show_progress=False).summary["steps"] == 2
 
@@ -137,12 +138,12 @@ def test_cache_of_another_model_is_never_used(cached, tmp_path):
     shutil.copytree(cfg.model.path, other)
     flip(other / "model.safetensors", (other / "model.safetensors").stat().st_size - 1)
     cfg.model.path = str(other)  # same tokenizer files, so the same dataset; other weights
-    dataset_fp = layout.verified_dataset(layout.plan_dataset_dir(cfg))["fingerprint"]
+    dataset_fp = trust.verified_dataset(locate.dataset_dir_for(cfg))["fingerprint"]
     with pytest.raises(CacheError, match=rf"other model weights exist \({cache.name[:12]}\)"):
-        layout.locate_ref_cache(cfg, dataset_fp)
+        locate.find_refscores(cfg, dataset_fp)
     cfg.train.ref_cache = str(cache)
     with pytest.raises(CacheError, match="scored by other weights than model.path"):
-        layout.locate_ref_cache(cfg, dataset_fp)
+        locate.find_refscores(cfg, dataset_fp)
 
 
 def test_audit_result_is_valid_only_for_the_bytes_it_read(cached, capsys):
@@ -150,7 +151,7 @@ def test_audit_result_is_valid_only_for_the_bytes_it_read(cached, capsys):
     report = audit(cache, cfg, rescore_rows=2)
     assert report.passed and set(report.shards) == {"part-00000.parquet", "part-00001.parquet", "part-00002.parquet"}
     save_report(report)
-    full = layout.audit_report_path(cfg.storage, cache.name, "full")
+    full = paths.audit_report_path(cfg.storage, cache.name, "full")
     assert current_full_audit(cache, rescore_rows=2) is not None
     assert current_full_audit(cache, rescore_rows=5) is None  # it re-scored fewer rows than asked
     assert not any(p.name.startswith(("audit", "full", "quick")) for p in cache.iterdir())  # not in the cache
@@ -158,7 +159,7 @@ def test_audit_result_is_valid_only_for_the_bytes_it_read(cached, capsys):
     before = full.read_bytes()
     assert dpo_main(["audit", str(cache)]) == 0
     assert full.read_bytes() == before
-    assert layout.audit_report_path(cfg.storage, cache.name, "quick").is_file()
+    assert paths.audit_report_path(cfg.storage, cache.name, "quick").is_file()
     # Rewrite one shard and its manifest entry consistently (as a legitimate rescore would): the
     # cache verifies, but the saved audit saw other bytes, so it no longer counts.
     shard = cache / "part-00000.parquet"
@@ -167,7 +168,7 @@ def test_audit_result_is_valid_only_for_the_bytes_it_read(cached, capsys):
     manifest = json.loads((cache / "manifest.json").read_text())
     manifest["shards"][0]["sha256"] = store.sha256_file(shard, use_cache=False)
     (cache / "manifest.json").write_text(json.dumps(manifest))
-    layout.verified_refscores(cache)
+    trust.verified_refscores(cache)
     assert current_full_audit(cache) is None
     # A failed audit replaces the pass: no stale "passed" is left behind.
     flip(cache / "part-00001.parquet", 100)
@@ -183,14 +184,14 @@ def test_each_file_is_hashed_once_per_process(cached, monkeypatch):
     real = store.sha256_file
     monkeypatch.setattr(store, "sha256_file", lambda path, use_cache=True: calls.append(Path(path).name) or real(path, use_cache))
     store.forget_verified()  # as in a new process
-    layout.verified_refscores(cache)
-    layout.verified_refscores(cache)
+    trust.verified_refscores(cache)
+    trust.verified_refscores(cache)
     assert sorted(calls) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     # A rewrite of a file (even to the same bytes) is hashed again.
     shard = cache / "part-00000.parquet"
     shard.write_bytes(shard.read_bytes())
     calls.clear()
-    layout.verified_refscores(cache)
+    trust.verified_refscores(cache)
     assert calls == ["part-00000.parquet"]
 
 
@@ -245,7 +246,7 @@ def test_audit_on_read_only_storage_names_report_dir(cached, monkeypatch, capsys
     import errno
 
     _, cache, _ = cached
-    storage = str(layout.storage_of(cache))
+    storage = str(paths.storage_of(cache))
     real_mkdir = Path.mkdir
 
     def read_only(self, *args, **kwargs):

@@ -24,11 +24,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from pipeline.config.load import config_from_dict
+from pipeline.storage import paths
+from pipeline.train.stage import train
+
 from flows.cli import commands
 from flows.cli.main import main as dpo_main
-from pipeline.storage import layout
-from pipeline.config.load import config_from_dict
-from pipeline.train.stage import train
+
 from tests.helpers import FAIL_HOOK, fail_rank_at
 
 TRAIN = {"learning_rate": 1e-3, "per_device_train_batch_size": 4, "max_steps": 4, "eval_steps": 2,
@@ -38,7 +40,7 @@ TOLERANCE = 1e-5
 
 
 def _steps(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / layout.METRICS).read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / paths.METRICS).read_text().splitlines()]
 
 
 def _losses(run_dir) -> list[tuple]:
@@ -207,11 +209,11 @@ def _run_files(run_dir: Path) -> dict[str, str]:
     files = {}
     for path in sorted(run_dir.rglob("*")):
         name = str(path.relative_to(run_dir))
-        if not path.is_file() or name in (layout.METRICS, "report.html"):
+        if not path.is_file() or name in (paths.METRICS, "report.html"):
             continue
         files[name] = hashlib.sha256(path.read_bytes()).hexdigest()
-    files[layout.METRICS] = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-                             for line in (run_dir / layout.METRICS).read_text().splitlines()]
+    files[paths.METRICS] = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+                             for line in (run_dir / paths.METRICS).read_text().splitlines()]
     return files
 
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.storage import layout
+from pipeline.errors import TrainError
 from pipeline.models.assets import demo_preferences
 from pipeline.prepare.stage import prepare
 from pipeline.score.stage import score
-from pipeline.train.stage import TrainError, train
+from pipeline.storage import paths
+from pipeline.train.stage import train
 
 from tests.conftest import write_jsonl
 
@@ -66,7 +67,7 @@ def test_resume_falls_back_past_a_damaged_last_checkpoint(small, caplog, damage)
     cfg = small(run_name=f"r-{damage.split()[0]}")
     whole = train(cfg, show_progress=False)
     expected = (whole.run_dir / "final" / "model.safetensors").read_bytes()
-    metrics_before = (whole.run_dir / layout.METRICS).read_text()
+    metrics_before = (whole.run_dir / paths.METRICS).read_text()
     _unfinish(whole.run_dir)
     last = whole.run_dir / "checkpoints" / "step-000004"
     if damage == "truncated weights":
@@ -84,7 +85,7 @@ def test_resume_falls_back_past_a_damaged_last_checkpoint(small, caplog, damage)
         return [{k: v for k, v in json.loads(line).items() if k not in ("tokens/s", "seconds")}
                 for line in text.splitlines()]
 
-    assert without_timing((resumed.run_dir / layout.METRICS).read_text()) == without_timing(metrics_before)
+    assert without_timing((resumed.run_dir / paths.METRICS).read_text()) == without_timing(metrics_before)
 
 
 def test_every_checkpoint_damaged_is_refused_with_the_fix(small):

@@ -13,14 +13,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pipeline.train.final as final_module
-from pipeline.storage import layout
-from pipeline.models.assets import DEMO_TRAIN
-from pipeline.config.schema import ConfigError
 from pipeline.config.load import config_from_dict
+from pipeline.errors import ConfigError, TrainError
 from pipeline.logprobs.response import pair_logps
+from pipeline.models.assets import DEMO_TRAIN
 from pipeline.prepare.stage import prepare
 from pipeline.score.stage import score
-from pipeline.train.stage import TrainError, train
+from pipeline.storage import paths, trust
+from pipeline.store import fingerprint
+from pipeline.train.stage import train
 
 from tests.conftest import crash_training_at
 
@@ -52,7 +53,7 @@ def lora_config(tmp_path_factory, demo_assets):
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / layout.METRICS).read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / paths.METRICS).read_text().splitlines()]
 
 
 def _logps(model):
@@ -106,7 +107,7 @@ def test_lora_trains_only_adapters_from_the_cached_base_and_saves_peft_format(lo
     assert adapter_config["base_model_name_or_path"] == cfg.model.path
     listed = {str(p.relative_to(result.run_dir)) for p in final.rglob("*") if p.is_file()}
     assert set(result.summary["files"]) == listed and "final/merged/model.safetensors" in listed
-    assert layout.verified_run(result.run_dir) is not None
+    assert trust.verified_run(result.run_dir) is not None
     loaded = PeftModel.from_pretrained(base, str(final))
     assert torch.allclose(_logps(loaded), seen["logps"], atol=1e-5)
     auto = AutoPeftModelForCausalLM.from_pretrained(str(final))
@@ -148,8 +149,8 @@ def test_lora_checkpoints_hold_only_adapters_and_resume_is_bit_identical(lora_co
 
 def test_peft_settings_are_part_of_the_run_identity(lora_config):
     a, b, full = lora_config(), lora_config(peft={**LORA, "r": 4}), lora_config(peft=None)
-    assert len({layout.run_dir_for(c, "d", "c", {})[0] for c in (a, b, full)}) == 3
-    assert layout.run_identity(a, "d", "c", {})["train"]["peft"]["r"] == 8
+    assert len({fingerprint(paths.run_identity(c, "d", "c", {})) for c in (a, b, full)}) == 3
+    assert paths.run_identity(a, "d", "c", {})["train"]["peft"]["r"] == 8
 
 
 def test_init_from_must_be_the_scored_model(lora_config, tmp_path, demo_assets):
@@ -164,7 +165,7 @@ def test_init_from_must_be_the_scored_model(lora_config, tmp_path, demo_assets):
     cfg = lora_config(init_from=str(same))
     scored = json.loads(next(Path(cfg.storage, "refscores").glob("*/manifest.json")).read_text())
     # The same weights elsewhere: allowed, and the step-0 check runs (the init is the cache's model).
-    assert model_fingerprint(layout.policy_init(cfg)) == scored["inputs"]["model"]
+    assert model_fingerprint(paths.policy_init(cfg)) == scored["inputs"]["model"]
 
     other = tmp_path / "sft"
     shutil.copytree(model, other)
@@ -176,6 +177,6 @@ def test_init_from_must_be_the_scored_model(lora_config, tmp_path, demo_assets):
         train(lora_config(run_name="init-other", init_from=str(other)), show_progress=False)
 
     adapter = tmp_path / "adapter"
-    with_lora(load_causal_lm(layout.policy_init(cfg)), cfg.train.peft).save_pretrained(adapter)
+    with_lora(load_causal_lm(paths.policy_init(cfg)), cfg.train.peft).save_pretrained(adapter)
     with pytest.raises(ConfigError, match="is a LoRA adapter.*merge"):
         train(lora_config(run_name="init-adapter", init_from=str(adapter)), show_progress=False)

@@ -11,13 +11,14 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.logprobs import response as logprobs
-from pipeline.config.schema import ConfigError
 from pipeline.config.load import config_from_dict
+from pipeline.errors import ConfigError
+from pipeline.logprobs import response as logprobs
+from pipeline.logprobs.objective import ld_weights, wpo_weights
 from pipeline.train.batches import Split, ValueLists
-from pipeline.train.loss import ld_reference, ld_weights, wpo_weights
+from pipeline.train.loss import ld_reference
 
-from tests.helpers import demo_train, scored_demo  # noqa: F401  (scored_demo: a fixture of this module)
+from tests.helpers import demo_train
 
 
 def test_ld_weights_hand_computed():
@@ -127,14 +128,15 @@ def test_length_normalize_either_side_hand_computed(side):
     divided by that response's token count on the normalized side(s), the sum elsewhere; both is
     sigmoid_norm."""
     from pipeline.logprobs.losses import PairLogps, sigmoid_norm_loss
-    from pipeline.train.loss import PolicyLogps, compute_loss
+    from pipeline.logprobs.objective import PolicyLogps
+    from pipeline.train.loss import pair_objective
 
     cfg = config_from_dict({"data": {"path": "x.jsonl"}, "model": {"path": "m"},
                             "train": {"length_normalize": side, "beta": 0.5}})
     split = Split(["a", "b"], [[1], [1]], [[1] * 4, [1] * 2], [[1] * 3, [1] * 5],
                   torch.tensor([-8.0, -3.0], dtype=torch.float64), torch.tensor([-6.0, -9.0], dtype=torch.float64))
     pc, pr = torch.tensor([-6.0, -4.0]), torch.tensor([-7.5, -7.0])
-    loss, sums = compute_loss(cfg, split, [0, 1], PolicyLogps(pc, pr), 1.0)
+    loss, sums = pair_objective(cfg, split, [0, 1], 1.0).loss(range(2), PolicyLogps(pc, pr))
     n_w, n_l = torch.tensor([4.0, 2.0]), torch.tensor([3.0, 5.0])
     rho_w, rho_l = pc.double() - torch.tensor([-8.0, -3.0]).double(), pr.double() - torch.tensor([-6.0, -9.0]).double()
     if side in ("chosen", "both"):

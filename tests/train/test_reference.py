@@ -16,15 +16,14 @@ import pyarrow.dataset as pa_dataset
 import pytest
 import torch
 
-from pipeline.storage import layout
-from pipeline.config.schema import ConfigError
 from pipeline.config.load import config_from_dict
-from pipeline.storage.layout import CacheError
+from pipeline.errors import CacheError, ConfigError, TrainError
 from pipeline.prepare.stage import prepare
 from pipeline.score.stage import score
+from pipeline.storage import paths
 from pipeline.store import fingerprint
-from pipeline.train.stage import TrainError, finished_run, train
 from pipeline.train.batches import ValueLists, load_split_data
+from pipeline.train.stage import finished_run, train
 
 from tests.helpers import run_metrics
 
@@ -88,11 +87,11 @@ def test_reference_free_losses_train_a_dataset_never_scored(demo, name, caplog):
 
 def test_reference_free_identity_names_no_cache_and_differs_from_reference_runs(demo):
     simpo, sigmoid = demo({"loss_type": "simpo"}), demo({})
-    identity = layout.run_identity(simpo, "d" * 64, None, {"sha": "x"})
+    identity = paths.run_identity(simpo, "d" * 64, None, {"sha": "x"})
     assert identity["refscores"] is None
-    assert fingerprint(identity) == fingerprint(layout.run_identity(simpo, "d" * 64, None, {"sha": "x"}))
-    assert fingerprint(identity) != fingerprint(layout.run_identity(sigmoid, "d" * 64, None, {"sha": "x"}))
-    assert fingerprint(identity) != fingerprint(layout.run_identity(simpo, "d" * 64, "c" * 64, {"sha": "x"}))
+    assert fingerprint(identity) == fingerprint(paths.run_identity(simpo, "d" * 64, None, {"sha": "x"}))
+    assert fingerprint(identity) != fingerprint(paths.run_identity(sigmoid, "d" * 64, None, {"sha": "x"}))
+    assert fingerprint(identity) != fingerprint(paths.run_identity(simpo, "d" * 64, "c" * 64, {"sha": "x"}))
 
 
 def test_reference_free_run_ignores_a_cache_that_exists(demo):

@@ -18,23 +18,23 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.storage import layout
 from pipeline.config.load import config_from_dict
-from pipeline.logprobs.response import PairOptions, pair_logps
-from pipeline.storage.layout import CacheError
+from pipeline.errors import CacheError, TrainError
 from pipeline.logprobs.losses import (
     LOSSES,
     PairLogps,
     hinge_loss,
     ipo_loss,
-    robust_loss,
     rewards,
+    robust_loss,
     sigmoid_loss,
 )
+from pipeline.logprobs.response import PairOptions, pair_logps
 from pipeline.prepare.stage import prepare
 from pipeline.score.stage import score
-from pipeline.train.stage import TrainError, train
-from pipeline.train.batches import lr_factor
+from pipeline.storage import paths
+from pipeline.train.schedule import lr_factor
+from pipeline.train.stage import train
 
 from tests.conftest import crash_training_at, seed_formula_gradient
 
@@ -133,7 +133,7 @@ def demo_config(prepared_demo):
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / layout.METRICS).read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / paths.METRICS).read_text().splitlines()]
 
 
 def test_training_learns_the_demo_rule_with_one_model(demo_config, monkeypatch):

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from pipeline.config.load import config_from_dict
-from pipeline.train.distributed import World
+from pipeline.errors import TrainError
 from pipeline.models.loading import load_causal_lm
+from pipeline.train.batches import Split, batch_indices, token_micro_batches
+from pipeline.train.distributed import World
 from pipeline.train.stage import build_trainer
-from pipeline.train.batches import Split, TrainError, batch_indices, token_micro_batches
-from pipeline.train.step import read_records, run_step, train_step
 
-from tests.helpers import demo_train, scored_demo  # noqa: F401  (scored_demo: a fixture of this module)
+from tests.helpers import demo_train
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
@@ -94,7 +94,7 @@ def test_micro_batches_by_tokens_give_the_same_steps(demo_assets):
     assert sorted(map(len, budget.micro_batches(index))) != sorted(map(len, fixed.micro_batches(index)))
     grads = _recording_gradients(fixed), _recording_gradients(budget)
     for step in range(4):
-        a, b = run_step(fixed, step), run_step(budget, step)
+        a, b = fixed.run_step(step), budget.run_step(step)
         for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (step, key)
     for step, (want, got) in enumerate(zip(*grads, strict=True)):
@@ -135,11 +135,11 @@ def test_a_step_reads_nothing_until_its_record_is_read(demo_assets, monkeypatch,
     quiet, eager = _trainer(demo_assets, split, **train), _trainer(demo_assets, split, **train)
     torch.manual_seed(1)  # pure bf16 rounds stochastically: the same random bits for both
     with _NoRead(monkeypatch):
-        records = [train_step(quiet, step) for step in range(3)]
+        records = [quiet.train_step(step) for step in range(3)]
     assert all(isinstance(r["loss"], torch.Tensor) for r in records)
-    read = read_records(quiet, records, 1.0)
+    read = quiet.read_records(records, 1.0)
     torch.manual_seed(1)
-    for got, want in zip(read, [run_step(eager, step) for step in range(3)]):
+    for got, want in zip(read, [eager.run_step(step) for step in range(3)]):
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-6) and math.isfinite(got["grad_norm"])
         assert got["seconds"] == pytest.approx(1 / 3) and got["tokens/s"] > 0
 
@@ -151,14 +151,14 @@ def test_non_finite_step_leaves_the_weights_and_stops_at_the_next_read(demo_asse
     trainer = _trainer(demo_assets, split)
     bad = batch_indices(1, trainer.batch, len(split), 0)
     split.ref_chosen[bad[0]] = float("nan")
-    run_step(trainer, 0)
+    trainer.run_step(0)
     weights = [p.detach().clone() for p in trainer.policy.parameters()]
     moments = [s["exp_avg"].clone() for s in trainer.optimizer.state.values()]
-    records = [train_step(trainer, 1), train_step(trainer, 2)]
+    records = [trainer.train_step(1), trainer.train_step(2)]
     assert all(torch.equal(p, w) for p, w in zip(trainer.policy.parameters(), weights))
     assert all(torch.equal(s["exp_avg"], m) for s, m in zip(trainer.optimizer.state.values(), moments))
     with pytest.raises(TrainError, match=rf"non-finite loss at step 2 \(batch ids {split.ids[bad[0]]}") as error:
-        read_records(trainer, records)
+        trainer.read_records(records)
     assert "were not updated" in str(error.value)
 
 
@@ -175,7 +175,7 @@ def test_compiled_training_equals_eager_over_20_steps(demo_assets):
     assert compiled.compiled and compiled.pad_multiple == 64 and not eager.compiled
     before = compiling.graphs_compiled()
     for step in range(20):
-        a, b = run_step(eager, step), run_step(compiled, step)
+        a, b = eager.run_step(step), compiled.run_step(step)
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4), step
     assert 1 <= compiling.graphs_compiled() - before <= 4
 

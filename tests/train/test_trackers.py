@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.storage import layout
-from pipeline.config.schema import ConfigError
+from pipeline.errors import ConfigError
+from pipeline.storage import paths
 from pipeline.train.stage import train
 
 TRAIN = {"learning_rate": 1e-3, "per_device_train_batch_size": 8, "max_steps": 4, "eval_steps": 2, "save_steps": 0,
@@ -15,7 +15,7 @@ TRAIN = {"learning_rate": 1e-3, "per_device_train_batch_size": 8, "max_steps": 4
 
 
 def _records(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / layout.METRICS).read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / paths.METRICS).read_text().splitlines()]
 
 
 def test_tensorboard_and_mlflow_get_what_metrics_jsonl_gets(prepared_demo, monkeypatch):
@@ -90,13 +90,13 @@ def test_checkpoints_load_with_from_pretrained_and_final_has_a_model_card(prepar
 
 def test_report_html_is_written_at_evals_and_at_the_end(prepared_demo, monkeypatch):
     import pipeline.train.final as final_module
-    import pipeline.train.trainer as trainer_module
+    import pipeline.train.metrics_log as metrics_log_module
 
     written = []
-    real = trainer_module.write_run_report
+    real = metrics_log_module.write_run_report
     recording = (lambda run_dir, records, config, final=None: written.append(
         (max(r["step"] for r in records), final is not None)) or real(run_dir, records, config, final))
-    for module in (trainer_module, final_module):  # at evals (trainer.py), at the end (final.py)
+    for module in (metrics_log_module, final_module):  # at evals (metrics_log.py), at the end (final.py)
         monkeypatch.setattr(module, "write_run_report", recording)
     result = train(prepared_demo({**TRAIN, "run_name": "reported"}), show_progress=False)
     assert written == [(2, False), (4, False), (4, True)]  # eval at step 2, eval at 4, the end

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+
 from pipeline.config.schema import Config
-from pipeline.logprobs.backends.base import Progress, ScoreError, Scorer
+from pipeline.errors import ScoreError
+from pipeline.logprobs.backends.base import Progress, Scorer
 
 log = logging.getLogger("dpo.score")
 

@@ -1,4 +1,4 @@
-"""The scorers' shared types: the Scorer protocol, the progress callback, ScoreError."""
+"""The scorers' shared types: the Scorer protocol and the progress callback."""
 
 from __future__ import annotations
 
@@ -8,10 +8,6 @@ import numpy as np
 
 Progress = Callable[[int, int, int], None]
 """progress(sequences, response tokens, sequence tokens) after each batch."""
-
-
-class ScoreError(RuntimeError):
-    """Reference scores cannot be produced (or trusted); the message says what to do."""
 
 
 class Scorer(Protocol):

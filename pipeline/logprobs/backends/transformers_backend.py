@@ -11,8 +11,8 @@ import logging
 import numpy as np
 
 from pipeline.config.schema import Config
-from pipeline.models.loading import ModelError
-from pipeline.logprobs.backends.base import Progress, ScoreError
+from pipeline.errors import ModelError, ScoreError
+from pipeline.logprobs.backends.base import Progress
 
 log = logging.getLogger("dpo.score")
 

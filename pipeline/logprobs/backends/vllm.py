@@ -21,7 +21,8 @@ import inspect
 import numpy as np
 
 from pipeline.config.schema import Config
-from pipeline.logprobs.backends.base import Progress, ScoreError
+from pipeline.errors import ScoreError
+from pipeline.logprobs.backends.base import Progress
 
 # Sequences handed to one `generate` call: large enough for vLLM to batch well, small enough for
 # the progress bar to move.

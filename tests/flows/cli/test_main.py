@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.storage import layout
+from pipeline.storage import trust
 
 from tests.conftest import standard_rows, write_jsonl
 
@@ -30,7 +30,7 @@ def test_prepare_command(tmp_path, demo_assets):
     first = run("prepare", "-c", str(config), "--set", "tokenize.max_length=256", "--set", "tokenize.max_prompt_length=128", "--no-progress")
     assert first.returncode == 0, first.stderr
     out_dir = Path(first.stdout.strip().splitlines()[-1])
-    assert out_dir.parent == tmp_path / "out" / "datasets" and layout.verified_dataset(out_dir)["complete"]
+    assert out_dir.parent == tmp_path / "out" / "datasets" and trust.verified_dataset(out_dir)["complete"]
     assert "11 rows read = 10 kept" in first.stderr and "malformed_json" in first.stderr
     again = run("prepare", "-c", str(config), "--set", "tokenize.max_length=256",
                 "--set", "tokenize.max_prompt_length=128")
@@ -73,7 +73,7 @@ def test_score_command(tmp_path, demo_assets):
     scored = run("score", "-c", str(config), "--set", "score.shard_rows=4")
     assert scored.returncode == 0, scored.stderr
     out_dir = Path(scored.stdout.strip().splitlines()[-1])
-    assert out_dir.parent == tmp_path / "out" / "refscores" and layout.verified_refscores(out_dir)["complete"]
+    assert out_dir.parent == tmp_path / "out" / "refscores" and trust.verified_refscores(out_dir)["complete"]
     assert sorted(p.name for p in out_dir.glob("part-*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
     assert "backend transformers" in scored.stderr
     bad = run("score", "-c", str(config), "--set", "score.backend=tpu")
