@@ -165,7 +165,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 
 # --- a trainer's state: gathered and written, read and put back ----------------------------------
-# ``trainer``: train.py's Trainer (engine, optimizer, scheduler, policy, world, device, cfg, total_steps).
+# ``trainer``: trainer.py's Trainer (engine, optimizer, scheduler, policy, world, device, cfg, total_steps).
 
 
 def save_training(trainer, run_dir: Path, step: int, run_fingerprint: str) -> None:

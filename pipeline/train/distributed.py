@@ -11,7 +11,7 @@ Starting the processes (torchrun as a child) and reporting which rank failed: pi
 
 One process (world size 1) is the same code with ``World()``: no process group, no wrapper
 other than ``ResponseLogps``. Gradients: DDP and FSDP2 both *average* gradients over the
-processes, so a rank scales its loss by world size / effective batch (train.py): the averaged
+processes, so a rank scales its loss by world size / effective batch (trainer.py): the averaged
 gradient is then exactly the gradient of the mean loss over the whole global batch.
 """
 

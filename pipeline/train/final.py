@@ -6,7 +6,7 @@ sha256 of every file in final/.
     policy = whole_policy(trainer)                          # a collective under FSDP2
     summary = write_final(trainer, run, policy, last_eval)  # rank 0
 
-``trainer`` is train.py's Trainer, ``run`` its plan of the run (_Run: dataset_dir, cache_dir,
+``trainer`` is trainer.py's Trainer, ``run`` the stage's record of the run (_Run: dataset_dir, cache_dir,
 splits, identity, fingerprint, run_dir).
 """
 

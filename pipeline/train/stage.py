@@ -127,7 +127,7 @@ class _Parts:
     checkpointer: Checkpointer
 
 
-def _plan_run(cfg: Config) -> _Run:
+def _resolve_run(cfg: Config) -> _Run:
     dataset_dir, cache_dir, folder = _identify(cfg)
     if cache_dir is None:
         log.info("train: loss_type %s is reference-free: no reference cache is read",
@@ -202,7 +202,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> Trai
 
 
 def _train(cfg: Config, world: World, device: str, resume: bool, show_progress: bool) -> TrainResult:
-    run = _plan_run(cfg)
+    run = _resolve_run(cfg)
     done = finished(run.run_dir, run.fingerprint)
     if done is not None:
         return done
