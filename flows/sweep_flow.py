@@ -89,7 +89,7 @@ def device_slots(sweep: SweepPlan) -> list[Optional[str]]:
     parallel = sweep.max_parallel or max(1, len(ids) // per_point)
     if parallel * per_point > len(ids):
         raise ConfigError(f"sweep.max_parallel={parallel} x {per_point} GPU(s) per point needs "
-                          f"{parallel * per_point} GPUs, {len(ids)} are visible: lower sweep.max_parallel "
+                          f"{parallel * per_point} GPUs, {len(ids)} are visible", hint="lower sweep.max_parallel "
                           "(or leave it null: one point per GPU)")
     return [",".join(ids[i * per_point:(i + 1) * per_point]) for i in range(parallel)]
 

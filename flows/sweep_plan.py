@@ -178,8 +178,8 @@ def _check_folders(points: list[SweepPoint]) -> None:
         summary = trust.verified_run(point.run_dir)
         if summary is not None and summary.get("fingerprint") != point.fingerprint:
             raise ConfigError(
-                f"sweep: {point.run_dir} holds a finished run of another configuration: name the sweep "
-                f"differently (sweep.name, e.g. --set sweep.name=NAME-2) or delete that folder")
+                f"sweep: {point.run_dir} holds a finished run of another configuration", hint="name the sweep "
+                "differently (sweep.name, e.g. --set sweep.name=NAME-2) or delete that folder")
 
 
 def plan_sweep(cfg: Config, grid: dict[str, list] | None = None, default_name: str | None = None) -> SweepPlan:
@@ -191,7 +191,7 @@ def plan_sweep(cfg: Config, grid: dict[str, list] | None = None, default_name: s
         spec.validate()
     overrides = point_overrides(spec)
     if not overrides:
-        raise ConfigError("nothing to sweep: give --grid KEY=V1,V2 (e.g. --grid train.beta=0.05,0.1) or a "
+        raise ConfigError("nothing to sweep", hint="give --grid KEY=V1,V2 (e.g. --grid train.beta=0.05,0.1) or a "
                           "sweep: section with grid or points in the config")
     _check_keys(overrides)
     name = _name(cfg, spec, overrides, default_name)

@@ -48,7 +48,7 @@ def input_kind(path: Path) -> str:
         if (path / "dataset_dict.json").is_file():
             splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
             raise DataError(
-                f"{path} is a DatasetDict with splits {splits}: point data.path at one split's "
+                f"{path} is a DatasetDict with splits {splits}", hint="point data.path at one split's "
                 f"folder, e.g. {path / (splits[0] if splits else 'train')}"
             )
         raise DataError(
@@ -102,14 +102,14 @@ def hub_dataset(repo_id: str, name: str | None, data_dir: str | None, split: str
     try:
         snapshot = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision))
     except RevisionNotFoundError:
-        raise DataError(f"the Hub dataset {repo_id} has no revision {revision!r}: set data.revision") from None
+        raise DataError(f"the Hub dataset {repo_id} has no revision {revision!r}", hint="set data.revision") from None
     except RepositoryNotFoundError:
         raise DataError(f"no dataset {repo_id} on the Hub (or it is private or gated: log in with `hf auth "
                         "login` or set HF_TOKEN); for a local file, check data.path") from None
     except LocalEntryNotFoundError:
         raise DataError(
             f"the dataset {shown} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
-            f"cannot be reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}, or no network): download it "
+            f"cannot be reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}, or no network)", hint="download it "
             f"where there is network with `hf download {repo_id} --repo-type dataset` into the same cache "
             "(HF_HOME), or point data.path at a local file"
         ) from None
@@ -147,7 +147,7 @@ def input_files(path: str | Path) -> list[Path]:
         return [Path(path)]
     files = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
     if not files:
-        raise DataError(f"data.path {path} matches no file: check the pattern (e.g. data/train-*.jsonl)")
+        raise DataError(f"data.path {path} matches no file", hint="check the pattern (e.g. data/train-*.jsonl)")
     return files
 
 
@@ -159,7 +159,7 @@ def check_input(path: str | Path) -> Path:
     empty = []
     for file in files:
         if not file.exists():
-            raise DataError(f"data.path {file} does not exist: set data.path to your preference data")
+            raise DataError(f"data.path {file} does not exist", hint="set data.path to your preference data")
         kinds.add(input_kind(file))
         if kinds == {"datasets"}:
             _datasets_files(file)  # a broken state.json or a missing data file fails here, early
@@ -344,7 +344,7 @@ def open_parquet(path: Path) -> pq.ParquetFile:
     except (pa.ArrowException, OSError) as exc:
         raise DataError(
             f"{path} is not a readable Parquet file ({_why(exc)}); it may be "
-            "truncated or another format: write or download it again"
+            "truncated or another format", hint="write or download it again"
         ) from None
 
 

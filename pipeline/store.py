@@ -231,7 +231,7 @@ def ensure_dir(path: str | Path, fix: str = "set `storage` to a writable folder"
     except (FileExistsError, NotADirectoryError):
         blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
         raise StorageError(
-            f"cannot create folder {path}: {blocker} is a file, not a folder: move the file away, or {fix}"
+            f"cannot create folder {path}: {blocker} is a file, not a folder", hint=f"move the file away, or {fix}"
         ) from None
     except OSError as exc:
         reason = "read-only file system" if exc.errno == errno.EROFS else (exc.strerror or str(exc))
@@ -266,7 +266,7 @@ def exclusive(path: str | Path, what: str, wait: bool):
         holder = _lock_owner(owner)
         if not wait:
             raise LockBusy(
-                f"{what} is being written by another process ({holder}): wait for it to finish, "
+                f"{what} is being written by another process ({holder})", hint="wait for it to finish, "
                 "or stop it, then run again"
             ) from None
         log.warning("%s is being written by another process (%s); waiting for it", what, holder)

@@ -193,7 +193,7 @@ def _served_flow(args, cfg) -> ServedFlow:
     points checked now, not at 3 in the morning)."""
     if not args.sweep:
         if args.grid:
-            raise ConfigError("--grid schedules a sweep: add --sweep")
+            raise ConfigError("--grid schedules a sweep", hint="add --sweep")
         from flows.dpo_flow import dpo_pipeline
 
         return ServedFlow(dpo_pipeline, "flows.dpo_flow.dpo_pipeline", args.name or "dpo-pipeline",
@@ -220,7 +220,7 @@ def _deploy(args, cfg, served: ServedFlow) -> Path:
         try:
             client.read_work_pool(args.work_pool)
         except ObjectNotFound:
-            raise NoServer(f"work pool {args.work_pool!r} does not exist on {api_url()}: create it with "
+            raise NoServer(f"work pool {args.work_pool!r} does not exist on {api_url()}", hint="create it with "
                            f"`prefect work-pool create --type process {args.work_pool}`, then run dpo serve again")
     source = args.source or str(Path(__file__).resolve().parent.parent)  # the folder that holds flows/
     # a module path (the flow file named as a module of the folder that holds flows/)
@@ -352,7 +352,7 @@ def launch_train(cfg, config_path: str, overrides: list[str], resume: bool, no_p
         return launch(cfg, argv, log_dir, env={LAUNCHED: "1"})
     except DistributedError as exc:  # what to do: the checkpoints written so far are kept
         again = "the same command again" if resume else "the same command again with --resume"
-        raise DistributedError(f"{exc}\nthe run's checkpoints are kept: run {again} to continue from the "
+        raise DistributedError(f"{exc}\nthe run's checkpoints are kept", hint=f"run {again} to continue from the "
                                "last one") from None
 
 

@@ -36,7 +36,7 @@ def check_folder_name(key: str, value: str, example: str, alternative: str = "",
     shown = whole if len(whole) <= 60 else whole[:60] + "..."
     part = "" if whole == value else f", its part {value!r} between '/'s"
     raise ConfigError(
-        f"{key}: {shown!r} ({len(whole)} characters{part}) is not a safe folder name: use 1-100 ASCII "
+        f"{key}: {shown!r} ({len(whole)} characters{part}) is not a safe folder name", hint="use 1-100 ASCII "
         f"letters, digits, '.', '_' or '-', starting with a letter or digit (e.g. {key}={example})"
         f"{alternative}"
     )

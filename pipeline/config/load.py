@@ -94,7 +94,7 @@ def _coerce_dict(key: str, value: Any, item: Any) -> dict:
         raise ConfigError(f"{key}: expected a mapping of keys to values, got {value!r}")
     for name in value:
         if not isinstance(name, str) or not name:
-            raise ConfigError(f"{key}: {name!r} is not a key: write dotted config keys, e.g. train.beta")
+            raise ConfigError(f"{key}: {name!r} is not a key", hint="write dotted config keys, e.g. train.beta")
     return {name: _coerce(f"{key}.{name}", v, item) for name, v in value.items()}
 
 
@@ -125,7 +125,7 @@ def _coerce_float(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if not math.isfinite(value):
-        raise ConfigError(f"{key}: {value!r} is not a finite number: set a finite value")
+        raise ConfigError(f"{key}: {value!r} is not a finite number", hint="set a finite value")
     return float(value)
 
 
@@ -140,7 +140,7 @@ def _build(prefix: str, cls: type, raw: Any) -> Any:
     for key in unknown:
         old = f"{prefix}.{key}" if prefix else key
         if old in RENAMED:
-            raise ConfigError(f"{old} is now called {RENAMED[old]}, as in Hugging Face / TRL: rename the key")
+            raise ConfigError(f"{old} is now called {RENAMED[old]}, as in Hugging Face / TRL", hint="rename the key")
     if unknown:
         where = f"{prefix}." if prefix else ""
         known = ", ".join(sorted(fields))
@@ -154,7 +154,7 @@ def _build(prefix: str, cls: type, raw: Any) -> Any:
             if dataclasses.is_dataclass(hints[name]):
                 kwargs[name] = _build(key, hints[name], {})
             else:
-                raise ConfigError(f"{key} is required: set it in the YAML file or with --set {key}=...")
+                raise ConfigError(f"{key} is required", hint=f"set it in the YAML file or with --set {key}=...")
     return cls(**kwargs)
 
 

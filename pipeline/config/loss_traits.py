@@ -69,22 +69,22 @@ def check_loss_options(train: Any) -> None:
     if not names:
         raise ConfigError("train.loss_type: name at least one loss, e.g. sigmoid")
     if len(set(names)) != len(names):
-        raise ConfigError(f"train.loss_type: {names} names a loss twice: give each loss once, with its weight "
+        raise ConfigError(f"train.loss_type: {names} names a loss twice", hint="give each loss once, with its weight "
                           "in train.loss_weights")
     if train.loss_weights is not None and len(train.loss_weights) != len(names):
         raise ConfigError(
             f"train.loss_weights: {len(train.loss_weights)} weights for {len(names)} losses in train.loss_type "
-            f"({', '.join(names)}): give one weight per loss, in the same order, or null for 1.0 each"
+            f"({', '.join(names)})", hint="give one weight per loss, in the same order, or null for 1.0 each"
         )
     if "exo_pair" in names and train.label_smoothing == 0.0:
         raise ConfigError("train.label_smoothing: exo_pair needs label smoothing above 0 (log eps); the EXO "
-                          "paper uses 1e-3: set train.label_smoothing=0.001")
+                          "paper uses 1e-3", hint="set train.label_smoothing=0.001")
     _check_f_divergence(train.f_divergence_type, names)
     check_range("train.discopop_tau", train.discopop_tau, 1e-12, None)
     check_range("train.dpop_lambda", train.dpop_lambda, 0.0, None)
     if train.use_weighting and {"aot", "aot_unpaired"} & set(names):
         raise ConfigError("train.use_weighting: WPO's per-pair weights are undefined for aot and aot_unpaired "
-                          "(their loss is over the sorted batch, not per pair; TRL refuses too): drop one")
+                          "(their loss is over the sorted batch, not per pair; TRL refuses too)", hint="drop one")
     if train.ld_alpha is not None:
         check_range("train.ld_alpha", train.ld_alpha, 0.0, None)
     if train.length_normalize is not None:
@@ -101,5 +101,6 @@ def _check_f_divergence(f_divergence_type: str, names: list[str]) -> None:
     if unsupported:
         raise ConfigError(
             f"train.f_divergence_type: {f_divergence_type} has no valid form for "
-            f"{', '.join(unsupported)} (only for {', '.join(losses_with('f_divergence'))}, as TRL): use reverse_kl"
+            f"{', '.join(unsupported)} (only for {', '.join(losses_with('f_divergence'))}, as TRL)",
+            hint="use reverse_kl",
         )

@@ -126,7 +126,7 @@ class TokenizeConfig:
             if self.max_prompt_length + self.min_response_tokens > self.max_length:
                 raise ConfigError(
                     f"tokenize.max_prompt_length ({self.max_prompt_length}) leaves no room for a "
-                    f"response within tokenize.max_length ({self.max_length}): make it at most "
+                    f"response within tokenize.max_length ({self.max_length})", hint="make it at most "
                     f"{self.max_length - self.min_response_tokens}"
                 )
 
@@ -363,7 +363,7 @@ class TrainConfig:
         if self.learning_rate <= 0:
             raise ConfigError(
                 f"train.learning_rate: {self.learning_rate!r} trains nothing (the weights would not "
-                "change): set a positive learning rate, e.g. train.learning_rate=1e-6"
+                "change)", hint="set a positive learning rate, e.g. train.learning_rate=1e-6"
             )
         check_range("train.label_smoothing", self.label_smoothing, 0.0, 0.5, hi_open=True)
         check_loss_options(self)

@@ -48,11 +48,11 @@ class SweepConfig:
         if self.max_parallel is not None:
             check_range("sweep.max_parallel", self.max_parallel, 1, None)
         if self.metric.removeprefix("eval/") not in SWEEP_METRICS:
-            raise ConfigError(f"sweep.metric: {self.metric!r} is not an eval metric: choose one of "
+            raise ConfigError(f"sweep.metric: {self.metric!r} is not an eval metric", hint="choose one of "
                               f"{', '.join('eval/' + m for m in SWEEP_METRICS)}")
         for key, values in self.grid.items():
             if not values:
-                raise ConfigError(f"sweep.grid: {key} has no values: give at least one, e.g. {key}: [0.1, 0.3]")
+                raise ConfigError(f"sweep.grid: {key} has no values", hint=f"give at least one, e.g. {key}: [0.1, 0.3]")
         for i, point in enumerate(self.points):
             if not point:
-                raise ConfigError(f"sweep.points[{i}] is empty: name at least one key, e.g. {{train.beta: 0.3}}")
+                raise ConfigError(f"sweep.points[{i}] is empty", hint="name at least one key, e.g. {train.beta: 0.3}")

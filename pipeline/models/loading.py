@@ -45,12 +45,12 @@ def check_model_path(model: ModelConfig) -> Path:
     if path.is_dir():
         if model.revision:
             raise ModelError(f"model.revision {model.revision!r} applies to a Hub id, but model.path {path} "
-                             "is a local folder: remove model.revision")
+                             "is a local folder", hint="remove model.revision")
         return path
     if is_hub_id(model.path):
         return hub_snapshot(str(model.path), model.revision)
     raise ModelError(
-        f"model.path {path} is neither a folder nor a Hub id (org/name): point it at a local Hugging Face "
+        f"model.path {path} is neither a folder nor a Hub id (org/name)", hint="point it at a local Hugging Face "
         "model folder (config.json, tokenizer files, safetensors weights) or a model on the Hub"
     )
 
@@ -74,7 +74,7 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
         raise ModelError(f"{shown} is gated on the Hub: accept its terms on its page, then log in "
                          "(`hf auth login`, or set HF_TOKEN)") from None
     except RevisionNotFoundError:
-        raise ModelError(f"{repo_id} has no revision {revision!r}: set model.revision to a branch, tag or "
+        raise ModelError(f"{repo_id} has no revision {revision!r}", hint="set model.revision to a branch, tag or "
                          "commit it has (or null for main)") from None
     except RepositoryNotFoundError:
         raise ModelError(f"no model {repo_id} on the Hub (or it is private: log in with `hf auth login` or "
@@ -82,7 +82,7 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
     except LocalEntryNotFoundError:
         raise ModelError(
             f"{shown} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub cannot be "
-            f"reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}, or no network): download it where "
+            f"reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}, or no network)", hint="download it where "
             f"there is network with `hf download {repo_id}` into the same cache (HF_HOME), or point "
             "model.path at a local folder"
         ) from None
@@ -112,7 +112,7 @@ def load_tokenizer(model: ModelConfig):
         raise ModelError(f"cannot load a tokenizer from {path}: {exc}") from exc
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(
-            f"the tokenizer in {path} is not a fast (Rust) tokenizer: add a tokenizer.json "
+            f"the tokenizer in {path} is not a fast (Rust) tokenizer", hint="add a tokenizer.json "
             "(e.g. load it once with transformers and save_pretrained) so batch tokenization works"
         )
     return tokenizer
@@ -142,7 +142,7 @@ def model_fingerprint(model: ModelConfig) -> dict:
     if not any(p.suffix == ".safetensors" for p in weights):
         raise ModelError(
             f"{path} has no .safetensors weights. Only safetensors are loaded (pickle-based .bin "
-            "files can run code): convert with model.save_pretrained(dir, safe_serialization=True)"
+            "files can run code)", hint="convert with model.save_pretrained(dir, safe_serialization=True)"
         )
     return {
         "config_sha256": sha256_file(path / "config.json"),
@@ -166,7 +166,7 @@ def check_causal_lm(model: ModelConfig):
     ):
         raise ModelError(
             f"{path} holds a {config.model_type!r} model, which is not a causal language model "
-            "(no AutoModelForCausalLM class): point model.path at a decoder-only LM"
+            "(no AutoModelForCausalLM class)", hint="point model.path at a decoder-only LM"
         )
     return config
 

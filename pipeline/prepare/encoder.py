@@ -30,7 +30,7 @@ class Encoder:
         if chat and not getattr(tokenizer, "chat_template", None):
             raise ModelError(
                 f"the tokenizer in {cfg.model.path} has no chat template, but the data is in "
-                "chat format: use a model with a chat template, or give the data as plain text "
+                "chat format", hint="use a model with a chat template, or give the data as plain text "
                 "(data.format=standard with string prompt/chosen/rejected)"
             )
         if not chat and self.cfg.add_eos and self.eos_id is None:

@@ -114,7 +114,7 @@ def _device_sets(workers: int, gpus_per_worker: int, work: ShardWork) -> list[st
     if len(ids) < workers * gpus_per_worker:
         raise ScoreError(
             f"score.workers={workers} x {gpus_per_worker} GPU(s) each needs {workers * gpus_per_worker} GPUs, "
-            f"{len(ids)} are visible: lower score.workers (or leave it null: one per GPU)"
+            f"{len(ids)} are visible", hint="lower score.workers (or leave it null: one per GPU)"
         )
     return [",".join(ids[w * gpus_per_worker : (w + 1) * gpus_per_worker]) for w in range(workers)]
 
@@ -148,7 +148,7 @@ def _run_pool(work: ShardWork, indices: list[int], workers: int, gpus_per_worker
             if attempt == RETRIES:
                 raise ScoreError(
                     f"score workers crashed {RETRIES + 1} times ({len(todo)} shards left; killed, or out of "
-                    "memory?): run `dpo score` again to resume, with fewer score.workers if memory is short"
+                    "memory?)", hint="run `dpo score` again to resume, with fewer score.workers if memory is short"
                 ) from None
             log.warning("score: a worker crashed; running its %d unfinished shards again", len(todo))
         except BaseException:
@@ -206,7 +206,7 @@ def _run_ray(work: ShardWork, indices: list[int], workers: int, gpus_per_worker:
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
             raise ScoreError(
                 f"a Ray score worker died and Ray may not restart it again ({RETRIES} restarts per worker; "
-                f"killed, or out of memory?): {why}. The shards written so far are kept: run `dpo score` "
+                f"killed, or out of memory?): {why}. The shards written so far are kept", hint="run `dpo score` "
                 "again to resume, with fewer score.workers if memory is short"
             ) from None
     finally:

@@ -69,7 +69,7 @@ def find_dataset(cfg: Config) -> Path:
         if directory.exists():
             verified_dataset(directory)  # raises with the reason
         raise CacheError(
-            f"no prepared dataset for this configuration ({directory} is missing): run "
+            f"no prepared dataset for this configuration ({directory} is missing)", hint="run "
             "`dpo prepare -c CONFIG` with the same config first"
         )
     return directory
@@ -90,12 +90,12 @@ def _dataset_without_source(cfg: Config) -> Path:
     if not matches:
         raise CacheError(
             f"data.path {cfg.data.path} does not exist and no dataset prepared from it with these "
-            "settings is in storage: set data.path to your preference data and run `dpo prepare`"
+            "settings is in storage", hint="set data.path to your preference data and run `dpo prepare`"
         )
     names = ", ".join(m.name[:12] for m in matches)
     raise CacheError(
         f"data.path {cfg.data.path} does not exist and several datasets were prepared from it "
-        f"({names}): restore the file, or prepare again"
+        f"({names})", hint="restore the file, or prepare again"
     )
 
 
@@ -151,7 +151,7 @@ def find_refscores(cfg: Config, dataset_fp: str) -> Path:
         names = ", ".join(path.name[:12] for path, _ in other)
         hint = (f" Caches of this dataset scored by other model weights exist ({names}); they are "
                 "not used: set model.path to their reference model, or set train.ref_cache explicitly.")
-    raise CacheError(f"no reference scores of this dataset by {cfg.model.path}: run `dpo score -c CONFIG` "
+    raise CacheError(f"no reference scores of this dataset by {cfg.model.path}", hint="run `dpo score -c CONFIG` "
                      f"first.{hint}")
 
 
@@ -166,7 +166,7 @@ def _check_reference(path: Path, manifest: dict, dataset_fp: str, model_fp: dict
     if inputs["model"] != model_fp:
         raise CacheError(
             f"train.ref_cache {path} was scored by other weights than model.path "
-            f"({cfg.model.path}): set model.path to the reference model it was scored with, or "
+            f"({cfg.model.path})", hint="set model.path to the reference model it was scored with, or "
             "rescore with `dpo score -c CONFIG`"
         )
 

@@ -164,7 +164,7 @@ def _read_scores(cache_dir: Path, cache: dict, token_reference: bool) -> pa.Tabl
             raise TrainError(
                 f"train.max_completion_length and train.ld_alpha need the reference's per-token log-probs, "
                 f"but the reference cache {cache_dir} was scored without them (score.store_token_logps: "
-                "false): set score.store_token_logps: true and run `dpo score -c CONFIG` again (a new "
+                "false)", hint="set score.store_token_logps: true and run `dpo score -c CONFIG` again (a new "
                 "cache, used from then on; no other stage reruns), or drop train.max_completion_length / "
                 "train.ld_alpha"
             )

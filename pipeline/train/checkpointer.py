@@ -48,7 +48,7 @@ class Checkpointer:
         loaded = load_latest_checkpoint(self.run_dir, functools.partial(restore_training, trainer))
         if loaded is None:
             raise TrainError(
-                f"no checkpoint of {self.run_dir} can be loaded (all are damaged): delete the folder "
+                f"no checkpoint of {self.run_dir} can be loaded (all are damaged)", hint="delete the folder "
                 "(or set another train.run_name) and train again"
             )
         path, state = loaded

@@ -87,12 +87,12 @@ def start(expected: int, device: str) -> World:
         if size == 1:
             raise DistributedError(
                 f"the config asks for {expected} training processes (train.nproc_per_node x train.nnodes) "
-                "but this is one process: run `dpo train -c CONFIG` (it starts torchrun itself), or on each "
+                "but this is one process", hint="run `dpo train -c CONFIG` (it starts torchrun itself), or on each "
                 "node `torchrun --nnodes ... --nproc-per-node ... -m flows.cli train -c CONFIG`"
             )
         raise DistributedError(
             f"torchrun started {size} processes but the config asks for {expected} (train.nproc_per_node "
-            "x train.nnodes, which set the effective batch and the run's identity): set them to match, e.g. "
+            "x train.nnodes, which set the effective batch and the run's identity)", hint="set them to match, e.g. "
             f"--set train.nproc_per_node={size}"
         )
     if size == 1:

@@ -45,7 +45,7 @@ def finished(run_dir: Path, run_fp: str, quiet: bool = False) -> TrainResult | N
     if previous is None:
         return None
     if previous.get("fingerprint") != run_fp:
-        raise TrainError(f"{run_dir} holds a finished run of another configuration: set another train.run_name")
+        raise TrainError(f"{run_dir} holds a finished run of another configuration", hint="set another train.run_name")
     if not quiet:
         log.info("train: up to date, %s", run_dir)
     return TrainResult(run_dir, previous, skipped=True)

@@ -99,7 +99,7 @@ def _device(cfg: Config) -> str:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise TrainError("train.device=cuda but no CUDA GPU is visible: use train.device=auto")
+        raise TrainError("train.device=cuda but no CUDA GPU is visible", hint="use train.device=auto")
     return device
 
 
@@ -186,7 +186,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> Trai
     writes, all compute; with train.nproc_per_node > 1 outside torchrun, use ``dpo train``,
     which starts torchrun (launch.torchrun)."""
     if cfg.model.dtype == "float16" and cfg.train.precision is None:
-        raise TrainError("model.dtype=float16 is not supported for training: use bfloat16 or float32")
+        raise TrainError("model.dtype=float16 is not supported for training", hint="use bfloat16 or float32")
     device = _device(cfg)
     try:
         world = distributed.start(world_size(cfg.train), device)
@@ -214,7 +214,7 @@ def _train(cfg: Config, world: World, device: str, resume: bool, show_progress: 
         checkpoints = list_checkpoints(run.run_dir)
         if checkpoints and not resume:
             raise TrainError(
-                f"{run.run_dir} has checkpoints of an unfinished run: pass --resume to continue it, "
+                f"{run.run_dir} has checkpoints of an unfinished run", hint="pass --resume to continue it, "
                 "or delete the folder or set another train.run_name to start over"
             )
         if world.main:

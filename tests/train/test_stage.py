@@ -33,7 +33,6 @@ from pipeline.logprobs.response import PairOptions, pair_logps
 from pipeline.prepare.stage import prepare
 from pipeline.score.stage import score
 from pipeline.storage import paths
-from pipeline.train.schedule import lr_factor
 from pipeline.train.stage import train
 
 from tests.conftest import crash_training_at, seed_formula_gradient
@@ -79,20 +78,6 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
     assert torch.equal(rewards(logps, logps, 0.1), torch.zeros(3, dtype=torch.float64))
     assert torch.equal(rewards(t(-1.0), t(-3.0), 0.5), t(1.0))  # beta * (policy - reference)
     assert ipo_loss(PairLogps(logps, others, logps, others), 0.1).allclose(torch.full((3,), 25.0, dtype=torch.float64))
-
-
-@pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "constant_with_warmup"])
-@pytest.mark.parametrize("warmup, total", [(0, 10), (4, 10), (3, 7)])
-def test_lr_schedule_matches_hugging_face(kind, warmup, total):
-    """The same learning rate at every step as transformers' own schedulers (TRL uses them)."""
-    from transformers import get_scheduler
-
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    theirs = get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total)
-    for step in range(total):
-        assert lr_factor(step, warmup, total, kind) == pytest.approx(theirs.get_last_lr()[0], abs=1e-12), step
-        optimizer.step()
-        theirs.step()
 
 
 # --- the seed's gradient -------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ScoreError("score.device=cuda but no CUDA GPU is visible: use score.device=auto")
+        raise ScoreError("score.device=cuda but no CUDA GPU is visible", hint="use score.device=auto")
     return requested
 
 
