@@ -8,7 +8,7 @@ position P + j and is predicted from the hidden state at position P + j - 1. So:
 Only the hidden states at response positions go through the LM head, and the log-softmax runs
 in float32 on those rows alone, in chunks: the float32 logits of the whole batch,
 [batch, seq, vocab], are never materialized (for a 49k vocabulary and 8k tokens that alone
-would be 1.6 GB), and for the backward only each token's logsumexp is kept (head_logps.py:
+would be 1.6 GB), and for the backward only each token's logsumexp is kept (head.py:
 the fused LM head recomputes each chunk's logits there).
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from pipeline.logprobs.head import CHUNK, LinearHead, LossPlan, checkpointed_logps, fused_logps, fused_loss
 
-# Rows of the LM head's output turned into float32 log-probs at once (head_logps.CHUNK).
+# Rows of the LM head's output turned into float32 log-probs at once (head.CHUNK).
 LOGSOFTMAX_CHUNK = CHUNK
 
 
@@ -209,7 +209,7 @@ def flex_block_mask(segments: torch.Tensor):
 @dataclass(frozen=True)
 class HeadOptions:
     """What the LM head computes: ``log_sum_sq``: also each position's log sum_v p^2 (WPO's
-    weights); ``fused``: the fused LM head (head_logps.py), else plain autograd over chunks;
+    weights); ``fused``: the fused LM head (head.py), else plain autograd over chunks;
     ``loss_fn`` (with the responses' ``lengths``): the loss of the pairs instead of their log-probs
     (``pair_loss``: with ``fused``, computed inside the head, gradients in the forward)."""
 
@@ -224,7 +224,7 @@ def token_logps(hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, ta
     """log p(target | context) at the given positions, in float32.
 
     hidden: [B, T, H] last hidden states (any dtype); rows, cols, targets: [N];
-    lm_head: a ``head_logps.LinearHead`` (the fused path: no [N x vocab] tensor kept for the
+    lm_head: a ``head.LinearHead`` (the fused path: no [N x vocab] tensor kept for the
     backward), or any module mapping [n, H] -> [n, V] logits, the model's own post-processing of
     them included (``lm_head_of``): chunks under activation checkpointing, or with ``options.fused``
     false under plain autograd. Returns [N] float32, differentiable; with ``options.log_sum_sq`` also [N]
@@ -397,7 +397,7 @@ class PairOptions:
     None: the model's kernel's ``default_packing``); else the chosen and the rejected sequences
     as rows of the same right-padded batch (kernels that take no custom mask).
     device: where the batch goes; log_sum_sq: also each position's log sum_v p^2 (WPO's weights);
-    fused_head: the fused LM head (head_logps.py; False: plain autograd, train.fused_lm_head);
+    fused_head: the fused LM head (head.py; False: plain autograd, train.fused_lm_head);
     pad_to_multiple_of: rows padded to a multiple of this many tokens (a few shapes for a
     compiled model: train.pad_to_multiple_of).
     """
