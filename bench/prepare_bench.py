@@ -51,6 +51,7 @@ def main() -> int:
                 "seconds": seconds,
                 "rows_read": counts["rows_read"],
                 "kept": counts["kept"],
+                "rejected_by_reason": counts["rejected_by_reason"],
                 "tokens": total_tokens,
                 "rows_per_s": counts["rows_read"] / seconds,
                 "tokens_per_s": total_tokens / seconds,
@@ -73,6 +74,8 @@ def main() -> int:
     print(f"{'seconds':<26}{median['seconds']:>14.2f}")
     print(f"{'rows/s':<26}{median['rows_per_s']:>14.0f}")
     print(f"{'tokens/s':<26}{median['tokens_per_s']:>14.0f}")
+    for reason, count in runs[0]["rejected_by_reason"].items():
+        print(f"{'rejected: ' + reason:<26}{count:>14}")
     return finish(args.out, report)
 
 

@@ -91,7 +91,9 @@ class Encoder:
         return prompt_ids, chosen_ids, rejected_ids, retokenized
 
     def truncate(self, prompt_ids, chosen_ids, rejected_ids):
-        """Apply the truncation rules; returns ids and flags, or raises Reject('too_long')."""
+        """Apply the truncation rules; returns ids and flags, or raises Reject: 'too_long' (no room
+        for a response) or 'identical_after_truncation' (the responses differ only past the cut:
+        the pair's DPO logit is 0 whatever the policy, so it would teach nothing)."""
         cfg = self.cfg
         prompt_cut = False
         limit = cfg.max_prompt_length
@@ -112,11 +114,11 @@ class Encoder:
                 f"prompt has {len(prompt_ids)} tokens; tokenize.max_length is {cfg.max_length}",
             )
         chosen_cut, rejected_cut = len(chosen_ids) > budget, len(rejected_ids) > budget
-        return (
-            prompt_ids,
-            chosen_ids[:budget],
-            rejected_ids[:budget],
-            prompt_cut,
-            chosen_cut,
-            rejected_cut,
-        )
+        chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
+        if chosen_ids == rejected_ids:
+            raise Reject(
+                "identical_after_truncation",
+                f"both responses start with the same {budget} tokens, all a response keeps "
+                f"(tokenize.max_length {cfg.max_length}, prompt {len(prompt_ids)} tokens)",
+            )
+        return prompt_ids, chosen_ids, rejected_ids, prompt_cut, chosen_cut, rejected_cut

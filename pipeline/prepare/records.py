@@ -31,6 +31,7 @@ REJECT_REASONS = {
     "prompts_differ": "implicit conversations: the turns before the final answer differ",
     "chat_template_prefix_mismatch": "the chat template renders the prompt differently once an answer follows",
     "too_long": "the prompt leaves no room for a response within tokenize.max_length",
+    "identical_after_truncation": "the two responses are the same tokens once cut to fit tokenize.max_length",
     "row_too_large": "the row is larger than data.max_row_bytes (rejected before tokenizing)",
 }
 

@@ -31,7 +31,7 @@ from pipeline.models.adapters import is_adapter_dir
 from pipeline.models.loading import model_fingerprint, tokenizer_files
 
 # Schema versions: part of each identity, so a format change never reuses an old directory.
-DATASET_SCHEMA_VERSION = 2  # 2: the tokenizer is identified by its files alone
+DATASET_SCHEMA_VERSION = 3  # 2: the tokenizer is identified by its files alone; 3: identical_after_truncation
 REFSCORES_SCHEMA_VERSION = 2  # 2: scorer settings recorded resolved
 RUN_SCHEMA_VERSION = 1
 

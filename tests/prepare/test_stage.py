@@ -229,6 +229,24 @@ def test_truncation(tmp_path, make_config, demo_tokenizer):
     assert [r["reason"] for r in read_rejects(result)] == ["too_long"]
 
 
+def test_responses_identical_once_truncated_are_rejected(tmp_path, make_config, demo_tokenizer):
+    """Two answers that differ only past the cut are one answer to the policy: the pair is a reject
+    with its reason, counted; with room for the difference it is kept."""
+    common = " The sky is blue because air scatters short wavelengths more than long ones, " * 3
+    rows = [{"prompt": "Why is the sky blue?", "chosen": common + "Rayleigh.", "rejected": common + "Magic."},
+            {"prompt": "Why is grass green?", "chosen": " Chlorophyll.", "rejected": " Paint."}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    limits = {"max_length": 40, "max_prompt_length": 16}
+    result = prepare(make_config(path, tokenize=limits, data={"max_reject_fraction": 1.0}), show_progress=False)
+    rejects = read_rejects(result)
+    assert [(r["source_row"], r["reason"]) for r in rejects] == [(0, "identical_after_truncation")]
+    assert "tokenize.max_length 40" in rejects[0]["detail"]
+    assert result.manifest["counts"]["rejected_by_reason"] == {"identical_after_truncation": 1}
+    assert [ex["source_row"] for ex in read_examples(result)] == [1]
+    roomy = prepare(make_config(path, tokenize={"max_length": 256, "max_prompt_length": 16}), show_progress=False)
+    assert sorted(ex["source_row"] for ex in read_examples(roomy)) == [0, 1] and not read_rejects(roomy)
+
+
 def test_fingerprint_same_inputs_skip_changed_inputs_new_dir(tmp_path, make_config):
     path = write_jsonl(tmp_path / "d.jsonl", standard_rows(30))
     first = prepare(make_config(path), show_progress=False)

@@ -3,8 +3,10 @@
 A fingerprint names a stage's output folder, and a stage skips its work when the folder for the
 same inputs exists: a fingerprint that changes with a refactoring makes every user's prepared
 datasets, scored caches and runs invisible (all recomputed, the runs not resumed). These values
-were computed before issue 21 moved code between modules; they may change only with a schema
-version (paths.*_SCHEMA_VERSION), on purpose.
+were computed before issue 21 moved code between modules and kept through issue 29's reshape; they
+may change only with a schema version (paths.*_SCHEMA_VERSION), on purpose: the dataset schema 3
+(pairs identical after truncation rejected) changed every dataset fingerprint, and with it the
+caches' and runs' that name their dataset.
 
 The inputs are literal bytes (a model folder whose files the fingerprints hash but nothing loads,
 a JSONL file), so the pins depend on the identity code alone, not on a tokenizer or torch.
@@ -47,102 +49,102 @@ TRAIN_CASES = {
 
 PINS = {
     "default": {
-        "dataset": "9085a080d2cc2da3765bae29cb68ef475f2f722636532eadfc0627a6f5185aab",
-        "cache": "d81a3fa3312599d496dacf18f5a684c0672499d94938109a1fd9071c4f022c45",
-        "cache_vllm": "182db4c4495c71f953bfc0b5def6813dce7092c1be34bba986388e3faada8ecf",
-        "run": "9faa30177d6a9d9d6ad6794d821bd843036047d462c81b23a33628dd8bed83d9",
-        "run_dir": "dpo-9faa30177d6a",
+        "dataset": "627b1a86ff8ec2fe58e1c146b2d4f95cba2fd69ea7917a42c78c9b2d48391ba0",
+        "cache": "2c3d434049bf4311476204ad7c40acfd9e7d4f18d5252422b7d557fafb651bd0",
+        "cache_vllm": "2725bc7f69f6c054acc853f375a9a7a53ef37bd7c07de90a453e4c5c906ff4cc",
+        "run": "ec55e7e6be568279a47610a60d09b803ae749c1bfb36f6cd9668833461a2e01b",
+        "run_dir": "dpo-ec55e7e6be56",
     },
     "sigmoid+sft mixture": {
-        "dataset": "9085a080d2cc2da3765bae29cb68ef475f2f722636532eadfc0627a6f5185aab",
-        "cache": "d81a3fa3312599d496dacf18f5a684c0672499d94938109a1fd9071c4f022c45",
-        "cache_vllm": "182db4c4495c71f953bfc0b5def6813dce7092c1be34bba986388e3faada8ecf",
-        "run": "402ce8160ca39aca10766cb8ef6fce0ef461ccb70fd0677eda09da6268f81cbf",
-        "run_dir": "dpo-402ce8160ca3",
+        "dataset": "627b1a86ff8ec2fe58e1c146b2d4f95cba2fd69ea7917a42c78c9b2d48391ba0",
+        "cache": "2c3d434049bf4311476204ad7c40acfd9e7d4f18d5252422b7d557fafb651bd0",
+        "cache_vllm": "2725bc7f69f6c054acc853f375a9a7a53ef37bd7c07de90a453e4c5c906ff4cc",
+        "run": "d57e9d4bbddfdac50f22f413922c307095d7128d135923a985abb03c72d0e82e",
+        "run_dir": "dpo-d57e9d4bbddf",
     },
     "ipo, beta 0.3, cosine": {
-        "dataset": "9085a080d2cc2da3765bae29cb68ef475f2f722636532eadfc0627a6f5185aab",
-        "cache": "d81a3fa3312599d496dacf18f5a684c0672499d94938109a1fd9071c4f022c45",
-        "cache_vllm": "182db4c4495c71f953bfc0b5def6813dce7092c1be34bba986388e3faada8ecf",
-        "run": "ee73acda145221af6df4f670e2d20c502f1792c795a04de8335126cb6bc10e6b",
-        "run_dir": "dpo-ee73acda1452",
+        "dataset": "627b1a86ff8ec2fe58e1c146b2d4f95cba2fd69ea7917a42c78c9b2d48391ba0",
+        "cache": "2c3d434049bf4311476204ad7c40acfd9e7d4f18d5252422b7d557fafb651bd0",
+        "cache_vllm": "2725bc7f69f6c054acc853f375a9a7a53ef37bd7c07de90a453e4c5c906ff4cc",
+        "run": "c8077bcaa62b4a198e359c9ee831290254e3b829c1f399cfab7ca8a689774594",
+        "run_dir": "dpo-c8077bcaa62b",
     },
     "lora": {
-        "dataset": "9085a080d2cc2da3765bae29cb68ef475f2f722636532eadfc0627a6f5185aab",
-        "cache": "d81a3fa3312599d496dacf18f5a684c0672499d94938109a1fd9071c4f022c45",
-        "cache_vllm": "182db4c4495c71f953bfc0b5def6813dce7092c1be34bba986388e3faada8ecf",
-        "run": "8d1488b6ca4c032e8e7e08f06e1854b62870fedb31c42e4efb0dc6652812eb96",
-        "run_dir": "dpo-8d1488b6ca4c",
+        "dataset": "627b1a86ff8ec2fe58e1c146b2d4f95cba2fd69ea7917a42c78c9b2d48391ba0",
+        "cache": "2c3d434049bf4311476204ad7c40acfd9e7d4f18d5252422b7d557fafb651bd0",
+        "cache_vllm": "2725bc7f69f6c054acc853f375a9a7a53ef37bd7c07de90a453e4c5c906ff4cc",
+        "run": "6ca5d9466c69f7118e499523b0d60756a3a9c7f13b811a7f63d74c4916d87364",
+        "run_dir": "dpo-6ca5d9466c69",
     },
     "simpo (reference-free)": {
-        "dataset": "9085a080d2cc2da3765bae29cb68ef475f2f722636532eadfc0627a6f5185aab",
-        "cache": "d81a3fa3312599d496dacf18f5a684c0672499d94938109a1fd9071c4f022c45",
-        "cache_vllm": "182db4c4495c71f953bfc0b5def6813dce7092c1be34bba986388e3faada8ecf",
-        "run": "7027911ffe4bbf80a29cdcd09e95da5fb676d001ec6e6a2fee967fba3aaf3a99",
-        "run_dir": "dpo-7027911ffe4b",
+        "dataset": "627b1a86ff8ec2fe58e1c146b2d4f95cba2fd69ea7917a42c78c9b2d48391ba0",
+        "cache": "2c3d434049bf4311476204ad7c40acfd9e7d4f18d5252422b7d557fafb651bd0",
+        "cache_vllm": "2725bc7f69f6c054acc853f375a9a7a53ef37bd7c07de90a453e4c5c906ff4cc",
+        "run": "bf4bac823b88e560bd3f5ec5a7995ec571c3f75f033f5a9d75e97a50810a8104",
+        "run_dir": "dpo-bf4bac823b88",
     },
     "bf16-mixed": {
-        "dataset": "9085a080d2cc2da3765bae29cb68ef475f2f722636532eadfc0627a6f5185aab",
-        "cache": "d81a3fa3312599d496dacf18f5a684c0672499d94938109a1fd9071c4f022c45",
-        "cache_vllm": "182db4c4495c71f953bfc0b5def6813dce7092c1be34bba986388e3faada8ecf",
-        "run": "dc4e26e541dcf19dd528fd1b438d172af9275f4728ff4e9c7479015b22f9ea18",
-        "run_dir": "dpo-dc4e26e541dc",
+        "dataset": "627b1a86ff8ec2fe58e1c146b2d4f95cba2fd69ea7917a42c78c9b2d48391ba0",
+        "cache": "2c3d434049bf4311476204ad7c40acfd9e7d4f18d5252422b7d557fafb651bd0",
+        "cache_vllm": "2725bc7f69f6c054acc853f375a9a7a53ef37bd7c07de90a453e4c5c906ff4cc",
+        "run": "0c730de2b348e16b4916601f2b632992b5e5f03b3ccfa08215aec4fd7084fe14",
+        "run_dir": "dpo-0c730de2b348",
     },
     "ld, wpo, rpo, cut": {
-        "dataset": "9085a080d2cc2da3765bae29cb68ef475f2f722636532eadfc0627a6f5185aab",
-        "cache": "d81a3fa3312599d496dacf18f5a684c0672499d94938109a1fd9071c4f022c45",
-        "cache_vllm": "182db4c4495c71f953bfc0b5def6813dce7092c1be34bba986388e3faada8ecf",
-        "run": "3399f79ec22cd3566a49bb6a9934f1f1c9a8840ceff2b23a076fbdb1df76c3dd",
-        "run_dir": "dpo-3399f79ec22c",
+        "dataset": "627b1a86ff8ec2fe58e1c146b2d4f95cba2fd69ea7917a42c78c9b2d48391ba0",
+        "cache": "2c3d434049bf4311476204ad7c40acfd9e7d4f18d5252422b7d557fafb651bd0",
+        "cache_vllm": "2725bc7f69f6c054acc853f375a9a7a53ef37bd7c07de90a453e4c5c906ff4cc",
+        "run": "85938f516956d366354b1ea0f9728f182d7c8144387f004eb19cfe8bb8a4407b",
+        "run_dir": "dpo-85938f516956",
     },
     "2 processes x 2 x 2": {
-        "dataset": "9085a080d2cc2da3765bae29cb68ef475f2f722636532eadfc0627a6f5185aab",
-        "cache": "d81a3fa3312599d496dacf18f5a684c0672499d94938109a1fd9071c4f022c45",
-        "cache_vllm": "182db4c4495c71f953bfc0b5def6813dce7092c1be34bba986388e3faada8ecf",
-        "run": "9faa30177d6a9d9d6ad6794d821bd843036047d462c81b23a33628dd8bed83d9",
-        "run_dir": "dpo-9faa30177d6a",
+        "dataset": "627b1a86ff8ec2fe58e1c146b2d4f95cba2fd69ea7917a42c78c9b2d48391ba0",
+        "cache": "2c3d434049bf4311476204ad7c40acfd9e7d4f18d5252422b7d557fafb651bd0",
+        "cache_vllm": "2725bc7f69f6c054acc853f375a9a7a53ef37bd7c07de90a453e4c5c906ff4cc",
+        "run": "ec55e7e6be568279a47610a60d09b803ae749c1bfb36f6cd9668833461a2e01b",
+        "run_dir": "dpo-ec55e7e6be56",
     },
     "1 process x 8 (same effective batch)": {
-        "dataset": "9085a080d2cc2da3765bae29cb68ef475f2f722636532eadfc0627a6f5185aab",
-        "cache": "d81a3fa3312599d496dacf18f5a684c0672499d94938109a1fd9071c4f022c45",
-        "cache_vllm": "182db4c4495c71f953bfc0b5def6813dce7092c1be34bba986388e3faada8ecf",
-        "run": "9faa30177d6a9d9d6ad6794d821bd843036047d462c81b23a33628dd8bed83d9",
-        "run_dir": "dpo-9faa30177d6a",
+        "dataset": "627b1a86ff8ec2fe58e1c146b2d4f95cba2fd69ea7917a42c78c9b2d48391ba0",
+        "cache": "2c3d434049bf4311476204ad7c40acfd9e7d4f18d5252422b7d557fafb651bd0",
+        "cache_vllm": "2725bc7f69f6c054acc853f375a9a7a53ef37bd7c07de90a453e4c5c906ff4cc",
+        "run": "ec55e7e6be568279a47610a60d09b803ae749c1bfb36f6cd9668833461a2e01b",
+        "run_dir": "dpo-ec55e7e6be56",
     },
     "named run": {
-        "dataset": "9085a080d2cc2da3765bae29cb68ef475f2f722636532eadfc0627a6f5185aab",
-        "cache": "d81a3fa3312599d496dacf18f5a684c0672499d94938109a1fd9071c4f022c45",
-        "cache_vllm": "182db4c4495c71f953bfc0b5def6813dce7092c1be34bba986388e3faada8ecf",
-        "run": "9faa30177d6a9d9d6ad6794d821bd843036047d462c81b23a33628dd8bed83d9",
+        "dataset": "627b1a86ff8ec2fe58e1c146b2d4f95cba2fd69ea7917a42c78c9b2d48391ba0",
+        "cache": "2c3d434049bf4311476204ad7c40acfd9e7d4f18d5252422b7d557fafb651bd0",
+        "cache_vllm": "2725bc7f69f6c054acc853f375a9a7a53ef37bd7c07de90a453e4c5c906ff4cc",
+        "run": "ec55e7e6be568279a47610a60d09b803ae749c1bfb36f6cd9668833461a2e01b",
         "run_dir": "my-run",
     },
     "prompt kept from its start": {
-        "dataset": "ed4556e461c0c61a0c21146d7b0d8d3428d3279e4f0a283ae5c9ca5aac5cf013",
-        "cache": "dcd8bf8a9af5b2438753d854ba06bcb26b00a09a32d2b084e18dd73a83cd7abf",
-        "cache_vllm": "e59229d5234dc989048fa0e0ea02a8768d61a5304cc841318811670935394151",
-        "run": "38c3216bc2b4a7adc34ce83a11ac213b4ba6f0256779cd84714bfd7c457d8811",
-        "run_dir": "dpo-38c3216bc2b4",
+        "dataset": "2af5cf54e8d5f9d237d9c837c7582f55f273665a95bdea4010b6e07d9a6d5193",
+        "cache": "2abdb3259f9fa31812e9f0166110de46d294b3abc67b394aa656173bc73e390d",
+        "cache_vllm": "4b38962b47594a0620a2dbeaa47a7ed3e5363b3d7f92e3bdd0374b2bb594a98a",
+        "run": "27eb12b53bfc10f1359b16e5b69f7cb7db1b30bb195d4cb3245427d3f4db8d3b",
+        "run_dir": "dpo-27eb12b53bfc",
     },
     "no per-token values, 512-row shards": {
-        "dataset": "9085a080d2cc2da3765bae29cb68ef475f2f722636532eadfc0627a6f5185aab",
-        "cache": "f602f66cd9f1ee0e7d84a6eee1d738b3cd7114f4c586a61ada0b86f3638c4d5d",
-        "cache_vllm": "8a965b34664f30b68a600b7c89dee2cf5368bb17fc1b2d0cba7c0d9feba3e580",
-        "run": "f98ccec3918e3f11fb14d9aab3a09c471aa8b0096ca2d5eed81f27e7b016b738",
-        "run_dir": "dpo-f98ccec3918e",
+        "dataset": "627b1a86ff8ec2fe58e1c146b2d4f95cba2fd69ea7917a42c78c9b2d48391ba0",
+        "cache": "f906f4a71d3496bad54d32d5b27681532c784742ec9eff448d27fd28697917f8",
+        "cache_vllm": "6d5f7c217bfff5db03a038763ad4fd5c169f76ba44c5f6df953d3da0621677b6",
+        "run": "834dd338633dd05d05c6911588d54fc4fb2062eb68465e0954b97d63375f9e50",
+        "run_dir": "dpo-834dd338633d",
     },
     "model bfloat16": {
-        "dataset": "9085a080d2cc2da3765bae29cb68ef475f2f722636532eadfc0627a6f5185aab",
-        "cache": "737ddd3dc99714aaa64c51d4f77e04bc0a52a69183a3ab00fa21dbaa83cf6331",
-        "cache_vllm": "435bd4857de81548495d7bb46d8b1951bde3b63f3cb3b5257fb6f0f5e1cdea8c",
-        "run": "d56c7f3f1a73b6c4ea276b00427681ad2218c42c55914b8b45cf9104e70f7c0b",
-        "run_dir": "dpo-d56c7f3f1a73",
+        "dataset": "627b1a86ff8ec2fe58e1c146b2d4f95cba2fd69ea7917a42c78c9b2d48391ba0",
+        "cache": "4fc342ff994178fdf4deb5e9a32236e9f474d95e5b08ae9b693ce84313cbcb6b",
+        "cache_vllm": "4aac84930faaf801d944958ef4d419b10742611199204351ba327f02570ee38b",
+        "run": "45252039932c68da550326fb3be573015d04415d6826e2b9bd80b7c47870b3f3",
+        "run_dir": "dpo-45252039932c",
     },
     "explicit columns": {
-        "dataset": "99f536ed290eaaf8f9fd9e45f1d2c44110238077f8cda60f734ffaa4482a89af",
-        "cache": "a2af56c03206c3b3242ab2717785b3efca88c5a0946dcac0084df4775adee8d8",
-        "cache_vllm": "f60be5d8ae24a2064dd65814ba97e79cb0defe157efc2f7a7fe533a282544ab1",
-        "run": "84c9e906c5d77996a1f5d4f4774b92a97aefc97fe9cb1301f290b827c0e87e11",
-        "run_dir": "dpo-84c9e906c5d7",
+        "dataset": "0bb08aafb8899a686f3561456db17c9f3eca9533b3bc8c9547cf398b4797b015",
+        "cache": "1ac19c8377a25e4668871d86d9350114594301c450062615faae47255f0a372f",
+        "cache_vllm": "a06d681450f475541e8f041e12d7c2fe72d4aaf0f0497e4b88d2bf2805f4a208",
+        "run": "9d2fc74abc5a395961d3997e3a83fdf3999322abf0aba2b7814130e9a7d1c402",
+        "run_dir": "dpo-9d2fc74abc5a",
     },
 }
 
@@ -219,8 +221,8 @@ def test_the_pins_differ_where_the_inputs_do():
     assert datasets["prompt kept from its start"] != PINS["default"]["dataset"] != datasets["explicit columns"]
 
 
-DEMO_PINS = {"dataset": "d728771c2356947a33f72125d2e447f6f67491d61d8afcdec7fe98e87a28e99b",
-             "cache": "ea491f7e8bc572f029b57b77835e28ca2efb3ff308138ac60a47bb258a898d25", "run": "dpo-8994397ecc15"}
+DEMO_PINS = {"dataset": "b8680a5bba69789255b0475e2706ea73c2ecaf9e26710de21d85b1ec50725378",
+             "cache": "4123a66024d97498626f1a97cdd6531277092b17b2064b0d1f9cebb50dc6524b", "run": "dpo-3353f07e192d"}
 
 
 def test_the_demo_stages_name_their_outputs_as_pinned(prepared_demo):
