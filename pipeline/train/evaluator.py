@@ -35,12 +35,12 @@ class Evaluator:
         return bool(every) and done % every == 0 and done < self.trainer.total_steps
 
     def maybe_evaluate(self, done: int) -> None:
-        """Evaluate after ``done`` steps when due: the run's guard read first (no eval of a run that
-        has stopped: Trainer.read_records raises; the wait for the step counts as training time),
-        then the eval, its time left out of the metrics log's tokens/s."""
+        """Evaluate after ``done`` steps when due: the run's guard checked first (no eval of a run
+        that has stopped; the wait for the step counts as training time), then the eval, its time
+        left out of the metrics log's tokens/s."""
         if not self.due(done):
             return
-        self.trainer.read_records([])
+        self.metrics_log.check_guard()
         with self.metrics_log.paused():
             record = self.evaluate(done)
         if record:

@@ -110,6 +110,13 @@ class MetricsLog:
                                  f"lr {mean['learning_rate']:.2e} {mean['tokens/s']:,.0f} tok/s", refresh=False)
         self.window, self.started = [], time.perf_counter()
 
+    def check_guard(self) -> None:
+        """Raise TrainError when a step since the last logged one was non-finite (the guard read
+        alone, Trainer.read_records of no record); right after a logged step there is nothing new
+        to read, so nothing is."""
+        if self.window:
+            self.trainer.read_records([])
+
     @contextlib.contextmanager
     def paused(self):
         """Time that is not training (eval, saving) left out of the window's tokens/s."""
