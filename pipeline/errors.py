@@ -72,6 +72,15 @@ class PrepareError(DpoError, RuntimeError):
     """The prepare stage cannot produce a dataset; the message says what to fix."""
 
 
+class GenerateError(DpoError, RuntimeError):
+    """Sampling completions cannot go on (no prompts, a prompts column absent, a model that cannot generate)."""
+
+
+class JudgeError(DpoError, RuntimeError):
+    """A reward cannot be computed: a judge function missing, raising or returning no number; a
+    reward model with other than one label."""
+
+
 class ScoreError(DpoError, RuntimeError):
     """Reference scores cannot be produced (or trusted); the message says what to do."""
 

@@ -137,10 +137,12 @@ def library_imports_flows(graph) -> list[Edge]:
 
 
 def stages_in(root: Path) -> set[str]:
-    """The stage packages: pipeline/<name>/ for each name of ``STAGES`` in pipeline/__init__.py."""
+    """The stage packages: pipeline/<name>/ for each name of ``STAGES`` and ``ROUND_STAGES`` in
+    pipeline/__init__.py."""
     tree = ast.parse((root / "pipeline" / "__init__.py").read_text(encoding="utf-8"))
-    names = next((ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-                  and any(isinstance(t, ast.Name) and t.id == "STAGES" for t in node.targets)), ())
+    names = [name for node in tree.body if isinstance(node, ast.Assign)
+             and any(isinstance(t, ast.Name) and t.id in ("STAGES", "ROUND_STAGES") for t in node.targets)
+             for name in ast.literal_eval(node.value)]
     return {f"pipeline.{name}" for name in names if (root / "pipeline" / name / "__init__.py").is_file()}
 
 

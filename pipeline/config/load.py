@@ -25,8 +25,11 @@ import yaml
 from pipeline.config.schema import RENAMED, REQUIRED, Config, is_hub_id
 from pipeline.errors import ConfigError
 
-PATH_KEYS = (("data", "path"), ("model", "path"), ("train", "init_from"), ("train", "ref_cache"))
-"""The keys that hold a file or folder path (or, for model and data, a Hub id)."""
+PATH_KEYS = (("data", "path"), ("model", "path"), ("train", "init_from"), ("train", "ref_cache"),
+             ("generate", "model"), ("generate", "prompts"), ("judge", "reward_model"))
+"""The keys that hold a file or folder path (or, for the HUB_KEYS, a Hub id)."""
+HUB_KEYS = ("model", "data", "generate", "judge")
+"""The sections whose path keys may also be a Hub id (org/name)."""
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -237,8 +240,8 @@ def config_from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
     # the same files wherever it runs from.
     cfg.storage = str(Path(cfg.storage).resolve())
     for section, key in PATH_KEYS:
-        value = getattr(getattr(cfg, section), key)
-        if value and not (section in ("model", "data") and is_hub_id(value)):
+        value = getattr(getattr(cfg, section), key, None)  # an absent optional section: None
+        if value and not (section in HUB_KEYS and is_hub_id(value)):
             setattr(getattr(cfg, section), key, str(Path(value).resolve()))
     return cfg
 
@@ -277,7 +280,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         for section, key in PATH_KEYS:
             value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
             if isinstance(value, str) and value and not Path(value).is_absolute():
-                if section in ("model", "data") and is_hub_id(value, base):
+                if section in HUB_KEYS and is_hub_id(value, base):
                     continue  # a Hub id, not a folder next to the config
                 raw[section][key] = str((base / value).resolve())
         if isinstance(raw.get("storage"), str) and not Path(raw["storage"]).is_absolute():

@@ -5,6 +5,10 @@
     <storage>/refscores/<fp>/    part-NNNNN.parquet, manifest.json                  (score)
     <storage>/audits/<cache fp>/ full.json|html, quick.json|html                    (audit)
     <storage>/runs/<run name>/   config.yaml, metrics.jsonl, checkpoints/, final/, run.json (train)
+    <storage>/prompts/<fp>/      prompts.parquet, rejects.parquet, manifest.json     (generate)
+    <storage>/generations/<fp>/  part-NNNNN.parquet, manifest.json                  (generate)
+    <storage>/judgements/<fp>/   rewards.parquet, pairs.jsonl, dropped.parquet, manifest.json (judge)
+    <storage>/rounds/<name>/     rounds.json, report.html                          (dpo rounds)
     <storage>/locks/             one lock file per output directory being written
 
     inputs = paths.refscores_identity(cfg, dataset_fp, "transformers")   # one function per stage
@@ -56,6 +60,22 @@ def refscores_dir(storage: str | Path, fp: str) -> Path:
 
 def run_dir(storage: str | Path, name: str) -> Path:
     return Path(storage) / "runs" / name
+
+
+def prompts_dir(storage: str | Path, fp: str) -> Path:
+    return Path(storage) / "prompts" / fp
+
+
+def generations_dir(storage: str | Path, fp: str) -> Path:
+    return Path(storage) / "generations" / fp
+
+
+def judgements_dir(storage: str | Path, fp: str) -> Path:
+    return Path(storage) / "judgements" / fp
+
+
+def rounds_dir(storage: str | Path, name: str) -> Path:
+    return Path(storage) / "rounds" / name
 
 
 def audit_dir(storage: str | Path, cache_fp: str) -> Path:

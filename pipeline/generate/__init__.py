@@ -1,0 +1,1 @@
+"""The generate stage: prompts read once, then K completions per prompt sampled from a policy."""
