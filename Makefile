@@ -14,7 +14,7 @@ LOCK_VENV := .venv-lock
 PIP_TOOLS := pip-tools==7.6.2
 LOCKFLAGS ?=
 
-.PHONY: demo test test-slow docs bench-prepare bench-score bench-train bench-memory bench-verify bench-shards bench-sweep bench-trl clean-venv lock
+.PHONY: demo test test-slow docs bench-prepare bench-score bench-train bench-memory bench-verify bench-shards bench-sweep bench-rounds bench-trl clean-venv lock
 
 # The lock is complete (pip check proves it), so nothing is resolved here: --no-deps everywhere, and
 # the project builds with the lock's setuptools and wheel (--no-build-isolation), not floating ones.
@@ -82,6 +82,9 @@ bench-shards: $(STAMP)
 
 bench-sweep: $(STAMP)
 	$(VENV)/bin/python bench/sweep_bench.py
+
+bench-rounds: $(STAMP)
+	$(VENV)/bin/python bench/rounds_bench.py
 
 # The side by side with TRL's DPOTrainer (bench/trl_compare.py) runs in its own virtualenv, so that
 # .venv holds the lock and nothing else: .venv-bench is the lock plus requirements/bench-trl.txt (TRL

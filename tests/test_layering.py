@@ -1,7 +1,8 @@
 """The layers, checked on the import graph (read with `ast`, nothing is imported or executed).
 
     flows/cli/ (the `dpo` command) -> flows/ (Prefect flows and plans) -> stages -> library
-    stages:  pipeline/prepare/, pipeline/score/, pipeline/audit/, pipeline/train/ (pipeline.STAGES)
+    stages:  pipeline/prepare/, pipeline/score/, pipeline/audit/, pipeline/train/ (pipeline.STAGES),
+             pipeline/generate/, pipeline/judge/ (pipeline.ROUND_STAGES: iterative DPO's)
     library: every other package and module of pipeline/ (config/, models/, logprobs/, storage/,
              reports/, store.py, data.py, errors.py, progress.py)
 
@@ -233,8 +234,10 @@ def stages() -> set[str]:
 
 def test_the_graph_sees_the_modules_and_their_imports(graph, stages):
     """The builder itself, on edges known to exist: absolute, `from package import module`, and
-    imports written inside functions; the stages are the folders named by pipeline.STAGES."""
-    assert stages == {"pipeline.prepare", "pipeline.score", "pipeline.audit", "pipeline.train"}
+    imports written inside functions; the stages are the folders named by pipeline.STAGES and
+    pipeline.ROUND_STAGES."""
+    assert stages == {"pipeline.prepare", "pipeline.score", "pipeline.audit", "pipeline.train",
+                      "pipeline.generate", "pipeline.judge"}
     assert stages | {"pipeline", "pipeline.storage.locate", "pipeline.logprobs.backends",
                      "pipeline.logprobs.backends.vllm", "flows.cli.main", "flows.dpo_flow"} <= set(graph)
     assert "pipeline.storage.locate" in graph["pipeline.score.stage"]  # from pipeline.storage import locate

@@ -191,6 +191,16 @@ class ServedFlow:
 def _served_flow(args, cfg) -> ServedFlow:
     """The flow `dpo serve` schedules: the pipeline, or with --sweep the config's sweep (its
     points checked now, not at 3 in the morning)."""
+    if args.rounds:
+        if args.sweep or args.grid:
+            raise ConfigError("--rounds schedules iterative DPO, --sweep a sweep", hint="choose one")
+        from flows.cli.rounds_commands import rounds_name
+        from flows.rounds_flow import dpo_rounds
+        from flows.rounds_plan import plan_rounds
+
+        rounds = plan_rounds(cfg, rounds_name(cfg, args.config))
+        return ServedFlow(dpo_rounds, "flows.rounds_flow.dpo_rounds", args.name or "dpo-rounds",
+                          {"config": cfg.to_dict(), "name": rounds.name})
     if not args.sweep:
         if args.grid:
             raise ConfigError("--grid schedules a sweep", hint="add --sweep")
@@ -259,6 +269,10 @@ def cmd_status(args) -> Path:
             print(f"         {run_progress(cfg, directory)}")
     if cfg.sweep is not None or args.grid:
         print_sweep_status(cfg, args.grid, Path(args.config).stem)
+    if cfg.rounds is not None:
+        from flows.cli.rounds_commands import print_rounds_status, rounds_name
+
+        print_rounds_status(cfg, rounds_name(cfg, args.config))
     return Path(cfg.storage)
 
 
@@ -379,6 +393,10 @@ def cmd_demo(args) -> Path:
             "train": DEMO_TRAIN,
         }
     )
+    if args.rounds is not None:
+        from flows.cli.rounds_commands import demo_rounds
+
+        return demo_rounds(cfg.to_dict(), args.rounds, args.no_progress)
     from flows.dpo_flow import dpo_pipeline
 
     _flow_progress(args.no_progress)
@@ -390,8 +408,28 @@ def cmd_demo(args) -> Path:
     return run_dir
 
 
+@starts_prefect
+def cmd_rounds(args) -> Path:
+    from flows.cli.rounds_commands import cmd_rounds as rounds
+
+    return rounds(args)
+
+
+def cmd_generate(args) -> Path:
+    from flows.cli.rounds_commands import cmd_generate as generate
+
+    return generate(args)
+
+
+def cmd_judge(args) -> Path:
+    from flows.cli.rounds_commands import cmd_judge as judge
+
+    return judge(args)
+
+
 COMMANDS = {"prepare": cmd_prepare, "score": cmd_score, "train": cmd_train, "run": cmd_run, "sweep": cmd_sweep,
-            "serve": cmd_serve, "status": cmd_status, "audit": cmd_audit, "demo": cmd_demo}
+            "serve": cmd_serve, "status": cmd_status, "audit": cmd_audit, "demo": cmd_demo,
+            "generate": cmd_generate, "judge": cmd_judge, "rounds": cmd_rounds}
 
 
 LAUNCHED = "DPO_LAUNCHED"

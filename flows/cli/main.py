@@ -12,7 +12,7 @@ import sys
 
 from flows.cli.parser import build_parser
 
-EXIT_AT_ONCE = ("prepare", "score", "train")
+EXIT_AT_ONCE = ("prepare", "score", "train", "generate", "judge")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,10 @@
     dpo score -c run.yaml [--set score.backend=transformers ...]
     dpo train -c run.yaml [--resume] [--set train.max_steps=100 ...] [--nproc-per-node 4]
     dpo sweep -c run.yaml --grid train.beta=0.05,0.1 [--grid train.loss_type=sigmoid,ipo]
-    dpo demo [--storage DIR]
+    dpo generate -c run.yaml         # K completions per prompt from a policy (generate: section)
+    dpo judge -c run.yaml            # a reward per completion, then preference pairs (judge:, pairs:)
+    dpo rounds -c run.yaml           # iterative DPO (rounds: section), as the Prefect flow dpo-rounds
+    dpo demo [--storage DIR] [--rounds N]
 
 Progress and summaries go to stderr; the last line of stdout is the stage's output directory,
 so scripts can do `out=$(dpo prepare -c run.yaml | tail -n 1)`.
@@ -46,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc-per-node", type=int, metavar="N",
                    help="train on N processes of this machine, one per GPU, under torchrun (DDP or FSDP2: "
                         "train.distributed); sets train.nproc_per_node")
+    g = sub.add_parser("generate", help="sample completions of prompts from a policy (the generate: section)")
+    _add_config_args(g)
+    j = sub.add_parser("judge", help="a reward per completion (judge:), then preference pairs (pairs:)")
+    _add_config_args(j)
+    j.add_argument("--generations", metavar="DIR",
+                   help="the generations folder to judge (default: the one `dpo generate` makes for this config)")
+    j.add_argument("--no-pairs", action="store_true", help="rewards only, no pairs")
+    ro = sub.add_parser("rounds", help="iterative DPO: generate -> judge -> prepare -> score -> audit -> train, "
+                                       "rounds.iterations times, as a Prefect flow; up-to-date stages skipped")
+    _add_config_args(ro)
     r = sub.add_parser("run", help="the whole pipeline as a Prefect flow; up-to-date stages skipped")
     _add_config_args(r)
     r.add_argument("--only", choices=STAGES, action="append", help="run only this stage (repeatable)")
@@ -65,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_audit(sub)
     d = sub.add_parser("demo", help="run the pipeline on the built-in demo (offline, CPU)")
     d.add_argument("--storage", default="storage", help="artifact root (default: ./storage)")
+    d.add_argument("--rounds", type=int, metavar="N",
+                   help="iterative DPO on the demo: N rounds, the demo's rule as the judge")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -75,9 +90,11 @@ def _add_serve(sub) -> None:
     sv = sub.add_parser("serve", help="serve the pipeline as a scheduled Prefect deployment")
     _add_config_args(sv)
     sv.add_argument("--cron", required=True, help='schedule, e.g. "0 3 * * *" (03:00 every day)')
-    sv.add_argument("--name", help="deployment name (default: dpo-pipeline, dpo-sweep with --sweep)")
+    sv.add_argument("--name", help="deployment name (default: dpo-pipeline, dpo-sweep with --sweep, dpo-rounds with --rounds)")
     sv.add_argument("--sweep", action="store_true",
                     help="schedule the config's sweep (its sweep: section and --grid), not one run")
+    sv.add_argument("--rounds", action="store_true",
+                    help="schedule the config's iterative DPO (its rounds: section, the dpo-rounds flow)")
     sv.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                     help="--sweep: a key and the values to try, as in dpo sweep (repeatable)")
     sv.add_argument("--work-pool", metavar="POOL",

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 from pipeline.errors import AssetError
@@ -65,6 +66,31 @@ def demo_preferences(n: int = DEMO_ROWS, seed: int = 0) -> list[dict]:
             }
         )
     return rows
+
+
+def demo_reward(prompt, completion: str) -> float:
+    """The demo's rule as a judge function (`dpo demo --rounds`, judge.function
+    pipeline.models.assets:demo_reward): +1 for each kind word, -1 for each unkind one, +1 for
+    each time the asked colour is named and -1 for each other colour named. ``prompt`` is the
+    demo's chat prompt (a list of messages) or its text."""
+    ask = prompt[-1]["content"] if isinstance(prompt, list) else str(prompt)
+    colour = next((w for w in _words(ask) if w in _COLORS), None)
+    reward = 0
+    for word in _words(completion):
+        reward += (word in _KIND) - (word in _UNKIND)
+        if word in _COLORS:
+            reward += 1 if word == colour else -1
+    return float(reward)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+# Iterative DPO on the demo (`dpo demo --rounds N`): the rule above judges 4 samples per prompt.
+DEMO_ROUNDS = {"prompts_per_round": 64, "eval_prompts": 32, "eval_temperature": 0.0, "name": "demo"}
+DEMO_GENERATE = {"num_samples": 4, "temperature": 1.0, "max_new_tokens": 16, "batch_size": 64, "shard_prompts": 16}
+DEMO_ROUND_TRAIN = {**DEMO_TRAIN, "max_steps": 40, "eval_steps": 20, "save_steps": 20}
 
 
 def _train_demo_tokenizer(corpus: list[str]):

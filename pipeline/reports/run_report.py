@@ -3,7 +3,8 @@
     write_run_report(run_dir, records, config)   # at every eval and at the end (train/metrics_log.py, final.py)
 
 Loss, reward accuracy, reward margin and the chosen / rejected rewards over the steps, train
-(each logged record) and eval (each eval) on the same axes; the step-0 check; the run's config.
+(each logged record) and eval (each eval) on the same axes; the step-0 check; the win rate against
+the starting policy when `dpo rounds` wrote one (winrate.json); the run's config.
 The plots are PNGs embedded in the page (one self-contained file, no server, no JavaScript).
 Written atomically, so a browser reloading it during a long run never sees half a page.
 """
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.store import atomic_write_text
+from pipeline.store import atomic_write_text, read_json
 
 REPORT = "report.html"
+WIN_RATE = "winrate.json"
+"""Written into a run's folder by `dpo rounds` after its win-rate evaluation (shown by the report)."""
 PANELS = (
     ("Loss", "loss"),
     ("Reward accuracy", "rewards/accuracies"),
@@ -92,6 +95,18 @@ def write_run_report(run_dir: str | Path, records: list[dict], config: dict, fin
             parts.append("<tr>" + "".join(f"<td>{r[c]:.4g}</td>" if c != "step" else f"<td>{r[c]}</td>"
                                           for c in columns) + "</tr>")
         parts.append("</table>")
+    win = read_json(run_dir / WIN_RATE)
+    if win:
+        parts.append(
+            f"<h2>Win rate against the starting policy</h2><p>Round {win['round']} of iterative DPO "
+            f"{esc(str(win['rounds']))}: on {win['prompts_compared']} held-out prompts, judged by "
+            f"{esc(win['judge'])}.</p><table><tr><th>policy</th><th>mean reward</th><th>win rate</th>"
+            "<th>wins</th><th>ties</th><th>losses</th><th>mean length</th></tr>"
+            f"<tr><td>starting policy</td><td>{win['base_mean_reward']:.4g}</td><td>0.5</td><td>-</td><td>-</td>"
+            f"<td>-</td><td>{win['base_mean_length']:.4g}</td></tr>"
+            f"<tr><td>this run</td><td>{win['mean_reward']:.4g}</td><td>{win['win_rate']:.4g}</td>"
+            f"<td>{win['wins']}</td><td>{win['ties']}</td><td>{win['losses']}</td>"
+            f"<td>{win['mean_length']:.4g}</td></tr></table>")
     if step0:
         parts.append(f"<h2>Step-0 check</h2><p>The policy reproduced the cached reference log-probs within "
                      f"{step0['step0/max_mean_token_diff']:.3g} nats per token ({step0['step0/max_seq_diff']:.3g} per "

@@ -195,3 +195,35 @@ def run_dir_for(cfg: Config, dataset_fp: str, cache_dir: Path | None) -> RunFold
     identity = run_identity(cfg, dataset_fp, cache_fp, model_fingerprint(policy_init(cfg)))
     run_fp = fingerprint(identity)
     return RunFolder(run_dir(cfg.storage, cfg.train.run_name or f"dpo-{run_fp[:12]}"), run_fp, identity)
+
+
+# --- generate: the prompts and the sampled completions -------------------------------------------
+
+
+def prompts_dir_for(cfg: Config) -> Path:
+    """Where the generate stage puts (or put) the prompts table for ``cfg``; nothing is written
+    (a Hub prompts source is resolved, as data.path is)."""
+    from pipeline.storage.paths import prompts_dir, prompts_identity
+
+    return prompts_dir(cfg.storage, fingerprint(prompts_identity(cfg)))
+
+
+def generate_backend(requested: str) -> str:
+    """generate.backend resolved: auto is vllm when it imports and a CUDA GPU is present, else
+    transformers (whether vLLM really imports is the stage's check)."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    from pipeline.logprobs.backends import vllm_available
+
+    return "vllm" if vllm_available() and torch.cuda.is_available() else "transformers"
+
+
+def generations_dir_for(cfg: Config, prompts_fp: str) -> Path:
+    """Where the generate stage puts (or put) the completions sampled for ``cfg`` from the
+    prompts table ``prompts_fp``; nothing is written."""
+    from pipeline.storage.paths import generations_dir, generations_identity
+
+    backend = generate_backend(cfg.generate.backend)
+    return generations_dir(cfg.storage, fingerprint(generations_identity(cfg, prompts_fp, backend)))

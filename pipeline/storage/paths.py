@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.config.schema import Config, ModelConfig, world_size
+from pipeline.config.schema import Config, ModelConfig, is_hub_id, world_size
 from pipeline.data import input_sha256, resolve_input
 from pipeline.errors import ConfigError
 from pipeline.models import precision
@@ -148,6 +148,72 @@ def refscores_identity(cfg: Config, dataset_fp: str, backend: str) -> dict:
     }
 
 
+# --- generate (iterative DPO rounds): the prompts read once, then completions sampled ------------
+
+PROMPTS_SCHEMA_VERSION = 1
+GENERATIONS_SCHEMA_VERSION = 1
+PROMPTS = "prompts.parquet"  # in <storage>/prompts/<fp>/, beside REJECTS
+
+
+def prompts_source(cfg: Config):
+    """generate.prompts (else data.path) as a data section: a Hub id is read with data.name,
+    data_dir, split and revision, a local source without them."""
+    path = cfg.generate.prompts or cfg.data.path
+    if is_hub_id(path):
+        return dataclasses.replace(cfg.data, path=path)
+    return dataclasses.replace(cfg.data, path=path, name=None, data_dir=None, revision=None)
+
+
+def prompts_identity(cfg: Config, source_sha256: str | None = None) -> dict:
+    """What determines the prompts table: the source's content, the column, the tokenizer (its
+    files: model.path's, the project's tokenizer) and the prompt length limit
+    (tokenize.max_prompt_length, else tokenize.max_length - 1: room for one token)."""
+    t = cfg.tokenize
+    limit = t.max_prompt_length if t.max_prompt_length is not None else t.max_length - 1
+    return {
+        "kind": "prompts",
+        "schema_version": PROMPTS_SCHEMA_VERSION,
+        "source_sha256": source_sha256 or input_sha256(resolve_input(prompts_source(cfg), cfg.storage)),
+        "prompt_column": cfg.generate.prompt_column,
+        "tokenizer_files": tokenizer_files(cfg.model),
+        **({"text_prompts": "user_turn"} if cfg.generate.text_prompts == "user_turn" else {}),
+        "max_prompt_tokens": limit,
+    }
+
+
+def generation_model(cfg: Config) -> ModelConfig:
+    """The model generate samples from: generate.model, else model.path (with model.revision), in
+    generate.dtype, else model.dtype."""
+    return ModelConfig(path=cfg.generate.model or cfg.model.path,
+                       revision=None if cfg.generate.model else cfg.model.revision,
+                       dtype=cfg.generate.dtype or cfg.model.dtype,
+                       trust_remote_code=cfg.model.trust_remote_code,
+                       attn_implementation=cfg.model.attn_implementation)
+
+
+def generations_identity(cfg: Config, prompts_fp: str, backend: str) -> dict:
+    """What determines the sampled completions: the prompts and their slice, the model's content,
+    dtype, backend and the sampling settings. Batch size and device change speed only."""
+    g = cfg.generate
+    model = generation_model(cfg)
+    return {
+        "kind": "generations",
+        "schema_version": GENERATIONS_SCHEMA_VERSION,
+        "prompts": prompts_fp,
+        "first_prompt": g.first_prompt,
+        "num_prompts": g.num_prompts,
+        "model": model_fingerprint(model),
+        "dtype": model.dtype,
+        "backend": backend,
+        "num_samples": g.num_samples,
+        "temperature": g.temperature,
+        "top_p": g.top_p,
+        "max_new_tokens": g.max_new_tokens,
+        "seed": g.seed,
+        "shard_prompts": g.shard_prompts,
+    }
+
+
 # train keys that change no weight: where to write, how often to report, what to check.
 RUN_KEYS_NOT_IN_IDENTITY = ("run_name", "ref_cache", "logging_steps", "eval_steps", "save_steps",
                             "save_total_limit", "per_device_eval_batch_size", "step0_check", "step0_tolerance",
@@ -168,7 +234,9 @@ def policy_init(cfg: Config) -> ModelConfig:
 
     A run is scored against the model it starts from, and the reference cache is scored by
     model.path: so train.init_from must hold model.path's weights (same content fingerprint),
-    else this refuses and says to make the starting model model.path. An adapter folder is
+    else this refuses and says to make the starting model model.path. With train.step0_check
+    off, other weights are taken: a policy that has moved from the reference on purpose (a round
+    of iterative DPO starts from the previous round's final/ against the fixed initial reference). An adapter folder is
     refused too (`dpo score` scores full models): merge it first."""
     init = cfg.train.init_from
     if init and Path(init) != Path(cfg.model.path):
@@ -183,10 +251,12 @@ def policy_init(cfg: Config) -> ModelConfig:
             )
         reference = ModelConfig(path=cfg.model.path, revision=cfg.model.revision,
                                 trust_remote_code=cfg.model.trust_remote_code)
-        if model_fingerprint(ModelConfig(path=init)) != model_fingerprint(reference):
+        moved = cfg.train.step0_check == "off"  # a policy that moved from the reference on purpose (rounds)
+        if not moved and model_fingerprint(ModelConfig(path=init)) != model_fingerprint(reference):
             raise ConfigError(
                 f"train.init_from {init} holds other weights than model.path {cfg.model.path}, whose "
-                f"log-probs the reference cache holds: to start from {init}, {fix}"
+                f"log-probs the reference cache holds: to start from {init}, {fix} (or, for a policy that moved "
+                "from this reference on purpose, as in iterative DPO, set train.step0_check=off)"
             )
     return ModelConfig(path=cfg.train.init_from or cfg.model.path,
                        revision=None if cfg.train.init_from else cfg.model.revision,
@@ -235,3 +305,78 @@ def library_versions() -> dict:
         except PackageNotFoundError:
             pass
     return versions
+
+
+# --- judgements (dpo judge) --------------------------------------------------------------------------
+
+JUDGEMENTS_SCHEMA_VERSION = 1
+REWARDS = "rewards.parquet"  # a judgements folder's files: a reward per completion,
+PAIRS = "pairs.jsonl"  # the preference pairs (`dpo prepare` reads them),
+DROPPED = "dropped.parquet"  # and the prompts that gave none, with the reason
+
+
+def importable_cwd() -> None:
+    """Put the current folder first on the Python path, as ``python -m`` does, so that
+    judge.function's module is found there (the `dpo` command starts with its own folder)."""
+    import os
+
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def function_source_sha256(spec: str) -> str | None:
+    """sha256 of the file of judge.function's module (None for a module without a file). Only
+    that file: helpers it imports from other files are not hashed, so a change there reuses the
+    old judgements (delete the folder, or touch the module)."""
+    import importlib.util
+
+    from pipeline.errors import JudgeError
+    from pipeline.store import sha256_file
+
+    module = spec.split(":")[0]
+    origin = getattr(sys.modules.get(module), "__file__", None)
+    if origin is None:
+        importable_cwd()
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise JudgeError(f"judge.function {spec}: no module named {module}",
+                             hint="put it in the current folder or on PYTHONPATH")
+        origin = found.origin
+    return sha256_file(origin, use_cache=False) if origin and Path(origin).is_file() else None
+
+
+def judge_identity(cfg: Config) -> dict:
+    """What determines the rewards: judge.function by name and its module file's sha256; a
+    reward model by its content (config, safetensors weights), its tokenizer files (the chat
+    template renders each completion), dtype and max_length. Batch size and device change
+    low-order bits only: recorded in the manifest, not part of the identity."""
+    from pipeline.config.schema import is_hub_id
+    from pipeline.errors import JudgeError
+
+    judge = cfg.judge
+    if judge is None:
+        raise JudgeError("no judge configured", hint="set judge.function (module:function) or judge.reward_model")
+    if judge.function is not None:
+        return {"kind": "function", "function": judge.function,
+                "source_sha256": function_source_sha256(judge.function)}
+    if not Path(judge.reward_model).is_dir() and not is_hub_id(judge.reward_model):
+        raise JudgeError(f"judge.reward_model {judge.reward_model} is neither a folder nor a Hub id (org/name)",
+                         hint="point it at a sequence-classification model folder (safetensors) or Hub id")
+    model = ModelConfig(path=judge.reward_model, revision=judge.revision)
+    return {"kind": "reward_model", "model": model_fingerprint(model), "tokenizer_files": tokenizer_files(model),
+            "dtype": judge.dtype, "max_length": judge.max_length}
+
+
+def judgements_identity(cfg: Config, generations_fp: str, make_pairs: bool) -> dict:
+    """Everything that determines a judgements folder: the generations judged, the judge, and
+    the pair rules when pairs are made (the seed only for best_random, the one rule drawing)."""
+    pairs = None
+    if make_pairs:
+        pairs = {"strategy": cfg.pairs.strategy, "min_margin": cfg.pairs.min_margin}
+        if cfg.pairs.strategy == "best_random":
+            pairs["seed"] = cfg.pairs.seed
+    return {"kind": "judgements", "schema_version": JUDGEMENTS_SCHEMA_VERSION, "generations": generations_fp,
+            "judge": judge_identity(cfg), "pairs": pairs}

@@ -146,3 +146,56 @@ def is_verified(check, directory: str | Path | None, **options) -> bool:
     except CacheError:
         return False
     return True
+
+
+# --- generate: the prompts table and the sampled completions --------------------------------------
+
+
+def verified_prompts(directory: str | Path) -> dict:
+    """The manifest of a complete prompts table whose files all match it, or CacheError."""
+    from pipeline.storage.paths import PROMPTS
+
+    directory = Path(directory)
+    fix = f"delete {directory} and run `dpo generate -c CONFIG` again"
+    manifest = _manifest(directory, "prompts", fix)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or PROMPTS not in files:
+        raise CacheError(f"{directory / MANIFEST} lists no {PROMPTS}", hint=fix)
+    for name, entry in files.items():
+        _check_file(directory / name, entry.get("sha256") if isinstance(entry, dict) else None, fix)
+    return manifest
+
+
+def verified_generations(directory: str | Path) -> dict:
+    """The manifest of complete generations whose shards all match it, or CacheError."""
+    directory = Path(directory)
+    fix = "run `dpo generate -c CONFIG` (it samples the missing shards; delete damaged ones first)"
+    manifest = _manifest(directory, "generations", fix)
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("file"), str) and ShardPlan.index_of(s["file"]) is not None
+        and isinstance(s.get("rows"), int) for s in shards
+    ):
+        raise CacheError(f"{directory / MANIFEST}: the shard list is malformed", hint=fix)
+    if sum(s["rows"] for s in shards) != manifest.get("rows"):
+        raise CacheError(f"{directory / MANIFEST}: the shards' rows do not add up to its rows", hint=fix)
+    for shard in shards:
+        path = directory / shard["file"]
+        _check_file(path, shard.get("sha256"), f"delete {path} if it exists, then {fix}")
+    return manifest
+
+
+def verified_judgements(directory: str | Path) -> dict:
+    """The manifest of a complete judgements folder whose files (rewards.parquet, and
+    pairs.jsonl and dropped.parquet when pairs were made) all match it, or CacheError."""
+    from pipeline.storage.paths import REWARDS
+
+    directory = Path(directory)
+    fix = f"delete {directory} and run `dpo judge -c CONFIG` again"
+    manifest = _manifest(directory, "judgements", fix)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or REWARDS not in files:
+        raise CacheError(f"{directory / MANIFEST} lists no {REWARDS}: {fix}")
+    for name, entry in files.items():
+        _check_file(directory / name, entry.get("sha256") if isinstance(entry, dict) else None, fix)
+    return manifest

@@ -1,0 +1,161 @@
+"""The `dpo` commands of iterative DPO: generate, judge, rounds, and the rounds part of status and demo.
+
+    dpo generate -c run.yaml        # completions of the generate: section's prompts
+    dpo judge -c run.yaml           # their rewards and pairs (judge:, pairs:)
+    dpo rounds -c run.yaml          # the dpo-rounds flow (rounds:)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipeline.config.load import config_from_dict, load_config
+from pipeline.config.schema import Config
+from pipeline.errors import ConfigError
+from pipeline.generate.stage import GenerateResult, generate
+from pipeline.judge.pairs import DROP_REASONS
+from pipeline.judge.stage import PAIRS_FILE, JudgeResult, judge
+from pipeline.storage import locate, paths, trust
+from pipeline.store import fingerprint, read_json
+
+from flows.rounds_plan import ROUND_JSON, plan_rounds
+
+
+def summarize_generate(result: GenerateResult) -> str:
+    m, st = result.manifest, result.stats
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(m.get("finish_reasons", {}).items()))
+    lines = [f"generate: {'up to date' if result.skipped else 'done'}: {result.output_dir}",
+             f"  {m['prompts']} prompts x {m['samples_per_prompt']} samples = {m['rows']} completions, "
+             f"{m['tokens']} tokens (finish: {reasons}); backend {m['identity']['backend']}"]
+    if not result.skipped and st.get("tokens"):
+        lines.append(f"  this run generated {st['tokens']} tokens in {st['seconds']:.1f} s, "
+                     f"{st['tokens_per_s']:,.0f} tok/s on {st.get('device')}")
+    return "\n".join(lines)
+
+
+def summarize_judge(result: JudgeResult) -> str:
+    m = result.manifest
+    c, r = m["counts"], m["rewards"]
+    lines = [f"judge: {'up to date' if result.skipped else 'done'}: {result.output_dir}",
+             f"  {c['completions']} completions of {c['prompts']} prompts: reward mean {r['mean']:.4g}, "
+             f"std {r['std']:.4g}, min {r['min']:.4g}, max {r['max']:.4g}"]
+    if PAIRS_FILE in m.get("files", {}) or c.get("pairs"):
+        lines.append(f"  pairs: {c['pairs']} kept, {c['dropped']} prompts dropped")
+        for reason, n in c["dropped_by_reason"].items():
+            lines.append(f"    {n:>7}  {reason}: {DROP_REASONS.get(reason, '')}")
+        lines.append(f"  pairs file (preference data for dpo prepare): {result.output_dir / PAIRS_FILE}")
+    return "\n".join(lines)
+
+
+def cmd_generate(args) -> Path:
+    cfg = load_config(args.config, args.overrides)
+    result = generate(cfg, show_progress=not args.no_progress)
+    print(summarize_generate(result), file=sys.stderr)
+    return result.output_dir
+
+
+def generations_for(cfg: Config) -> Path:
+    """The generations `dpo generate` makes for ``cfg``, verified; else what to run."""
+    prompts = locate.prompts_dir_for(cfg)
+    directory = locate.generations_dir_for(cfg, prompts.name)
+    if not trust.is_verified(trust.verified_generations, directory):
+        raise ConfigError(f"no complete generations for this config ({directory})",
+                          hint="run `dpo generate -c CONFIG` first, or name a folder with --generations")
+    return directory
+
+
+def cmd_judge(args) -> Path:
+    cfg = load_config(args.config, args.overrides)
+    if cfg.judge is None:
+        raise ConfigError("dpo judge needs a judge: section", hint="set judge.function (module:function) or "
+                          "judge.reward_model, e.g. --set judge.function=mypkg.rules:reward")
+    directory = Path(args.generations) if args.generations else generations_for(cfg)
+    result = judge(cfg, directory, make_pairs=not args.no_pairs, show_progress=not args.no_progress)
+    print(summarize_judge(result), file=sys.stderr)
+    return result.output_dir
+
+
+def print_rounds(result: dict) -> None:
+    """Mean reward and win rate per round (round 0: the starting policy), on stderr."""
+    print(f"rounds {result['name']}: held-out mean reward and win rate against round 0", file=sys.stderr)
+    for record in result["rounds"]:
+        pairs = f", {record['pairs']} pairs trained" if record["round"] else " (the starting policy)"
+        print(f"  round {record['round']}: mean reward {record['mean_reward']:.3f}, win rate "
+              f"{record['win_rate']:.3f}, mean length {record['mean_length']:.1f} tokens{pairs}", file=sys.stderr)
+    print(f"  report: {result['report']}", file=sys.stderr)
+
+
+def run_rounds(cfg: Config, name: str, no_progress: bool) -> Path:
+    from flows.cli.commands import _flow_progress
+
+    plan_rounds(cfg, name)  # refused here, before Prefect is imported
+    _flow_progress(no_progress)
+    from flows.rounds_flow import dpo_rounds
+
+    result = dpo_rounds(config=cfg.to_dict(), name=name)
+    print_rounds(result)
+    return Path(result["report"])
+
+
+def cmd_rounds(args) -> Path:
+    cfg = load_config(args.config, args.overrides)
+    return run_rounds(cfg, rounds_name(cfg, args.config), args.no_progress)
+
+
+def rounds_name(cfg: Config, config_path: str) -> str:
+    return (cfg.rounds.name if cfg.rounds and cfg.rounds.name else None) or Path(config_path).stem
+
+
+def demo_rounds(base: dict, iterations: int, no_progress: bool) -> Path:
+    """`dpo demo --rounds N`: iterative DPO on the demo, the demo's rule as the judge."""
+    from pipeline.models.assets import DEMO_GENERATE, DEMO_ROUND_TRAIN, DEMO_ROUNDS
+
+    if iterations < 1:
+        raise ConfigError(f"--rounds {iterations}: run at least one round", hint="e.g. dpo demo --rounds 2")
+    cfg = config_from_dict({**base, "train": DEMO_ROUND_TRAIN, "generate": DEMO_GENERATE,
+                            "judge": {"function": "pipeline.models.assets:demo_reward"},
+                            "rounds": {**DEMO_ROUNDS, "iterations": iterations}})
+    return run_rounds(cfg, cfg.rounds.name, no_progress)
+
+
+def print_rounds_status(cfg: Config, default_name: str) -> None:
+    """Each round of the config's rounds: finished (its win rate) or where it stopped."""
+    rounds = plan_rounds(cfg, default_name)
+    print(f"rounds {rounds.name}: {rounds.iterations} rounds; report: {rounds.directory / 'report.html'}")
+    prompts = locate.prompts_dir_for(cfg)
+    for r in range(rounds.iterations + 1):
+        record = read_json(rounds.directory / ROUND_JSON.format(r=r))
+        if record is not None:
+            extra = f", {record['pairs']} pairs" if r else " (the starting policy)"
+            print(f"  round {r}: finished: mean reward {record['mean_reward']:.4g}, win rate "
+                  f"{record['win_rate']:.3f}{extra}")
+            continue
+        print(f"  round {r}: {_round_state(rounds, r, prompts)}")
+
+
+def _complete(check, directory: Path) -> bool:
+    return trust.is_verified(check, directory)
+
+
+def _round_state(rounds, r: int, prompts: Path) -> str:
+    """Where round r stopped: the first of its stages whose output is not complete."""
+    policy = rounds.policy(r - 1) if r else rounds.policy(0)
+    if r and trust.verified_run(Path(policy).parent) is None:
+        return f"not started (round {r - 1} has not finished)"
+    steps = []
+    if r:
+        steps.append(("generate", rounds.sample_config(r, policy), True))
+    if not r or trust.verified_run(rounds.run_dir(r)) is not None:
+        steps.append(("eval generate", rounds.eval_config(rounds.policy(r)), False))
+    for label, step_cfg, pairs in steps:
+        generations = locate.generations_dir_for(step_cfg, prompts.name)
+        if not _complete(trust.verified_generations, generations):
+            return f"stopped in {label} ({generations})"
+        judged = paths.judgements_dir(step_cfg.storage, fingerprint(paths.judgements_identity(
+            step_cfg, generations.name, pairs)))
+        if not _complete(trust.verified_judgements, judged):
+            return f"stopped in {label.replace('generate', 'judge')} ({judged})"
+    if r and trust.verified_run(rounds.run_dir(r)) is None:
+        return f"stopped in prepare -> score -> audit -> train ({rounds.run_dir(r)}; dpo rounds resumes it)"
+    return "stopped after its evaluation (dpo rounds writes its record)"

@@ -1,0 +1,116 @@
+"""generate: shards and manifest, the slice, a rerun skipped, a killed run resumed to the same
+bytes, batch_size out of the identity, a slice past the end refused before anything is written."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import CacheError, GenerateError
+from pipeline.generate.stage import generate, generation_table, prompts_table, read_prompts
+from pipeline.storage import locate, trust
+from pipeline.store import MANIFEST, read_manifest
+
+GENERATE = {"first_prompt": 2, "num_prompts": 5, "num_samples": 2, "max_new_tokens": 6, "shard_prompts": 2,
+            "temperature": 1.0, "top_p": 0.95, "batch_size": 4}
+
+
+@pytest.fixture
+def gen_config(demo_assets, make_config):
+    def make(**generate_options):
+        return make_config(demo_assets["data"], tokenize={"max_length": 128, "max_prompt_length": 64},
+                           generate={**GENERATE, **generate_options})
+
+    return make
+
+
+def _hashes(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def test_shards_manifest_and_the_slice(gen_config, demo_tokenizer):
+    cfg = gen_config()
+    result = generate(cfg, show_progress=False)
+    assert not result.skipped and result.stats["sequences"] == 10 and result.stats["backend"] == "transformers"
+    assert sorted(p.name for p in result.output_dir.iterdir()) == [MANIFEST, "part-00000.parquet",
+                                                                   "part-00001.parquet", "part-00002.parquet"]
+    manifest = result.manifest
+    assert manifest == trust.verified_generations(result.output_dir) == read_manifest(result.output_dir)
+    assert manifest["kind"] == "generations" and manifest["complete"] is True
+    assert (manifest["rows"], manifest["prompts"], manifest["samples_per_prompt"]) == (10, 5, 2)
+    assert [s["rows"] for s in manifest["shards"]] == [4, 4, 2]
+    prompts_dir = read_prompts(cfg, show_progress=False).output_dir
+    assert manifest["prompts_dir"] == prompts_dir.name
+    assert result.output_dir == locate.generations_dir_for(cfg, prompts_dir.name)
+    assert prompts_dir == locate.prompts_dir_for(cfg)
+    table = generation_table(result.output_dir)
+    positions = prompts_table(prompts_dir).column("prompt_id").to_pylist()[2:7]
+    assert table.column("prompt_id").to_pylist() == [p for p in positions for _ in range(2)]
+    assert table.column("sample").to_pylist() == [0, 1] * 5
+    rows = table.to_pylist()
+    assert all(r["num_tokens"] == len(r["token_ids"]) <= 6 and 2 not in r["token_ids"] for r in rows)
+    assert all(r["text"] == demo_tokenizer.decode(r["token_ids"], skip_special_tokens=True) for r in rows)
+    assert all(r["finish_reason"] == ("length" if r["num_tokens"] == 6 else "stop") for r in rows)
+    assert manifest["tokens"] == sum(r["num_tokens"] for r in rows) == result.stats["tokens"]
+    assert sum(manifest["finish_reasons"].values()) == 10
+    again = generate(cfg, show_progress=False)
+    assert again.skipped and again.manifest == manifest
+
+
+def test_a_killed_run_resumes_to_the_same_bytes(gen_config):
+    cfg = gen_config()
+    first = generate(cfg, show_progress=False)
+    out = first.output_dir
+    before = _hashes(out)
+    # Killed after writing shard 2 but before listing it: shard 1 never written, no final manifest.
+    (out / MANIFEST).unlink()
+    (out / "part-00001.parquet").unlink()
+    resumed = generate(cfg, show_progress=False)
+    assert not resumed.skipped and resumed.stats["shards_sampled"] == 1 and resumed.stats["shards_kept"] == 2
+    assert _hashes(out) == before
+    # A damaged shard is not trusted: found by the manifest's sha256, sampled again.
+    shard = out / "part-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:-9] + b"damaged!!")
+    with pytest.raises(CacheError):
+        trust.verified_generations(out)
+    repaired = generate(cfg, show_progress=False)
+    assert repaired.stats["shards_sampled"] == 1 and _hashes(out) == before
+
+
+def test_batch_size_changes_neither_the_folder_nor_the_bytes(gen_config, tmp_path):
+    first = generate(gen_config(), show_progress=False)
+    cfg = gen_config(batch_size=1)
+    cfg.storage = str(tmp_path / "other-storage")
+    other = generate(cfg, show_progress=False)
+    assert other.output_dir.name == first.output_dir.name
+    assert _hashes(other.output_dir) == _hashes(first.output_dir)
+
+
+def test_a_slice_past_the_end_is_refused_before_anything_is_written(gen_config, tmp_path):
+    cfg = gen_config(first_prompt=100_000)
+    with pytest.raises(GenerateError) as info:
+        generate(cfg, show_progress=False)
+    count = read_prompts(cfg, show_progress=False).manifest["count"]
+    assert f"the prompts table has {count} prompts" in str(info.value)
+    assert not (Path(cfg.storage) / "generations").exists()
+
+
+def test_a_slice_cut_at_the_end(gen_config):
+    cfg = gen_config(num_prompts=None, first_prompt=0, num_samples=1, max_new_tokens=2, shard_prompts=64,
+                     batch_size=64)
+    count = read_prompts(cfg, show_progress=False).manifest["count"]
+    cfg.generate.first_prompt, cfg.generate.num_prompts = count - 3, 10
+    result = generate(cfg, show_progress=False)
+    assert result.manifest["prompts"] == 3 and pq.read_metadata(result.output_dir / "part-00000.parquet").num_rows == 3
+
+
+def test_a_prompts_samples_do_not_depend_on_its_slice(gen_config, tmp_path):
+    whole = generation_table(generate(gen_config(), show_progress=False).output_dir).to_pylist()
+    cfg = gen_config(first_prompt=4, num_prompts=2, batch_size=3)
+    cfg.storage = str(tmp_path / "other-storage")
+    part = generation_table(generate(cfg, show_progress=False).output_dir).to_pylist()
+    by_key = {(r["prompt_id"], r["sample"]): r["token_ids"] for r in whole}
+    assert len(part) == 4 and all(by_key[(r["prompt_id"], r["sample"])] == r["token_ids"] for r in part)
