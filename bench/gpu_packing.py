@@ -56,7 +56,6 @@ def load(model_dir: Path, kernel: str, dtype):
 
 
 def score_run(model_dir: Path, kernel: str, dtype: str, layout: str, data, tokens_per_batch: int):
-    import torch
 
     from pipeline.config.load import config_from_dict
     from pipeline.logprobs.backends.transformers_backend import TransformersScorer

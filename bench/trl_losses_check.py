@@ -190,7 +190,7 @@ def compare_orpo(base: Case, n: int) -> tuple:
 def report(args: argparse.Namespace, beta: float, rows: list[tuple]) -> None:
     """The table, the worst differences, and exit "mismatch" past 1e-5."""
     print(f"TRL 1.16 vs ours: {args.pairs} pairs, float32, beta {beta}, seed {args.seed}")
-    print(f"| loss | f_divergence_type | label_smoothing | ours | TRL | max abs diff loss | max abs diff grad |")
+    print("| loss | f_divergence_type | label_smoothing | ours | TRL | max abs diff loss | max abs diff grad |")
     print("|---|---|---|---|---|---|---|")
     for label, f_div, ls, a, b, d, g in rows:
         print(f"| {label} | {f_div} | {ls:g} | {a:.6f} | {b:.6f} | {d:.2e} | {g:.2e} |")

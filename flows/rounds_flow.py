@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -173,7 +172,7 @@ def dpo_rounds(config: PipelineConfig, name: Optional[str] = None) -> dict:
         record.update(result)
         record_win_rate(rounds, record, base, result)
         records.append(record)
-        report = save_rounds(rounds, records)
+        save_rounds(rounds, records)
         logger.info("round %d: held-out mean reward %.4f, win rate %.3f against round 0 (%d pairs trained)",
                     r, result["mean_reward"], result["win_rate"], record["pairs"])
     create_table_artifact([{k: v for k, v in rec.items() if k in ("round", "mean_reward", "win_rate", "pairs",

@@ -155,6 +155,8 @@ def parse_only(example: Example) -> str | None:
         return "one GPU per scoring worker"
     if words and words[0] == "serve":
         return "a Prefect server (PREFECT_API_URL) and a long-running process"
+    if any(w.endswith("smollm2-iterative.yaml") for w in words):
+        return "a GPU: 3 rounds of 512 prompts x 8 samples of up to 512 tokens, and a 0.6B reward model"
     return None
 
 
@@ -165,7 +167,10 @@ def on_the_hub_example(example: Example) -> bool:
 PARSE_ONLY = {e.where: parse_only(e) for e in COMMANDS if parse_only(e)}
 
 RUN_ELSEWHERE = {"dpo demo [--storage DIR]": ("tests/flows/cli/test_main.py", "test_demo_runs_offline_end_to_end",
-                                              '[DPO, "demo", "--storage", str(tmp_path)')}
+                                              '[DPO, "demo", "--storage", str(tmp_path)'),
+                 "dpo demo --rounds 2 [--storage DIR]": (
+                     "tests/flows/test_rounds_flow.py", "test_demo_rounds_raise_the_reward_and_the_win_rate_and_a_rerun_skips",
+                     '[DPO, "demo", "--rounds", "2", "--storage", str(tmp_path / "storage")')}
 """Examples a slow test of another file runs already, as written: (file, test, what it runs)."""
 
 
@@ -216,7 +221,7 @@ def check_parses(argv: list[str], monkeypatch) -> None:
     """`dpo ARGV` through flows.cli's parser and flows.cli.commands.run, stopped right after the
     command loaded its configuration (nothing prepared, scored, trained, served or audited);
     a usage error or a refused configuration fails the test with the program's message."""
-    from flows.cli import audit_command, commands
+    from flows.cli import audit_command, commands, rounds_commands
     from flows.cli.main import build_parser
 
     real_load = commands.load_config
@@ -235,6 +240,7 @@ def check_parses(argv: list[str], monkeypatch) -> None:
 
     monkeypatch.setattr(commands, "load_config", load_then_stop)
     monkeypatch.setattr(audit_command, "load_config", load_then_stop)  # `dpo audit show -c` reads it there
+    monkeypatch.setattr(rounds_commands, "load_config", load_then_stop)  # dpo generate, judge, rounds
     monkeypatch.setattr(audit_command, "audit_diff", stop)
     monkeypatch.setattr(audit_command, "audit_report", audit_report)
     monkeypatch.setitem(commands.COMMANDS, "demo", stop)
@@ -350,6 +356,10 @@ def test_the_command_examples_run_on_the_demo_model(tmp_path, demo_assets):
         "tokenize": {"max_length": 128, "max_prompt_length": 64},
         "train": {"max_steps": 4, "per_device_train_batch_size": 2, "eval_steps": 0, "save_steps": 0,
                   "learning_rate": 1e-3},  # the docs' --set train.max_steps=200: 200 short steps
+        # dpo generate, judge and rounds (docs/rounds.md): small, the demo's rule as the judge
+        "generate": {"num_samples": 4, "max_new_tokens": 8, "num_prompts": 16},
+        "judge": {"function": "pipeline.models.assets:demo_reward"},
+        "rounds": {"iterations": 1, "prompts_per_round": 16, "eval_prompts": 8},
     }))
     env = _env(tmp_path)
     ran = []

@@ -393,11 +393,13 @@ def cmd_demo(args) -> Path:
             "train": DEMO_TRAIN,
         }
     )
+    from flows.dpo_flow import dpo_pipeline
+
     if args.rounds is not None:
         from flows.cli.rounds_commands import demo_rounds
+        from flows.rounds_flow import dpo_rounds
 
-        return demo_rounds(cfg.to_dict(), args.rounds, args.no_progress)
-    from flows.dpo_flow import dpo_pipeline
+        return demo_rounds((dpo_pipeline, dpo_rounds), cfg.to_dict(), args.rounds, args.no_progress)
 
     _flow_progress(args.no_progress)
     result = dpo_pipeline(config=cfg.to_dict())
@@ -410,9 +412,11 @@ def cmd_demo(args) -> Path:
 
 @starts_prefect
 def cmd_rounds(args) -> Path:
-    from flows.cli.rounds_commands import cmd_rounds as rounds
+    from flows.cli.rounds_commands import rounds_name, run_rounds
+    from flows.rounds_flow import dpo_rounds
 
-    return rounds(args)
+    cfg = load_config(args.config, args.overrides)
+    return run_rounds(dpo_rounds, cfg, rounds_name(cfg, args.config), args.no_progress)
 
 
 def cmd_generate(args) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline.config.load import config_from_dict, load_config
 from pipeline.config.schema import Config
 from pipeline.errors import ConfigError
-from pipeline.generate.stage import GenerateResult, generate
+from pipeline.generate.stage import GenerateResult, generate, read_prompts
 from pipeline.judge.pairs import DROP_REASONS
 from pipeline.judge.stage import PAIRS_FILE, JudgeResult, judge
 from pipeline.storage import locate, paths, trust
@@ -86,37 +86,47 @@ def print_rounds(result: dict) -> None:
     print(f"  report: {result['report']}", file=sys.stderr)
 
 
-def run_rounds(cfg: Config, name: str, no_progress: bool) -> Path:
+def run_rounds(dpo_rounds, cfg: Config, name: str, no_progress: bool) -> Path:
+    """Run ``dpo_rounds`` (the flow, imported by the command with Prefect's settings applied) on ``cfg``."""
     from flows.cli.commands import _flow_progress
 
-    plan_rounds(cfg, name)  # refused here, before Prefect is imported
+    plan_rounds(cfg, name)  # refused here, before the flow starts
     _flow_progress(no_progress)
-    from flows.rounds_flow import dpo_rounds
-
     result = dpo_rounds(config=cfg.to_dict(), name=name)
     print_rounds(result)
     return Path(result["report"])
-
-
-def cmd_rounds(args) -> Path:
-    cfg = load_config(args.config, args.overrides)
-    return run_rounds(cfg, rounds_name(cfg, args.config), args.no_progress)
 
 
 def rounds_name(cfg: Config, config_path: str) -> str:
     return (cfg.rounds.name if cfg.rounds and cfg.rounds.name else None) or Path(config_path).stem
 
 
-def demo_rounds(base: dict, iterations: int, no_progress: bool) -> Path:
-    """`dpo demo --rounds N`: iterative DPO on the demo, the demo's rule as the judge."""
-    from pipeline.models.assets import DEMO_GENERATE, DEMO_ROUND_TRAIN, DEMO_ROUNDS
+def demo_rounds(flows: tuple, base: dict, iterations: int, no_progress: bool) -> Path:
+    """`dpo demo --rounds N`: a short SFT run teaches the tiny model the demo's words (the
+    dpo-pipeline flow with loss_type sft: round 0's policy), then N rounds of iterative DPO from
+    it, the demo's rule as the judge. ``flows``: (dpo_pipeline, dpo_rounds)."""
+    from pipeline.models.assets import DEMO_GENERATE, DEMO_ROUND_TRAIN, DEMO_ROUNDS, DEMO_SFT_TRAIN, build_demo_sft_data
+
+    from flows.cli.commands import _flow_progress
 
     if iterations < 1:
         raise ConfigError(f"--rounds {iterations}: run at least one round", hint="e.g. dpo demo --rounds 2")
-    cfg = config_from_dict({**base, "train": DEMO_ROUND_TRAIN, "generate": DEMO_GENERATE,
-                            "judge": {"function": "pipeline.models.assets:demo_reward"},
-                            "rounds": {**DEMO_ROUNDS, "iterations": iterations}})
-    return run_rounds(cfg, cfg.rounds.name, no_progress)
+    dpo_pipeline, dpo_rounds = flows
+    sft_data = build_demo_sft_data(Path(base["data"]["path"]).parent)
+    sft = config_from_dict({**base, "data": {**base["data"], "path": str(sft_data)}, "train": DEMO_SFT_TRAIN})
+    _flow_progress(no_progress)
+    policy = Path(dpo_pipeline(config=sft.to_dict())["outputs"]["train"]) / "final"
+    print(f"round 0's policy: the demo model after {DEMO_SFT_TRAIN['max_steps']} SFT steps, {policy}", file=sys.stderr)
+    raw = {**base, "model": {**base["model"], "path": str(policy)}, "train": DEMO_ROUND_TRAIN,
+           "generate": DEMO_GENERATE, "judge": {"function": "pipeline.models.assets:demo_reward"},
+           "rounds": {**DEMO_ROUNDS, "iterations": iterations}}
+    available = read_prompts(config_from_dict(raw), show_progress=False).manifest["count"]
+    per_round = min(DEMO_ROUNDS["prompts_per_round"], (available - DEMO_ROUNDS["eval_prompts"]) // iterations)
+    if per_round < 8:
+        raise ConfigError(f"--rounds {iterations}: the demo's {available} prompts are too few for that many rounds",
+                          hint=f"run at most {(available - DEMO_ROUNDS['eval_prompts']) // 8} rounds")
+    cfg = config_from_dict({**raw, "rounds": {**raw["rounds"], "prompts_per_round": per_round}})
+    return run_rounds(dpo_rounds, cfg, cfg.rounds.name, no_progress)
 
 
 def print_rounds_status(cfg: Config, default_name: str) -> None:

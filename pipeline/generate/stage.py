@@ -35,7 +35,7 @@ from pipeline.data import check_input, hub_source, input_sha256, read_rows, reso
 from pipeline.errors import GenerateError
 from pipeline.generate.prompts import PromptReader, chunks_of, column_absent
 from pipeline.generate.sampler import Completion, Sampling, TransformersSampler, sequence_seed, stop_ids
-from pipeline.models.loading import check_model_path, load_causal_lm, load_tokenizer, model_source
+from pipeline.models.loading import check_model_path, load_causal_lm, load_tokenizer, model_source, pick_device
 from pipeline.progress import Progress
 from pipeline.storage import locate, paths, trust
 from pipeline.storage.shards import ShardPlan
@@ -357,13 +357,7 @@ def _sampler(job: _Job, tokenizer):
 
 
 def _device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise GenerateError("generate.device=cuda but no CUDA GPU is visible", hint="use generate.device=auto")
-    return requested
+    return pick_device(requested, "generate.device", GenerateError)
 
 
 def _shard_table(prompt_ids: list[str], k: int, completions: list[Completion], tokenizer) -> pa.Table:

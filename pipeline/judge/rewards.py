@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 from pipeline.config.schema import JudgeConfig, ModelConfig
 from pipeline.errors import DpoError, JudgeError
-from pipeline.models.loading import check_model_path, load_tokenizer
+from pipeline.models.loading import check_model_path, load_tokenizer, pick_device
 from pipeline.storage.paths import importable_cwd
 
 log = logging.getLogger("dpo.judge")
@@ -112,13 +112,7 @@ def function_rewards(fn: Callable, prompts: list, completions: list[str], keys: 
 
 
 def resolve_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise JudgeError("judge.device=cuda but no CUDA GPU is visible", hint="use judge.device=auto")
-    return requested
+    return pick_device(requested, "judge.device", JudgeError)
 
 
 def _check_config(path: Path, shown: str):

@@ -87,10 +87,40 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
 
 
-# Iterative DPO on the demo (`dpo demo --rounds N`): the rule above judges 4 samples per prompt.
-DEMO_ROUNDS = {"prompts_per_round": 64, "eval_prompts": 32, "eval_temperature": 0.0, "name": "demo"}
+def demo_sft_rows(n: int = 1200, seed: int = 1) -> list[dict]:
+    """Answers in the demo's words for a short SFT run (loss_type sft reads the chosen side), that
+    follow the rule half of the time: a kind or an unkind word, the asked colour or another one.
+    The tiny random model knows no words; after it, it answers like the demo's data, and iterative
+    DPO has good and bad samples to pair. The rejected side (unused by sft) is a fixed refusal."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        ask, color, animal = rng.choice(_ASKS), rng.choice(_COLORS), rng.choice(_ANIMALS)
+        said = color if rng.random() < 0.5 else rng.choice([c for c in _COLORS if c != color])
+        answer = f"The {said} {animal} is {rng.choice(_KIND + _UNKIND)}."
+        rows.append({"prompt": [{"role": "user", "content": ask.format(c=color, a=animal)}],
+                     "chosen": [{"role": "assistant", "content": answer}],
+                     "rejected": [{"role": "assistant", "content": "I cannot say."}]})
+    return rows
+
+
+def build_demo_sft_data(root: str | Path) -> Path:
+    """Write (once) ``demo_sft_rows`` as root/sft.jsonl; return its path."""
+    path = Path(root) / "sft.jsonl"
+    if not path.is_file():
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in demo_sft_rows()))
+    return path
+
+
+# Iterative DPO on the demo (`dpo demo --rounds N`): a short SFT run first (round 0's policy), then
+# rounds of 4 samples per prompt at temperature 1, judged by demo_reward; the held-out prompts are
+# sampled too (eval_temperature 1: the share of kind words and right colours, which DPO moves).
+DEMO_SFT_TRAIN = {"loss_type": "sft", "learning_rate": 3e-3, "per_device_train_batch_size": 16, "max_steps": 300,
+                  "warmup_steps": 5, "eval_steps": 0, "save_steps": 100, "run_name": "demo-sft"}
+DEMO_ROUNDS = {"prompts_per_round": 80, "eval_prompts": 64, "eval_temperature": 1.0, "name": "demo"}
 DEMO_GENERATE = {"num_samples": 4, "temperature": 1.0, "max_new_tokens": 16, "batch_size": 64, "shard_prompts": 16}
-DEMO_ROUND_TRAIN = {**DEMO_TRAIN, "max_steps": 40, "eval_steps": 20, "save_steps": 20}
+DEMO_ROUND_TRAIN = {**DEMO_TRAIN, "learning_rate": 1e-3, "max_steps": 40, "eval_steps": 20, "save_steps": 20}
 
 
 def _train_demo_tokenizer(corpus: list[str]):

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from pipeline.config.schema import ModelConfig, is_hub_id
-from pipeline.errors import ModelError
+from pipeline.errors import DpoError, ModelError
 from pipeline.store import sha256_file
 
 # Files that determine how text becomes token ids. Hashing the files (not the loaded object)
@@ -195,3 +195,15 @@ def attention_kernel(requested: str, device: str) -> str:
     compiles once per new shape (tens of seconds on CPU) and falls back to its slow unfused path
     after torch._dynamo's recompile limit, which varying batch shapes reach."""
     return "sdpa" if requested == "auto" else requested
+
+
+def pick_device(requested: str, key: str, error: type[DpoError]) -> str:
+    """``requested`` (auto, cpu or cuda, the value of config key ``key``) as a device: auto is cuda
+    when a CUDA GPU is visible, else cpu; cuda without one raises ``error``."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise error(f"{key}=cuda but no CUDA GPU is visible", hint=f"use {key}=auto")
+    return requested

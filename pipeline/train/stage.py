@@ -38,7 +38,7 @@ import yaml
 from pipeline.config.schema import Config, world_size
 from pipeline.errors import TrainError
 from pipeline.models import adapters, precision
-from pipeline.models.loading import load_causal_lm
+from pipeline.models.loading import load_causal_lm, pick_device
 from pipeline.storage import locate, paths, trust
 from pipeline.store import atomic_write_text, ensure_dir, exclusive, lock_path, remove_leftovers
 from pipeline.train import distributed, final
@@ -95,12 +95,7 @@ def step0_check(trainer: Trainer, cfg: Config, cache: dict, cache_dir: Path) -> 
 
 
 def _device(cfg: Config) -> str:
-    device = cfg.train.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TrainError("train.device=cuda but no CUDA GPU is visible", hint="use train.device=auto")
-    return device
+    return pick_device(cfg.train.device, "train.device", TrainError)
 
 
 @dataclass

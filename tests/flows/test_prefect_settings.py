@@ -144,9 +144,9 @@ def _functions(tree: ast.Module) -> dict[str, ast.FunctionDef]:
 
 
 def _imports_prefect(node: ast.AST) -> bool:
-    """An import of prefect, or of a flow module (flows/dpo_flow.py, flows/sweep_flow.py: they
-    import prefect), in ``node``."""
-    flow_modules = ("dpo_flow", "sweep_flow")
+    """An import of prefect, or of a flow module (flows/dpo_flow.py, flows/sweep_flow.py,
+    flows/rounds_flow.py: they import prefect), in ``node``."""
+    flow_modules = ("dpo_flow", "sweep_flow", "rounds_flow")
     for sub in ast.walk(node):
         if isinstance(sub, ast.Import) and any(a.name.split(".")[0] in ("prefect",)
                                                or a.name in [f"flows.{m}" for m in flow_modules] for a in sub.names):
@@ -188,7 +188,7 @@ def test_every_command_that_reaches_prefect_applies_the_settings():
 
 
 def test_no_flows_module_but_the_flow_imports_prefect_when_imported():
-    """Only the flow modules (flows/dpo_flow.py, flows/sweep_flow.py) import prefect at module
+    """Only the flow modules (flows/dpo_flow.py, flows/sweep_flow.py, flows/rounds_flow.py) import prefect at module
     level; the command line's parser and main (flows/cli/) and the plans not at all; the other modules of flows/
     only inside the functions the test above checks."""
     for source in sorted((ROOT / "flows").rglob("*.py")):
@@ -196,10 +196,11 @@ def test_no_flows_module_but_the_flow_imports_prefect_when_imported():
         tree = ast.parse(source.read_text())
         top = ast.Module(body=[n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))],
                          type_ignores=[])
-        if name in ("dpo_flow.py", "sweep_flow.py"):
+        if name in ("dpo_flow.py", "sweep_flow.py", "rounds_flow.py"):
             continue
         assert not _imports_prefect(top), f"flows/{name} imports prefect when imported"
-        if name in ("cli/main.py", "cli/parser.py", "prefect_settings.py", "params.py", "plan.py", "sweep_plan.py"):
+        if name in ("cli/main.py", "cli/parser.py", "cli/rounds_commands.py", "prefect_settings.py", "params.py",
+                    "plan.py", "sweep_plan.py", "rounds_plan.py"):
             assert not _imports_prefect(tree), f"flows/{name} imports prefect"
 
 

@@ -13,7 +13,6 @@ from pipeline.config.schema import JudgeConfig
 from pipeline.errors import JudgeError
 from pipeline.judge.rewards import RewardModel, function_rewards, load_function
 
-
 # --- a function --------------------------------------------------------------------------------------
 
 

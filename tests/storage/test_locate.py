@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from flows.plan import plan, planned_run
 from pipeline.errors import CacheError
 from pipeline.storage import locate, trust
 from pipeline.train.stage import train
+
+from flows.plan import plan, planned_run
 
 
 def test_computed_found_and_written_folders_are_one(prepared_demo):

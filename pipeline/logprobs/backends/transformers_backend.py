@@ -13,6 +13,7 @@ import numpy as np
 from pipeline.config.schema import Config
 from pipeline.errors import ModelError, ScoreError
 from pipeline.logprobs.backends.base import Progress
+from pipeline.models.loading import pick_device
 
 log = logging.getLogger("dpo.score")
 
@@ -41,13 +42,7 @@ def own_logps(model, prompts: list[list[int]], responses: list[list[int]], devic
 
 
 def resolve_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ScoreError("score.device=cuda but no CUDA GPU is visible", hint="use score.device=auto")
-    return requested
+    return pick_device(requested, "score.device", ScoreError)
 
 
 class TransformersScorer:
