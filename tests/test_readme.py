@@ -12,6 +12,7 @@ SECTIONS = [
     "Train on your model and data",
     "Measured results",
     "Scheduling and orchestration (Prefect)",
+    "Iterative DPO (rounds)",
     "Auditing a reference cache",
     "Scaling",
     "Install",

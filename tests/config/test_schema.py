@@ -87,6 +87,7 @@ FLOAT_KEYS = [
     "train.warmup_ratio",
     "train.weight_decay", "train.max_grad_norm", "train.step0_tolerance", "audit.tolerance",
     "train.f_alpha_divergence_coef", "train.discopop_tau", "train.dpop_lambda", "train.simpo_gamma", "train.ld_alpha",
+    "generate.temperature", "generate.top_p", "pairs.min_margin", "rounds.eval_temperature",
 ]
 
 
@@ -242,6 +243,7 @@ def test_every_float_key_is_covered():
 
     found = []
     for name, section in typing.get_type_hints(Config).items():
+        section = next((a for a in typing.get_args(section) if is_dataclass(a)), section)  # Optional[...]
         if is_dataclass(section):
             hints = typing.get_type_hints(section)
             for f in fields(section):
