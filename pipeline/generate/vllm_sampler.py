@@ -55,7 +55,8 @@ class VllmSampler:
 
     def _request(self, seed: int, sampling: Sampling):
         return self._params(n=1, temperature=sampling.temperature, top_p=sampling.top_p,
-                            max_tokens=sampling.max_new_tokens, seed=seed, skip_special_tokens=True)
+                            max_tokens=sampling.max_new_tokens, seed=seed, skip_special_tokens=True,
+                            stop_token_ids=sorted(self.stop))  # the transformers sampler's stop set
 
     def _completion(self, output) -> Completion:
         if not output.outputs:
