@@ -5,7 +5,8 @@ configs; the win rate counts wins, ties and losses. Two tiny rounds on the demo 
 (generate, judge, prepare, score, audit, train, evaluation), write rounds.json, report.html and
 each run's winrate.json, and a rerun skips every stage; `dpo status` lists the rounds. Slow:
 `dpo demo --rounds 2` raises the held-out reward and the win rate round after round; kill -9
-inside round 2's generate, then the same command, ends with the bytes of an uninterrupted run.
+inside round 2's generate, then the same command, ends with the bytes of an uninterrupted run
+(every file; metrics.jsonl and datasets' manifests apart from the timings they record).
 """
 
 from __future__ import annotations
@@ -51,12 +52,27 @@ def write_config(path: Path, demo_assets, **sections) -> Path:
     return path
 
 
+TIMING = ("seconds", "tokens/s")
+"""What a rerun measures anew: a dataset manifest's and a run's metrics records' timings."""
+
+
+def _content(path: Path) -> bytes:
+    """A file's bytes; for metrics.jsonl and a dataset's manifest.json, without their timings."""
+    if path.name == "metrics.jsonl":
+        rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in path.read_text().splitlines()]
+        return json.dumps(rows).encode()
+    if path.name == "manifest.json" and path.parent.parent.name == "datasets":
+        return json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k not in TIMING}).encode()
+    return path.read_bytes()
+
+
 def digests(storage: Path) -> dict[str, str]:
-    """sha256 of every stage output under ``storage`` (locks, logs and the hash cache aside)."""
-    kinds = ("prompts", "generations", "judgements", "datasets", "refscores", "runs", "rounds", "audits")
-    return {str(p.relative_to(storage)): hashlib.sha256(p.read_bytes()).hexdigest()
+    """sha256 of every stage output under ``storage``, timings aside (locks and their owner
+    files aside; audit reports, which say when they were made, too)."""
+    kinds = ("prompts", "generations", "judgements", "datasets", "refscores", "runs", "rounds")
+    return {str(p.relative_to(storage)): hashlib.sha256(_content(p)).hexdigest()
             for kind in kinds for p in sorted((storage / kind).rglob("*"))
-            if p.is_file() and "launch-logs" not in p.parts}
+            if p.is_file() and not p.name.startswith(".")}
 
 
 # --- the plan -------------------------------------------------------------------------------------
@@ -239,4 +255,6 @@ def test_kill_9_inside_round_2_generate_then_the_same_command_ends_with_the_same
     assert progress.get("complete") is not True, "killed too late: round 2's generate had finished"
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert digests(storage) == uninterrupted
+    resumed = digests(storage)
+    assert sorted(resumed) == sorted(uninterrupted)
+    assert [name for name in resumed if resumed[name] != uninterrupted[name]] == []
