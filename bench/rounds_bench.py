@@ -3,9 +3,9 @@
     .venv/bin/python bench/rounds_bench.py [--rounds 2] [--out bench/results/rounds.json]
     (or `make bench-rounds`)
 
-The rounds of `dpo demo --rounds N` (the tiny demo model, the demo's rule as the judge function,
-configs from ``pipeline.models.assets``: DEMO_GENERATE, DEMO_ROUNDS, DEMO_ROUND_TRAIN) run on a
-fresh storage by calling each stage's function in the order of the dpo-rounds flow
+The rounds of `dpo demo --rounds N` (the tiny demo model after its SFT run, DEMO_SFT_TRAIN; the
+demo's rule as the judge function; configs from ``pipeline.models.assets``: DEMO_GENERATE,
+DEMO_ROUNDS, DEMO_ROUND_TRAIN) run on a fresh storage by calling each stage's function in the order of the dpo-rounds flow
 (flows/rounds_flow.py), without Prefect, so that each stage is timed alone
 (``time.perf_counter`` around the call): read prompts once; round 0: generate and judge the
 held-out prompts; each round r: generate (its prompts x samples from round r-1's policy), judge
@@ -34,21 +34,39 @@ def timed(fn, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
-def demo_config(tmp: Path, rounds: int):
-    """`dpo demo --rounds N`'s configuration, on a storage in ``tmp``."""
+def demo_config(tmp: Path, rounds: int) -> tuple:
+    """`dpo demo --rounds N`'s configuration on a storage in ``tmp``, after its SFT run (timed: the
+    second value, seconds)."""
     from pipeline.config.load import config_from_dict
-    from pipeline.models.assets import DEMO_GENERATE, DEMO_ROUND_TRAIN, DEMO_ROUNDS, build_demo_assets
+    from pipeline.generate.stage import read_prompts
+    from pipeline.models.assets import (
+        DEMO_GENERATE,
+        DEMO_ROUND_TRAIN,
+        DEMO_ROUNDS,
+        DEMO_SFT_TRAIN,
+        build_demo_assets,
+        build_demo_sft_data,
+    )
+    from pipeline.prepare.stage import prepare
+    from pipeline.score.stage import score
+    from pipeline.train.stage import train
 
     assets = build_demo_assets(tmp / "demo")
-    return config_from_dict({
-        "storage": str(tmp / "storage"),
-        "data": {"path": str(assets["data"]), "eval_fraction": 0.1},
-        "model": {"path": str(assets["model"])},
-        "tokenize": {"max_length": 128, "max_prompt_length": 64},
-        "train": DEMO_ROUND_TRAIN, "generate": DEMO_GENERATE,
-        "judge": {"function": "pipeline.models.assets:demo_reward"},
-        "rounds": {**DEMO_ROUNDS, "iterations": rounds},
-    })
+    base = {"storage": str(tmp / "storage"), "data": {"path": str(assets["data"]), "eval_fraction": 0.1},
+            "model": {"path": str(assets["model"])}, "tokenize": {"max_length": 128, "max_prompt_length": 64}}
+    sft = config_from_dict({**base, "data": {**base["data"], "path": str(build_demo_sft_data(tmp / "demo"))},
+                            "train": DEMO_SFT_TRAIN})
+    start = time.perf_counter()
+    prepare(sft, show_progress=False)
+    score(sft, show_progress=False)
+    policy = train(sft, show_progress=False).run_dir / "final"
+    sft_seconds = time.perf_counter() - start
+    raw = {**base, "model": {"path": str(policy)}, "train": DEMO_ROUND_TRAIN, "generate": DEMO_GENERATE,
+           "judge": {"function": "pipeline.models.assets:demo_reward"},
+           "rounds": {**DEMO_ROUNDS, "iterations": rounds}}
+    available = read_prompts(config_from_dict(raw), show_progress=False).manifest["count"]
+    per_round = min(DEMO_ROUNDS["prompts_per_round"], (available - DEMO_ROUNDS["eval_prompts"]) // rounds)
+    return config_from_dict({**raw, "rounds": {**raw["rounds"], "prompts_per_round": per_round}}), sft_seconds
 
 
 def evaluate(rounds, r: int) -> tuple[dict, dict]:
@@ -111,7 +129,7 @@ def main() -> int:
     from flows.rounds_plan import plan_rounds
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = demo_config(Path(tmp), args.rounds)
+        cfg, sft_seconds = demo_config(Path(tmp), args.rounds)
         rounds = plan_rounds(cfg, "bench")
         _, prompts_s = timed(read_prompts, cfg, show_progress=False)
         base, seconds = evaluate(rounds, 0)
@@ -122,9 +140,10 @@ def main() -> int:
             result = win_rate(base, rewards)
             rows.append({"round": r, "seconds": {**seconds, **eval_seconds}, **row,
                          "mean_reward": result["mean_reward"], "win_rate": result["win_rate"]})
+    print(f"SFT run (round 0's policy): {sft_seconds:.1f} s; prompts read: {prompts_s:.2f} s")
     print_table(rows)
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-              "prompts_seconds": prompts_s, "rounds": rows}
+              "sft_seconds": sft_seconds, "prompts_seconds": prompts_s, "rounds": rows}
     return finish(args.out, report)
 
 
