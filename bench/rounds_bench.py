@@ -13,7 +13,9 @@ held-out prompts; each round r: generate (its prompts x samples from round r-1's
 with its policy. Generation tokens/s: the stage's own count of sampled tokens over its wall time
 (transformers on this CPU; vLLM where a GPU and vLLM are present and the backend picks it). Also
 reported per round: pairs kept and dropped, the held-out mean reward and the win rate against
-round 0. Prints a table and writes JSON.
+round 0. Then, where SmolLM2-135M-Instruct is at hand (pipeline.models.assets.smollm2_folder), its
+generation tokens/s on the demo's prompts (``--smollm2 PROMPTS SAMPLES TOKENS``, default 16 x 4 x
+64, one batch). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -107,6 +109,30 @@ def train_round(rounds, r: int) -> tuple[dict, dict]:
                      "dropped": counts["dropped_by_reason"]}
 
 
+def smollm2_generation(tmp: Path, prompts: int, samples: int, tokens: int) -> dict | None:
+    """Generation tokens/s of SmolLM2-135M-Instruct (float32, transformers, this machine) on the
+    demo's prompts: a realistic model size for the sampler. None where SmolLM2 is not at hand."""
+    from pipeline.config.load import config_from_dict
+    from pipeline.errors import AssetError
+    from pipeline.generate.stage import generate
+    from pipeline.models.assets import build_demo_assets, smollm2_folder
+
+    try:
+        model = smollm2_folder()
+    except AssetError as exc:
+        print(f"SmolLM2 generation: skipped ({exc})")
+        return None
+    cfg = config_from_dict({"storage": str(tmp / "smollm2"), "data": {"path": str(build_demo_assets(tmp / "demo")["data"])},
+                            "model": {"path": str(model)}, "tokenize": {"max_length": 256, "max_prompt_length": 64},
+                            "generate": {"num_prompts": prompts, "num_samples": samples, "max_new_tokens": tokens,
+                                         "batch_size": prompts * samples, "temperature": 1.0}})
+    result = generate(cfg, show_progress=False)
+    st = result.stats
+    print(f"SmolLM2-135M generation: {st['sequences']} sequences, {st['tokens']} tokens in {st['seconds']:.1f} s: "
+          f"{st['tokens_per_s']:.0f} tokens/s ({st['backend']}, {st['device']})")
+    return {key: st[key] for key in ("sequences", "tokens", "seconds", "tokens_per_s", "backend", "device")}
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'round':>5} " + " ".join(f"{s:>13}" for s in STAGES) + f" {'gen tok/s':>10} {'pairs':>6} "
           f"{'reward':>7} {'win rate':>8}")
@@ -119,6 +145,8 @@ def print_table(rows: list[dict]) -> None:
 def main() -> int:
     parser = bench_parser(__doc__, "rounds.json")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--smollm2", type=int, nargs=3, default=[16, 4, 64], metavar=("PROMPTS", "SAMPLES", "TOKENS"),
+                        help="also time SmolLM2-135M's generation (0 0 0: not)")
     args = parser.parse_args()
 
     import torch
@@ -140,10 +168,11 @@ def main() -> int:
             result = win_rate(base, rewards)
             rows.append({"round": r, "seconds": {**seconds, **eval_seconds}, **row,
                          "mean_reward": result["mean_reward"], "win_rate": result["win_rate"]})
+        smollm2 = smollm2_generation(Path(tmp), *args.smollm2) if all(args.smollm2) else None
     print(f"SFT run (round 0's policy): {sft_seconds:.1f} s; prompts read: {prompts_s:.2f} s")
     print_table(rows)
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-              "sft_seconds": sft_seconds, "prompts_seconds": prompts_s, "rounds": rows}
+              "sft_seconds": sft_seconds, "prompts_seconds": prompts_s, "rounds": rows, "smollm2_generation": smollm2}
     return finish(args.out, report)
 
 
