@@ -261,6 +261,42 @@ print(json.dumps({"crons": [s.schedule.cron for s in d.schedules], "grid": d.par
 
 
 @pytest.mark.slow
+def test_serve_rounds_against_a_real_server(prefect_server, tmp_path, demo_assets):
+    """`dpo serve --rounds`: the dpo-rounds deployment with that schedule, the config and the
+    rounds' name as its parameters; a manual run of it trains the round and writes rounds.json."""
+    env = prefect_server
+    config = tmp_path / "iterative.yaml"
+    raw = demo_config(tmp_path, demo_assets)
+    raw["train"].update(max_steps=3, eval_steps=0, run_name=None)
+    raw.update(generate={"num_samples": 4, "max_new_tokens": 8}, judge={"function": "pipeline.models.assets:demo_reward"},
+               rounds={"iterations": 1, "prompts_per_round": 16, "eval_prompts": 8})
+    config.write_text(json.dumps(raw))
+    served = subprocess.Popen([DPO, "serve", "-c", str(config), "--cron", "0 6 * * *", "--rounds"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    check = """
+import json
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+
+with get_client(sync_client=True) as client:
+    d = client.read_deployment_by_name("dpo-rounds/dpo-rounds")
+run = run_deployment("dpo-rounds/dpo-rounds", timeout=900)
+print(json.dumps({"crons": [s.schedule.cron for s in d.schedules], "name": d.parameters["name"],
+                  "state": run.state.type.value}))
+"""
+    try:
+        _wait(lambda: _deployment_exists(env, "dpo-rounds/dpo-rounds"), 180, "the deployment")
+        done = _python(check, env, timeout=1200)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result == {"crons": ["0 6 * * *"], "name": "iterative", "state": "COMPLETED"}
+        rounds = json.loads((tmp_path / "storage" / "rounds" / "iterative" / "rounds.json").read_text())
+        assert [r["round"] for r in rounds["rounds"]] == [0, 1]
+        assert (tmp_path / "storage" / "runs" / "iterative-round1" / "run.json").exists()
+    finally:
+        _stop(served)
+
+
+@pytest.mark.slow
 def test_deploy_on_a_work_pool_and_a_worker_runs_it(prefect_server, tmp_path, demo_assets):
     """`dpo serve --work-pool` registers the deployment (Flow.deploy) and returns; a process
     worker polling that pool runs it to completion. A missing pool is a clear error."""
