@@ -37,7 +37,7 @@ from pipeline.generate.prompts import PromptReader, chunks_of, column_absent
 from pipeline.generate.sampler import Completion, Sampling, TransformersSampler, sequence_seed, stop_ids
 from pipeline.models.loading import check_model_path, load_causal_lm, load_tokenizer, model_source, pick_device
 from pipeline.progress import Progress
-from pipeline.storage import locate, paths, trust
+from pipeline.storage import locate, paths, refvalues, trust
 from pipeline.storage.shards import ShardPlan
 from pipeline.store import (
     MANIFEST,
@@ -155,7 +155,11 @@ def prompts_table(prompts_dir: str | Path) -> pa.Table:
 def generation_table(output_dir: str | Path) -> pa.Table:
     """Every completion of a verified generations folder, its shards in order."""
     manifest = trust.verified_generations(output_dir)
-    tables = [pq.read_table(Path(output_dir) / shard["file"]) for shard in manifest["shards"]]
+    tables = []
+    for shard in manifest["shards"]:  # the values proven too: each column's checksum, written with it
+        table = pq.read_table(Path(output_dir) / shard["file"])
+        refvalues.check_digests(table, refvalues.recorded_digests(table.schema.metadata), shard["file"])
+        tables.append(table)
     return pa.concat_tables(tables).replace_schema_metadata(None) if tables else GENERATIONS_SCHEMA.empty_table()
 
 
@@ -375,5 +379,6 @@ def _shard_table(prompt_ids: list[str], k: int, completions: list[Completion], t
 
 def _write_shard(job: _Job, index: int, table: pa.Table) -> dict:
     path = job.out_dir / ShardPlan.file(index)
-    sha = write_parquet(table, path, ROW_GROUP_ROWS, metadata={FINGERPRINT_KEY: job.out_dir.name})
+    sha = write_parquet(table, path, ROW_GROUP_ROWS, page_checksum=True,
+                        metadata={FINGERPRINT_KEY: job.out_dir.name, refvalues.COLUMNS_KEY: refvalues.column_digests(table)})
     return {"file": path.name, "sha256": sha, "rows": table.num_rows}

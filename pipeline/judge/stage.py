@@ -39,11 +39,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config.schema import Config
-from pipeline.errors import CacheError, JudgeError
+from pipeline.errors import CacheError, JudgeError, ValueProofError
 from pipeline.judge.pairs import Drop, make_pairs
 from pipeline.judge.rewards import RewardModel, check_reward, function_rewards, load_function
 from pipeline.progress import Progress
-from pipeline.storage import paths, trust
+from pipeline.storage import paths, refvalues, trust
 from pipeline.store import (
     atomic_write_text,
     ensure_dir,
@@ -107,6 +107,12 @@ def _verified_table(path: Path, sha256: str | None, columns, fix: str) -> pa.Tab
     if sha256 is not None and sha256_verified(path) != sha256:
         raise CacheError(f"{path} is damaged (its sha256 differs from the manifest)", hint=fix)
     table = pq.read_table(path)
+    recorded = refvalues.recorded_digests(table.schema.metadata)  # a generation shard's value checksums
+    if recorded is not None:
+        try:
+            refvalues.check_digests(table, recorded, path.name)
+        except ValueProofError as exc:
+            raise CacheError(f"{path}: {exc}", hint=fix) from None
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise CacheError(f"{path} has no column {', '.join(missing)}", hint=fix)

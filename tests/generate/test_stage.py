@@ -114,3 +114,29 @@ def test_a_prompts_samples_do_not_depend_on_its_slice(gen_config, tmp_path):
     part = generation_table(generate(cfg, show_progress=False).output_dir).to_pylist()
     by_key = {(r["prompt_id"], r["sample"]): r["token_ids"] for r in whole}
     assert len(part) == 4 and all(by_key[(r["prompt_id"], r["sample"])] == r["token_ids"] for r in part)
+
+
+def test_a_changed_value_is_caught_by_the_shards_value_checksums(gen_config):
+    """Each shard carries a sha256 of each column's values (as reference caches do): a shard
+    rewritten with one changed token, its manifest made to match, is refused by every reader."""
+    import pyarrow as pa
+
+    from pipeline.errors import ValueProofError
+    from pipeline.judge.stage import read_generations
+    from pipeline.store import sha256_file, write_manifest
+
+    result = generate(gen_config(), show_progress=False)
+    path = result.output_dir / "part-00001.parquet"
+    table = pq.read_table(path)
+    tokens = table.column("token_ids").to_pylist()
+    tokens[0] = [tokens[0][0] + 1, *tokens[0][1:]] if tokens[0] else [5]
+    changed = table.set_column(table.schema.get_field_index("token_ids"), table.schema.field("token_ids"),
+                               pa.array(tokens, type=table.schema.field("token_ids").type))
+    pq.write_table(changed.replace_schema_metadata(table.schema.metadata), path)
+    manifest = read_manifest(result.output_dir)
+    manifest["shards"][1]["sha256"] = sha256_file(path, use_cache=False)
+    write_manifest(result.output_dir, manifest)
+    with pytest.raises(ValueProofError, match="token_ids differ from the checksum"):
+        generation_table(result.output_dir)
+    with pytest.raises(CacheError, match="token_ids differ from the checksum"):
+        read_generations(result.output_dir)
