@@ -62,7 +62,7 @@ PHASES = [
     ("pipeline.logprobs.backends.transformers_backend", "TransformersScorer.__init__", "scorer init"),
     ("pipeline.models.loading", "load_causal_lm", "model load"),
     ("pipeline.logprobs.backends.transformers_backend", "TransformersScorer._self_check", "scorer self-check"),
-    ("pipeline.score.runners", "run_shards", "shards (scorer init + scoring)"),
+    ("pipeline.workers", "run_shards", "shards (scorer init + scoring)"),
     ("pipeline.score.stage", "score", "score stage"),
     ("pipeline.train.stage", "_identify", "train identity (verify, fingerprints)"),
     ("pipeline.train.stage", "load_split_data", "load_split_data"),

@@ -59,8 +59,19 @@ class GenerateConfig:
     """transformers backend: auto picks cuda when available."""
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
     """dtype the model samples in; null: model.dtype."""
+    workers: Optional[int] = None
+    """Generation workers, each loading the model once and taking shards until none is left, each
+    on its own score.tensor_parallel_size GPUs with vLLM (one GPU with transformers); null: one per
+    visible GPU, 1 on the CPU."""
+    runner: Literal["local", "ray"] = "local"
+    """local: worker processes on this machine; ray: Ray actors on a Ray cluster."""
+    ray_address: Optional[str] = None
+    """With runner ray: the cluster to join (e.g. 10.0.0.5:6379 or "auto"); null: a local Ray
+    started on 127.0.0.1 for the run."""
 
     def validate(self) -> None:
+        if self.workers is not None:
+            check_range("generate.workers", self.workers, 1, None)
         if not self.prompt_column:
             raise ConfigError("generate.prompt_column: must be a non-empty column name")
         check_range("generate.first_prompt", self.first_prompt, 0, None)

@@ -17,6 +17,11 @@ position, sample) order; after each one the manifest is rewritten listing the fi
 (``complete: false``), and last with ``complete: true``. A killed run, started again, keeps the
 shards on disk that prove to be this output's and samples the others; it ends with the same bytes
 as an uninterrupted run (no timings, hosts or dates in any file: they are in the result's stats).
+
+The missing shards run as the score stage's do (``pipeline.workers``): in this process, or on
+generate.workers local worker processes or Ray actors (generate.runner), each loading the model
+once and writing whole shards (pipeline.generate.work) with the bytes one worker writes; this
+process alone writes the manifest.
 """
 
 from __future__ import annotations
@@ -34,8 +39,15 @@ from pipeline.config.schema import Config
 from pipeline.data import check_input, hub_source, input_sha256, read_rows, resolve_input
 from pipeline.errors import GenerateError
 from pipeline.generate.prompts import PromptReader, chunks_of, column_absent
-from pipeline.generate.sampler import Completion, Sampling, TransformersSampler, sequence_seed, stop_ids
-from pipeline.models.loading import check_model_path, load_causal_lm, load_tokenizer, model_source, pick_device
+from pipeline.generate.work import (
+    FINGERPRINT_KEY,
+    GENERATIONS_SCHEMA,
+    ROW_GROUP_ROWS,
+    GenerateJob,
+    GenerateWork,
+    generate_device,
+)
+from pipeline.models.loading import load_tokenizer, model_source
 from pipeline.progress import Progress
 from pipeline.storage import locate, paths, refvalues, trust
 from pipeline.storage.shards import ShardPlan
@@ -51,25 +63,12 @@ from pipeline.store import (
     write_manifest,
     write_parquet,
 )
+from pipeline.workers import Workers, default_workers, run_shards
 
 log = logging.getLogger("dpo.generate")
 
 __all__ = ["GENERATIONS_SCHEMA", "GenerateResult", "PromptsResult", "generate", "generation_table", "prompts_table",
            "read_prompts"]
-
-ROW_GROUP_ROWS = 4096
-FINGERPRINT_KEY = "dpo.generations.fingerprint"
-"""Key of the shard files' metadata naming the output they belong to (checked on resume)."""
-
-GENERATIONS_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()),
-    ("sample", pa.int32()),
-    ("token_ids", pa.list_(pa.int32())),
-    ("text", pa.string()),
-    ("finish_reason", pa.string()),
-    ("num_tokens", pa.int32()),
-])
-
 
 @dataclass
 class PromptsResult:
@@ -209,7 +208,8 @@ def generate(cfg: Config, show_progress: bool = True) -> GenerateResult:
         if trust.is_verified(trust.verified_generations, out_dir):
             return GenerateResult(out_dir, trust.verified_generations(out_dir), True, stats)
         started = time.perf_counter()
-        job = _Job(cfg, identity, out_dir, table.slice(positions.start, len(positions)), stats, show_progress)
+        job = _Job(cfg, identity, out_dir, table.slice(positions.start, len(positions)), stats, show_progress,
+                   prompts.output_dir, positions.start)
         manifest = _generate_missing(job, prompts.manifest["fingerprint"])
     stats["seconds"] = time.perf_counter() - started
     stats["tokens_per_s"] = stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0
@@ -226,6 +226,8 @@ class _Job:
     prompts: pa.Table  # the slice: prompt_id, prompt_ids, ...
     stats: dict
     show_progress: bool
+    prompts_dir: Path
+    first: int  # the slice's first position in the prompts table
 
     @property
     def shards(self) -> ShardPlan:
@@ -316,69 +318,60 @@ def _unproven(job: _Job, path: Path, index: int, entry: dict | None) -> str | No
 
 
 def _sample_shards(job: _Job, missing: list[int], done: dict[int, dict], base: dict) -> None:
-    """Sample each missing shard, write it, list it in the (incomplete) manifest."""
-    cfg = job.cfg
-    tokenizer = load_tokenizer(cfg.model)  # the project's tokenizer: generate.model shares it
-    sampler = _sampler(job, tokenizer)
-    job.stats["device"] = str(sampler.device)
-    k, sampling = cfg.generate.num_samples, Sampling.of(cfg.generate)
-    total = sum(len(job.shards.rows_of(i)) for i in missing) * k
-    with Progress(total, f"generate ({sampler.name})", "sequences", job.show_progress, log) as bar:
-        clock = time.perf_counter()
+    """Sample the missing shards on the configured workers; as each lands, list it in the
+    (incomplete) manifest (this process is its only writer)."""
+    cfg, backend = job.cfg, job.identity["backend"]
+    work = _work(job)
+    workers, gpus = _workers(cfg, backend)
+    workers = min(workers, len(missing))
+    spread = workers > 1 or cfg.generate.runner == "ray"
+    job.stats.update(workers=workers, runner=cfg.generate.runner)
+    here = GenerateJob(work, cfg, job.prompts)  # used when one local worker: this process
+    if spread:
+        log.info("generate: %d shards on %d %s worker(s)", len(missing), workers, cfg.generate.runner)
+    else:
+        job.stats["device"] = str(here.sampler.device)  # the model loaded before the first shard
+    total = sum(len(job.shards.rows_of(i)) for i in missing) * cfg.generate.num_samples
+    with Progress(total, f"generate ({backend})", "sequences", job.show_progress, log) as bar:
+        clock, live = time.perf_counter(), [0]
 
         def progress(sequences: int, tokens: int) -> None:
             bar.update(sequences)
-            job.stats["sequences"] += sequences
-            job.stats["tokens"] += tokens
-            bar.set_postfix_str(f"{job.stats['tokens'] / max(time.perf_counter() - clock, 1e-9):,.0f} tok/s")
+            live[0] += tokens
+            bar.set_postfix_str(f"{live[0] / max(time.perf_counter() - clock, 1e-9):,.0f} tok/s")
 
-        for index in missing:
-            span = job.shards.rows_of(index)
-            shard = job.prompts.slice(span.start, len(span))
-            ids = shard.column("prompt_id").to_pylist()
-            prompts = [p for p in shard.column("prompt_ids").to_pylist() for _ in range(k)]
-            seeds = [sequence_seed(cfg.generate.seed, pid, s) for pid in ids for s in range(k)]
-            completions = sampler.sample(prompts, seeds, sampling, progress)
-            done[index] = _write_shard(job, index, _shard_table(ids, k, completions, tokenizer))
+        where = Workers("generate", GenerateError, cfg.generate.runner, workers, gpus, cfg.generate.ray_address)
+        for entry, stats, settings in run_shards(work, missing, where, here, progress):
+            index = ShardPlan.index_of(entry["file"])
+            done[index] = entry
+            job.stats["sequences"] += stats["sequences"]
+            job.stats["tokens"] += stats["tokens"]
             job.stats["shards_sampled"] += 1
-            log.info("generate: %s written (%d sequences, shard %d of %d)", done[index]["file"], len(completions),
+            job.stats["device"] = job.stats["device"] or settings["device"]
+            if spread:
+                bar.update(stats["sequences"])
+            log.info("generate: %s written (%d sequences, shard %d of %d)", entry["file"], entry["rows"],
                      index + 1, job.shards.count)
             _write_listing(job.out_dir, base, [done[i] for i in sorted(done)], complete=False)
+    # Every worker has stopped: a temporary file left now is a killed worker's half shard.
+    remove_leftovers(job.out_dir)
 
 
-def _sampler(job: _Job, tokenizer):
-    """The sampler of the stage's backend, its model loaded."""
-    cfg = job.cfg
-    model = paths.generation_model(cfg)
-    stop = stop_ids(tokenizer, check_model_path(model))
-    if job.identity["backend"] == "vllm":
-        from pipeline.generate.vllm_sampler import VllmSampler
+def _work(job: _Job) -> GenerateWork:
+    """What every worker needs (plain values and paths): the config, the slice, the output."""
+    cfg, backend = job.cfg, job.identity["backend"]
+    work = GenerateWork(cfg.to_dict(), str(job.prompts_dir), job.first, job.prompts.num_rows, str(job.out_dir),
+                        backend)
+    if backend == "transformers" and generate_device(cfg) == "cpu":
+        import torch
 
-        longest = max(len(p) for p in job.prompts.column("prompt_ids").to_pylist())
-        return VllmSampler(cfg, model, longest + cfg.generate.max_new_tokens, stop)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
-    return TransformersSampler(load_causal_lm(model, _device(cfg.generate.device)), stop, pad, cfg.generate.batch_size)
+        work.cpu_threads = torch.get_num_threads()
+    return work
 
 
-def _device(requested: str) -> str:
-    return pick_device(requested, "generate.device", GenerateError)
-
-
-def _shard_table(prompt_ids: list[str], k: int, completions: list[Completion], tokenizer) -> pa.Table:
-    tokens = [c.token_ids for c in completions]
-    columns = {
-        "prompt_id": [pid for pid in prompt_ids for _ in range(k)],
-        "sample": list(range(k)) * len(prompt_ids),
-        "token_ids": tokens,
-        "text": tokenizer.batch_decode(tokens, skip_special_tokens=True),
-        "finish_reason": [c.finish_reason for c in completions],
-        "num_tokens": [len(t) for t in tokens],
-    }
-    return pa.table(columns, schema=GENERATIONS_SCHEMA)
-
-
-def _write_shard(job: _Job, index: int, table: pa.Table) -> dict:
-    path = job.out_dir / ShardPlan.file(index)
-    sha = write_parquet(table, path, ROW_GROUP_ROWS, page_checksum=True,
-                        metadata={FINGERPRINT_KEY: job.out_dir.name, refvalues.COLUMNS_KEY: refvalues.column_digests(table)})
-    return {"file": path.name, "sha256": sha, "rows": table.num_rows}
+def _workers(cfg: Config, backend: str) -> tuple[int, int]:
+    """(workers, GPUs per worker) of this run: vLLM's score.tensor_parallel_size GPUs each, one
+    GPU with transformers; generate.workers, else one per visible GPU (1 on the CPU)."""
+    gpus = cfg.score.tensor_parallel_size if backend == "vllm" else 1
+    device = "cuda" if backend == "vllm" else generate_device(cfg)
+    return cfg.generate.workers or default_workers(device, gpus), gpus

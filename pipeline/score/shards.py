@@ -1,7 +1,7 @@
 """One shard of a reference cache: the unit of scoring work, idempotent and verifiable alone.
 
-    job = ShardJob(work)                  # in a worker: loads the model once, lazily
-    entry, stats = job.run(index)         # writes <out_dir>/part-NNNNN.parquet atomically
+    job = work.job()                      # a ShardJob, in a worker: loads the model once, lazily
+    entry, stats, settings = job.run(index)   # writes <out_dir>/part-NNNNN.parquet atomically
 
 A shard holds the rows ``work.shards.rows_of(index)`` of the prepared dataset (a ShardPlan,
 storage/shards.py: the audit re-scores in the same shards). Its bytes depend only on those rows
@@ -11,7 +11,8 @@ already holds (same model, tokenizer, dtype, backend; see ``find_donors``) are c
 verified, instead of being scored again.
 
 Everything a worker gets is plain data and file paths (``ShardWork``), never tensors or tables:
-the same job runs in this process, in a local worker process, or in a Ray actor.
+the same job runs in this process, in a local worker process, or in a Ray actor
+(``pipeline.workers.run_shards``).
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ class ShardWork:
     def shards(self) -> ShardPlan:
         return ShardPlan(self.rows, self.inputs["shard_rows"])
 
+    @property
+    def gpu(self) -> bool:
+        """Whether the workers run on GPUs (when some are visible): score.device is not cpu."""
+        return self.config.get("score", {}).get("device", "auto") != "cpu"
+
+    def job(self) -> "ShardJob":
+        """A job writing this cache's shards (``pipeline.workers``: one per worker)."""
+        return ShardJob(self)
+
 
 class ShardJob:
     """Writes shards of one cache; reads the dataset, the donors' ids and the model once each,
@@ -125,8 +135,9 @@ class ShardJob:
                         self._donors.setdefault(example_id, (donor, shard["file"], row))
         return self._donors
 
-    def run(self, index: int, progress: Progress | None = None) -> tuple[dict, dict]:
-        """Write shard ``index``; returns (its manifest entry, this call's stats)."""
+    def run(self, index: int, progress: Progress | None = None) -> tuple[dict, dict, dict | None]:
+        """Write shard ``index``; returns (its manifest entry, this call's stats, the scorer's
+        settings: None when no model was loaded)."""
         work, started = self.work, time.perf_counter()
         span = work.shards.rows_of(index)
         part = self.rows(span.start, len(span))
@@ -161,7 +172,7 @@ class ShardJob:
         if reused:
             entry["reused_from"] = reused
         stats["seconds"] = time.perf_counter() - started
-        return entry, stats
+        return entry, stats, self.settings()
 
     def settings(self) -> dict | None:
         """The scorer's resolved settings, when this job loaded one."""

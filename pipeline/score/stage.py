@@ -31,7 +31,6 @@ from pipeline.logprobs.backends import Scorer, resolve_backend
 from pipeline.logprobs.backends.transformers_backend import resolve_device
 from pipeline.models.loading import check_causal_lm, model_source
 from pipeline.progress import Progress
-from pipeline.score.runners import Result, Workers, default_workers, run_shards
 from pipeline.score.shards import META, ShardJob, ShardWork, find_donors, scores_schema, shard_tokens
 from pipeline.storage import locate, paths, trust
 from pipeline.storage.refvalues import read_shard
@@ -47,6 +46,7 @@ from pipeline.store import (
     sha256_verified,
     write_manifest,
 )
+from pipeline.workers import Result, Workers, default_workers, run_shards
 
 log = logging.getLogger("dpo.score")
 
@@ -299,7 +299,7 @@ def _run_missing(job: _Job, work: ShardWork, todo: _Missing, listing: _Listing, 
             bar.set_postfix_str(f"{live / elapsed:,.0f} tok/s", refresh=False)
 
     with bar:
-        where = Workers(cfg.score.runner, workers, gpus, cfg.score.ray_address)
+        where = Workers("score", ScoreError, cfg.score.runner, workers, gpus, cfg.score.ray_address)
         for result in run_shards(work, missing, where, here, progress):
             settings = _record(job, listing, result, settings)
             if workers > 1 or cfg.score.runner == "ray":

@@ -1,5 +1,6 @@
 """generate: shards and manifest, the slice, a rerun skipped, a killed run resumed to the same
-bytes, batch_size out of the identity, a slice past the end refused before anything is written."""
+bytes, batch_size out of the identity, a slice past the end refused before anything is written,
+two local workers or Ray workers writing the bytes of one."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import CacheError, GenerateError
+from pipeline.errors import CacheError, ConfigError, GenerateError
 from pipeline.generate.stage import generate, generation_table, prompts_table, read_prompts
 from pipeline.storage import locate, trust
-from pipeline.store import MANIFEST, read_manifest
+from pipeline.store import MANIFEST, read_manifest, write_manifest
 
 GENERATE = {"first_prompt": 2, "num_prompts": 5, "num_samples": 2, "max_new_tokens": 6, "shard_prompts": 2,
             "temperature": 1.0, "top_p": 0.95, "batch_size": 4}
@@ -123,7 +124,7 @@ def test_a_changed_value_is_caught_by_the_shards_value_checksums(gen_config):
 
     from pipeline.errors import ValueProofError
     from pipeline.judge.stage import read_generations
-    from pipeline.store import sha256_file, write_manifest
+    from pipeline.store import sha256_file
 
     result = generate(gen_config(), show_progress=False)
     path = result.output_dir / "part-00001.parquet"
@@ -140,3 +141,45 @@ def test_a_changed_value_is_caught_by_the_shards_value_checksums(gen_config):
         generation_table(result.output_dir)
     with pytest.raises(CacheError, match="token_ids differ from the checksum"):
         read_generations(result.output_dir)
+
+
+def test_two_local_workers_write_the_bytes_of_one_and_resume_the_same(gen_config, tmp_path):
+    """generate.workers 2 (two spawned processes on the CPU, each with the coordinator's torch
+    threads): the folder and every file as one in-process worker writes them; a run resumed on
+    two workers samples only the missing shards and ends the same."""
+    one = generate(gen_config(shard_prompts=1), show_progress=False)
+    cfg = gen_config(shard_prompts=1, workers=2)
+    cfg.storage = str(tmp_path / "two-workers")
+    two = generate(cfg, show_progress=False)
+    assert (two.stats["workers"], two.stats["runner"], two.stats["shards_sampled"]) == (2, "local", 5)
+    assert two.stats["sequences"] == 10 and two.stats["tokens"] == one.stats["tokens"]
+    assert two.stats["device"] == "cpu"
+    assert two.output_dir.name == one.output_dir.name
+    assert _hashes(two.output_dir) == _hashes(one.output_dir)
+    # Killed with shards 1 and 3 not written: the manifest still incomplete.
+    manifest = read_manifest(two.output_dir)
+    write_manifest(two.output_dir, {**manifest, "complete": False})
+    for name in ("part-00001.parquet", "part-00003.parquet"):
+        (two.output_dir / name).unlink()
+    resumed = generate(cfg, show_progress=False)
+    assert (resumed.stats["workers"], resumed.stats["shards_sampled"], resumed.stats["shards_kept"]) == (2, 2, 3)
+    assert _hashes(resumed.output_dir) == _hashes(one.output_dir)
+
+
+def test_workers_must_be_at_least_one(gen_config):
+    with pytest.raises(ConfigError, match="generate.workers"):
+        gen_config(workers=0)
+
+
+@pytest.mark.slow  # a local Ray with two actors: ~1 min on 2 cores
+def test_ray_workers_write_the_bytes_of_one(gen_config, tmp_path, monkeypatch):
+    """generate.runner ray (a local Ray for the run), two workers: the bytes of one worker's."""
+    pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    one = generate(gen_config(shard_prompts=1), show_progress=False)
+    cfg = gen_config(shard_prompts=1, workers=2, runner="ray")
+    cfg.storage = str(tmp_path / "ray")
+    result = generate(cfg, show_progress=False)
+    assert (result.stats["runner"], result.stats["workers"], result.stats["shards_sampled"]) == ("ray", 2, 5)
+    assert result.output_dir.name == one.output_dir.name
+    assert _hashes(result.output_dir) == _hashes(one.output_dir)

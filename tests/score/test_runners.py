@@ -305,9 +305,9 @@ NO_RAY_RETRIES = """
 import os
 import sys
 if os.environ.get("DPO_TEST_SCORE_RETRIES") and sys.argv and sys.argv[0].endswith("dpo"):
-    import pipeline.score.runners
+    import pipeline.workers
 
-    pipeline.score.runners.RETRIES = int(os.environ["DPO_TEST_SCORE_RETRIES"])
+    pipeline.workers.RETRIES = int(os.environ["DPO_TEST_SCORE_RETRIES"])
 """
 
 
