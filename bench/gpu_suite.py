@@ -57,6 +57,14 @@ transformers, accelerate, tokenizers, pyarrow and pandas but no TRL, datasets or
   (without .whl: PYTHONPATH=. python3 bench/gpu_suite.py --out $OUT/gpu_suite.json, and the TRL
   rows say "not importable")
 
+  --quick: what one lease must bring back, in order of value, the JSON rewritten after each row
+  (complete: false until the end), so a lease cut short keeps every finished row: the matmul
+  rate; (a) scoring on the Llama-1B shape, transformers then vLLM on the same seeded weights
+  (saved by the first, read by the second), tokens/s and the per-token max / mean |diff|; (b) ours
+  (eager, fused head) and TRL on it, step time and peak memory; (c) ours on the Llama-8B shape,
+  its MFU. Sized for 8 minutes of one H100 (--budget-s 420).
+    PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py --quick --bundle .gpu_bundle --out $OUT/gpu_suite.json
+
   here (dry run of every code path on CPU, tiny shapes, under 3 minutes on 2 cores; TRL only where
   it imports, e.g. .venv-bench; compiled variants only with --compile; tests/test_gpu_suite.py):
     PYTHONPATH=. .venv/bin/python bench/gpu_suite.py --dry-run [--compile] [--out x.json]
@@ -88,7 +96,7 @@ from pathlib import Path
 from memory_bench import LLAMA_SHAPES
 from trl_compare import read_pairs
 
-from _common import HH_TEST, ROOT, bench_parser, finish
+from _common import HH_TEST, ROOT, bench_parser, finish, save_report
 
 SHAPES = {  # LlamaConfig keywords; SmolLM2-135M's from its config.json, the Llamas' from memory_bench
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -349,15 +357,22 @@ def trl_worker(spec: dict) -> dict:
 
 
 def timed_scoring(scorer, spec: dict, data: tuple) -> dict:
-    """A warm-up on 8 pairs, then all of them timed; tokens/s, seconds and peak memory."""
+    """A warm-up on 8 pairs, then all of them timed; tokens/s, seconds and peak memory. With
+    ``spec["values_dir"]`` (--quick), the per-token log-probs go to <values_dir>/<kind>.npy, for
+    the parent's vLLM-vs-transformers comparison."""
     prompts, chosens, rejecteds = data
     scorer.score_pairs(prompts[:8], chosens[:8], rejecteds[:8])
     reset_peak(spec["device"])
     started = time.perf_counter()
-    scorer.score_pairs(prompts, chosens, rejecteds)
+    chosen, rejected = scorer.score_pairs(prompts, chosens, rejecteds)
     sync(spec["device"])
     seconds = time.perf_counter() - started
     tokens = pair_tokens(spec["lengths"], range(len(prompts)))
+    if spec.get("values_dir"):
+        import numpy as np
+
+        np.save(Path(spec["values_dir"]) / f"{spec['kind']}.npy",
+                np.concatenate([np.asarray(v, dtype=np.float64) for v in chosen + rejected]))
     return {"status": "ok", "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_gb": peak_gb(spec["device"])}
 
 
@@ -369,6 +384,8 @@ def score_worker(spec: dict) -> dict:
 
     dtype = "float32" if spec["precision"] == "float32" else "bfloat16"
     model = build_model(spec, dtype)
+    if spec.get("values_dir"):  # --quick: the same weights for vLLM, which reads them from a folder
+        model.save_pretrained(Path(spec["values_dir"]) / "model", safe_serialization=True)
     models.load_causal_lm = lambda model_cfg, device: model.to(device).eval()  # the random weights, no files
     cfg = config_from_dict({"data": {"path": "unused"}, "model": {"path": "unused", "dtype": dtype},
                             "score": {"backend": "transformers", "device": spec["device"]}})
@@ -378,7 +395,8 @@ def score_worker(spec: dict) -> dict:
 
 
 def vllm_worker(spec: dict) -> dict:
-    """vLLM's scorer (pipeline/logprobs/backends/vllm.py) over the pairs, random weights (load_format dummy)."""
+    """vLLM's scorer (pipeline/logprobs/backends/vllm.py) over the pairs: random weights (load_format
+    dummy), or with --quick the transformers row's seeded weights, saved by its worker."""
     import functools
 
     try:
@@ -390,10 +408,13 @@ def vllm_worker(spec: dict) -> dict:
     from pipeline.config.load import config_from_dict
     from pipeline.logprobs.backends.vllm import VllmScorer
 
-    folder = Path(tempfile.mkdtemp(prefix="gpu-suite-vllm-"))
-    LlamaConfig(**spec["config"], max_position_embeddings=4096, architectures=["LlamaForCausalLM"]).save_pretrained(folder)
-    vllm.LLM = functools.partial(vllm.LLM, load_format="dummy")
-    cfg = config_from_dict({"data": {"path": "unused"}, "model": {"path": str(folder), "dtype": "bfloat16"},
+    folder = Path(spec["values_dir"]) / "model" if spec.get("values_dir") else None
+    if folder is None or not (folder / "config.json").is_file():  # no weights saved: random ones of vLLM's
+        folder = Path(tempfile.mkdtemp(prefix="gpu-suite-vllm-"))
+        LlamaConfig(**spec["config"], max_position_embeddings=4096, architectures=["LlamaForCausalLM"]).save_pretrained(folder)
+        vllm.LLM = functools.partial(vllm.LLM, load_format="dummy")
+    dtype = "float32" if spec["precision"] == "float32" else "bfloat16"
+    cfg = config_from_dict({"data": {"path": "unused"}, "model": {"path": str(folder), "dtype": dtype},
                             "score": {"backend": "vllm", "gpu_memory_utilization": 0.85}})
     longest = max(p + max(c, r) for p, c, r in spec["lengths"])
     out = timed_scoring(VllmScorer(cfg, longest), spec, token_ids(spec))
@@ -452,6 +473,20 @@ def hh_lengths(args: argparse.Namespace, count: int) -> list[list[int]]:
     return lengths
 
 
+def quick_plan(args: argparse.Namespace) -> list[dict]:
+    """--quick, in order of value (a cut lease keeps what finished): the matmul rate; (a) scoring,
+    transformers then vLLM on the same weights, on the first shape; (b) ours (eager, fused head)
+    and TRL on it; (c) ours on the last shape too, for its MFU."""
+    shapes = args.shapes.split(",")
+    first, last = shapes[0], shapes[-1]
+    jobs = [{"kind": "matmul", "shape": None, "variant": "matmul"},
+            {"kind": "score", "shape": first, "variant": "score transformers"},
+            {"kind": "vllm", "shape": first, "variant": "score vllm"},
+            {"kind": "ours", "shape": first, "variant": "eager fused"},
+            {"kind": "trl", "shape": first, "variant": "trl"}]
+    return jobs + ([{"kind": "ours", "shape": last, "variant": "eager fused"}] if last != first else [])
+
+
 def plan(args: argparse.Namespace) -> list[dict]:
     """The jobs in order of importance and cost (the budget cuts the last): the matmul rate; ours
     eager with the fused head; TRL; transformers scoring; the fused head off; ours compiled (tens of
@@ -477,7 +512,10 @@ class Suite:
 
     def spec(self, job: dict) -> dict:
         shape = job["shape"]
-        return {**job, "device": self.args.device, "precision": self.args.precision, "batch": self.args.batch,
+        values = self.tmp / f"values-{shape}" if self.args.quick and job["kind"] in ("score", "vllm") else None
+        if values is not None:
+            values.mkdir(exist_ok=True)
+        return {**job, "values_dir": str(values) if values else None, "device": self.args.device, "precision": self.args.precision, "batch": self.args.batch,
                 "steps": self.args.steps, "warmup": self.args.warmup, "lengths": self.lengths,
                 "config": SHAPES[shape] if shape else None, "checkpointing": shape in CHECKPOINTED}
 
@@ -527,6 +565,22 @@ def run_job(suite: Suite, number: int, job: dict) -> dict:
     if row["status"] not in ("ok", "not importable"):
         row["log_tail"] = tail
     return row
+
+
+def compare_scores(suite: Suite, row: dict) -> None:
+    """--quick: the vLLM row gets the per-token max and mean |diff| of its log-probs against the
+    transformers scorer's on the same weights and pairs."""
+    folder = suite.tmp / f"values-{row['shape']}"
+    if row["kind"] != "vllm" or row["status"] != "ok" or not (folder / "score.npy").is_file():
+        return
+    import numpy as np
+
+    ours, theirs = np.load(folder / "score.npy"), np.load(folder / "vllm.npy")
+    if ours.shape != theirs.shape:
+        row["diff_error"] = f"{ours.size} vs {theirs.size} token values"
+        return
+    diff = np.abs(ours - theirs)
+    row.update(max_abs_diff_per_token=float(diff.max()), mean_abs_diff_per_token=float(diff.mean()))
 
 
 def add_derived(rows: list[dict], rate: float | None) -> None:
@@ -588,11 +642,18 @@ def print_table(report: dict) -> None:
         print(f"| {r['shape']} | {r['variant']} | {status} | {fmt(r.get('tokens_per_s'), ',.0f')} | "
               f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_gb'), '.2f')} | {fmt(seconds, '.3f')} | "
               f"{fmt(r.get('recompiles'), 'd')} | {fmt(loss, '.4f')} | {vs_trl(r)} |")
+    for r in report["rows"]:
+        if "max_abs_diff_per_token" in r:
+            print(f"\nvLLM vs transformers on the same weights and pairs ({r['shape']}): per-token |diff| max "
+                  f"{r['max_abs_diff_per_token']:.3g}, mean {r['mean_abs_diff_per_token']:.3g} nats")
 
 
 def parse_args() -> argparse.Namespace:
     parser = bench_parser(__doc__, "gpu_suite.json", gpu=True)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shape, a few pairs: the code paths")
+    parser.add_argument("--quick", action="store_true",
+                        help="what one lease must bring back, in order of value: scoring vLLM vs transformers (tokens/s, "
+                             "per-token |diff|), ours vs TRL (step, memory) on the Llama-1B shape, MFU of 1B and 8B")
     parser.add_argument("--device", choices=["cuda", "cpu"])
     parser.add_argument("--shapes", help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="ours: comma-separated, of the default")
@@ -609,7 +670,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     dry = args.dry_run or args.device == "cpu"
-    defaults = {"device": "cpu" if args.dry_run else "cuda", "shapes": "tiny" if dry else "smollm2-135m,llama-1b,llama-8b",
+    shapes = "llama-1b,llama-8b" if args.quick else "smollm2-135m,llama-1b,llama-8b"
+    defaults = {"device": "cpu" if args.dry_run else "cuda", "shapes": "tiny" if dry else shapes,
                 "precision": "float32" if dry else "bf16", "batch": 2 if dry else 8, "steps": 3 if dry else 8,
                 "warmup": 1 if dry else 3, "max_length": 64 if dry else 1024, "max_prompt": 32 if dry else 768}
     for key, value in defaults.items():
@@ -635,11 +697,13 @@ def main() -> int:
                               lengths=lengths)
     with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:
         suite = Suite(args, lengths, Path(tmp), time.monotonic())
-        for number, job in enumerate(plan(args)):
+        for number, job in enumerate(quick_plan(args) if args.quick else plan(args)):
             row = run_job(suite, number, job)
+            compare_scores(suite, row)
             report["rows"].append(row)
             print(f"[{time.monotonic() - suite.started:5.0f} s] {row['kind']} {row['shape'] or ''} {row['variant']}: "
                   f"{row['status']} {row.get('error', '')}", file=sys.stderr, flush=True)
+            save_report(args.out, {**report, "complete": False})  # a cut lease keeps every finished row
     matmul = next(r for r in report["rows"] if r["kind"] == "matmul")
     from importlib.metadata import version
 
@@ -647,7 +711,7 @@ def main() -> int:
     report["matmul_flops_per_s"], report["matmul_dtype"] = matmul.get("flops_per_s"), matmul.get("dtype")
     add_derived(report["rows"], report["matmul_flops_per_s"])
     print_table(report)
-    return finish(args.out, report)
+    return finish(args.out, {**report, "complete": True})
 
 
 if __name__ == "__main__":

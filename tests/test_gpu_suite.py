@@ -61,3 +61,36 @@ def test_gpu_suite_dry_run(tmp_path):
     assert "| shape | variant | status | tok/s | MFU |" in table
     assert "| tiny | eager fused | ok |" in table and "| tiny | eager unfused | ok |" in table
     assert "trl" in table and f"wrote {out}" in table
+
+
+@pytest.mark.slow
+@requires_hh()
+def test_gpu_suite_quick_dry_run(tmp_path):
+    """--quick: its rows in order of value, the JSON complete at the end (it is rewritten after each
+    row, complete: false until then), the scoring rows first."""
+    from pipeline.errors import AssetError
+    from pipeline.models.assets import smollm2_folder
+
+    try:
+        smollm2_folder(with_model=False)
+    except AssetError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / "quick.json"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--dry-run", "--quick", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["complete"] is True
+    assert [(r["kind"], r["variant"]) for r in report["rows"]] == [
+        ("matmul", "matmul"), ("score", "score transformers"), ("vllm", "score vllm"), ("ours", "eager fused"),
+        ("trl", "trl")] + ([("trl precompute", "trl precompute")] if any(r["kind"] == "trl precompute"
+                                                                       for r in report["rows"]) else [])
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert rows["score transformers"]["status"] == "ok" and rows["score transformers"]["tokens_per_s"] > 0
+    assert rows["eager fused"]["status"] == "ok" and rows["eager fused"]["mfu"] > 0
+    assert rows["score vllm"]["status"] in ("ok", "not importable")
+    if rows["score vllm"]["status"] == "ok":  # vLLM's CPU build: the same weights, so close values
+        assert rows["score vllm"]["max_abs_diff_per_token"] < 1e-3
+    assert "| tiny | eager fused | ok |" in done.stdout and f"wrote {out}" in done.stdout
