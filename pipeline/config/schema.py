@@ -135,7 +135,9 @@ class TokenizeConfig:
 @dataclass
 class ScoreConfig:
     backend: Literal["auto", "transformers", "vllm"] = "auto"
-    """auto: vllm when it imports and a CUDA GPU is present, else transformers."""
+    """auto: vllm only where it imports, a CUDA GPU is present and a measurement says it scores
+    faster than transformers on that card at that model size (pipeline/logprobs/backends:
+    VLLM_MEASURED_FASTER; none yet), else transformers; `dpo score` says which and why."""
     tokens_per_batch: Optional[int] = None
     """transformers backend: tokens per forward pass (batch rows x longest sequence; with
     flex_attention's one flat row, the tokens themselves); null: 2048 on CPU (measured best for

@@ -106,7 +106,7 @@ def refscores_dir_for(cfg: Config, dataset_fp: str) -> Path:
     """Where the score stage puts (or put) the cache for ``cfg``; nothing is written."""
     from pipeline.logprobs.backends import resolve_backend
 
-    backend = resolve_backend(cfg.score.backend)
+    backend = resolve_backend(cfg.score.backend, cfg.model)
     return refscores_dir(cfg.storage, fingerprint(refscores_identity(cfg, dataset_fp, backend)))
 
 

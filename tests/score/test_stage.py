@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -330,8 +331,37 @@ def test_bad_models_fail_before_work(tmp_path, demo_assets, make_config, demo_to
         score(cfg, show_progress=False)
 
 
-def test_auto_backend_without_gpu_is_transformers(scored_setup):
+def test_auto_backend_here_is_transformers_and_says_why(scored_setup, caplog):
     cfg, _ = scored_setup()
-    result = score(cfg, show_progress=False)
-    expected = "vllm" if (torch.cuda.is_available() and __import__("importlib").util.find_spec("vllm")) else "transformers"
-    assert result.manifest["inputs"]["backend"] == expected
+    with caplog.at_level(logging.INFO, logger="dpo.score"):
+        result = score(cfg, show_progress=False)
+    assert result.manifest["inputs"]["backend"] == "transformers"  # no measurement says vLLM is faster anywhere
+    reason = "no CUDA GPU" if not torch.cuda.is_available() else "no measurement shows vLLM scoring faster"
+    assert any("backend auto: transformers" in r.getMessage() and reason in r.getMessage() for r in caplog.records)
+
+
+def test_auto_backend_follows_the_measured_table(monkeypatch, demo_assets):
+    """auto picks vLLM only on a card and model size a measurement found it faster on (the table),
+    with the reason; a model larger than measured, another card, no vLLM or no GPU: transformers."""
+    from pipeline.config.schema import ModelConfig
+    from pipeline.logprobs import backends
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(backends, "vllm_available", lambda: True)
+    tiny = ModelConfig(path=str(demo_assets["model"]))
+    size = backends.model_billions(tiny)
+    assert 0 < size < 0.01  # the demo model: 2 layers of 64, a 1,024-token vocabulary
+    choice, why = backends.auto_backend(tiny)
+    assert choice == "transformers" and "no measurement shows vLLM scoring faster on NVIDIA H100" in why
+    monkeypatch.setattr(backends, "VLLM_MEASURED_FASTER", (("H100", 8.0),))
+    assert backends.auto_backend(tiny) == ("vllm", "measured faster than transformers on H100 up to 8B parameters")
+    assert backends.resolve_backend("auto", tiny) == "vllm"
+    monkeypatch.setattr(backends, "VLLM_MEASURED_FASTER", (("H100", size / 2),))
+    assert backends.auto_backend(tiny)[0] == "transformers"  # larger than what was measured
+    monkeypatch.setattr(backends, "VLLM_MEASURED_FASTER", (("H200", 8.0),))
+    assert backends.auto_backend(tiny)[0] == "transformers"  # another card
+    monkeypatch.setattr(backends, "vllm_available", lambda: False)
+    assert backends.auto_backend(tiny) == ("transformers", "vLLM is not installed")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backends.auto_backend(tiny) == ("transformers", "no CUDA GPU")

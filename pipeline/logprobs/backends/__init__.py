@@ -1,6 +1,6 @@
 """Scorers: what turns token ids into per-token reference log-probs, behind one interface.
 
-    scorer = make_scorer(resolve_backend(cfg.score.backend), cfg, max_sequence)
+    scorer = make_scorer(resolve_backend(cfg.score.backend, cfg.model), cfg, max_sequence)
     chosen, rejected = scorer.score_pairs(prompts, chosens, rejecteds)
 
 Two backends: ``transformers`` (CPU or GPU; the cross-check) and ``vllm`` (GPU). Both return
@@ -27,8 +27,18 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def resolve_backend(requested: str) -> str:
-    """The backend to use; "auto" means vllm when it imports and a CUDA GPU is present."""
+VLLM_MEASURED_FASTER: tuple[tuple[str, float], ...] = ()
+"""Where a measurement (bench/gpu_suite.py --quick, docs/benchmarks.md) found vLLM's scoring faster
+than the transformers scorer on the same card: (a substring of the card's name, the largest model
+measured, in billions of parameters). Empty: no GPU measurement yet, so auto picks transformers,
+whose packed scorer computes each prompt once where vLLM's prompt_logprobs computes it for each
+response (vllm PR 17251)."""
+
+
+def resolve_backend(requested: str, model=None) -> str:
+    """The backend to use. auto: vllm only where it imports, a CUDA GPU is present and a measurement
+    (VLLM_MEASURED_FASTER) says it scores faster on this card at this model size (``model``: the
+    ModelConfig, for its size); else transformers. The choice and its reason are logged."""
     if requested == "vllm":
         if not vllm_available():
             raise ScoreError(
@@ -38,11 +48,43 @@ def resolve_backend(requested: str) -> str:
         return "vllm"
     if requested == "transformers":
         return "transformers"
+    choice, why = auto_backend(model)
+    log.debug("score: backend auto -> %s (%s)", choice, why)  # the score stage says it (info)
+    return choice
+
+
+def auto_backend(model=None) -> tuple[str, str]:
+    """(backend, why) of score.backend auto here, for ``model`` (a ModelConfig, or None)."""
     import torch
 
-    choice = "vllm" if vllm_available() and torch.cuda.is_available() else "transformers"
-    log.debug("score: backend auto -> %s", choice)
-    return choice
+    if not torch.cuda.is_available():
+        return "transformers", "no CUDA GPU"
+    if not vllm_available():
+        return "transformers", "vLLM is not installed"
+    card = torch.cuda.get_device_name()
+    size = model_billions(model)
+    for name, largest in VLLM_MEASURED_FASTER:
+        if name in card and (size is None or size <= largest):
+            return "vllm", f"measured faster than transformers on {name} up to {largest:g}B parameters"
+    return "transformers", (f"no measurement shows vLLM scoring faster on {card}"
+                            f"{f' for a {size:.2g}B-parameter model' if size else ''} (docs/benchmarks.md); "
+                            "score.backend=vllm uses it anyway")
+
+
+def model_billions(model) -> float | None:
+    """A causal LM's size in billions of parameters, estimated from its config.json (12 x layers x
+    hidden^2 + vocab x hidden); None when there is no local config to read."""
+    import json
+    from pathlib import Path
+
+    if model is None or not (Path(model.path) / "config.json").is_file():
+        return None
+    try:
+        c = json.loads((Path(model.path) / "config.json").read_text())
+        hidden, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (12 * layers * hidden * hidden + vocab * hidden) / 1e9
 
 
 def make_scorer(backend: str, cfg: Config, max_sequence: int, settings: dict | None = None) -> Scorer:
@@ -56,4 +98,5 @@ def make_scorer(backend: str, cfg: Config, max_sequence: int, settings: dict | N
     return TransformersScorer(cfg, settings)
 
 
-__all__ = ["BACKENDS", "Progress", "ScoreError", "Scorer", "make_scorer", "resolve_backend", "vllm_available"]
+__all__ = ["BACKENDS", "VLLM_MEASURED_FASTER", "Progress", "ScoreError", "Scorer", "auto_backend", "make_scorer",
+           "model_billions", "resolve_backend", "vllm_available"]
