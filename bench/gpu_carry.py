@@ -1,0 +1,232 @@
+"""Carry vLLM to the lent GPU machine: its wheels, in parts under the 64 MiB a call carries.
+
+    .venv/bin/python bench/gpu_carry.py plan [--vllm 0.26.0]    # the closure minus the image: wheels, MiB, calls
+    .venv/bin/python bench/gpu_carry.py download                # the planned wheels into .carry/wheels (sha256 checked)
+    .venv/bin/python bench/gpu_carry.py split [--part-mib 60]   # .carry/bundle.tar cut into .carry/part-NNN
+    .venv/bin/python bench/gpu_carry.py calls                   # the device calls, one part each, then the install
+    .venv/bin/python bench/gpu_carry.py join --to DIR [--install-pure]   # the dry run: reassemble, check, install
+
+The lent machine (docs/development.md) has Python 3.12 and torch 2.11.0+cu130 with the packages its
+notes list (``IMAGE``), no network, and takes at most 64 MiB of files per call; ignored files it
+already holds stay there while it is warm. vLLM 0.26.0 is the last release that pins torch 2.11.0
+(its wheel metadata, read 2026-12-06). ``plan`` walks its requirements on PyPI (the simple JSON API,
+the PEP 658 metadata or, without it, the wheel's own METADATA): for each requirement whose marker
+holds on linux x86_64 CPython 3.12 and whose name the image does not hold, the newest version the
+specifier allows with a wheel for that platform, then its own requirements. A requirement PyPI cannot
+satisfy is listed as such (the install is ``--no-deps``, so it is simply absent there). ``split``
+tars the wheels and cuts the tar into parts; ``calls`` prints the sequence of device calls (each
+carries one part and copies it to /tmp/carry; the last one checks the tar's sha256 and installs
+every wheel with ``pip install --no-index --no-deps --target /tmp/site``). ``join`` is the same
+reassembly here, and with ``--install-pure`` installs the pure-Python wheels into DIR/site on this
+CPU machine. Every step writes JSON under .carry/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import subprocess
+import sys
+import tarfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from _common import ROOT, bench_parser
+
+CARRY = ROOT / ".carry"
+IMAGE = set("""absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
+certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
+cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock
+flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx huggingface-hub
+humanize hypothesis idna imageio iniconfig interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin jaxlib jaxtyping jinja2
+joblib kiwisolver lazy-loader lightning lightning-utilities linear-operator lineax llvmlite lxml markdown
+markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes mpi4py mpmath msgpack multidict multipledispatch
+mypy-extensions nanobind narwhals networkx ninja numba numba-cuda numpy numpyro nvidia-cublas nvidia-cuda-cupti
+nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand nvidia-cusolver
+nvidia-cusparse nvidia-cusparselt-cu13 nvidia-ml-py nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx
+onnx onnx-ir onnxruntime onnxscript opencv-python-headless optax opt-einsum opt-einsum-fx optimistix orbax-checkpoint
+packaging pandas pathspec patsy peft pillow pip pluggy portalocker prometheus-client propcache protobuf psutil pyarrow
+pybind11 py-cpuinfo pygments pyparsing pyproject-hooks pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock
+pytest-timeout pytest-xdist python-dateutil pytorch-lightning pyyaml regex requests rich sacrebleu safetensors
+scikit-build-core scikit-image scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools shellingham
+simplejson six sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore
+threadpoolctl tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics
+torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig
+werkzeug wheel wrapt xarray xxhash yarl zipp""".split())
+"""What the lent machines' image holds (their notes, read 2026-11-17): not carried."""
+ENVIRONMENT = {"python_version": "3.12", "python_full_version": "3.12.3", "platform_machine": "x86_64",
+               "platform_system": "Linux", "sys_platform": "linux", "os_name": "posix",
+               "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+WHEEL_TAGS = re.compile(r"-(cp312|cp3\d*|py3\d*|py2\.py3)-(cp312|abi3|none)-(manylinux[^-]*x86_64|linux_x86_64|any)\.whl$")
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def index(name: str) -> dict:
+    request = urllib.request.Request(f"https://pypi.org/simple/{canonical(name)}/",
+                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        return json.load(answer)
+
+
+def pick(name: str, spec) -> dict | None:
+    """The newest wheel for the lent machine of a version ``spec`` allows, or None."""
+    from packaging.version import InvalidVersion, Version
+
+    best = None
+    for f in index(name)["files"]:
+        if f.get("yanked") or not WHEEL_TAGS.search(f["filename"]):
+            continue
+        try:
+            version = Version(f["filename"].split("-")[1])
+        except InvalidVersion:
+            continue
+        pinned = any(s.operator == "==" for s in spec)  # a pre-release only where pinned exactly
+        if not spec.contains(version, prereleases=pinned) or (version.is_prerelease and not pinned):
+            continue
+        if best is None or version > best[0]:
+            best = (version, f)
+    if best is None:
+        return None
+    version, f = best
+    return {"name": canonical(name), "version": str(version), "file": f["filename"], "url": f["url"],
+            "sha256": f["hashes"]["sha256"], "bytes": f.get("size") or 0,
+            "metadata": bool(f.get("core-metadata") or f.get("data-dist-info-metadata"))}
+
+
+def requirements(wheel: dict) -> list:
+    """The wheel's runtime requirements (its METADATA's Requires-Dist without extras)."""
+    from packaging.requirements import Requirement
+
+    if wheel["metadata"]:
+        with urllib.request.urlopen(wheel["url"] + ".metadata", timeout=60) as answer:
+            text = answer.read().decode()
+    else:
+        with urllib.request.urlopen(wheel["url"], timeout=300) as answer:
+            archive = zipfile.ZipFile(io.BytesIO(answer.read()))
+        text = archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    found = [Requirement(line.split(":", 1)[1].strip()) for line in text.splitlines() if line.startswith("Requires-Dist:")]
+    return [r for r in found if r.marker is None or r.marker.evaluate(ENVIRONMENT)]
+
+
+def plan(vllm: str) -> dict:
+    """vllm==``vllm`` and what it needs that the image lacks, breadth first; the first pick of a name wins."""
+    from packaging.requirements import Requirement
+
+    todo, picked, missing = [Requirement(f"vllm=={vllm}")], {}, []
+    while todo:
+        req = todo.pop(0)
+        name = canonical(req.name)
+        if name in picked or name in IMAGE or any(m["name"] == name for m in missing):
+            continue
+        wheel = pick(name, req.specifier)
+        if wheel is None:
+            missing.append({"name": name, "requirement": str(req)})
+            continue
+        picked[name] = wheel
+        todo += requirements(wheel)
+        print(f"  {wheel['file']:<70} {wheel['bytes'] / 2**20:7.1f} MiB", flush=True)
+    total = sum(w["bytes"] for w in picked.values())
+    return {"vllm": vllm, "wheels": list(picked.values()), "unsatisfiable": missing, "bytes": total}
+
+
+def download(planned: dict) -> None:
+    folder = CARRY / "wheels"
+    folder.mkdir(parents=True, exist_ok=True)
+    for wheel in planned["wheels"]:
+        path = folder / wheel["file"]
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != wheel["sha256"]:
+            urllib.request.urlretrieve(wheel["url"], path)
+        if hashlib.sha256(path.read_bytes()).hexdigest() != wheel["sha256"]:
+            raise SystemExit(f"{path}: sha256 differs from PyPI's")
+
+
+def split(wheels: Path, out: Path, part_bytes: int) -> dict:
+    """The wheels of ``wheels`` as one tar (sorted names, no owners or times: the same bytes each
+    time), cut into parts of at most ``part_bytes``; their sha256s."""
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = out / "bundle.tar"
+    with tarfile.open(bundle, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(wheels.glob("*.whl")):
+            info = tar.gettarinfo(str(path), arcname=path.name)
+            info.uid = info.gid = info.mtime = 0
+            info.uname = info.gname = ""
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+    data = bundle.read_bytes()
+    parts = []
+    for number, start in enumerate(range(0, len(data), part_bytes)):
+        part = out / f"part-{number:03d}"
+        part.write_bytes(data[start:start + part_bytes])
+        parts.append({"file": part.name, "bytes": part.stat().st_size, "sha256": hashlib.sha256(part.read_bytes()).hexdigest()})
+    listing = {"bundle_sha256": hashlib.sha256(data).hexdigest(), "bundle_bytes": len(data), "parts": parts}
+    (out / "parts.json").write_text(json.dumps(listing, indent=1))
+    return listing
+
+
+def join(parts_dir: Path, to: Path) -> Path:
+    """The parts of ``parts_dir`` joined and checked against parts.json, unpacked into ``to``/wheels."""
+    listing = json.loads((parts_dir / "parts.json").read_text())
+    data = b"".join((parts_dir / p["file"]).read_bytes() for p in listing["parts"])
+    if hashlib.sha256(data).hexdigest() != listing["bundle_sha256"]:
+        raise SystemExit("the joined parts differ from the bundle that was split")
+    wheels = to / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(wheels, filter="data")
+    return wheels
+
+
+def calls(listing: dict) -> list[str]:
+    """The device calls: one per part (carry that part), then the install."""
+    out = [f'run(carry=[".carry/{p["file"]}"], command="mkdir -p /tmp/carry && cp .carry/{p["file"]} /tmp/carry/ '
+           f'&& echo \'{p["sha256"]}  /tmp/carry/{p["file"]}\' | sha256sum -c")' for p in listing["parts"]]
+    out.append('run(command="cat /tmp/carry/part-* > /tmp/carry/bundle.tar && echo '
+               f"'{listing['bundle_sha256']}  /tmp/carry/bundle.tar' | sha256sum -c && mkdir -p /tmp/carry/w "
+               "&& tar -xf /tmp/carry/bundle.tar -C /tmp/carry/w && python3 -m pip install -q --no-index --no-deps "
+               "--no-compile --target /tmp/site /tmp/carry/w/*.whl && PYTHONPATH=/tmp/site python3 -c 'import vllm; "
+               "print(vllm.__version__)'\")")
+    return out
+
+
+def main() -> int:
+    parser = bench_parser(__doc__, whole_doc=True)
+    parser.add_argument("step", choices=["plan", "download", "split", "calls", "join"])
+    parser.add_argument("--vllm", default="0.26.0")
+    parser.add_argument("--part-mib", type=float, default=60.0)
+    parser.add_argument("--to", type=Path, help="join: where to reassemble")
+    parser.add_argument("--install-pure", action="store_true", help="join: pip install the pure-Python wheels into TO/site")
+    args = parser.parse_args()
+    CARRY.mkdir(exist_ok=True)
+    if args.step == "plan":
+        planned = plan(args.vllm)
+        (CARRY / "plan.json").write_text(json.dumps(planned, indent=1))
+        parts = -(-planned["bytes"] // int(args.part_mib * 2**20))
+        print(f"vllm=={args.vllm}: {len(planned['wheels'])} wheels, {planned['bytes'] / 2**20:.0f} MiB: {parts} parts of "
+              f"{args.part_mib:g} MiB, {parts + 1} device calls; not on PyPI: "
+              f"{', '.join(m['requirement'] for m in planned['unsatisfiable']) or 'none'}")
+    elif args.step == "download":
+        download(json.loads((CARRY / "plan.json").read_text()))
+    elif args.step == "split":
+        listing = split(CARRY / "wheels", CARRY, int(args.part_mib * 2**20))
+        print(f"{len(listing['parts'])} parts, {listing['bundle_bytes'] / 2**20:.0f} MiB, bundle sha256 {listing['bundle_sha256']}")
+    elif args.step == "calls":
+        print("\n".join(calls(json.loads((CARRY / "parts.json").read_text()))))
+    else:
+        wheels = join(CARRY, args.to)
+        print(f"joined: the bundle's sha256 matches; {len(list(wheels.glob('*.whl')))} wheels in {wheels}")
+        if args.install_pure:
+            pure = sorted(str(p) for p in wheels.glob("*-none-any.whl"))
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                            "--target", str(args.to / "site"), *pure], check=True)
+            print(f"installed {len(pure)} pure-Python wheels into {args.to / 'site'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
