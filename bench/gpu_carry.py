@@ -99,8 +99,9 @@ def pick(name: str, spec) -> dict | None:
             "metadata": bool(f.get("core-metadata") or f.get("data-dist-info-metadata"))}
 
 
-def requirements(wheel: dict) -> list:
-    """The wheel's runtime requirements (its METADATA's Requires-Dist without extras)."""
+def requirements(wheel: dict, extras: set[str]) -> list:
+    """The wheel's runtime requirements: its METADATA's Requires-Dist whose marker holds on the
+    lent machine, with the ``extras`` asked for it (nvidia-cutlass-dsl[cu13])."""
     from packaging.requirements import Requirement
 
     if wheel["metadata"]:
@@ -111,7 +112,8 @@ def requirements(wheel: dict) -> list:
             archive = zipfile.ZipFile(io.BytesIO(answer.read()))
         text = archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))).decode()
     found = [Requirement(line.split(":", 1)[1].strip()) for line in text.splitlines() if line.startswith("Requires-Dist:")]
-    return [r for r in found if r.marker is None or r.marker.evaluate(ENVIRONMENT)]
+    return [r for r in found if r.marker is None
+            or any(r.marker.evaluate({**ENVIRONMENT, "extra": extra}) for extra in {"", *extras})]
 
 
 def plan(vllm: str) -> dict:
@@ -129,7 +131,7 @@ def plan(vllm: str) -> dict:
             missing.append({"name": name, "requirement": str(req)})
             continue
         picked[name] = wheel
-        todo += requirements(wheel)
+        todo += requirements(wheel, set(req.extras))
         print(f"  {wheel['file']:<70} {wheel['bytes'] / 2**20:7.1f} MiB", flush=True)
     total = sum(w["bytes"] for w in picked.values())
     return {"vllm": vllm, "wheels": list(picked.values()), "unsatisfiable": missing, "bytes": total}
@@ -146,13 +148,17 @@ def download(planned: dict) -> None:
             raise SystemExit(f"{path}: sha256 differs from PyPI's")
 
 
-def split(wheels: Path, out: Path, part_bytes: int) -> dict:
-    """The wheels of ``wheels`` as one tar (sorted names, no owners or times: the same bytes each
-    time), cut into parts of at most ``part_bytes``; their sha256s."""
+def split(wheels: Path, out: Path, part_bytes: int, names: list[str] | None = None) -> dict:
+    """The wheels of ``wheels`` (``names`` of them: the plan's; None: every one) as one tar (sorted
+    names, no owners or times: the same bytes each time), cut into parts of at most ``part_bytes``;
+    their sha256s."""
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("part-*"):
+        stale.unlink()
     bundle = out / "bundle.tar"
+    paths = sorted(wheels / n for n in names) if names is not None else sorted(wheels.glob("*.whl"))
     with tarfile.open(bundle, "w", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted(wheels.glob("*.whl")):
+        for path in paths:
             info = tar.gettarinfo(str(path), arcname=path.name)
             info.uid = info.gid = info.mtime = 0
             info.uname = info.gname = ""
@@ -213,7 +219,8 @@ def main() -> int:
     elif args.step == "download":
         download(json.loads((CARRY / "plan.json").read_text()))
     elif args.step == "split":
-        listing = split(CARRY / "wheels", CARRY, int(args.part_mib * 2**20))
+        names = [w["file"] for w in json.loads((CARRY / "plan.json").read_text())["wheels"]]
+        listing = split(CARRY / "wheels", CARRY, int(args.part_mib * 2**20), names)
         print(f"{len(listing['parts'])} parts, {listing['bundle_bytes'] / 2**20:.0f} MiB, bundle sha256 {listing['bundle_sha256']}")
     elif args.step == "calls":
         print("\n".join(calls(json.loads((CARRY / "parts.json").read_text()))))
