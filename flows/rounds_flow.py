@@ -68,11 +68,6 @@ def judge_task(config: dict, generations_dir: str, make_pairs: bool, label: str)
     return _state("judge", {"output_dir": str(result.output_dir), "manifest": result.manifest}, result.skipped)
 
 
-def _result(future_state) -> dict:
-    """A task's result whether it ran (its return value) or was skipped (its state's data)."""
-    return future_state.result()
-
-
 def judged_completions(generations_dir: str, judgements_dir: str) -> dict[str, tuple[float, int]]:
     """{prompt_id: (reward, completion tokens)} of a one-sample-per-prompt generation."""
     rewards = rewards_table(judgements_dir).to_pydict()
@@ -84,9 +79,9 @@ def judged_completions(generations_dir: str, judgements_dir: str) -> dict[str, t
 def evaluate(rounds: RoundsPlan, r: int) -> dict[str, tuple[float, int]]:
     """Round r's policy on the held-out prompts: generated, judged (no pairs)."""
     cfg = rounds.eval_config(rounds.policy(r))
-    generated = _result(generate_task(cfg.to_dict(), label=f"eval round {r}", return_state=True))
-    judged = _result(judge_task(cfg.to_dict(), generated["output_dir"], False, label=f"eval round {r}",
-                                return_state=True))
+    generated = generate_task(cfg.to_dict(), label=f"eval round {r}", return_state=True).result()
+    judged = judge_task(cfg.to_dict(), generated["output_dir"], False, label=f"eval round {r}",
+                        return_state=True).result()
     return judged_completions(generated["output_dir"], judged["output_dir"])
 
 
@@ -98,9 +93,9 @@ def train_round(rounds: RoundsPlan, r: int) -> dict:
     """Round r's sampling, judging and training; returns its record (without the win rate)."""
     policy = rounds.policy(r - 1)
     sample_cfg = rounds.sample_config(r, policy)
-    generated = _result(generate_task(sample_cfg.to_dict(), label=f"round {r}", return_state=True))
-    judged = _result(judge_task(sample_cfg.to_dict(), generated["output_dir"], True, label=f"round {r}",
-                                return_state=True))
+    generated = generate_task(sample_cfg.to_dict(), label=f"round {r}", return_state=True).result()
+    judged = judge_task(sample_cfg.to_dict(), generated["output_dir"], True, label=f"round {r}",
+                        return_state=True).result()
     manifest = judged["manifest"]
     counts, stats = manifest["counts"], manifest["rewards"]
     if counts["pairs"] == 0:
@@ -123,13 +118,12 @@ def train_round(rounds: RoundsPlan, r: int) -> dict:
 
 
 def record_win_rate(rounds: RoundsPlan, record: dict, base: dict, result: dict) -> None:
-    """Write the round's win rate into its run folder (winrate.json) and redraw its report."""
+    """Write the round's win rate into its run folder (winrate.json) and redraw its report.
+    ``base``: round 0's record."""
     run_dir = Path(record["run_dir"])
-    n = len(base)
     atomic_write_json(run_dir / WIN_RATE, {
         "round": record["round"], "rounds": rounds.name, "judge": judge_name(rounds.cfg),
-        "base_mean_reward": sum(v[0] for v in base.values()) / n,
-        "base_mean_length": sum(v[1] for v in base.values()) / n, **result})
+        "base_mean_reward": base["mean_reward"], "base_mean_length": base["mean_length"], **result})
     summary = trust.verified_run(run_dir) or {}
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     write_run_report(run_dir, metrics.read(metrics.path_of(run_dir)), config,
@@ -145,6 +139,10 @@ def save_rounds(rounds: RoundsPlan, records: list[dict]) -> Path:
     return write_rounds_report(directory, rounds.name, records, rounds.iterations)
 
 
+ROUND0_KEYS = ("mean_reward", "win_rate", "wins", "ties", "losses", "prompts_compared", "mean_length", "length_drift")
+"""What round 0's record holds of its comparison with itself."""
+
+
 @flow(name="dpo-rounds", log_prints=True)
 def dpo_rounds(config: PipelineConfig, name: Optional[str] = None) -> dict:
     """Iterative DPO: rounds.iterations rounds of generate -> judge -> prepare -> score -> audit ->
@@ -156,21 +154,18 @@ def dpo_rounds(config: PipelineConfig, name: Optional[str] = None) -> dict:
     cfg = config_from_dict(config_dict(config))
     rounds = plan_rounds(cfg, name or "rounds")
     logger = get_run_logger()
-    prompts = _result(prompts_task(cfg.to_dict(), return_state=True))
+    prompts = prompts_task(cfg.to_dict(), return_state=True).result()  # a skipped task's: its state's data
     check_prompt_count(cfg, prompts["count"], f"the prompts table {prompts['output_dir']}")
     base = evaluate(rounds, 0)
-    n = len(base)
-    base_reward = sum(v[0] for v in base.values()) / n
-    records = [{"round": 0, "policy": rounds.policy(0), "mean_reward": base_reward, "win_rate": 0.5,
-                "wins": 0, "ties": n, "losses": 0, "prompts_compared": n,
-                "mean_length": sum(v[1] for v in base.values()) / n, "length_drift": 0.0}]
+    itself = win_rate(base, base)  # round 0 against itself: all ties, win rate 0.5, no drift
+    records = [{"round": 0, "policy": rounds.policy(0), **{key: itself[key] for key in ROUND0_KEYS}}]
     save_rounds(rounds, records)
-    logger.info("round 0 (the starting policy): held-out mean reward %.4f", base_reward)
+    logger.info("round 0 (the starting policy): held-out mean reward %.4f", itself["mean_reward"])
     for r in range(1, rounds.iterations + 1):
         record = train_round(rounds, r)
         result = win_rate(base, evaluate(rounds, r))
         record.update(result)
-        record_win_rate(rounds, record, base, result)
+        record_win_rate(rounds, record, records[0], result)
         records.append(record)
         save_rounds(rounds, records)
         logger.info("round %d: held-out mean reward %.4f, win rate %.3f against round 0 (%d pairs trained)",

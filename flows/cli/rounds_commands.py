@@ -101,22 +101,19 @@ def rounds_name(cfg: Config, config_path: str) -> str:
     return (cfg.rounds.name if cfg.rounds and cfg.rounds.name else None) or Path(config_path).stem
 
 
-def demo_rounds(flows: tuple, base: dict, iterations: int, no_progress: bool) -> Path:
-    """`dpo demo --rounds N`: a short SFT run teaches the tiny model the demo's words (the
-    dpo-pipeline flow with loss_type sft: round 0's policy), then N rounds of iterative DPO from
-    it, the demo's rule as the judge. ``flows``: (dpo_pipeline, dpo_rounds)."""
-    from pipeline.models.assets import DEMO_GENERATE, DEMO_ROUND_TRAIN, DEMO_ROUNDS, DEMO_SFT_TRAIN, build_demo_sft_data
+def demo_sft_config(base: dict) -> Config:
+    """The demo's SFT run (round 0's policy): DEMO_SFT_TRAIN on the demo's SFT rows, next to its data."""
+    from pipeline.models.assets import DEMO_SFT_TRAIN, build_demo_sft_data
 
-    from flows.cli.commands import _flow_progress
-
-    if iterations < 1:
-        raise ConfigError(f"--rounds {iterations}: run at least one round", hint="e.g. dpo demo --rounds 2")
-    dpo_pipeline, dpo_rounds = flows
     sft_data = build_demo_sft_data(Path(base["data"]["path"]).parent)
-    sft = config_from_dict({**base, "data": {**base["data"], "path": str(sft_data)}, "train": DEMO_SFT_TRAIN})
-    _flow_progress(no_progress)
-    policy = Path(dpo_pipeline(config=sft.to_dict())["outputs"]["train"]) / "final"
-    print(f"round 0's policy: the demo model after {DEMO_SFT_TRAIN['max_steps']} SFT steps, {policy}", file=sys.stderr)
+    return config_from_dict({**base, "data": {**base["data"], "path": str(sft_data)}, "train": DEMO_SFT_TRAIN})
+
+
+def demo_rounds_config(base: dict, policy: Path, iterations: int) -> Config:
+    """The demo's rounds from ``policy``, the demo's rule as the judge, prompts_per_round cut to
+    what the demo's prompts allow for ``iterations`` (at least 1) rounds (refused below 8)."""
+    from pipeline.models.assets import DEMO_GENERATE, DEMO_ROUND_TRAIN, DEMO_ROUNDS
+
     raw = {**base, "model": {**base["model"], "path": str(policy)}, "train": DEMO_ROUND_TRAIN,
            "generate": DEMO_GENERATE, "judge": {"function": "pipeline.models.assets:demo_reward"},
            "rounds": {**DEMO_ROUNDS, "iterations": iterations}}
@@ -125,7 +122,24 @@ def demo_rounds(flows: tuple, base: dict, iterations: int, no_progress: bool) ->
     if per_round < 8:
         raise ConfigError(f"--rounds {iterations}: the demo's {available} prompts are too few for that many rounds",
                           hint=f"run at most {(available - DEMO_ROUNDS['eval_prompts']) // 8} rounds")
-    cfg = config_from_dict({**raw, "rounds": {**raw["rounds"], "prompts_per_round": per_round}})
+    return config_from_dict({**raw, "rounds": {**raw["rounds"], "prompts_per_round": per_round}})
+
+
+def demo_rounds(flows: tuple, base: dict, iterations: int, no_progress: bool) -> Path:
+    """`dpo demo --rounds N`: a short SFT run teaches the tiny model the demo's words (the
+    dpo-pipeline flow with loss_type sft: round 0's policy), then N rounds of iterative DPO from
+    it, the demo's rule as the judge. ``flows``: (dpo_pipeline, dpo_rounds)."""
+    from pipeline.models.assets import DEMO_SFT_TRAIN
+
+    from flows.cli.commands import _flow_progress
+
+    if iterations < 1:
+        raise ConfigError(f"--rounds {iterations}: run at least one round", hint="e.g. dpo demo --rounds 2")
+    dpo_pipeline, dpo_rounds = flows
+    _flow_progress(no_progress)
+    policy = Path(dpo_pipeline(config=demo_sft_config(base).to_dict())["outputs"]["train"]) / "final"
+    print(f"round 0's policy: the demo model after {DEMO_SFT_TRAIN['max_steps']} SFT steps, {policy}", file=sys.stderr)
+    cfg = demo_rounds_config(base, policy, iterations)
     return run_rounds(dpo_rounds, cfg, cfg.rounds.name, no_progress)
 
 
@@ -144,10 +158,6 @@ def print_rounds_status(cfg: Config, default_name: str) -> None:
         print(f"  round {r}: {_round_state(rounds, r, prompts)}")
 
 
-def _complete(check, directory: Path) -> bool:
-    return trust.is_verified(check, directory)
-
-
 def _round_state(rounds, r: int, prompts: Path) -> str:
     """Where round r stopped: the first of its stages whose output is not complete."""
     policy = rounds.policy(r - 1) if r else rounds.policy(0)
@@ -160,11 +170,11 @@ def _round_state(rounds, r: int, prompts: Path) -> str:
         steps.append(("eval generate", rounds.eval_config(rounds.policy(r)), False))
     for label, step_cfg, pairs in steps:
         generations = locate.generations_dir_for(step_cfg, prompts.name)
-        if not _complete(trust.verified_generations, generations):
+        if not trust.is_verified(trust.verified_generations, generations):
             return f"stopped in {label} ({generations})"
         judged = paths.judgements_dir(step_cfg.storage, fingerprint(paths.judgements_identity(
             step_cfg, generations.name, pairs)))
-        if not _complete(trust.verified_judgements, judged):
+        if not trust.is_verified(trust.verified_judgements, judged):
             return f"stopped in {label.replace('generate', 'judge')} ({judged})"
     if r and trust.verified_run(rounds.run_dir(r)) is None:
         return f"stopped in prepare -> score -> audit -> train ({rounds.run_dir(r)}; dpo rounds resumes it)"

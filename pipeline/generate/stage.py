@@ -49,7 +49,7 @@ from pipeline.generate.work import (
 )
 from pipeline.models.loading import load_tokenizer, model_source
 from pipeline.progress import Progress
-from pipeline.storage import locate, paths, refvalues, trust
+from pipeline.storage import locate, paths, trust
 from pipeline.storage.shards import ShardPlan
 from pipeline.store import (
     MANIFEST,
@@ -152,14 +152,9 @@ def prompts_table(prompts_dir: str | Path) -> pa.Table:
 
 
 def generation_table(output_dir: str | Path) -> pa.Table:
-    """Every completion of a verified generations folder, its shards in order."""
-    manifest = trust.verified_generations(output_dir)
-    tables = []
-    for shard in manifest["shards"]:  # the values proven too: each column's checksum, written with it
-        table = pq.read_table(Path(output_dir) / shard["file"])
-        refvalues.check_digests(table, refvalues.recorded_digests(table.schema.metadata), shard["file"])
-        tables.append(table)
-    return pa.concat_tables(tables).replace_schema_metadata(None) if tables else GENERATIONS_SCHEMA.empty_table()
+    """Every completion of a verified generations folder, its shards in order, its values proven."""
+    table = trust.generation_table(output_dir)
+    return table if table.num_columns else GENERATIONS_SCHEMA.empty_table()
 
 
 # --- the completions -----------------------------------------------------------------------------

@@ -43,16 +43,14 @@ from pipeline.errors import CacheError, JudgeError, ValueProofError
 from pipeline.judge.pairs import Drop, make_pairs
 from pipeline.judge.rewards import RewardModel, check_reward, function_rewards, load_function
 from pipeline.progress import Progress
-from pipeline.storage import paths, refvalues, trust
+from pipeline.storage import paths, trust
 from pipeline.store import (
     atomic_write_text,
     ensure_dir,
     exclusive,
     fingerprint,
     lock_path,
-    read_manifest,
     sha256_file,
-    sha256_verified,
     write_manifest,
     write_parquet,
 )
@@ -88,71 +86,39 @@ class Generations:
 # --- reading the generations ----------------------------------------------------------------------
 
 
-def _shard_entries(manifest: dict, where: Path, fix: str) -> list[dict]:
-    if manifest.get("kind") != "generations":
-        raise CacheError(f"{where} holds no generations manifest", hint=fix)
-    if manifest.get("complete") is not True:
-        raise CacheError(f"{where} is incomplete (its writer did not finish)", hint=fix)
-    shards = manifest.get("shards")
-    if not isinstance(shards, list) or not all(
-        isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("sha256"), str) for s in shards
-    ):
-        raise CacheError(f"{where}: the manifest's shard list is malformed", hint=fix)
-    return shards
-
-
-def _verified_table(path: Path, sha256: str | None, columns, fix: str) -> pa.Table:
-    if not path.is_file():
-        raise CacheError(f"{path} is missing", hint=fix)
-    if sha256 is not None and sha256_verified(path) != sha256:
-        raise CacheError(f"{path} is damaged (its sha256 differs from the manifest)", hint=fix)
-    table = pq.read_table(path)
-    recorded = refvalues.recorded_digests(table.schema.metadata)  # a generation shard's value checksums
-    if recorded is not None:
-        try:
-            refvalues.check_digests(table, recorded, path.name)
-        except ValueProofError as exc:
-            raise CacheError(f"{path}: {exc}", hint=fix) from None
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise CacheError(f"{path} has no column {', '.join(missing)}", hint=fix)
-    return table.select(list(columns))
-
-
 def _read_prompts(gen_dir: Path, manifest: dict, fix: str) -> dict[str, object]:
-    """prompt_id -> the prompt as read, from the generations' prompts folder (checked)."""
+    """prompt_id -> the prompt as read, from the generations' prompts folder (verified)."""
     name = manifest.get("prompts_dir")
     if not isinstance(name, str) or not name:
         raise CacheError(f"{gen_dir}: the manifest names no prompts_dir", hint=fix)
     folder = Path(name) if Path(name).is_absolute() else paths.prompts_dir(paths.storage_of(gen_dir), name)
-    prompts_manifest = read_manifest(folder)
-    if prompts_manifest is None or prompts_manifest.get("complete") is not True:
-        raise CacheError(f"the prompts folder {folder} is missing or incomplete", hint=fix)
-    entry = (prompts_manifest.get("files") or {}).get(PROMPTS_FILE)
-    sha = entry.get("sha256") if isinstance(entry, dict) else None
-    table = _verified_table(folder / PROMPTS_FILE, sha, ("prompt_id", "prompt"), fix)
+    trust.verified_prompts(folder)
+    table = pq.read_table(folder / PROMPTS_FILE, columns=["prompt_id", "prompt"])
     return {pid: json.loads(text) for pid, text in zip(table["prompt_id"].to_pylist(), table["prompt"].to_pylist())}
 
 
 def read_generations(generations_dir: str | Path) -> Generations:
-    """A complete generations folder whose shards match their sha256, read; else CacheError."""
+    """A complete generations folder whose shards match their sha256 (and their values their
+    checksums, where written), read; else CacheError."""
     gen_dir = Path(generations_dir)
     fix = f"run `dpo generate -c CONFIG` (delete {gen_dir} first if it is damaged)"
-    manifest = read_manifest(gen_dir)
-    if manifest is None:
-        raise CacheError(f"{gen_dir} has no readable manifest.json", hint=fix)
-    shards = _shard_entries(manifest, gen_dir, fix)
-    tables = [_verified_table(gen_dir / s["file"], s["sha256"], GENERATION_COLUMNS, fix) for s in shards]
-    if not tables or sum(t.num_rows for t in tables) == 0:
+    manifest = trust.verified_generations(gen_dir)
+    try:
+        table = trust.generation_table(gen_dir, require_digests=False)  # every column, so every checksum
+    except ValueProofError as exc:
+        raise CacheError(f"{gen_dir}: {exc}", hint=fix) from None
+    if table.num_rows == 0:
         raise JudgeError(f"{gen_dir} holds no completions: nothing to judge", hint=fix)
-    table = pa.concat_tables(tables)
+    missing = [c for c in GENERATION_COLUMNS if c not in table.column_names]
+    if missing:
+        raise CacheError(f"{gen_dir}: its shards have no column {', '.join(missing)}", hint=fix)
     prompts = _read_prompts(gen_dir, manifest, fix)
     prompt_ids = table["prompt_id"].to_pylist()
     unknown = next((p for p in prompt_ids if p not in prompts), None)
     if unknown is not None:
         raise CacheError(f"{gen_dir}: prompt_id {unknown} is not in its prompts folder", hint=fix)
-    fp = manifest.get("fingerprint") if isinstance(manifest.get("fingerprint"), str) else gen_dir.name
-    return Generations(fp, prompt_ids, table["sample"].to_pylist(), table["text"].to_pylist(), prompts)
+    return Generations(manifest["fingerprint"], prompt_ids, table["sample"].to_pylist(), table["text"].to_pylist(),
+                       prompts)
 
 
 # --- the stage -------------------------------------------------------------------------------------

