@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/gpu_carry.py plan [--vllm 0.26.0]    # the closure minus the image: wheels, MiB, calls
     .venv/bin/python bench/gpu_carry.py download                # the planned wheels into .carry/wheels (sha256 checked)
-    .venv/bin/python bench/gpu_carry.py split [--part-mib 60]   # .carry/bundle.tar cut into .carry/part-NNN
+    .venv/bin/python bench/gpu_carry.py imports                 # the lean plan's check: what scoring imports
+    .venv/bin/python bench/gpu_carry.py split [--lean] [--part-mib 60]   # .carry/bundle.tar cut into .carry/part-NNN
     .venv/bin/python bench/gpu_carry.py calls                   # the device calls, one part each, then the install
     .venv/bin/python bench/gpu_carry.py join --to DIR [--install-pure]   # the dry run: reassemble, check, install
 
@@ -13,7 +14,10 @@ already holds stay there while it is warm. vLLM 0.26.0 is the last release that 
 the PEP 658 metadata or, without it, the wheel's own METADATA): for each requirement whose marker
 holds on linux x86_64 CPython 3.12 and whose name the image does not hold, the newest version the
 specifier allows with a wheel for that platform, then its own requirements. A requirement PyPI cannot
-satisfy is listed as such (the install is ``--no-deps``, so it is simply absent there). ``split``
+satisfy is listed as such (the install is ``--no-deps``, so it is simply absent there). The lean plan
+leaves out ``LEAN`` (kernels for other chips and models, video decoding) and what only they need;
+``imports`` checks it: the modules those wheels hold against the imports that vLLM's scoring path
+(``SCORING_PATH``) runs unconditionally at module level, read from the vLLM wheel. ``split``
 tars the wheels and cuts the tar into parts; ``calls`` prints the sequence of device calls (each
 carries one part and copies it to /tmp/carry; the last one checks the tar's sha256 and installs
 every wheel with ``pip install --no-index --no-deps --target /tmp/site``). ``join`` is the same
@@ -23,6 +27,7 @@ CPU machine. Every step writes JSON under .carry/ (git-ignored).
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
@@ -57,6 +62,14 @@ threadpoolctl tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiff
 torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig
 werkzeug wheel wrapt xarray xxhash yarl zipp""".split())
 """What the lent machines' image holds (their notes, read 2026-11-17): not carried."""
+LEAN = ("nvidia-cutlass-dsl", "tokenspeed-mla", "humming-kernels", "quack-kernels", "tilelang", "pynvvideocodec",
+        "torchcodec")
+"""vLLM's requirements that scoring a dense model on Hopper does not import (``imports`` checks):
+CuTe-DSL and FlashAttention-4 kernels (Blackwell), MLA and tilelang kernels, video decoding."""
+SCORING_PATH = ("vllm", "vllm.entrypoints.llm", "vllm.v1.engine.core", "vllm.v1.worker.gpu_worker",
+                "vllm.v1.worker.gpu_model_runner", "vllm.model_executor.models.llama",
+                "vllm.v1.attention.backends.flash_attn", "vllm.v1.sample.sampler")
+"""What ``LLM(model).generate(..., SamplingParams(prompt_logprobs=0))`` runs for a Llama on an H100."""
 ENVIRONMENT = {"python_version": "3.12", "python_full_version": "3.12.3", "platform_machine": "x86_64",
                "platform_system": "Linux", "sys_platform": "linux", "os_name": "posix",
                "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
@@ -116,15 +129,16 @@ def requirements(wheel: dict, extras: set[str]) -> list:
             or any(r.marker.evaluate({**ENVIRONMENT, "extra": extra}) for extra in {"", *extras})]
 
 
-def plan(vllm: str) -> dict:
-    """vllm==``vllm`` and what it needs that the image lacks, breadth first; the first pick of a name wins."""
+def plan(vllm: str, leave_out: tuple[str, ...] = ()) -> dict:
+    """vllm==``vllm`` and what it needs that the image lacks, breadth first; the first pick of a name
+    wins. ``leave_out``: names not followed (nor what only they need)."""
     from packaging.requirements import Requirement
 
     todo, picked, missing = [Requirement(f"vllm=={vllm}")], {}, []
     while todo:
         req = todo.pop(0)
         name = canonical(req.name)
-        if name in picked or name in IMAGE or any(m["name"] == name for m in missing):
+        if name in picked or name in IMAGE or name in leave_out or any(m["name"] == name for m in missing):
             continue
         wheel = pick(name, req.specifier)
         if wheel is None:
@@ -135,6 +149,72 @@ def plan(vllm: str) -> dict:
         print(f"  {wheel['file']:<70} {wheel['bytes'] / 2**20:7.1f} MiB", flush=True)
     total = sum(w["bytes"] for w in picked.values())
     return {"vllm": vllm, "wheels": list(picked.values()), "unsatisfiable": missing, "bytes": total}
+
+
+def module_imports(sources: dict[str, str], entries: tuple[str, ...]) -> dict[str, set[str]]:
+    """The top-level modules outside the package that the modules reachable from ``entries``
+    import unconditionally at module level (not under try, if or a function), each with the modules
+    that import it. ``sources``: path in the wheel -> source text."""
+    def source(name: str) -> str | None:
+        path = name.replace(".", "/")
+        return sources.get(f"{path}/__init__.py", sources.get(f"{path}.py"))
+
+    def statements(body):  # module-level imports, guarded ones left out
+        for node in body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                yield node
+            elif isinstance(node, ast.With):
+                yield from statements(node.body)
+
+    package, found, seen, todo = entries[0].split(".")[0], {}, set(), list(entries)
+    while todo:
+        name = todo.pop()
+        text = source(name)
+        if name in seen or text is None:
+            continue
+        seen.add(name)
+        todo += [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]  # its parents run first
+        is_package = sources.get(f"{name.replace('.', '/')}/__init__.py") is not None
+        for node in statements(ast.parse(text).body):
+            for target in imported_names(node, name, is_package):
+                if target.split(".")[0] == package:
+                    todo.append(target)
+                else:
+                    found.setdefault(target.split(".")[0], set()).add(name)
+    return found
+
+
+def imported_names(node, module: str, is_package: bool) -> list[str]:
+    """The absolute names an import statement in ``module`` may load (``from a import b``: a and a.b)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    base = node.module or ""
+    if node.level:
+        parts = module.split(".") if is_package else module.split(".")[:-1]
+        parts = parts[: len(parts) - node.level + 1]
+        base = ".".join(parts + ([base] if base else []))
+    return [base] + [f"{base}.{alias.name}" for alias in node.names]
+
+
+def wheel_modules(path: Path) -> set[str]:
+    """The top-level modules a wheel installs (its dist-info and data folders left out)."""
+    with zipfile.ZipFile(path) as whl:
+        names = {n.split("/")[0] for n in whl.namelist()}
+    return {n.removesuffix(".py").split(".")[0] for n in names if not n.endswith((".dist-info", ".data"))}
+
+
+def check_lean(planned: dict, wheels: Path) -> list[str]:
+    """The lean plan's left-out wheels whose modules the scoring path imports (none: it holds)."""
+    with zipfile.ZipFile(wheels / planned["wheels"][0]["file"]) as whl:  # vllm itself
+        sources = {n: whl.read(n).decode() for n in whl.namelist() if n.endswith(".py")}
+    imported = module_imports(sources, SCORING_PATH)
+    kept = set(planned["lean"]["files"])
+    clashes = []
+    for wheel in planned["wheels"]:
+        if wheel["file"] not in kept:
+            used = wheel_modules(wheels / wheel["file"]) & set(imported)
+            clashes += [f"{wheel['name']}: {m} (imported by {min(imported[m])})" for m in sorted(used)]
+    return clashes
 
 
 def download(planned: dict) -> None:
@@ -202,25 +282,35 @@ def calls(listing: dict) -> list[str]:
 
 def main() -> int:
     parser = bench_parser(__doc__, whole_doc=True)
-    parser.add_argument("step", choices=["plan", "download", "split", "calls", "join"])
+    parser.add_argument("step", choices=["plan", "download", "imports", "split", "calls", "join"])
     parser.add_argument("--vllm", default="0.26.0")
     parser.add_argument("--part-mib", type=float, default=60.0)
     parser.add_argument("--to", type=Path, help="join: where to reassemble")
+    parser.add_argument("--lean", action="store_true", help="split: the lean plan's wheels (LEAN left out)")
     parser.add_argument("--install-pure", action="store_true", help="join: pip install the pure-Python wheels into TO/site")
     args = parser.parse_args()
     CARRY.mkdir(exist_ok=True)
+    part = int(args.part_mib * 2**20)
     if args.step == "plan":
         planned = plan(args.vllm)
+        lean = plan(args.vllm, LEAN)
+        planned["lean"] = {"files": [w["file"] for w in lean["wheels"]], "bytes": lean["bytes"], "left_out": list(LEAN)}
         (CARRY / "plan.json").write_text(json.dumps(planned, indent=1))
-        parts = -(-planned["bytes"] // int(args.part_mib * 2**20))
-        print(f"vllm=={args.vllm}: {len(planned['wheels'])} wheels, {planned['bytes'] / 2**20:.0f} MiB: {parts} parts of "
-              f"{args.part_mib:g} MiB, {parts + 1} device calls; not on PyPI: "
-              f"{', '.join(m['requirement'] for m in planned['unsatisfiable']) or 'none'}")
+        for what, wheels, size in (("all", planned["wheels"], planned["bytes"]), ("lean", lean["wheels"], lean["bytes"])):
+            print(f"vllm=={args.vllm} ({what}): {len(wheels)} wheels, {size / 2**20:.0f} MiB: {-(-size // part)} parts of "
+                  f"{args.part_mib:g} MiB, {-(-size // part) + 1} device calls")
+        print(f"not on PyPI: {', '.join(m['requirement'] for m in planned['unsatisfiable']) or 'none'}")
+    elif args.step == "imports":
+        clashes = check_lean(json.loads((CARRY / "plan.json").read_text()), CARRY / "wheels")
+        print("\n".join(clashes) or f"the lean plan holds: no module of {', '.join(LEAN)} (nor of what only they "
+              f"need) is imported at module level from {len(SCORING_PATH)} entry points of vLLM's scoring path")
+        return 1 if clashes else 0
     elif args.step == "download":
         download(json.loads((CARRY / "plan.json").read_text()))
     elif args.step == "split":
-        names = [w["file"] for w in json.loads((CARRY / "plan.json").read_text())["wheels"]]
-        listing = split(CARRY / "wheels", CARRY, int(args.part_mib * 2**20), names)
+        planned = json.loads((CARRY / "plan.json").read_text())
+        names = planned["lean"]["files"] if args.lean else [w["file"] for w in planned["wheels"]]
+        listing = split(CARRY / "wheels", CARRY, part, names)
         print(f"{len(listing['parts'])} parts, {listing['bundle_bytes'] / 2**20:.0f} MiB, bundle sha256 {listing['bundle_sha256']}")
     elif args.step == "calls":
         print("\n".join(calls(json.loads((CARRY / "parts.json").read_text()))))

@@ -237,7 +237,8 @@ def ours_worker(spec: dict) -> dict:
     return {"status": "ok", "losses": [r["loss"] for r in records], "step_seconds": [r["seconds"] for r in records],
             "step_s": statistics.fmean(seconds), "tokens_per_s": sum(tokens) / sum(seconds),
             "peak_gb": peak_gb(spec["device"]), "graphs": graphs[-1], "recompiles": graphs[-1] - graphs[0],
-            "flop_params": flop_params(policy), "checkpointing": spec["checkpointing"], "precision": spec["precision"]}
+            "flop_params": flop_params(policy), "checkpointing": spec["checkpointing"], "precision": spec["precision"],
+            "micro_batch_tokens": trainer.token_budget}
 
 
 def trl_callback(device: str, log: dict):

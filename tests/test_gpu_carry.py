@@ -74,3 +74,29 @@ def test_a_damaged_part_is_refused(carry, tmp_path):
         carry.join(tmp_path / "out", tmp_path / "there")
     assert json.loads((tmp_path / "out" / "parts.json").read_text())["parts"][1]["sha256"] != \
         hashlib.sha256(part.read_bytes()).hexdigest()
+
+
+def test_the_lean_check_sees_module_level_imports_only(carry, tmp_path, monkeypatch):
+    """imports: a left-out wheel whose module the scoring path imports unconditionally is named; one
+    imported under try, if or in a function only is not (the lean plan may leave it out)."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    vllm = wheels / "vllm-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(vllm, "w") as whl:
+        whl.writestr("vllm/__init__.py", "from .engine import core\n")
+        whl.writestr("vllm/engine/__init__.py", "")
+        whl.writestr("vllm/engine/core.py", "import alpha.sub\nfrom ..util import helper\n"
+                     "try:\n    import beta\nexcept ImportError:\n    beta = None\n"
+                     "if False:\n    import delta\n\ndef later():\n    import gamma\n")
+        whl.writestr("vllm/util.py", "from epsilon import thing as helper\n")
+    for name in ("alpha", "beta", "gamma", "delta", "epsilon"):
+        fake_wheel(wheels, name, "py3-none-any", b"x")
+    found = carry.module_imports({n: zipfile.ZipFile(vllm).read(n).decode() for n in zipfile.ZipFile(vllm).namelist()},
+                                 ("vllm",))
+    assert set(found) == {"alpha", "epsilon"} and found["epsilon"] == {"vllm.util"}
+    monkeypatch.setattr(carry, "SCORING_PATH", ("vllm",))
+    listed = [{"name": p.name.split("-")[0], "file": p.name} for p in sorted(wheels.iterdir(), key=lambda p: p.name != vllm.name)]
+    keep = [vllm.name, "alpha-1.0-py3-none-any.whl", "epsilon-1.0-py3-none-any.whl"]
+    assert carry.check_lean({"wheels": listed, "lean": {"files": keep}}, wheels) == []
+    clashes = carry.check_lean({"wheels": listed, "lean": {"files": keep[:2]}}, wheels)
+    assert clashes == ["epsilon: epsilon (imported by vllm.util)"]

@@ -270,11 +270,14 @@ class TrainConfig:
     end of a row (logprobs.pack_pairs; the layout follows model.attn_implementation). Same
     log-probs as padded batches within float rounding, so not part of the run's identity; off: one
     right-padded row per pair."""
-    micro_batch_tokens: Optional[int] = None
+    micro_batch_tokens: Union[int, Literal["auto"], None] = "auto"
     """Split each step's pairs on a device into micro-batches of at most this many tokens (prompt +
     chosen + rejected; a longer pair alone), longest first, instead of per_device_train_batch_size
     pairs each: one long pair no longer sets the memory of the step. Same gradient (a mean over the
-    step's pairs). null: gradient_accumulation_steps micro-batches of per_device_train_batch_size."""
+    step's pairs). auto: a budget from the model, the tokens whose activations kept for the backward
+    weigh about as much as its weights (docs/scaling.md; SmolLM2-135M: 512, 5056 with
+    gradient_checkpointing). null: gradient_accumulation_steps micro-batches of
+    per_device_train_batch_size."""
     fused_lm_head: bool = True
     """Log-probs through the fused LM head (pipeline/logprobs/head.py): no [tokens x vocab] tensor kept
     for the backward. Same values and gradients within float rounding; false: plain autograd."""
@@ -372,7 +375,7 @@ class TrainConfig:
         check_loss_options(self)
         check_range("train.rpo_alpha", self.rpo_alpha, 0.0, None)
         for key in ("max_completion_length", "micro_batch_tokens", "pad_to_multiple_of"):
-            if getattr(self, key) is not None:
+            if getattr(self, key) not in (None, "auto"):
                 check_range(f"train.{key}", getattr(self, key), 1, None)
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps", "save_total_limit", "nproc_per_node", "nnodes"):

@@ -5,10 +5,12 @@ rate at each step: schedule.py).
     splits, cache = load_split_data(dataset_dir, cache_dir, token_reference=False)
     index = batch_indices(step, batch_size, len(splits["train"]), seed)   # the step's pairs
     groups = token_micro_batches(tokens, budget)                          # train.micro_batch_tokens
+    budget = auto_token_budget(policy, checkpointing)                     # ... auto: from the model
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,6 +264,25 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
         _PERMUTATIONS.clear()
         _PERMUTATIONS[key] = np.random.default_rng([seed, epoch]).permutation(n)
     return _PERMUTATIONS[key]
+
+
+def auto_token_budget(model, checkpointing: bool) -> int | None:
+    """train.micro_batch_tokens auto: the tokens whose activations kept for the backward weigh about
+    as much as the model's weights, so that a step's peak memory is about the training state plus
+    one more copy of the weights, however long its pairs. A decoder layer keeps about 6 x hidden +
+    4 x intermediate values per token (its input, two norms, q/k/v, the attention's output, the
+    MLP's gate, up, activation and product); with gradient checkpointing, its input alone (hidden)
+    plus one layer's recomputation. Rounded up to a multiple of 64. None (fixed micro-batches) when
+    the model's config does not give num_hidden_layers, hidden_size and intermediate_size."""
+    config = getattr(model, "config", None)
+    sizes = [getattr(config, key, None) for key in ("num_hidden_layers", "hidden_size", "intermediate_size")]
+    if not all(isinstance(size, int) and size > 0 for size in sizes):
+        return None
+    layers, hidden, intermediate = sizes
+    per_layer = 6 * hidden + 4 * intermediate
+    per_token = layers * hidden + per_layer if checkpointing else layers * per_layer
+    weights = sum(p.numel() for p in model.parameters())
+    return max(1, math.ceil(weights / per_token / 64)) * 64
 
 
 def token_micro_batches(tokens: list[int], budget: int, count: int = 1) -> list[list[int]]:

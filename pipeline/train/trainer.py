@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,10 +40,12 @@ from pipeline.logprobs.response import (
 from pipeline.models import compiling, precision
 from pipeline.storage import paths
 from pipeline.train import distributed
-from pipeline.train.batches import Split, batch_indices, token_count, token_micro_batches
+from pipeline.train.batches import Split, auto_token_budget, batch_indices, token_count, token_micro_batches
 from pipeline.train.distributed import World
 from pipeline.train.loss import add_sums, cached_reference, ld_reference, pair_objective
 from pipeline.train.schedule import lr_scheduler, total_steps
+
+log = logging.getLogger("dpo.train")
 
 
 class StepGuard:
@@ -80,6 +83,8 @@ class Trainer:
     world: World = field(default_factory=World)
     compiled: bool = False
     """Whether the decoder layers are compiled (train.torch_compile, compiling.py)."""
+    token_budget: int | None = None
+    """train.micro_batch_tokens resolved (auto: batches.auto_token_budget); None: fixed micro-batches."""
     shared: bool = field(init=False)
     micro: int = field(init=False)
     guard: StepGuard = field(init=False)
@@ -133,7 +138,7 @@ class Trainer:
         per_device_train_batch_size pairs, or with train.micro_batch_tokens the same pairs regrouped
         by tokens (batches.token_micro_batches), as many on every rank."""
         accumulation = self.cfg.train.gradient_accumulation_steps
-        budget = self.cfg.train.micro_batch_tokens
+        budget = self.token_budget
         fixed = [self.micro_batch(index, a) for a in range(accumulation)]
         if budget is None:
             return fixed
@@ -228,6 +233,7 @@ def build_trainer(cfg: Config, splits: dict[str, Split], policy, world: World = 
     total = total_steps(train_cfg, len(splits["train"]), paths.effective_batch_size(train_cfg, world.size))
     device = next(policy.parameters()).device.type
     mode = precision.resolve(cfg)
+    budget = token_budget(cfg, policy, world)  # before FSDP2 shards the weights
     compiled = compiling.enabled(cfg, device)
     if compiled:  # before DDP / FSDP2 wrap the layers, as torchtitan
         compiling.compile_layers(policy, train_cfg.torch_compile_mode)
@@ -240,4 +246,17 @@ def build_trainer(cfg: Config, splits: dict[str, Split], policy, world: World = 
     reference = cached_reference if train_cfg.ld_alpha is None or not train_cfg.needs_reference() else \
         functools.partial(ld_reference, alpha=train_cfg.ld_alpha)
     return Trainer(cfg, policy, engine, optimizer, scheduler, splits, device, total, reference=reference,
-                   autocast=autocast, world=world, compiled=compiled)
+                   autocast=autocast, world=world, compiled=compiled, token_budget=budget)
+
+
+def token_budget(cfg: Config, policy, world: World) -> int | None:
+    """train.micro_batch_tokens, with auto resolved from the model (batches.auto_token_budget)
+    and said once."""
+    budget = cfg.train.micro_batch_tokens
+    if budget != "auto":
+        return budget
+    budget = auto_token_budget(policy, cfg.train.gradient_checkpointing)
+    if world.main:
+        log.info("train: micro_batch_tokens auto -> %s", f"{budget} (the tokens whose activations weigh about "
+                 "the weights)" if budget else "fixed micro-batches (the model's config lacks its layer sizes)")
+    return budget

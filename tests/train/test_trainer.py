@@ -14,7 +14,7 @@ import torch
 from pipeline.config.load import config_from_dict
 from pipeline.errors import TrainError
 from pipeline.models.loading import load_causal_lm
-from pipeline.train.batches import Split, batch_indices, token_micro_batches
+from pipeline.train.batches import Split, auto_token_budget, batch_indices, token_micro_batches
 from pipeline.train.distributed import World
 from pipeline.train.stage import build_trainer
 
@@ -71,6 +71,45 @@ def test_token_micro_batches_run_as_many_on_every_rank(demo_assets):
     assert sorted(i for plan in plans for group in plan for i in group) == index
 
 
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_auto_budget_is_the_tokens_whose_activations_weigh_the_weights(checkpointing):
+    """train.micro_batch_tokens auto on SmolLM2-135M's shape (the documented 512 and 5056): the
+    smallest multiple of 64 tokens whose activations (per layer and token: 6 x hidden + 4 x
+    intermediate values kept, or with checkpointing each layer's input plus one layer's) reach the
+    parameter count, counted here from the shapes by hand."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2))
+    h, i, layers, vocab, kv = 576, 1536, 30, 49152, 3 * 64
+    weights = vocab * h + layers * (h * h * 2 + 2 * h * kv + 3 * h * i + 2 * h) + h  # tied head
+    per_token = layers * h + 6 * h + 4 * i if checkpointing else layers * (6 * h + 4 * i)
+    budget = auto_token_budget(model, checkpointing)
+    assert budget == (5056 if checkpointing else 512) and budget % 64 == 0
+    assert (budget - 64) * per_token < weights <= budget * per_token
+    assert auto_token_budget(torch.nn.Linear(4, 4), checkpointing) is None  # no layer sizes: fixed micro-batches
+
+
+def test_auto_budget_is_the_default_and_said(demo_assets, caplog):
+    """With the defaults the trainer regroups a step's pairs by the model's budget, and says it;
+    null keeps per_device_train_batch_size pairs per micro-batch."""
+    split = _split()
+    with caplog.at_level("INFO", logger="dpo.train"):
+        auto = _trainer(demo_assets, split)
+    budget = auto_token_budget(auto.policy, False)
+    assert auto.token_budget == budget and f"micro_batch_tokens auto -> {budget}" in caplog.text
+    index = batch_indices(0, 12, len(split), 0)
+    tokens = [len(split.prompts[i]) + len(split.chosens[i]) + len(split.rejecteds[i]) for i in index]
+    groups = auto.micro_batches(index)
+    assert sorted(i for g in groups for i in g) == sorted(index) and len(groups) > 3
+    assert all(len(g) == 1 or sum(tokens[index.index(i)] for i in g) <= budget for g in groups)
+    assert [len(g) for g in _trainer(demo_assets, split, micro_batch_tokens=None).micro_batches(index)] == [4, 4, 4]
+
+
 def _recording_gradients(trainer) -> list[list[torch.Tensor]]:
     """The gradients the optimizer sees at each step (recorded as it steps)."""
     seen, step = [], trainer.optimizer.step
@@ -88,7 +127,7 @@ def test_micro_batches_by_tokens_give_the_same_steps(demo_assets):
     losses, gradient norms and every gradient of 4 steps equal the fixed micro-batches' to float32
     rounding, with micro-batches that really differ (more of them, of other sizes)."""
     split = _split()
-    fixed = _trainer(demo_assets, split)
+    fixed = _trainer(demo_assets, split, micro_batch_tokens=None)
     budget = _trainer(demo_assets, split, micro_batch_tokens=150)
     index = batch_indices(0, 12, len(split), 0)
     assert sorted(map(len, budget.micro_batches(index))) != sorted(map(len, fixed.micro_batches(index)))
