@@ -275,9 +275,9 @@ class TrainConfig:
     chosen + rejected; a longer pair alone), longest first, instead of per_device_train_batch_size
     pairs each: one long pair no longer sets the memory of the step. Same gradient (a mean over the
     step's pairs). auto: a budget from the model, the tokens whose activations kept for the backward
-    weigh about as much as its weights (docs/scaling.md; SmolLM2-135M: 512, 5056 with
-    gradient_checkpointing). null: gradient_accumulation_steps micro-batches of
-    per_device_train_batch_size."""
+    weigh about as much as its weights, at least 256 MiB of them (docs/scaling.md; SmolLM2-135M: 512,
+    5056 with gradient_checkpointing), applied only to the steps where a fixed micro-batch would
+    exceed it. null: gradient_accumulation_steps micro-batches of per_device_train_batch_size."""
     fused_lm_head: bool = True
     """Log-probs through the fused LM head (pipeline/logprobs/head.py): no [tokens x vocab] tensor kept
     for the backward. Same values and gradients within float rounding; false: plain autograd."""

@@ -266,14 +266,21 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return _PERMUTATIONS[key]
 
 
+MIN_ACTIVATION_BYTES = 256 * 2**20
+"""auto never budgets activations below this: under it memory is not worth saving, and a small
+model's passes would be overhead (the demo's model: 31,360 tokens, so its steps keep their pairs)."""
+
+
 def auto_token_budget(model, checkpointing: bool) -> int | None:
     """train.micro_batch_tokens auto: the tokens whose activations kept for the backward weigh about
     as much as the model's weights, so that a step's peak memory is about the training state plus
-    one more copy of the weights, however long its pairs. A decoder layer keeps about 6 x hidden +
-    4 x intermediate values per token (its input, two norms, q/k/v, the attention's output, the
-    MLP's gate, up, activation and product); with gradient checkpointing, its input alone (hidden)
-    plus one layer's recomputation. Rounded up to a multiple of 64. None (fixed micro-batches) when
-    the model's config does not give num_hidden_layers, hidden_size and intermediate_size."""
+    one more copy of the weights, however long its pairs; at least MIN_ACTIVATION_BYTES of them. A
+    decoder layer keeps about 6 x hidden + 4 x intermediate values per token (its input, two norms,
+    q/k/v, the attention's output, the MLP's gate, up, activation and product); with gradient
+    checkpointing, its input alone (hidden) plus one layer's recomputation. Rounded up to a multiple
+    of 64. None (fixed micro-batches) when the model's config does not give num_hidden_layers,
+    hidden_size and intermediate_size. The trainer regroups a step by it only where a fixed
+    micro-batch would exceed it (Trainer.micro_batches)."""
     config = getattr(model, "config", None)
     sizes = [getattr(config, key, None) for key in ("num_hidden_layers", "hidden_size", "intermediate_size")]
     if not all(isinstance(size, int) and size > 0 for size in sizes):
@@ -281,8 +288,10 @@ def auto_token_budget(model, checkpointing: bool) -> int | None:
     layers, hidden, intermediate = sizes
     per_layer = 6 * hidden + 4 * intermediate
     per_token = layers * hidden + per_layer if checkpointing else layers * per_layer
+    weight = next(model.parameters())
     weights = sum(p.numel() for p in model.parameters())
-    return max(1, math.ceil(weights / per_token / 64)) * 64
+    tokens = max(weights / per_token, MIN_ACTIVATION_BYTES / (per_token * weight.element_size()))
+    return math.ceil(tokens / 64) * 64
 
 
 def token_micro_batches(tokens: list[int], budget: int, count: int = 1) -> list[list[int]]:

@@ -136,17 +136,23 @@ class Trainer:
     def micro_batches(self, index: list[int]) -> list[list[int]]:
         """This rank's micro-batches of the global batch ``index``: gradient_accumulation_steps of
         per_device_train_batch_size pairs, or with train.micro_batch_tokens the same pairs regrouped
-        by tokens (batches.token_micro_batches), as many on every rank."""
+        by tokens (batches.token_micro_batches), as many on every rank; with auto, only the steps
+        where a fixed micro-batch of some rank exceeds the budget."""
         accumulation = self.cfg.train.gradient_accumulation_steps
         budget = self.token_budget
         fixed = [self.micro_batch(index, a) for a in range(accumulation)]
         if budget is None:
             return fixed
         split = self.splits["train"]
+        size = lambda i: len(split.prompts[i]) + len(split.chosens[i]) + len(split.rejecteds[i])  # noqa: E731
+        if self.cfg.train.micro_batch_tokens == "auto" and all(  # auto caps: a step that fits keeps its pairs
+                sum(map(size, self.micro_batch(index, a, r))) <= budget
+                for r in range(self.world.size) for a in range(accumulation)):
+            return fixed
 
         def pairs_and_tokens(rank: int):
             pairs = [i for a in range(accumulation) for i in self.micro_batch(index, a, rank)]
-            return pairs, [len(split.prompts[i]) + len(split.chosens[i]) + len(split.rejecteds[i]) for i in pairs]
+            return pairs, [size(i) for i in pairs]
 
         count = max(len(token_micro_batches(pairs_and_tokens(r)[1], budget)) for r in range(self.world.size))
         pairs, tokens = pairs_and_tokens(self.world.rank)

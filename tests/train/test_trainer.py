@@ -92,22 +92,42 @@ def test_auto_budget_is_the_tokens_whose_activations_weigh_the_weights(checkpoin
     assert budget == (5056 if checkpointing else 512) and budget % 64 == 0
     assert (budget - 64) * per_token < weights <= budget * per_token
     assert auto_token_budget(torch.nn.Linear(4, 4), checkpointing) is None  # no layer sizes: fixed micro-batches
+    small = LlamaConfig(**{**SMOLLM2, "vocab_size": 64, "num_hidden_layers": 1})  # the floor: 256 MiB of activations
+    floor = auto_token_budget(LlamaForCausalLM(small), checkpointing)
+    values = h + 6 * h + 4 * i if checkpointing else 6 * h + 4 * i
+    assert (floor - 64) * values * 4 < 256 * 2**20 <= floor * values * 4
 
 
-def test_auto_budget_is_the_default_and_said(demo_assets, caplog):
-    """With the defaults the trainer regroups a step's pairs by the model's budget, and says it;
-    null keeps per_device_train_batch_size pairs per micro-batch."""
+def test_auto_budget_is_the_default_said_and_caps_only(demo_assets, caplog):
+    """With the defaults the trainer takes the model's budget and says it. auto regroups a step only
+    where a fixed micro-batch of some rank exceeds the budget (a step that fits keeps its pairs, in
+    their order); an explicit budget regroups every step (short pairs fill a pass)."""
     split = _split()
     with caplog.at_level("INFO", logger="dpo.train"):
         auto = _trainer(demo_assets, split)
     budget = auto_token_budget(auto.policy, False)
     assert auto.token_budget == budget and f"micro_batch_tokens auto -> {budget}" in caplog.text
     index = batch_indices(0, 12, len(split), 0)
-    tokens = [len(split.prompts[i]) + len(split.chosens[i]) + len(split.rejecteds[i]) for i in index]
+    fixed = _trainer(demo_assets, split, micro_batch_tokens=None).micro_batches(index)
+    assert [len(g) for g in fixed] == [4, 4, 4] and auto.micro_batches(index) == fixed  # the tiny model: all fit
+    size = lambda i: len(split.prompts[i]) + len(split.chosens[i]) + len(split.rejecteds[i])  # noqa: E731
+    largest = max(sum(map(size, g)) for g in fixed)
+    auto.token_budget = largest  # every fixed micro-batch fits: kept
+    assert auto.micro_batches(index) == fixed
+    auto.token_budget = largest - 1  # one does not: the step is regrouped, every pair once, within the budget
     groups = auto.micro_batches(index)
-    assert sorted(i for g in groups for i in g) == sorted(index) and len(groups) > 3
-    assert all(len(g) == 1 or sum(tokens[index.index(i)] for i in g) <= budget for g in groups)
-    assert [len(g) for g in _trainer(demo_assets, split, micro_batch_tokens=None).micro_batches(index)] == [4, 4, 4]
+    assert groups != fixed and sorted(i for g in groups for i in g) == sorted(index)
+    assert all(len(g) == 1 or sum(map(size, g)) <= largest - 1 for g in groups)
+    explicit = _trainer(demo_assets, split, micro_batch_tokens=largest)
+    assert explicit.micro_batches(index) != fixed  # an explicit budget regroups even a step that fits
+    index = batch_indices(0, 24, len(split), 0)  # two ranks: one whose micro-batches fit regroups if the other's do not
+    worst = [max(sum(map(size, auto.micro_batch(index, a, r))) for a in range(3)) for r in (0, 1)]
+    me = worst.index(min(worst))
+    auto.world, auto.token_budget = World(rank=me, size=2), worst[me]
+    assert worst[1 - me] > worst[me]
+    mine = [auto.micro_batch(index, a) for a in range(3)]
+    groups = auto.micro_batches(index)
+    assert groups != mine and sorted(i for g in groups for i in g) == sorted(i for g in mine for i in g)
 
 
 def _recording_gradients(trainer) -> list[list[torch.Tensor]]:
