@@ -4,13 +4,14 @@
     .venv/bin/python bench/gpu_carry.py download                # the planned wheels into .carry/wheels (sha256 checked)
     .venv/bin/python bench/gpu_carry.py imports                 # the lean plan's check: what scoring imports
     .venv/bin/python bench/gpu_carry.py split [--lean] [--part-mib 60]   # .carry/bundle.tar cut into .carry/part-NNN
-    .venv/bin/python bench/gpu_carry.py calls                   # the device calls, one part each, then the install
+    .venv/bin/python bench/gpu_carry.py calls                   # the lease: one call per part, the last installs, runs the suite
     .venv/bin/python bench/gpu_carry.py join --to DIR [--install-pure]   # the dry run: reassemble, check, install
 
 The lent machine (docs/development.md) has Python 3.12 and torch 2.11.0+cu130 with the packages its
 notes list (``IMAGE``), no network, and takes at most 64 MiB of files per call; ignored files it
 already holds stay there while it is warm. vLLM 0.26.0 is the last release that pins torch 2.11.0
-(its wheel metadata, read 2026-12-06). ``plan`` walks its requirements on PyPI (the simple JSON API,
+(its wheel metadata, read 2026-12-06). ``plan`` walks its requirements, and those of ``SUITE_NEEDS``
+(TRL for the suite's rows), on PyPI (the simple JSON API,
 the PEP 658 metadata or, without it, the wheel's own METADATA): for each requirement whose marker
 holds on linux x86_64 CPython 3.12 and whose name the image does not hold, the newest version the
 specifier allows with a wheel for that platform, then its own requirements. A requirement PyPI cannot
@@ -18,9 +19,11 @@ satisfy is listed as such (the install is ``--no-deps``, so it is simply absent 
 leaves out ``LEAN`` (kernels for other chips and models, video decoding) and what only they need;
 ``imports`` checks it: the modules those wheels hold against the imports that vLLM's scoring path
 (``SCORING_PATH``) runs unconditionally at module level, read from the vLLM wheel. ``split``
-tars the wheels and cuts the tar into parts; ``calls`` prints the sequence of device calls (each
-carries one part and copies it to /tmp/carry; the last one checks the tar's sha256 and installs
-every wheel with ``pip install --no-index --no-deps --target /tmp/site``). ``join`` is the same
+tars the wheels, with ./.gpu_bundle (``bench/gpu_check.py --make-bundle .gpu_bundle``: the suite's
+pairs) when it is there, and cuts the tar into parts; ``calls`` prints the whole lease, one device
+call per part (each carries its part to /tmp/carry and checks its sha256; the last one also joins
+them, checks the tar's sha256, installs every wheel with ``pip install --no-index --no-deps --target
+/tmp/site``, imports vLLM and runs ``bench/gpu_suite.py --quick``: ``SUITE``). ``join`` is the same
 reassembly here, and with ``--install-pure`` installs the pure-Python wheels into DIR/site on this
 CPU machine. Every step writes JSON under .carry/ (git-ignored).
 """
@@ -70,6 +73,11 @@ SCORING_PATH = ("vllm", "vllm.entrypoints.llm", "vllm.v1.engine.core", "vllm.v1.
                 "vllm.v1.worker.gpu_model_runner", "vllm.model_executor.models.llama",
                 "vllm.v1.attention.backends.flash_attn", "vllm.v1.sample.sampler")
 """What ``LLM(model).generate(..., SamplingParams(prompt_logprobs=0))`` runs for a Llama on an H100."""
+SUITE_NEEDS = ("trl==1.16.0", "datasets==5.2.0")
+"""What bench/gpu_suite.py's TRL rows need beyond the image (its docstring), carried in the same bundle."""
+SUITE = ("export PYTHONPATH=.:/tmp/site && PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py --quick "
+         "--bundle /tmp/carry/w/gpu_bundle --out $OUT/gpu_suite.json")
+"""The last call's suite: --quick on the pairs' lengths that travelled in the bundle."""
 ENVIRONMENT = {"python_version": "3.12", "python_full_version": "3.12.3", "platform_machine": "x86_64",
                "platform_system": "Linux", "sys_platform": "linux", "os_name": "posix",
                "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
@@ -130,11 +138,11 @@ def requirements(wheel: dict, extras: set[str]) -> list:
 
 
 def plan(vllm: str, leave_out: tuple[str, ...] = ()) -> dict:
-    """vllm==``vllm`` and what it needs that the image lacks, breadth first; the first pick of a name
-    wins. ``leave_out``: names not followed (nor what only they need)."""
+    """vllm==``vllm`` and SUITE_NEEDS, and what they need that the image lacks, breadth first; the
+    first pick of a name wins. ``leave_out``: names not followed (nor what only they need)."""
     from packaging.requirements import Requirement
 
-    todo, picked, missing = [Requirement(f"vllm=={vllm}")], {}, []
+    todo, picked, missing = [Requirement(f"vllm=={vllm}"), *map(Requirement, SUITE_NEEDS)], {}, []
     while todo:
         req = todo.pop(0)
         name = canonical(req.name)
@@ -228,18 +236,22 @@ def download(planned: dict) -> None:
             raise SystemExit(f"{path}: sha256 differs from PyPI's")
 
 
-def split(wheels: Path, out: Path, part_bytes: int, names: list[str] | None = None) -> dict:
-    """The wheels of ``wheels`` (``names`` of them: the plan's; None: every one) as one tar (sorted
-    names, no owners or times: the same bytes each time), cut into parts of at most ``part_bytes``;
-    their sha256s."""
+def split(wheels: Path, out: Path, part_bytes: int, names: list[str] | None = None, extra: Path | None = None) -> dict:
+    """The wheels of ``wheels`` (``names`` of them: the plan's; None: every one), and the files of
+    the folder ``extra`` under gpu_bundle/ when given (bench/gpu_check.py's bundle: the suite's pairs),
+    as one tar (sorted names, no owners or times: the same bytes each time), cut into parts of at
+    most ``part_bytes``; their sha256s."""
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("part-*"):
         stale.unlink()
     bundle = out / "bundle.tar"
     paths = sorted(wheels / n for n in names) if names is not None else sorted(wheels.glob("*.whl"))
+    members = [(path, path.name) for path in paths]
+    if extra is not None:
+        members += [(f, f"gpu_bundle/{f.relative_to(extra).as_posix()}") for f in sorted(extra.rglob("*")) if f.is_file()]
     with tarfile.open(bundle, "w", format=tarfile.PAX_FORMAT) as tar:
-        for path in paths:
-            info = tar.gettarinfo(str(path), arcname=path.name)
+        for path, arcname in members:
+            info = tar.gettarinfo(str(path), arcname=arcname)
             info.uid = info.gid = info.mtime = 0
             info.uname = info.gname = ""
             with open(path, "rb") as f:
@@ -250,7 +262,8 @@ def split(wheels: Path, out: Path, part_bytes: int, names: list[str] | None = No
         part = out / f"part-{number:03d}"
         part.write_bytes(data[start:start + part_bytes])
         parts.append({"file": part.name, "bytes": part.stat().st_size, "sha256": hashlib.sha256(part.read_bytes()).hexdigest()})
-    listing = {"bundle_sha256": hashlib.sha256(data).hexdigest(), "bundle_bytes": len(data), "parts": parts}
+    listing = {"bundle_sha256": hashlib.sha256(data).hexdigest(), "bundle_bytes": len(data), "parts": parts,
+               "suite_bundle": extra is not None}
     (out / "parts.json").write_text(json.dumps(listing, indent=1))
     return listing
 
@@ -269,14 +282,21 @@ def join(parts_dir: Path, to: Path) -> Path:
 
 
 def calls(listing: dict) -> list[str]:
-    """The device calls: one per part (carry that part), then the install."""
-    out = [f'run(carry=[".carry/{p["file"]}"], command="mkdir -p /tmp/carry && cp .carry/{p["file"]} /tmp/carry/ '
-           f'&& echo \'{p["sha256"]}  /tmp/carry/{p["file"]}\' | sha256sum -c")' for p in listing["parts"]]
-    out.append('run(command="cat /tmp/carry/part-* > /tmp/carry/bundle.tar && echo '
-               f"'{listing['bundle_sha256']}  /tmp/carry/bundle.tar' | sha256sum -c && mkdir -p /tmp/carry/w "
-               "&& tar -xf /tmp/carry/bundle.tar -C /tmp/carry/w && python3 -m pip install -q --no-index --no-deps "
-               "--no-compile --target /tmp/site /tmp/carry/w/*.whl && PYTHONPATH=/tmp/site python3 -c 'import vllm; "
-               "print(vllm.__version__)'\")")
+    """The device calls, one per part: each carries its part to /tmp/carry and checks it; the last
+    also joins them, checks the tar, installs every wheel into /tmp/site, imports vLLM and, when the
+    suite's pairs travelled in the bundle, runs ``bench/gpu_suite.py --quick`` (SUITE)."""
+    def carry(part: dict) -> str:
+        return (f'mkdir -p /tmp/carry && cp .carry/{part["file"]} /tmp/carry/ '
+                f'&& echo \'{part["sha256"]}  /tmp/carry/{part["file"]}\' | sha256sum -c')
+
+    *first, last = listing["parts"]
+    install = (f"cat /tmp/carry/part-* > /tmp/carry/bundle.tar && echo '{listing['bundle_sha256']}  "
+               "/tmp/carry/bundle.tar' | sha256sum -c && mkdir -p /tmp/carry/w && tar -xf /tmp/carry/bundle.tar "
+               "-C /tmp/carry/w && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "
+               "/tmp/carry/w/*.whl && PYTHONPATH=/tmp/site python3 -c 'import vllm; print(vllm.__version__)'")
+    suite = f" && {SUITE}" if listing.get("suite_bundle") else ""
+    out = [f'run(carry=[".carry/{p["file"]}"], command="{carry(p)}")' for p in first]
+    out.append(f'run(carry=[".carry/{last["file"]}"], timeout_s=600, command="{carry(last)} && {install}{suite}")')
     return out
 
 
@@ -310,7 +330,11 @@ def main() -> int:
     elif args.step == "split":
         planned = json.loads((CARRY / "plan.json").read_text())
         names = planned["lean"]["files"] if args.lean else [w["file"] for w in planned["wheels"]]
-        listing = split(CARRY / "wheels", CARRY, part, names)
+        extra = ROOT / ".gpu_bundle"
+        if not extra.is_dir():
+            print("no .gpu_bundle here: the last call will install vLLM but not run the suite (make the bundle "
+                  "first: .venv/bin/python bench/gpu_check.py --make-bundle .gpu_bundle)")
+        listing = split(CARRY / "wheels", CARRY, part, names, extra if extra.is_dir() else None)
         print(f"{len(listing['parts'])} parts, {listing['bundle_bytes'] / 2**20:.0f} MiB, bundle sha256 {listing['bundle_sha256']}")
     elif args.step == "calls":
         print("\n".join(calls(json.loads((CARRY / "parts.json").read_text()))))

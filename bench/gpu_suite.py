@@ -64,6 +64,8 @@ transformers, accelerate, tokenizers, pyarrow and pandas but no TRL, datasets or
   (eager, fused head) and TRL on it, step time and peak memory; (c) ours on the Llama-8B shape,
   its MFU. Sized for 8 minutes of one H100 (--budget-s 420).
     PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py --quick --bundle .gpu_bundle --out $OUT/gpu_suite.json
+  With vLLM: ``bench/gpu_carry.py calls`` prints the whole lease (vLLM, TRL and the pairs in parts of
+  60 MiB, one call each; the last installs them and runs this --quick; docs/development.md).
 
   here (dry run of every code path on CPU, tiny shapes, under 3 minutes on 2 cores; TRL only where
   it imports, e.g. .venv-bench; compiled variants only with --compile; tests/test_gpu_suite.py):

@@ -58,9 +58,27 @@ def test_split_join_and_the_calls(carry, tmp_path):
                           env={"PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["5000", "10240"]
     calls = carry.calls(listing)
-    assert len(calls) == len(parts) + 1
-    assert all(f'carry=[".carry/{p["file"]}"]' in c and p["sha256"] in c for p, c in zip(parts, calls))
+    assert len(calls) == len(parts)  # the last part's call also installs
+    assert all(f'carry=[".carry/{p["file"]}"]' in c and p["sha256"] in c for p, c in zip(parts, calls, strict=True))
     assert listing["bundle_sha256"] in calls[-1] and "--target /tmp/site" in calls[-1] and "import vllm" in calls[-1]
+    assert all("pip install" not in c for c in calls[:-1]) and "gpu_suite.py" not in calls[-1]  # no suite pairs: no suite
+
+
+def test_the_suite_pairs_travel_in_the_bundle_and_the_last_call_runs_the_suite(carry, tmp_path):
+    wheels, pairs = tmp_path / "wheels", tmp_path / "gpu_bundle"
+    wheels.mkdir()
+    (pairs / "model").mkdir(parents=True)
+    fake_wheel(wheels, "alpha", "py3-none-any", b"a" * 3000)
+    (pairs / "examples.parquet").write_bytes(b"p" * 2500)
+    (pairs / "model" / "config.json").write_text('{"hidden_size": 576}')
+    listing = carry.split(wheels, tmp_path / "out", part_bytes=2048, extra=pairs)
+    joined = carry.join(tmp_path / "out", tmp_path / "there")
+    assert (joined / "gpu_bundle" / "examples.parquet").read_bytes() == b"p" * 2500
+    assert (joined / "gpu_bundle" / "model" / "config.json").read_text() == '{"hidden_size": 576}'
+    calls = carry.calls(listing)
+    assert len(calls) == len(listing["parts"]) and carry.SUITE in calls[-1] and "--bundle /tmp/carry/w/gpu_bundle" in calls[-1]
+    assert calls[-1].index("import vllm") < calls[-1].index("gpu_suite.py --quick") and "timeout_s=600" in calls[-1]
+    assert all(len(c) < 2000 for c in calls)  # a device command's limit
 
 
 def test_a_damaged_part_is_refused(carry, tmp_path):
