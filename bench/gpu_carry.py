@@ -31,6 +31,7 @@ CPU machine. Every step writes JSON under .carry/ (git-ignored).
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import io
 import json
@@ -88,7 +89,9 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+@functools.cache
 def index(name: str) -> dict:
+    """PyPI's file list of ``name`` (fetched once: the lean plan walks the same names again)."""
     request = urllib.request.Request(f"https://pypi.org/simple/{canonical(name)}/",
                                      headers={"Accept": "application/vnd.pypi.simple.v1+json"})
     with urllib.request.urlopen(request, timeout=60) as answer:
@@ -120,18 +123,23 @@ def pick(name: str, spec) -> dict | None:
             "metadata": bool(f.get("core-metadata") or f.get("data-dist-info-metadata"))}
 
 
+@functools.cache
+def metadata(url: str, separate: bool) -> str:
+    """A wheel's METADATA: PyPI's PEP 658 copy when ``separate``, else read from the wheel (fetched once)."""
+    if separate:
+        with urllib.request.urlopen(url + ".metadata", timeout=60) as answer:
+            return answer.read().decode()
+    with urllib.request.urlopen(url, timeout=300) as answer:
+        archive = zipfile.ZipFile(io.BytesIO(answer.read()))
+    return archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+
+
 def requirements(wheel: dict, extras: set[str]) -> list:
     """The wheel's runtime requirements: its METADATA's Requires-Dist whose marker holds on the
     lent machine, with the ``extras`` asked for it (nvidia-cutlass-dsl[cu13])."""
     from packaging.requirements import Requirement
 
-    if wheel["metadata"]:
-        with urllib.request.urlopen(wheel["url"] + ".metadata", timeout=60) as answer:
-            text = answer.read().decode()
-    else:
-        with urllib.request.urlopen(wheel["url"], timeout=300) as answer:
-            archive = zipfile.ZipFile(io.BytesIO(answer.read()))
-        text = archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    text = metadata(wheel["url"], wheel["metadata"])
     found = [Requirement(line.split(":", 1)[1].strip()) for line in text.splitlines() if line.startswith("Requires-Dist:")]
     return [r for r in found if r.marker is None
             or any(r.marker.evaluate({**ENVIRONMENT, "extra": extra}) for extra in {"", *extras})]
@@ -318,7 +326,7 @@ def main() -> int:
         (CARRY / "plan.json").write_text(json.dumps(planned, indent=1))
         for what, wheels, size in (("all", planned["wheels"], planned["bytes"]), ("lean", lean["wheels"], lean["bytes"])):
             print(f"vllm=={args.vllm} ({what}): {len(wheels)} wheels, {size / 2**20:.0f} MiB: {-(-size // part)} parts of "
-                  f"{args.part_mib:g} MiB, {-(-size // part) + 1} device calls")
+                  f"{args.part_mib:g} MiB, as many device calls (the last installs)")
         print(f"not on PyPI: {', '.join(m['requirement'] for m in planned['unsatisfiable']) or 'none'}")
     elif args.step == "imports":
         clashes = check_lean(json.loads((CARRY / "plan.json").read_text()), CARRY / "wheels")

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config.schema import Config
 from pipeline.errors import ModelError, ScoreError, ValueProofError
-from pipeline.logprobs.backends import Scorer, auto_backend, resolve_backend
+from pipeline.logprobs.backends import Scorer, resolve_backend
 from pipeline.logprobs.backends.transformers_backend import resolve_device
 from pipeline.models.loading import check_causal_lm, model_source
 from pipeline.progress import Progress
@@ -148,9 +148,7 @@ def score(cfg: Config, show_progress: bool = True, scorer: Scorer | None = None)
     """
     dataset_dir = locate.find_dataset(cfg)
     dataset_manifest = trust.verified_dataset(dataset_dir)
-    backend = scorer.name if scorer is not None else resolve_backend(cfg.score.backend, cfg.model)
-    if scorer is None and cfg.score.backend == "auto":
-        log.info("score: backend auto: %s, %s", backend, auto_backend(cfg.model)[1])
+    backend = scorer.name if scorer is not None else resolve_backend(cfg.score.backend, cfg.model, logging.INFO)
     inputs = paths.refscores_identity(cfg, dataset_manifest["fingerprint"], backend)
     fp = fingerprint(inputs)
     out_dir = paths.refscores_dir(cfg.storage, fp)

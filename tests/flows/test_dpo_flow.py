@@ -190,110 +190,75 @@ def _deployment_exists(env: dict, name: str) -> bool:
                    f"with get_client(sync_client=True) as c: c.read_deployment_by_name({name!r})", env).returncode == 0
 
 
+def _serve_and_run(env: dict, serve: list[str], deployment: str) -> dict:
+    """`dpo serve SERVE...` against the server until ``deployment`` exists, then a manual run of it
+    to the end: {"crons", "parameters", "state"} of the deployment and the run."""
+    served = subprocess.Popen([DPO, "serve", *serve], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    check = f"""
+import json
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+
+with get_client(sync_client=True) as client:
+    d = client.read_deployment_by_name({deployment!r})
+run = run_deployment({deployment!r}, timeout=900)
+print(json.dumps({{"crons": [s.schedule.cron for s in d.schedules], "parameters": d.parameters,
+                  "state": run.state.type.value}}, default=str))
+"""
+    try:
+        _wait(lambda: _deployment_exists(env, deployment), 180, "the deployment")
+        done = _python(check, env, timeout=1200)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        _stop(served)
+
+
 @pytest.mark.slow
 def test_serve_against_a_real_server(prefect_server, tmp_path, demo_assets):
     """`dpo serve` with a cron schedule against a real server; the deployment exists with that
     schedule and a manual run of it completes."""
-    env = prefect_server
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps(demo_config(tmp_path, demo_assets)))
-    served = subprocess.Popen([DPO, "serve", "-c", str(config), "--cron", "0 3 * * *"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    check = """
-import asyncio, json
-from prefect.client.orchestration import get_client
-from prefect.deployments import run_deployment
-
-async def main():
-    async with get_client() as client:
-        d = await client.read_deployment_by_name("dpo-pipeline/dpo-pipeline")
-        crons = [s.schedule.cron for s in d.schedules]
-    run = await run_deployment("dpo-pipeline/dpo-pipeline", timeout=600)
-    print(json.dumps({"crons": crons, "state": run.state.type.value}))
-
-asyncio.run(main())
-"""
-    try:
-        _wait(lambda: _deployment_exists(env, "dpo-pipeline/dpo-pipeline"), 180, "the deployment")
-        done = _python(check, env, timeout=900)
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        assert result["crons"] == ["0 3 * * *"]
-        assert result["state"] == "COMPLETED"
-        assert (tmp_path / "storage" / "runs" / "flow" / "run.json").exists()
-    finally:
-        _stop(served)
+    result = _serve_and_run(prefect_server, ["-c", str(config), "--cron", "0 3 * * *"], "dpo-pipeline/dpo-pipeline")
+    assert result["crons"] == ["0 3 * * *"]
+    assert result["state"] == "COMPLETED"
+    assert (tmp_path / "storage" / "runs" / "flow" / "run.json").exists()
 
 
 @pytest.mark.slow
 def test_serve_a_sweep_against_a_real_server(prefect_server, tmp_path, demo_assets):
     """`dpo serve --sweep --grid ...`: the dpo-sweep deployment with that schedule, the config and
     the grid as its parameters; a manual run of it trains both points."""
-    env = prefect_server
     config = tmp_path / "grid.yaml"
     raw = demo_config(tmp_path, demo_assets)
     raw["train"].update(max_steps=3, eval_steps=0, run_name=None)
     config.write_text(json.dumps(raw))
-    served = subprocess.Popen([DPO, "serve", "-c", str(config), "--cron", "0 5 * * *", "--sweep",
-                               "--grid", "train.beta=0.05,0.2"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    check = """
-import json
-from prefect.client.orchestration import get_client
-from prefect.deployments import run_deployment
-
-with get_client(sync_client=True) as client:
-    d = client.read_deployment_by_name("dpo-sweep/dpo-sweep")
-run = run_deployment("dpo-sweep/dpo-sweep", timeout=900)
-print(json.dumps({"crons": [s.schedule.cron for s in d.schedules], "grid": d.parameters["grid"],
-                  "name": d.parameters["name"], "state": run.state.type.value}))
-"""
-    try:
-        _wait(lambda: _deployment_exists(env, "dpo-sweep/dpo-sweep"), 180, "the deployment")
-        done = _python(check, env, timeout=1200)
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        assert result == {"crons": ["0 5 * * *"], "grid": {"train.beta": [0.05, 0.2]}, "name": "grid",
-                          "state": "COMPLETED"}
-        runs = tmp_path / "storage" / "runs"
-        assert all((runs / f"grid_beta-{b}" / "run.json").exists() for b in ("0.05", "0.2"))
-        assert (tmp_path / "storage" / "sweeps" / "grid" / "report.html").exists()
-    finally:
-        _stop(served)
+    result = _serve_and_run(prefect_server, ["-c", str(config), "--cron", "0 5 * * *", "--sweep",
+                                             "--grid", "train.beta=0.05,0.2"], "dpo-sweep/dpo-sweep")
+    assert result["crons"] == ["0 5 * * *"] and result["state"] == "COMPLETED"
+    assert result["parameters"]["grid"] == {"train.beta": [0.05, 0.2]} and result["parameters"]["name"] == "grid"
+    runs = tmp_path / "storage" / "runs"
+    assert all((runs / f"grid_beta-{b}" / "run.json").exists() for b in ("0.05", "0.2"))
+    assert (tmp_path / "storage" / "sweeps" / "grid" / "report.html").exists()
 
 
 @pytest.mark.slow
 def test_serve_rounds_against_a_real_server(prefect_server, tmp_path, demo_assets):
     """`dpo serve --rounds`: the dpo-rounds deployment with that schedule, the config and the
     rounds' name as its parameters; a manual run of it trains the round and writes rounds.json."""
-    env = prefect_server
     config = tmp_path / "iterative.yaml"
     raw = demo_config(tmp_path, demo_assets)
     raw["train"].update(max_steps=3, eval_steps=0, run_name=None)
     raw.update(generate={"num_samples": 4, "max_new_tokens": 8}, judge={"function": "pipeline.models.assets:demo_reward"},
                rounds={"iterations": 1, "prompts_per_round": 16, "eval_prompts": 8})
     config.write_text(json.dumps(raw))
-    served = subprocess.Popen([DPO, "serve", "-c", str(config), "--cron", "0 6 * * *", "--rounds"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    check = """
-import json
-from prefect.client.orchestration import get_client
-from prefect.deployments import run_deployment
-
-with get_client(sync_client=True) as client:
-    d = client.read_deployment_by_name("dpo-rounds/dpo-rounds")
-run = run_deployment("dpo-rounds/dpo-rounds", timeout=900)
-print(json.dumps({"crons": [s.schedule.cron for s in d.schedules], "name": d.parameters["name"],
-                  "state": run.state.type.value}))
-"""
-    try:
-        _wait(lambda: _deployment_exists(env, "dpo-rounds/dpo-rounds"), 180, "the deployment")
-        done = _python(check, env, timeout=1200)
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        assert result == {"crons": ["0 6 * * *"], "name": "iterative", "state": "COMPLETED"}
-        rounds = json.loads((tmp_path / "storage" / "rounds" / "iterative" / "rounds.json").read_text())
-        assert [r["round"] for r in rounds["rounds"]] == [0, 1]
-        assert (tmp_path / "storage" / "runs" / "iterative-round1" / "run.json").exists()
-    finally:
-        _stop(served)
+    result = _serve_and_run(prefect_server, ["-c", str(config), "--cron", "0 6 * * *", "--rounds"],
+                            "dpo-rounds/dpo-rounds")
+    assert result["crons"] == ["0 6 * * *"] and result["state"] == "COMPLETED"
+    assert result["parameters"]["name"] == "iterative"
+    rounds = json.loads((tmp_path / "storage" / "rounds" / "iterative" / "rounds.json").read_text())
+    assert [r["round"] for r in rounds["rounds"]] == [0, 1]
+    assert (tmp_path / "storage" / "runs" / "iterative-round1" / "run.json").exists()
 
 
 @pytest.mark.slow

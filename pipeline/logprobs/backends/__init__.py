@@ -35,10 +35,11 @@ whose packed scorer computes each prompt once where vLLM's prompt_logprobs compu
 response (vllm PR 17251)."""
 
 
-def resolve_backend(requested: str, model=None) -> str:
+def resolve_backend(requested: str, model=None, level: int = logging.DEBUG) -> str:
     """The backend to use. auto: vllm only where it imports, a CUDA GPU is present and a measurement
     (VLLM_MEASURED_FASTER) says it scores faster on this card at this model size (``model``: the
-    ModelConfig, for its size); else transformers. The choice and its reason are logged."""
+    ModelConfig, for its size); else transformers. The choice and its reason are logged at ``level``
+    (the score stage: INFO)."""
     if requested == "vllm":
         if not vllm_available():
             raise ScoreError(
@@ -49,7 +50,7 @@ def resolve_backend(requested: str, model=None) -> str:
     if requested == "transformers":
         return "transformers"
     choice, why = auto_backend(model)
-    log.debug("score: backend auto -> %s (%s)", choice, why)  # the score stage says it (info)
+    log.log(level, "score: backend auto: %s, %s", choice, why)
     return choice
 
 
